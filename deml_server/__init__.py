@@ -1,0 +1,1 @@
+"""DeML server: the requestor that runs federated jobs and serves inference."""

@@ -1,0 +1,136 @@
+"""Domain types: plain dataclasses, no protobuf (conversion lives in deml_server.convert)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class JobState(enum.Enum):
+    """Where a job is in its lifecycle."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job will change no more."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the user asked for, with server defaults already filled in."""
+
+    name: str = "model"
+    module: str = "task"
+    rounds: int = 5
+    workers: int = 4
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.5
+    seed: int = 42
+    backend: str = "local"
+    baseline: bool = False
+    task_timeout_seconds: float = 300.0
+    min_fit_workers: int = 0
+    test_fraction: float = 0.2
+
+    @property
+    def quorum(self) -> int:
+        """Fewest successful workers a round needs."""
+        return self.min_fit_workers or self.workers
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What one committed round produced."""
+
+    round: int
+    metrics: dict[str, float]
+    workers_ok: int
+    workers_failed: int
+    wall_seconds: float
+    bytes_sent_per_worker: int
+    committed_at: datetime
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """Content addresses (sha256) of a job's uploaded files in the artifact store."""
+
+    code: str
+    data: str | None = None
+    test_data: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A training job as stored."""
+
+    id: str
+    state: JobState
+    spec: JobSpec
+    files: JobFiles
+    created_at: datetime
+    updated_at: datetime
+    rounds: tuple[RoundSummary, ...] = ()
+    error: str = ""
+    model_name: str = ""
+    model_version: int = 0
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rounds_committed(self) -> int:
+        """Number of rounds whose checkpoint is committed."""
+        return len(self.rounds)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output; -1 marks a dynamic dimension; datatype uses the OIP names (FP32, INT64...)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One registered model version."""
+
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    created_at: datetime
+    job_id: str = ""
+    export_max_abs_diff: float | None = None
+
+
+class EventKind(enum.Enum):
+    """What a job event reports."""
+
+    STATE_CHANGED = "STATE_CHANGED"
+    ROUND_COMMITTED = "ROUND_COMMITTED"
+    PROGRESS = "PROGRESS"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One thing that happened to a job, with the job as it stands after it."""
+
+    kind: EventKind
+    job: Job
+    round: RoundSummary | None = None
+    message: str = ""

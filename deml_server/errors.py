@@ -1,0 +1,31 @@
+"""One error hierarchy for the domain; deml_server.servicers.interceptor maps it to gRPC status codes once."""
+
+from __future__ import annotations
+
+
+class DemlError(Exception):
+    """Base of every error the domain raises on purpose; `reason` is safe to show to the caller."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InvalidArgument(DemlError):
+    """The request is malformed or asks for something impossible."""
+
+
+class NotFound(DemlError):
+    """A named job, model or version does not exist."""
+
+
+class FailedPrecondition(DemlError):
+    """The request is well formed but the target is not in a state that allows it."""
+
+
+class ResourceExhausted(DemlError):
+    """A configured limit (upload size, budget) would be exceeded."""
+
+
+class Unavailable(DemlError):
+    """A backend or worker pool cannot take work right now."""

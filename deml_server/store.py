@@ -1,0 +1,349 @@
+"""SQLite job store: jobs, committed rounds (checkpoints) and the model registry's rows.
+
+Every write is one transaction, so a round is either committed whole (summary + weights + strategy state
+addresses) or not at all; artifacts are written to the ArtifactStore before the row that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from deml_server.domain import Job, JobFiles, JobSpec, JobState, ModelRecord, RoundSummary, TensorSpec
+from deml_server.errors import NotFound
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    files TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    init_weights TEXT,
+    model_name TEXT NOT NULL DEFAULT '',
+    model_version INTEGER NOT NULL DEFAULT 0,
+    baseline TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    round INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    workers_ok INTEGER NOT NULL,
+    workers_failed INTEGER NOT NULL,
+    wall_seconds REAL NOT NULL,
+    bytes_sent INTEGER NOT NULL,
+    committed_at REAL NOT NULL,
+    weights TEXT NOT NULL,
+    strategy_state TEXT NOT NULL,
+    PRIMARY KEY (job_id, round)
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    inputs TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    job_id TEXT NOT NULL DEFAULT '',
+    export_max_abs_diff REAL,
+    PRIMARY KEY (name, version)
+);
+"""
+
+
+def _ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, tz=UTC)
+
+
+def _now() -> float:
+    return datetime.now(tz=UTC).timestamp()
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Artifact addresses of the last committed round (or the initial weights when round is 0)."""
+
+    round: int
+    weights: str
+    strategy_state: str | None
+
+
+class JobStore:
+    """Thread-safe access to the SQLite database (one connection, serialised)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, spec: JobSpec, files: JobFiles) -> Job:
+        """Insert a PENDING job."""
+        now = _now()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, state, spec, files, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    JobState.PENDING.value,
+                    json.dumps(dataclasses.asdict(spec)),
+                    json.dumps(dataclasses.asdict(files)),
+                    now,
+                    now,
+                ),
+            )
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: str) -> Job:
+        """One job with its committed rounds, or NotFound."""
+        rows = self._query(
+            "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline "
+            "FROM jobs WHERE id = ?",
+            (job_id,),
+        )
+        if not rows:
+            raise NotFound(f"no job with id {job_id!r}")
+        return self._job(rows[0])
+
+    def list_jobs(self, state: JobState | None = None, limit: int = 0) -> list[Job]:
+        """Jobs, newest first."""
+        sql = (
+            "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline "
+            "FROM jobs"
+        )
+        args: tuple[Any, ...] = ()
+        if state is not None:
+            sql += " WHERE state = ?"
+            args = (state.value,)
+        sql += " ORDER BY created_at DESC, id"
+        if limit > 0:
+            sql += f" LIMIT {int(limit)}"
+        return [self._job(row) for row in self._query(sql, args)]
+
+    def unfinished_jobs(self) -> list[Job]:
+        """Jobs a restarted server must resume, oldest first."""
+        rows = self._query(
+            "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline "
+            "FROM jobs WHERE state IN (?, ?) ORDER BY created_at",
+            (JobState.PENDING.value, JobState.RUNNING.value),
+        )
+        return [self._job(row) for row in rows]
+
+    def set_state(self, job_id: str, state: JobState, error: str = "") -> Job:
+        """Move a job to a state (and record why, for FAILED/CANCELLED)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                (state.value, error, _now(), job_id),
+            )
+        return self.get_job(job_id)
+
+    def set_initial_weights(self, job_id: str, weights: str) -> None:
+        """Record the round-0 weights (so a resumed job starts from the same init)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET init_weights = ?, updated_at = ? WHERE id = ?", (weights, _now(), job_id))
+
+    def set_baseline(self, job_id: str, metrics: dict[str, float]) -> Job:
+        """Record the centralized baseline's test metrics."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET baseline = ?, updated_at = ? WHERE id = ?", (json.dumps(metrics), _now(), job_id)
+            )
+        return self.get_job(job_id)
+
+    def set_model(self, job_id: str, name: str, version: int) -> None:
+        """Link a job to the model version it produced."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET model_name = ?, model_version = ?, updated_at = ? WHERE id = ?",
+                (name, version, _now(), job_id),
+            )
+
+    def commit_round(
+        self, job_id: str, summary: RoundSummary, weights: str, strategy_state: str
+    ) -> Job:
+        """Commit one round's checkpoint atomically."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds (job_id, round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent,"
+                " committed_at, weights, strategy_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    summary.round,
+                    json.dumps(summary.metrics),
+                    summary.workers_ok,
+                    summary.workers_failed,
+                    summary.wall_seconds,
+                    summary.bytes_sent_per_worker,
+                    summary.committed_at.timestamp(),
+                    weights,
+                    strategy_state,
+                ),
+            )
+            db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (_now(), job_id))
+        return self.get_job(job_id)
+
+    def last_checkpoint(self, job_id: str) -> Checkpoint | None:
+        """The newest committed round's artifacts, else the initial weights, else None."""
+        rows = self._query(
+            "SELECT round, weights, strategy_state FROM rounds WHERE job_id = ? ORDER BY round DESC LIMIT 1",
+            (job_id,),
+        )
+        if rows:
+            return Checkpoint(round=rows[0][0], weights=rows[0][1], strategy_state=rows[0][2])
+        init = self._query("SELECT init_weights FROM jobs WHERE id = ?", (job_id,))
+        if init and init[0][0]:
+            return Checkpoint(round=0, weights=init[0][0], strategy_state=None)
+        return None
+
+    def _rounds(self, job_id: str) -> tuple[RoundSummary, ...]:
+        rows = self._query(
+            "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at "
+            "FROM rounds WHERE job_id = ? ORDER BY round",
+            (job_id,),
+        )
+        return tuple(
+            RoundSummary(
+                round=r[0],
+                metrics=json.loads(r[1]),
+                workers_ok=r[2],
+                workers_failed=r[3],
+                wall_seconds=r[4],
+                bytes_sent_per_worker=r[5],
+                committed_at=_ts(r[6]),
+            )
+            for r in rows
+        )
+
+    def _job(self, row: tuple[Any, ...]) -> Job:
+        spec = json.loads(row[2])
+        return Job(
+            id=row[0],
+            state=JobState(row[1]),
+            spec=JobSpec(**spec),
+            files=JobFiles(**json.loads(row[3])),
+            created_at=_ts(row[4]),
+            updated_at=_ts(row[5]),
+            error=row[6],
+            model_name=row[7],
+            model_version=row[8],
+            baseline_metrics=json.loads(row[9]),
+            rounds=self._rounds(row[0]),
+        )
+
+    # -- models ---------------------------------------------------------------------------------------------
+
+    def add_model(
+        self,
+        *,
+        name: str,
+        sha256: str,
+        size_bytes: int,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        job_id: str = "",
+        export_max_abs_diff: float | None = None,
+    ) -> ModelRecord:
+        """Register the next version of a model name."""
+        with self._tx() as db:
+            (latest,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM models WHERE name = ?", (name,)).fetchone()
+            version = int(latest) + 1
+            db.execute(
+                "INSERT INTO models (name, version, sha256, size_bytes, inputs, outputs, created_at, job_id,"
+                " export_max_abs_diff) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    version,
+                    sha256,
+                    size_bytes,
+                    json.dumps([dataclasses.asdict(t) for t in inputs]),
+                    json.dumps([dataclasses.asdict(t) for t in outputs]),
+                    _now(),
+                    job_id,
+                    export_max_abs_diff,
+                ),
+            )
+        return self.get_model(name, version)
+
+    def get_model(self, name: str, version: int = 0) -> ModelRecord:
+        """One model version (0 = latest), or NotFound."""
+        if version > 0:
+            rows = self._query(_MODEL_SELECT + " WHERE name = ? AND version = ?", (name, version))
+        else:
+            rows = self._query(_MODEL_SELECT + " WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
+        if not rows:
+            which = f"{name}:{version}" if version > 0 else name
+            raise NotFound(f"no model {which!r}")
+        return _model(rows[0])
+
+    def list_models(self, name: str = "") -> list[ModelRecord]:
+        """Model versions, newest first."""
+        if name:
+            rows = self._query(_MODEL_SELECT + " WHERE name = ? ORDER BY created_at DESC, version DESC", (name,))
+        else:
+            rows = self._query(_MODEL_SELECT + " ORDER BY created_at DESC, name, version DESC")
+        return [_model(r) for r in rows]
+
+    def delete_model(self, name: str, version: int) -> ModelRecord:
+        """Remove one version's row (the artifact file may be shared and is kept)."""
+        record = self.get_model(name, version)
+        with self._tx() as db:
+            db.execute("DELETE FROM models WHERE name = ? AND version = ?", (record.name, record.version))
+        return record
+
+
+_MODEL_SELECT = (
+    "SELECT name, version, sha256, size_bytes, inputs, outputs, created_at, job_id, export_max_abs_diff FROM models"
+)
+
+
+def _tensor_specs(text: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name=t["name"], datatype=t["datatype"], shape=tuple(t["shape"])) for t in json.loads(text))
+
+
+def _model(row: tuple[Any, ...]) -> ModelRecord:
+    return ModelRecord(
+        name=row[0],
+        version=row[1],
+        sha256=row[2],
+        size_bytes=row[3],
+        inputs=_tensor_specs(row[4]),
+        outputs=_tensor_specs(row[5]),
+        created_at=_ts(row[6]),
+        job_id=row[7],
+        export_max_abs_diff=row[8],
+    )
