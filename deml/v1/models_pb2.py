@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65ml/v1/models.proto\x12\x07\x64\x65ml.v1\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8f\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12#\n\x06inputs\x18\x06 \x03(\x0b\x32\x13.deml.v1.TensorSpec\x12$\n\x07outputs\x18\x07 \x03(\x0b\x32\x13.deml.v1.TensorSpec\x12 \n\x13\x65xport_max_abs_diff\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_export_max_abs_diff\"!\n\x11ListModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.deml.v1.Model\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"1\n\x10GetModelResponse\x12\x1d\n\x05model\x18\x01 \x01(\x0b\x32\x0e.deml.v1.Model\"5\n\x14\x44ownloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"D\n\x15\x44ownloadModelResponse\x12\x1d\n\x05model\x18\x01 \x01(\x0b\x32\x0e.deml.v1.Model\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xe8\x01\n\x0cModelService\x12\x45\n\nListModels\x12\x1a.deml.v1.ListModelsRequest\x1a\x1b.deml.v1.ListModelsResponse\x12?\n\x08GetModel\x12\x18.deml.v1.GetModelRequest\x1a\x19.deml.v1.GetModelResponse\x12P\n\rDownloadModel\x12\x1d.deml.v1.DownloadModelRequest\x1a\x1e.deml.v1.DownloadModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65ml/v1/models.proto\x12\x07\x64\x65ml.v1\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8f\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12#\n\x06inputs\x18\x06 \x03(\x0b\x32\x13.deml.v1.TensorSpec\x12$\n\x07outputs\x18\x07 \x03(\x0b\x32\x13.deml.v1.TensorSpec\x12 \n\x13\x65xport_max_abs_diff\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_export_max_abs_diff\"!\n\x11ListModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.deml.v1.Model\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"1\n\x10GetModelResponse\x12\x1d\n\x05model\x18\x01 \x01(\x0b\x32\x0e.deml.v1.Model\"5\n\x14\x44ownloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"D\n\x15\x44ownloadModelResponse\x12\x1d\n\x05model\x18\x01 \x01(\x0b\x32\x0e.deml.v1.Model\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"@\n\x12UploadModelRequest\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"4\n\x13UploadModelResponse\x12\x1d\n\x05model\x18\x01 \x01(\x0b\x32\x0e.deml.v1.Model\"3\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"4\n\x13\x44\x65leteModelResponse\x12\x1d\n\x05model\x18\x01 \x01(\x0b\x32\x0e.deml.v1.Model2\xfe\x02\n\x0cModelService\x12\x45\n\nListModels\x12\x1a.deml.v1.ListModelsRequest\x1a\x1b.deml.v1.ListModelsResponse\x12?\n\x08GetModel\x12\x18.deml.v1.GetModelRequest\x1a\x19.deml.v1.GetModelResponse\x12P\n\rDownloadModel\x12\x1d.deml.v1.DownloadModelRequest\x1a\x1e.deml.v1.DownloadModelResponse0\x01\x12J\n\x0bUploadModel\x12\x1b.deml.v1.UploadModelRequest\x1a\x1c.deml.v1.UploadModelResponse(\x01\x12H\n\x0b\x44\x65leteModel\x12\x1b.deml.v1.DeleteModelRequest\x1a\x1c.deml.v1.DeleteModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADMODELREQUEST']._serialized_end=644
   _globals['_DOWNLOADMODELRESPONSE']._serialized_start=646
   _globals['_DOWNLOADMODELRESPONSE']._serialized_end=714
-  _globals['_MODELSERVICE']._serialized_start=717
-  _globals['_MODELSERVICE']._serialized_end=949
+  _globals['_UPLOADMODELREQUEST']._serialized_start=716
+  _globals['_UPLOADMODELREQUEST']._serialized_end=780
+  _globals['_UPLOADMODELRESPONSE']._serialized_start=782
+  _globals['_UPLOADMODELRESPONSE']._serialized_end=834
+  _globals['_DELETEMODELREQUEST']._serialized_start=836
+  _globals['_DELETEMODELREQUEST']._serialized_end=887
+  _globals['_DELETEMODELRESPONSE']._serialized_start=889
+  _globals['_DELETEMODELRESPONSE']._serialized_end=941
+  _globals['_MODELSERVICE']._serialized_start=944
+  _globals['_MODELSERVICE']._serialized_end=1326
 # @@protoc_insertion_point(module_scope)

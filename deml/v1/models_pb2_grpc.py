@@ -50,6 +50,16 @@ class ModelServiceStub:
                 request_serializer=deml_dot_v1_dot_models__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=deml_dot_v1_dot_models__pb2.DownloadModelResponse.FromString,
                 _registered_method=True)
+        self.UploadModel = channel.stream_unary(
+                '/deml.v1.ModelService/UploadModel',
+                request_serializer=deml_dot_v1_dot_models__pb2.UploadModelRequest.SerializeToString,
+                response_deserializer=deml_dot_v1_dot_models__pb2.UploadModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/deml.v1.ModelService/DeleteModel',
+                request_serializer=deml_dot_v1_dot_models__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=deml_dot_v1_dot_models__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -77,6 +87,20 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadModel(self, request_iterator, context):
+        """UploadModel registers an outside ONNX model: first a message with the name, then the bytes in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """DeleteModel removes one version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +118,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=deml_dot_v1_dot_models__pb2.DownloadModelRequest.FromString,
                     response_serializer=deml_dot_v1_dot_models__pb2.DownloadModelResponse.SerializeToString,
+            ),
+            'UploadModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadModel,
+                    request_deserializer=deml_dot_v1_dot_models__pb2.UploadModelRequest.FromString,
+                    response_serializer=deml_dot_v1_dot_models__pb2.UploadModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=deml_dot_v1_dot_models__pb2.DeleteModelRequest.FromString,
+                    response_serializer=deml_dot_v1_dot_models__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +212,60 @@ class ModelService:
             '/deml.v1.ModelService/DownloadModel',
             deml_dot_v1_dot_models__pb2.DownloadModelRequest.SerializeToString,
             deml_dot_v1_dot_models__pb2.DownloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/deml.v1.ModelService/UploadModel',
+            deml_dot_v1_dot_models__pb2.UploadModelRequest.SerializeToString,
+            deml_dot_v1_dot_models__pb2.UploadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deml.v1.ModelService/DeleteModel',
+            deml_dot_v1_dot_models__pb2.DeleteModelRequest.SerializeToString,
+            deml_dot_v1_dot_models__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class ModelServiceStub:
     """GetModel returns one version's metadata (version 0 means the latest)."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_models_pb2.DownloadModelRequest, _models_pb2.DownloadModelResponse]
     """DownloadModel streams the ONNX bytes of one version."""
+    UploadModel: _grpc.StreamUnaryMultiCallable[_models_pb2.UploadModelRequest, _models_pb2.UploadModelResponse]
+    """UploadModel registers an outside ONNX model: first a message with the name, then the bytes in chunks."""
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.DeleteModelRequest, _models_pb2.DeleteModelResponse]
+    """DeleteModel removes one version."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -51,6 +55,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """GetModel returns one version's metadata (version 0 means the latest)."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_models_pb2.DownloadModelRequest, _models_pb2.DownloadModelResponse]  # type: ignore[assignment]
     """DownloadModel streams the ONNX bytes of one version."""
+    UploadModel: _aio.StreamUnaryMultiCallable[_models_pb2.UploadModelRequest, _models_pb2.UploadModelResponse]  # type: ignore[assignment]
+    """UploadModel registers an outside ONNX model: first a message with the name, then the bytes in chunks."""
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_models_pb2.DeleteModelRequest, _models_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """DeleteModel removes one version."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService is the model registry: ONNX models by name and version."""
@@ -78,5 +86,21 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_models_pb2.DownloadModelResponse], _abc.AsyncIterator[_models_pb2.DownloadModelResponse]]:
         """DownloadModel streams the ONNX bytes of one version."""
+
+    @_abc_1.abstractmethod
+    def UploadModel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_models_pb2.UploadModelRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.UploadModelResponse, _abc.Awaitable[_models_pb2.UploadModelResponse]]:
+        """UploadModel registers an outside ONNX model: first a message with the name, then the bytes in chunks."""
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _models_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.DeleteModelResponse, _abc.Awaitable[_models_pb2.DeleteModelResponse]]:
+        """DeleteModel removes one version."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
