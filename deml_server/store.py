@@ -163,14 +163,18 @@ class JobStore:
         )
         return [self._job(row) for row in rows]
 
-    def set_state(self, job_id: str, state: JobState, error: str = "") -> Job:
-        """Move a job to a state (and record why, for FAILED/CANCELLED)."""
+    def set_state(self, job_id: str, state: JobState, error: str = "") -> Job | None:
+        """Move an unfinished job to a state (recording why, for FAILED/CANCELLED).
+
+        Returns None, changing nothing, when the job already ended: a job cancelled while its last round
+        was finishing stays cancelled.
+        """
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?",
-                (state.value, error, _now(), job_id),
-            )
-        return self.get_job(job_id)
+            changed = db.execute(
+                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN (?, ?)",
+                (state.value, error, _now(), job_id, JobState.PENDING.value, JobState.RUNNING.value),
+            ).rowcount
+        return self.get_job(job_id) if changed else None
 
     def set_initial_weights(self, job_id: str, weights: str) -> None:
         """Record the round-0 weights (so a resumed job starts from the same init)."""
@@ -181,7 +185,8 @@ class JobStore:
         """Record the centralized baseline's test metrics."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET baseline = ?, updated_at = ? WHERE id = ?", (json.dumps(metrics), _now(), job_id)
+                "UPDATE jobs SET baseline = ?, updated_at = ? WHERE id = ?",
+                (json.dumps(metrics), _now(), job_id),
             )
         return self.get_job(job_id)
 
@@ -193,9 +198,7 @@ class JobStore:
                 (name, version, _now(), job_id),
             )
 
-    def commit_round(
-        self, job_id: str, summary: RoundSummary, weights: str, strategy_state: str
-    ) -> Job:
+    def commit_round(self, job_id: str, summary: RoundSummary, weights: str, strategy_state: str) -> Job:
         """Commit one round's checkpoint atomically."""
         with self._tx() as db:
             db.execute(
@@ -229,6 +232,13 @@ class JobStore:
         if init and init[0][0]:
             return Checkpoint(round=0, weights=init[0][0], strategy_state=None)
         return None
+
+    def initial_weights(self, job_id: str) -> str:
+        """The round-0 weights' artifact address (set once the init task ran)."""
+        rows = self._query("SELECT init_weights FROM jobs WHERE id = ?", (job_id,))
+        if not rows or not rows[0][0]:
+            raise NotFound(f"job {job_id!r} has no initial weights yet")
+        return str(rows[0][0])
 
     def _rounds(self, job_id: str) -> tuple[RoundSummary, ...]:
         rows = self._query(
@@ -309,6 +319,10 @@ class JobStore:
             which = f"{name}:{version}" if version > 0 else name
             raise NotFound(f"no model {which!r}")
         return _model(rows[0])
+
+    def models_of_job(self, job_id: str) -> list[ModelRecord]:
+        """Versions a job registered (at most one; used to make a resumed export idempotent)."""
+        return [_model(r) for r in self._query(_MODEL_SELECT + " WHERE job_id = ? ORDER BY version", (job_id,))]
 
     def list_models(self, name: str = "") -> list[ModelRecord]:
         """Model versions, newest first."""

@@ -112,7 +112,7 @@ Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
-    """JobSpec is what the user asks for; zero values mean "server default"."""
+    """JobSpec is what the user asks for; unset fields take the server's defaults."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -185,27 +185,66 @@ class JobSpec(_message.Message):
         *,
         name: _builtins.str = ...,
         module: _builtins.str = ...,
-        rounds: _builtins.int = ...,
-        workers: _builtins.int = ...,
-        local_epochs: _builtins.int = ...,
-        batch_size: _builtins.int = ...,
-        learning_rate: _builtins.float = ...,
+        rounds: _builtins.int | None = ...,
+        workers: _builtins.int | None = ...,
+        local_epochs: _builtins.int | None = ...,
+        batch_size: _builtins.int | None = ...,
+        learning_rate: _builtins.float | None = ...,
         strategy: _builtins.str = ...,
         strategy_options: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         partitioning: Global___Partitioning.ValueType = ...,
-        dirichlet_alpha: _builtins.float = ...,
-        seed: _builtins.int = ...,
+        dirichlet_alpha: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
         backend: _builtins.str = ...,
         baseline: _builtins.bool = ...,
-        task_timeout_seconds: _builtins.float = ...,
-        min_fit_workers: _builtins.int = ...,
-        test_fraction: _builtins.float = ...,
+        task_timeout_seconds: _builtins.float | None = ...,
+        min_fit_workers: _builtins.int | None = ...,
+        test_fraction: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__dirichlet_alpha: _TypeAlias = _typing.Literal["dirichlet_alpha"]  # noqa: Y015
+    _WhichOneofArgType__dirichlet_alpha: _TypeAlias = _typing.Literal["_dirichlet_alpha", b"_dirichlet_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
+    _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__min_fit_workers: _TypeAlias = _typing.Literal["min_fit_workers"]  # noqa: Y015
+    _WhichOneofArgType__min_fit_workers: _TypeAlias = _typing.Literal["_min_fit_workers", b"_min_fit_workers"]  # noqa: Y015
+    _WhichOneofReturnType__rounds: _TypeAlias = _typing.Literal["rounds"]  # noqa: Y015
+    _WhichOneofArgType__rounds: _TypeAlias = _typing.Literal["_rounds", b"_rounds"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__task_timeout_seconds: _TypeAlias = _typing.Literal["task_timeout_seconds"]  # noqa: Y015
+    _WhichOneofArgType__task_timeout_seconds: _TypeAlias = _typing.Literal["_task_timeout_seconds", b"_task_timeout_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__test_fraction: _TypeAlias = _typing.Literal["test_fraction"]  # noqa: Y015
+    _WhichOneofArgType__test_fraction: _TypeAlias = _typing.Literal["_test_fraction", b"_test_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__workers: _TypeAlias = _typing.Literal["workers"]  # noqa: Y015
+    _WhichOneofArgType__workers: _TypeAlias = _typing.Literal["_workers", b"_workers"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dirichlet_alpha) -> _WhichOneofReturnType__dirichlet_alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fit_workers) -> _WhichOneofReturnType__min_fit_workers | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds) -> _WhichOneofReturnType__rounds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__task_timeout_seconds) -> _WhichOneofReturnType__task_timeout_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__test_fraction) -> _WhichOneofReturnType__test_fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__workers) -> _WhichOneofReturnType__workers | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 

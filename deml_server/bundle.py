@@ -1,0 +1,248 @@
+"""Checks a submitted code package and data, and lays out task bundles (docs/bundle.md) for the backends."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from provider_runtime.partition import dirichlet_partition, iid_partition
+
+from deml_server.errors import InvalidArgument
+
+_MODULE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def check_code_package(path: Path, module: str, *, needs_loader: bool) -> None:
+    """Validate the zip and the user's module without running any of it (parse only)."""
+    if not module or not set(module) <= _MODULE_OK or module[0].isdigit():
+        raise InvalidArgument(f"module name {module!r} is not a Python identifier")
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise InvalidArgument("the code package is not a zip archive") from None
+    with archive:
+        for name in archive.namelist():
+            _safe_member(name)
+        try:
+            source = archive.read(f"{module}.py")
+        except KeyError:
+            raise InvalidArgument(f"the code package has no {module}.py at its top level") from None
+    try:
+        tree = ast.parse(source, filename=f"{module}.py")
+    except SyntaxError as exc:
+        raise InvalidArgument(f"{module}.py does not parse: {exc.msg} (line {exc.lineno})") from None
+    defined = _top_level_names(tree)
+    if "model" not in defined:
+        raise InvalidArgument(f"{module}.py defines no model() function; DeML needs model() -> torch.nn.Module")
+    if needs_loader and "load_data" not in defined:
+        raise InvalidArgument(
+            f"{module}.py defines no load_data() and the job uploads no data; define load_data() or pass --data"
+        )
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.ImportFrom | ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def _safe_member(name: str) -> PurePosixPath:
+    member = PurePosixPath(name)
+    if member.is_absolute() or ".." in member.parts or name.startswith("\\") or ":" in name:
+        raise InvalidArgument(f"the code package has an unsafe path {name!r}")
+    return member
+
+
+def unpack_code(path: Path, dest: Path) -> None:
+    """Extract a checked code package into dest."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            _safe_member(info.filename)
+        archive.extractall(dest)
+
+
+def load_xy(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read an .npz with arrays x and y of equal length (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "x" not in npz or "y" not in npz:
+                raise InvalidArgument(f"{what} must be an .npz with arrays 'x' and 'y' (found {sorted(npz.files)})")
+            x, y = npz["x"], npz["y"]
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # zipfile/ValueError for non-npz bytes, or object arrays needing pickle
+        raise InvalidArgument(f"{what} is not a readable .npz of numeric arrays: {exc}") from None
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+        raise InvalidArgument(f"{what}: x and y must have the same number of rows (x {x.shape}, y {y.shape})")
+    if len(x) == 0:
+        raise InvalidArgument(f"{what} has no rows")
+    return x, y
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Per-worker training shards, the whole training set and the test split, as .npz files."""
+
+    train: list[Path]
+    train_all: Path
+    test: Path
+
+
+def shard_data(
+    data: Path,
+    test_data: Path | None,
+    dest: Path,
+    *,
+    count: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    test_fraction: float,
+) -> Shards:
+    """Split uploaded data into worker shards (deterministic for a seed, so a resumed job gets the same)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    x, y = load_xy(data, "the training data")
+    if test_data is not None:
+        tx, ty = load_xy(test_data, "the test data")
+    else:
+        order = np.random.default_rng(seed).permutation(len(x))
+        n_test = max(1, round(len(x) * test_fraction))
+        if n_test >= len(x):
+            raise InvalidArgument(f"the data has {len(x)} rows, too few to hold out a test split")
+        tx, ty = x[order[:n_test]], y[order[:n_test]]
+        x, y = x[order[n_test:]], y[order[n_test:]]
+    parts = dirichlet_partition(y, count, alpha, seed) if scheme == "dirichlet" else iid_partition(len(x), count, seed)
+    train = []
+    for i, idx in enumerate(parts):
+        path = dest / f"train_{i}.npz"
+        _save_npz(path, x[idx], y[idx])
+        train.append(path)
+    train_all = dest / "train_all.npz"
+    _save_npz(train_all, x, y)
+    test = dest / "test.npz"
+    _save_npz(test, tx, ty)
+    return Shards(train=train, train_all=train_all, test=test)
+
+
+def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TaskBundle:
+    """One task's instructions and inputs, written as a directory the provider runtime reads."""
+
+    action: str
+    module: str
+    partition_index: int = 0
+    partition_count: int = 1
+    scheme: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    task_seed: int = 0
+    hyper: dict[str, float] = field(default_factory=dict)
+    evaluate_after: bool = False
+    weights: Path | None = None
+    train_data: Path | None = None
+    test_data: Path | None = None
+
+    def task_json(self) -> dict[str, Any]:
+        """The task.json document."""
+        return {
+            "action": self.action,
+            "module": self.module,
+            "partition": {
+                "index": self.partition_index,
+                "count": self.partition_count,
+                "scheme": self.scheme,
+                "alpha": self.alpha,
+                "seed": self.seed,
+            },
+            "hyper": self.hyper,
+            "seed": self.task_seed,
+            "evaluate_after": self.evaluate_after,
+            "device": "auto",
+        }
+
+    def write(self, dest: Path, code_dir: Path) -> Path:
+        """Lay the bundle out in dest (inputs are linked, not copied, when the filesystem allows)."""
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        (dest / "task.json").write_text(json.dumps(self.task_json(), indent=1))
+        shutil.copytree(code_dir, dest / "code")
+        if self.weights is not None:
+            _link(self.weights, dest / "weights.safetensors")
+        if self.train_data is not None or self.test_data is not None:
+            (dest / "data").mkdir()
+        if self.train_data is not None:
+            _link(self.train_data, dest / "data" / "train.npz")
+        if self.test_data is not None:
+            _link(self.test_data, dest / "data" / "test.npz")
+        return dest
+
+
+def _link(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a result bundle says (docs/bundle.md)."""
+
+    status: str
+    num_examples: int
+    metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    export: dict[str, Any]
+    error: str
+    directory: Path
+
+    @property
+    def ok(self) -> bool:
+        """The user's code ran to the end."""
+        return self.status == "ok"
+
+
+def read_result(directory: Path) -> TaskResult:
+    """Parse result.json; a missing or malformed one raises ValueError (an infrastructure failure)."""
+    raw = json.loads((directory / "result.json").read_text())
+    if not isinstance(raw, dict) or raw.get("status") not in ("ok", "error"):
+        raise ValueError("result.json has no valid status")
+
+    def _floats(value: object) -> dict[str, float]:
+        if not isinstance(value, dict):
+            return {}
+        return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
+
+    export = raw.get("export")
+    return TaskResult(
+        status=raw["status"],
+        num_examples=int(raw.get("num_examples") or 0),
+        metrics=_floats(raw.get("metrics")),
+        test_metrics=_floats(raw.get("test_metrics")),
+        export=export if isinstance(export, dict) else {},
+        error=str(raw.get("error") or ""),
+        directory=directory,
+    )

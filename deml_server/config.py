@@ -1,0 +1,65 @@
+"""Typed server configuration: environment defaults, command-line flags override."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deml_server.errors import InvalidArgument
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidArgument(f"environment variable {name}={raw!r} is not a number") from None
+
+
+@dataclass
+class ServerConfig:
+    """Everything deml-server needs to start."""
+
+    host: str = field(default_factory=lambda: os.environ.get("DEML_HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: _env_int("DEML_PORT", 50051))
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("DEML_DATA_DIR", ".deml")))
+    # Training worker processes of the local backend.
+    workers: int = field(default_factory=lambda: _env_int("DEML_WORKERS", 4))
+    # Inference worker processes (onnxruntime sessions kept open).
+    inference_workers: int = field(default_factory=lambda: _env_int("DEML_INFERENCE_WORKERS", 2))
+    backend: str = field(default_factory=lambda: os.environ.get("DEML_BACKEND", "local"))
+    # Largest submission (code + data) accepted, in bytes.
+    max_upload_bytes: int = field(default_factory=lambda: _env_int("DEML_MAX_UPLOAD_BYTES", 2 << 30))
+    # Default per-task deadline; a job's spec may set its own.
+    task_timeout_seconds: float = field(default_factory=lambda: _env_float("DEML_TASK_TIMEOUT", 600.0))
+    # How often a crashed or late task is tried again on another worker before the round gives up on it.
+    max_task_attempts: int = field(default_factory=lambda: _env_int("DEML_MAX_TASK_ATTEMPTS", 3))
+    # torch threads per training worker (many workers share the machine's cores).
+    torch_threads: int = field(default_factory=lambda: _env_int("DEML_TORCH_THREADS", 1))
+
+    def validate(self) -> ServerConfig:
+        """Fail fast, naming the setting that is wrong."""
+        if self.workers <= 0:
+            raise InvalidArgument(f"workers must be at least 1 (got {self.workers})")
+        if self.inference_workers <= 0:
+            raise InvalidArgument(f"inference workers must be at least 1 (got {self.inference_workers})")
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port must be 0..65535 (got {self.port})")
+        if self.max_upload_bytes <= 0:
+            raise InvalidArgument(f"max upload bytes must be positive (got {self.max_upload_bytes})")
+        if self.max_task_attempts <= 0:
+            raise InvalidArgument(f"max task attempts must be at least 1 (got {self.max_task_attempts})")
+        return self

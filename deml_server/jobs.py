@@ -1,0 +1,218 @@
+"""JobService: submit, inspect, watch and cancel training jobs (the domain behind TrainingService)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from deml_server.artifacts import ArtifactStore, ArtifactWriter
+from deml_server.backends import Backend, known_backends
+from deml_server.bundle import check_code_package, load_xy
+from deml_server.config import ServerConfig
+from deml_server.domain import EventKind, Job, JobEvent, JobFiles, JobSpec, JobState
+from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from deml_server.registry import ModelRegistry, check_model_name
+from deml_server.runner import JobRunner, RunnerDeps
+from deml_server.store import JobStore
+from deml_server.strategy import make_strategy
+
+log = logging.getLogger(__name__)
+
+FILE_KINDS = ("code", "data", "test_data")
+
+
+def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
+    """Fill server defaults into what the user set, and reject what cannot run (naming the field)."""
+    unknown = set(given) - {f.name for f in dataclasses.fields(JobSpec)}
+    if unknown:
+        raise InvalidArgument(f"unknown job settings: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {"task_timeout_seconds": config.task_timeout_seconds, "backend": config.backend}
+    values.update({k: v for k, v in given.items() if v is not None})
+    spec = JobSpec(**values)
+    for name in ("rounds", "workers", "local_epochs", "batch_size"):
+        if getattr(spec, name) <= 0:
+            raise InvalidArgument(f"{name} must be at least 1 (got {getattr(spec, name)})")
+    for name in ("learning_rate", "dirichlet_alpha", "task_timeout_seconds"):
+        value = getattr(spec, name)
+        if not math.isfinite(value) or value <= 0:
+            raise InvalidArgument(f"{name} must be a positive number (got {value})")
+    if not 0 < spec.test_fraction < 1:
+        raise InvalidArgument(f"test_fraction must be between 0 and 1 (got {spec.test_fraction})")
+    if not 0 <= spec.min_fit_workers <= spec.workers:
+        raise InvalidArgument(
+            f"min_fit_workers must be between 0 and workers={spec.workers} (got {spec.min_fit_workers})"
+        )
+    if spec.partitioning not in ("iid", "dirichlet"):
+        raise InvalidArgument(f"partitioning must be 'iid' or 'dirichlet' (got {spec.partitioning!r})")
+    if spec.backend not in known_backends():
+        raise InvalidArgument(f"unknown backend {spec.backend!r}; known: {', '.join(known_backends())}")
+    check_model_name(spec.name)
+    make_strategy(spec.strategy, spec.strategy_options)  # validates the name and options
+    return spec
+
+
+class Upload:
+    """The files of one submission as they stream in, bounded by the server's upload limit."""
+
+    def __init__(self, artifacts: ArtifactStore, limit: int) -> None:
+        self._artifacts = artifacts
+        self._limit = limit
+        self._writers: dict[str, ArtifactWriter] = {}
+        self.total = 0
+
+    def add(self, kind: str, data: bytes) -> None:
+        """Append a chunk to the named file."""
+        if kind not in FILE_KINDS:
+            raise InvalidArgument(f"chunk of unknown file kind {kind!r}")
+        self.total += len(data)
+        if self.total > self._limit:
+            self.abort()
+            raise ResourceExhausted(
+                f"the upload is larger than this server's limit of {self._limit} bytes (DEML_MAX_UPLOAD_BYTES)"
+            )
+        writer = self._writers.get(kind)
+        if writer is None:
+            writer = self._writers[kind] = self._artifacts.writer()
+        writer.write(data)
+
+    def finish(self) -> JobFiles:
+        """Commit the files; the code package is required."""
+        if "code" not in self._writers:
+            self.abort()
+            raise InvalidArgument("the submission has no code package")
+        digests = {kind: writer.commit() for kind, writer in self._writers.items()}
+        self._writers.clear()
+        return JobFiles(code=digests["code"], data=digests.get("data"), test_data=digests.get("test_data"))
+
+    def abort(self) -> None:
+        """Drop everything received."""
+        for writer in self._writers.values():
+            writer.abort()
+        self._writers.clear()
+
+
+class JobService:
+    """Owns job runners and the event fan-out to watchers."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        store: JobStore,
+        artifacts: ArtifactStore,
+        registry: ModelRegistry,
+        backend: Backend,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._artifacts = artifacts
+        self._deps = RunnerDeps(
+            store=store,
+            artifacts=artifacts,
+            registry=registry,
+            backend=backend,
+            jobs_dir=config.data_dir / "jobs",
+            max_task_attempts=config.max_task_attempts,
+            publish=self._publish,
+        )
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watchers: defaultdict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
+
+    async def start(self) -> None:
+        """Resume every job a previous server left unfinished."""
+        for job in self._store.unfinished_jobs():
+            log.info("resuming job %s (%d rounds committed)", job.id, job.rounds_committed)
+            self._launch(job)
+
+    async def close(self) -> None:
+        """Stop runners without marking jobs: they resume at the next start."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def begin_upload(self) -> Upload:
+        """Start receiving a submission's files."""
+        return Upload(self._artifacts, self._config.max_upload_bytes)
+
+    def submit(self, given: Mapping[str, Any], files: JobFiles) -> Job:
+        """Validate a submission and start its job."""
+        spec = resolve_spec(given, self._config)
+        if spec.backend != "local":
+            raise FailedPrecondition(f"backend {spec.backend!r} is not enabled on this server")
+        check_code_package(self._artifacts.open_path(files.code), spec.module, needs_loader=files.data is None)
+        if files.data is not None:
+            load_xy(self._artifacts.open_path(files.data), "the training data")
+        elif files.test_data is not None:
+            raise InvalidArgument("test data was uploaded without training data")
+        if files.test_data is not None:
+            load_xy(self._artifacts.open_path(files.test_data), "the test data")
+        job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
+        log.info("job %s submitted: %s", job.id, spec)
+        self._launch(job)
+        return job
+
+    def _launch(self, job: Job) -> None:
+        runner = JobRunner(job, self._deps)
+        task = asyncio.create_task(runner.run(), name=f"job-{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+
+    def get(self, job_id: str) -> Job:
+        """One job."""
+        return self._store.get_job(job_id)
+
+    def list(self, state: JobState | None = None, limit: int = 0) -> list[Job]:
+        """Jobs, newest first."""
+        return self._store.list_jobs(state, limit)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a running job; its committed rounds are kept."""
+        job = self._store.get_job(job_id)
+        if job.state.terminal:
+            raise FailedPrecondition(f"job {job_id} already ended ({job.state.value})")
+        cancelled = self._store.set_state(job_id, JobState.CANCELLED, "cancelled by the user")
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        job = cancelled or self._store.get_job(job_id)
+        if cancelled is not None:
+            self._publish(JobEvent(EventKind.STATE_CHANGED, job, message=job.error))
+        return job
+
+    def _publish(self, event: JobEvent) -> None:
+        for queue in list(self._watchers.get(event.job.id, ())):
+            queue.put_nowait(event)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """What already happened to the job, then each new event until it ends."""
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._watchers[job_id].add(queue)
+        try:
+            job = self._store.get_job(job_id)
+            yield JobEvent(EventKind.STATE_CHANGED, job, message=job.error)
+            seen = {r.round for r in job.rounds}
+            for summary in job.rounds:
+                yield JobEvent(EventKind.ROUND_COMMITTED, job, round=summary)
+            if job.state.terminal:
+                return
+            while True:
+                event = await queue.get()
+                if event.round is not None:
+                    if event.round.round in seen:
+                        continue
+                    seen.add(event.round.round)
+                yield event
+                if event.kind is EventKind.STATE_CHANGED and event.job.state.terminal:
+                    return
+        finally:
+            self._watchers[job_id].discard(queue)
+            if not self._watchers[job_id]:
+                self._watchers.pop(job_id, None)

@@ -1,0 +1,295 @@
+"""The round runner: drives one job from its last committed checkpoint to a registered model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deml_server import weights as wio
+from deml_server.artifacts import ArtifactStore
+from deml_server.backends.base import Backend, WorkItem
+from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shard_data, unpack_code
+from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary
+from deml_server.errors import DemlError
+from deml_server.registry import ModelRegistry
+from deml_server.store import JobStore
+from deml_server.strategy import make_strategy
+from deml_server.strategy.aggregate import validate_update
+from deml_server.strategy.base import FitResult, Strategy
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """The job cannot go on; the message is what the user sees."""
+
+
+@dataclass(frozen=True)
+class RunnerDeps:
+    """What a runner needs from the server."""
+
+    store: JobStore
+    artifacts: ArtifactStore
+    registry: ModelRegistry
+    backend: Backend
+    jobs_dir: Path
+    max_task_attempts: int
+    publish: Callable[[JobEvent], None]
+
+
+class JobRunner:
+    """Runs one job; safe to start again on a job that was interrupted at any point."""
+
+    def __init__(self, job: Job, deps: RunnerDeps) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.deps = deps
+        self.dir = deps.jobs_dir / job.id
+        self._shards: Shards | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run to the end; a failure or cancellation is recorded in the store, never raised."""
+        try:
+            self._set_state(JobState.RUNNING)
+            await self._run()
+        except JobFailed as exc:
+            log.warning("job %s failed: %s", self.job.id, exc)
+            self._set_state(JobState.FAILED, str(exc))
+        except DemlError as exc:
+            log.warning("job %s failed: %s", self.job.id, exc.reason)
+            self._set_state(JobState.FAILED, exc.reason)
+        except asyncio.CancelledError:
+            log.info("job %s runner stopped", self.job.id)
+            raise
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", self.job.id)
+            self._set_state(JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _set_state(self, state: JobState, error: str = "") -> None:
+        job = self.deps.store.set_state(self.job.id, state, error)
+        if job is not None:
+            self.job = job
+            self.deps.publish(JobEvent(EventKind.STATE_CHANGED, job, message=error))
+
+    def _progress(self, message: str) -> None:
+        log.info("job %s: %s", self.job.id, message)
+        self.deps.publish(JobEvent(EventKind.PROGRESS, self.deps.store.get_job(self.job.id), message=message))
+
+    async def _run(self) -> None:
+        self._prepare()
+        checkpoint = self.deps.store.last_checkpoint(self.job.id)
+        if checkpoint is None:
+            init = await self._run_one(self._bundle("init"), "init")
+            digest = self.deps.artifacts.put_file(init.directory / "weights.safetensors")
+            self.deps.store.set_initial_weights(self.job.id, digest)
+            checkpoint = self.deps.store.last_checkpoint(self.job.id)
+            assert checkpoint is not None
+        else:
+            self._progress(f"resuming after round {checkpoint.round}")
+        strategy = make_strategy(self.spec.strategy, self.spec.strategy_options)
+        if checkpoint.strategy_state:
+            strategy.load_state(wio.read(self.deps.artifacts.open_path(checkpoint.strategy_state)))
+        weights_digest = checkpoint.weights
+        for server_round in range(checkpoint.round + 1, self.spec.rounds + 1):
+            weights_digest = await self._round(server_round, weights_digest, strategy)
+        if self.spec.baseline and not self.deps.store.get_job(self.job.id).baseline_metrics:
+            await self._baseline()
+        await self._export(weights_digest)
+        self._set_state(JobState.SUCCEEDED)
+
+    def _prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        unpack_code(self.deps.artifacts.open_path(self.job.files.code), self.dir / "code")
+        if self.job.files.data:
+            test = self.deps.artifacts.open_path(self.job.files.test_data) if self.job.files.test_data else None
+            self._shards = shard_data(
+                self.deps.artifacts.open_path(self.job.files.data),
+                test,
+                self.dir / "shards",
+                count=self.spec.workers,
+                scheme=self.spec.partitioning,
+                alpha=self.spec.dirichlet_alpha,
+                seed=self.spec.seed,
+                test_fraction=self.spec.test_fraction,
+            )
+
+    # -- one round ------------------------------------------------------------------------------------------
+
+    async def _round(self, server_round: int, weights_digest: str, strategy: Strategy) -> str:
+        started = time.monotonic()
+        self._progress(f"round {server_round}/{self.spec.rounds} started")
+        weights_path = self.deps.artifacts.open_path(weights_digest)
+        current = wio.read(weights_path)
+        hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
+        bundles = [
+            self._bundle(
+                "train",
+                index=i,
+                weights=weights_path,
+                hyper=hyper,
+                train=self._shards.train[i] if self._shards else None,
+                task_seed=self.spec.seed + 1000 * server_round + i,
+            )
+            for i in range(self.spec.workers)
+        ]
+        outcomes = await asyncio.gather(
+            *(self._attempt(b, f"round {server_round} worker {i}") for i, b in enumerate(bundles))
+        )
+        results: list[FitResult] = []
+        problems: list[str] = []
+        for i, (result, problem) in enumerate(outcomes):
+            if result is None:
+                problems.append(problem)
+                continue
+            if not result.ok:
+                raise JobFailed(f"round {server_round}, worker {i}: the task's code raised an error\n{result.error}")
+            try:
+                update = wio.read(result.directory / "weights.safetensors")
+                validate_update(current, update)
+                if result.num_examples <= 0:
+                    raise JobFailed(f"worker {i} reported {result.num_examples} training examples")
+            except (DemlError, JobFailed) as exc:
+                reason = exc.reason if isinstance(exc, DemlError) else str(exc)
+                problems.append(f"worker {i}: weights rejected: {reason}")
+                continue
+            results.append(FitResult(f"partition-{i}", update, result.num_examples, result.metrics))
+        for problem in problems:
+            self._progress(f"round {server_round}: {problem}")
+        if len(results) < self.spec.quorum:
+            raise JobFailed(
+                f"round {server_round}: {len(results)} of {self.spec.workers} workers returned usable weights, "
+                f"fewer than the {self.spec.quorum} needed: " + "; ".join(problems)
+            )
+        aggregated = strategy.aggregate_fit(server_round, current, results)
+        new_digest = self.deps.artifacts.put_bytes(wio.to_bytes(aggregated))
+        evaluation = await self._run_one(
+            self._bundle("evaluate", weights=self.deps.artifacts.open_path(new_digest)),
+            f"round {server_round} eval",
+        )
+        metrics = {**strategy.aggregate_metrics(results), **(evaluation.test_metrics or evaluation.metrics)}
+        state_digest = self.deps.artifacts.put_bytes(wio.to_bytes(strategy.state()))
+        summary = RoundSummary(
+            round=server_round,
+            metrics=metrics,
+            workers_ok=len(results),
+            workers_failed=len(problems),
+            wall_seconds=time.monotonic() - started,
+            bytes_sent_per_worker=weights_path.stat().st_size,
+            committed_at=datetime.now(tz=UTC),
+        )
+        job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
+        self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, job, round=summary))
+        shutil.rmtree(self.dir / "tasks", ignore_errors=True)
+        return new_digest
+
+    def _hyper(self) -> dict[str, float]:
+        return {
+            "local_epochs": float(self.spec.local_epochs),
+            "batch_size": float(self.spec.batch_size),
+            "learning_rate": self.spec.learning_rate,
+        }
+
+    # -- after the rounds -----------------------------------------------------------------------------------
+
+    async def _baseline(self) -> None:
+        self._progress("training the centralized baseline on one worker")
+        init = self.deps.store.initial_weights(self.job.id)
+        hyper = {**self._hyper(), "local_epochs": float(self.spec.rounds * self.spec.local_epochs)}
+        bundle = self._bundle(
+            "train",
+            weights=self.deps.artifacts.open_path(init),
+            hyper=hyper,
+            train=self._shards.train_all if self._shards else None,
+            evaluate_after=True,
+            task_seed=self.spec.seed,
+        )
+        result = await self._run_one(bundle, "baseline")
+        self.job = self.deps.store.set_baseline(self.job.id, result.test_metrics)
+        self._progress(f"baseline: {result.test_metrics}")
+
+    async def _export(self, weights_digest: str) -> None:
+        existing = self.deps.store.models_of_job(self.job.id)
+        if existing:
+            record = existing[0]
+        else:
+            self._progress("exporting to ONNX")
+            bundle = self._bundle("export", weights=self.deps.artifacts.open_path(weights_digest))
+            result = await self._run_one(bundle, "export")
+            digest = self.deps.artifacts.put_file(result.directory / "model.onnx")
+            record = self.deps.registry.register(self.spec.name, digest, job_id=self.job.id)
+        self.deps.store.set_model(self.job.id, record.name, record.version)
+        self._progress(f"registered model {record.name}:{record.version}")
+
+    # -- tasks ----------------------------------------------------------------------------------------------
+
+    def _bundle(
+        self,
+        action: str,
+        *,
+        index: int = 0,
+        weights: Path | None = None,
+        hyper: dict[str, float] | None = None,
+        train: Path | None = None,
+        evaluate_after: bool = False,
+        task_seed: int | None = None,
+    ) -> TaskBundle:
+        count = 1 if action == "train" and index == 0 and evaluate_after else self.spec.workers
+        return TaskBundle(
+            action=action,
+            module=self.spec.module,
+            partition_index=index,
+            partition_count=count,
+            scheme=self.spec.partitioning,
+            alpha=self.spec.dirichlet_alpha,
+            seed=self.spec.seed,
+            task_seed=self.spec.seed if task_seed is None else task_seed,
+            hyper=hyper if hyper is not None else self._hyper(),
+            evaluate_after=evaluate_after,
+            weights=weights,
+            train_data=train,
+            test_data=self._shards.test if self._shards else None,
+        )
+
+    async def _attempt(self, bundle: TaskBundle, label: str) -> tuple[TaskResult | None, str]:
+        """Run a bundle, retrying infrastructure failures on other workers up to the cap."""
+        slug = label.replace(" ", "-")
+        failed_on: list[str] = []
+        errors: list[str] = []
+        for attempt in range(1, self.deps.max_task_attempts + 1):
+            task_dir = self.dir / "tasks" / f"{slug}-a{attempt}"
+            item = WorkItem(
+                label=f"job {self.job.id} {label}",
+                action=bundle.action,
+                bundle=bundle.write(task_dir / "in", self.dir / "code"),
+                output=task_dir / "out",
+                timeout=self.spec.task_timeout_seconds,
+            )
+            item.output.mkdir(parents=True, exist_ok=True)
+            outcome = await self.deps.backend.run(item, avoid=failed_on)
+            if outcome.ok:
+                try:
+                    return read_result(item.output), ""
+                except (OSError, ValueError) as exc:
+                    outcome_error = f"worker {outcome.worker} returned no valid result.json ({exc})"
+            else:
+                outcome_error = outcome.error
+            failed_on.append(outcome.worker)
+            errors.append(outcome_error)
+            self._progress(f"{label}: attempt {attempt} failed: {outcome_error}")
+        return None, f"{label} failed {len(errors)} times: {errors[-1]}"
+
+    async def _run_one(self, bundle: TaskBundle, label: str) -> TaskResult:
+        result, problem = await self._attempt(bundle, label)
+        if result is None:
+            raise JobFailed(problem)
+        if not result.ok:
+            raise JobFailed(f"{label}: the task's code raised an error\n{result.error}")
+        return result

@@ -1,0 +1,70 @@
+"""deml.v1.TrainingService: unpack, call JobService, pack."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from deml.v1 import training_pb2, training_pb2_grpc
+from deml_server.convert import FILE_KIND_FROM_PB, event_to_pb, job_to_pb, spec_from_pb, state_from_pb
+from deml_server.errors import InvalidArgument
+from deml_server.jobs import JobService
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    """Adapter from the wire to JobService."""
+
+    def __init__(self, jobs: JobService) -> None:
+        self._jobs = jobs
+
+    async def SubmitJob(
+        self, request_iterator: AsyncIterator[training_pb2.SubmitJobRequest], context: Context
+    ) -> training_pb2.SubmitJobResponse:
+        """Receive the spec, then the files, then start the job."""
+        upload = self._jobs.begin_upload()
+        spec: training_pb2.JobSpec | None = None
+        try:
+            async for message in request_iterator:
+                if message.HasField("spec"):
+                    if spec is not None:
+                        raise InvalidArgument("the submission carries more than one spec")
+                    spec = message.spec
+                elif message.HasField("chunk"):
+                    kind = FILE_KIND_FROM_PB.get(message.chunk.kind)
+                    if kind is None:
+                        raise InvalidArgument(f"a chunk has no valid file kind ({message.chunk.kind})")
+                    upload.add(kind, message.chunk.data)
+            if spec is None:
+                raise InvalidArgument("the submission has no spec message")
+            files = upload.finish()
+        except BaseException:
+            upload.abort()
+            raise
+        job = self._jobs.submit(spec_from_pb(spec), files)
+        return training_pb2.SubmitJobResponse(job=job_to_pb(job))
+
+    async def GetJob(self, request: training_pb2.GetJobRequest, context: Context) -> training_pb2.GetJobResponse:
+        """One job."""
+        return training_pb2.GetJobResponse(job=job_to_pb(self._jobs.get(request.job_id)))
+
+    async def ListJobs(self, request: training_pb2.ListJobsRequest, context: Context) -> training_pb2.ListJobsResponse:
+        """Jobs, newest first."""
+        jobs = self._jobs.list(state_from_pb(request.state), request.limit)
+        return training_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs])
+
+    async def WatchJob(
+        self, request: training_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[training_pb2.WatchJobResponse]:
+        """Replay, then follow, a job's events."""
+        async for event in self._jobs.watch(request.job_id):
+            yield event_to_pb(event)
+
+    async def CancelJob(
+        self, request: training_pb2.CancelJobRequest, context: Context
+    ) -> training_pb2.CancelJobResponse:
+        """Cancel a job."""
+        return training_pb2.CancelJobResponse(job=job_to_pb(await self._jobs.cancel(request.job_id)))

@@ -1,0 +1,103 @@
+"""Numeric kernels shared by the strategies; every one computes in float64 and casts back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from deml_server.errors import InvalidArgument
+from deml_server.strategy.base import Weights, is_float
+
+F64 = npt.NDArray[np.float64]
+
+
+def check_layout(reference: Weights, other: Weights, what: str = "update") -> None:
+    """Raise InvalidArgument naming the first tensor whose name, shape or dtype differs from `reference`."""
+    for name, ref in reference.items():
+        if name not in other:
+            raise InvalidArgument(f"{what} lacks tensor {name!r}")
+        arr = other[name]
+        if not isinstance(arr, np.ndarray):
+            raise InvalidArgument(f"{what} tensor {name!r} is not an array")
+        if arr.shape != ref.shape:
+            raise InvalidArgument(f"{what} tensor {name!r} has shape {arr.shape}, expected {ref.shape}")
+        if arr.dtype != ref.dtype:
+            raise InvalidArgument(f"{what} tensor {name!r} has dtype {arr.dtype}, expected {ref.dtype}")
+    for name in other:
+        if name not in reference:
+            raise InvalidArgument(f"{what} has unexpected tensor {name!r}")
+
+
+def validate_update(reference: Weights, update: Weights) -> None:
+    """Reject a worker's weights whose layout differs from `reference` or that hold NaN/Inf."""
+    check_layout(reference, update)
+    for name, arr in update.items():
+        if is_float(arr) and not np.isfinite(arr).all():
+            raise InvalidArgument(f"update tensor {name!r} holds NaN or Inf")
+
+
+def cast_like(value: F64, like: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Cast a float64 result back to `like`'s dtype; integers round half to even."""
+    if is_float(like):
+        return value.astype(like.dtype)
+    return np.rint(value).astype(like.dtype)
+
+
+def _common_layout(weights: Sequence[Weights]) -> Weights:
+    if not weights:
+        raise InvalidArgument("nothing to aggregate: no results")
+    first = weights[0]
+    for i, other in enumerate(weights[1:], start=1):
+        check_layout(first, other, what=f"result {i}")
+    return first
+
+
+def weighted_average64(pairs: Sequence[tuple[Weights, int]]) -> dict[str, F64]:
+    """Average the weights by number of examples, leaving every result in float64."""
+    first = _common_layout([w for w, _ in pairs])
+    counts = [int(n) for _, n in pairs]
+    if any(n < 0 for n in counts):
+        raise InvalidArgument(f"negative number of examples in {counts}")
+    total = sum(counts)
+    if total == 0:
+        raise InvalidArgument("nothing to aggregate: the results hold 0 examples")
+    out: dict[str, F64] = {}
+    for name, ref in first.items():
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for weights, n in zip((w for w, _ in pairs), counts, strict=True):
+            if n:
+                acc += weights[name].astype(np.float64) * n
+        out[name] = acc / total
+    return out
+
+
+def weighted_average(pairs: Sequence[tuple[Weights, int]]) -> Weights:
+    """Average the weights by number of examples, keeping each tensor's dtype."""
+    first = pairs[0][0] if pairs else {}
+    return {name: cast_like(value, first[name]) for name, value in weighted_average64(pairs).items()}
+
+
+def _stack(weights: Sequence[Weights], name: str) -> F64:
+    return np.stack([w[name].astype(np.float64) for w in weights])
+
+
+def median(weights: Sequence[Weights]) -> Weights:
+    """Take the coordinate-wise median of the weights (unweighted; even counts average the middle two)."""
+    first = _common_layout(weights)
+    return {name: cast_like(np.median(_stack(weights, name), axis=0), ref) for name, ref in first.items()}
+
+
+def trimmed_mean(weights: Sequence[Weights], beta: float) -> Weights:
+    """Drop the floor(beta * n) lowest and highest values of each coordinate and average the rest."""
+    first = _common_layout(weights)
+    if not 0.0 <= beta < 0.5:
+        raise InvalidArgument(f"trimming fraction beta must be in [0, 0.5), got {beta}")
+    cut = int(beta * len(weights))
+    out: Weights = {}
+    for name, ref in first.items():
+        ordered = np.sort(_stack(weights, name), axis=0)
+        out[name] = cast_like(ordered[cut : len(weights) - cut].mean(axis=0), ref)
+    return out

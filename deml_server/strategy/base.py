@@ -1,0 +1,70 @@
+"""The strategy contract: what the job runner asks of an aggregation rule."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from deml_server.errors import InvalidArgument
+
+# Ordered like the model's state_dict: parameters and buffers (e.g. int64 num_batches_tracked).
+Weights = dict[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """One worker's answer to a fit round."""
+
+    worker: str
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, float]
+
+    def __post_init__(self) -> None:
+        if self.num_examples < 0:
+            raise InvalidArgument(f"worker {self.worker!r} reported {self.num_examples} examples")
+
+
+class Strategy(ABC):
+    """Turns the workers' results of one round into the next global weights."""
+
+    name: ClassVar[str]
+
+    def configure_fit(self, server_round: int) -> dict[str, float]:
+        """Return extra hyper-parameters sent to every worker this round."""
+        return {}
+
+    @abstractmethod
+    def aggregate_fit(self, server_round: int, current: Weights, results: Sequence[FitResult]) -> Weights:
+        """Return the new global weights from `current` and the workers' results."""
+
+    def aggregate_metrics(self, results: Sequence[FitResult]) -> dict[str, float]:
+        """Average each metric over the workers that report it, weighted by their examples."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for result in results:
+            if result.num_examples == 0:
+                continue
+            for key, value in result.metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * result.num_examples
+                counts[key] = counts.get(key, 0) + result.num_examples
+        return {key: sums[key] / counts[key] for key in sums}
+
+    def state(self) -> Weights:
+        """Return the arrays to checkpoint with each round (empty for stateless strategies)."""
+        return {}
+
+    def load_state(self, state: Weights) -> None:
+        """Restore what `state()` returned, so the next aggregate equals an uninterrupted run's."""
+        if state:
+            raise InvalidArgument(f"strategy {self.name!r} keeps no state, got {sorted(state)[:3]}")
+
+
+def is_float(array: npt.NDArray[Any]) -> bool:
+    """Tell whether an array is optimised and checked for finiteness (floating or complex)."""
+    return bool(np.issubdtype(array.dtype, np.inexact))
