@@ -1,0 +1,3 @@
+from deml_client.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""DemlClient: a thin, synchronous wrapper over the deml.v1 gRPC services."""
+
+from __future__ import annotations
+
+import io
+import tomllib
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from deml.v1 import models_pb2, models_pb2_grpc, training_pb2, training_pb2_grpc
+
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 2**31 - 1
+DEFAULT_SERVER = "127.0.0.1:50051"
+SPEC_FILE = "deml.toml"
+
+_T = TypeVar("_T")
+
+_PARTITIONING = {"iid": training_pb2.PARTITIONING_IID, "dirichlet": training_pb2.PARTITIONING_DIRICHLET}
+_SPEC_KEYS = {
+    "name",
+    "module",
+    "rounds",
+    "workers",
+    "local_epochs",
+    "batch_size",
+    "learning_rate",
+    "strategy",
+    "strategy_options",
+    "partitioning",
+    "dirichlet_alpha",
+    "seed",
+    "backend",
+    "baseline",
+    "task_timeout_seconds",
+    "min_fit_workers",
+    "test_fraction",
+}
+
+
+class DemlClientError(Exception):
+    """A failed call: the gRPC status code and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        raise DemlClientError(exc.code(), exc.details() or "") from None
+
+
+def _stream(iterator: Iterable[_T]) -> Iterator[_T]:
+    try:
+        yield from iterator
+    except grpc.RpcError as exc:
+        raise DemlClientError(exc.code(), exc.details() or "") from None
+
+
+def zip_task_dir(task_dir: Path) -> bytes:
+    """Zip a task directory: its files, without caches, hidden files or data files passed separately."""
+    if not task_dir.is_dir():
+        raise FileNotFoundError(f"task directory {task_dir} does not exist")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(task_dir.rglob("*")):
+            rel = path.relative_to(task_dir)
+            if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or not path.is_file():
+                continue
+            archive.write(path, rel.as_posix())
+    return buffer.getvalue()
+
+
+def read_spec_file(task_dir: Path) -> dict[str, Any]:
+    """The task's deml.toml (flat keys, or under [train]); unknown keys are an error."""
+    path = task_dir / SPEC_FILE
+    if not path.exists():
+        return {}
+    with path.open("rb") as fh:
+        raw = tomllib.load(fh)
+    spec = dict(raw.get("train", raw))
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown settings {', '.join(sorted(unknown))}; known: {', '.join(sorted(_SPEC_KEYS))}"
+        )
+    return spec
+
+
+def build_spec(settings: Mapping[str, Any]) -> training_pb2.JobSpec:
+    """A JobSpec message from plain settings (None values are left unset: server defaults apply)."""
+    spec = training_pb2.JobSpec()
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if key == "partitioning":
+            if value not in _PARTITIONING:
+                raise ValueError(f"partitioning must be one of {sorted(_PARTITIONING)} (got {value!r})")
+            spec.partitioning = _PARTITIONING[value]
+        elif key == "strategy_options":
+            spec.strategy_options.update({str(k): float(v) for k, v in value.items()})
+        elif key not in _SPEC_KEYS:
+            raise ValueError(f"unknown job setting {key!r}")
+        else:
+            setattr(spec, key, value)
+    return spec
+
+
+def _file_chunks(kind: int, data: bytes | Path) -> Iterator[training_pb2.SubmitJobRequest]:
+    if isinstance(data, bytes):
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield training_pb2.SubmitJobRequest(
+                chunk=training_pb2.FileChunk(kind=kind, data=data[start : start + CHUNK_BYTES])  # type: ignore[arg-type]
+            )
+        return
+    with data.open("rb") as fh:
+        while block := fh.read(CHUNK_BYTES):
+            yield training_pb2.SubmitJobRequest(chunk=training_pb2.FileChunk(kind=kind, data=block))  # type: ignore[arg-type]
+
+
+def parse_model_ref(ref: str) -> tuple[str, int]:
+    """NAME or NAME:VERSION (version 0 = latest)."""
+    name, _, version = ref.partition(":")
+    if not version:
+        return name, 0
+    if not version.isdigit():
+        raise ValueError(f"model version in {ref!r} must be a number")
+    return name, int(version)
+
+
+class DemlClient:
+    """Talks to one DeML server."""
+
+    def __init__(self, target: str = DEFAULT_SERVER, *, channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        self.channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._training = training_pb2_grpc.TrainingServiceStub(self.channel)
+        self._models = models_pb2_grpc.ModelServiceStub(self.channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> DemlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- training -------------------------------------------------------------------------------------------
+
+    def submit_job(
+        self,
+        task_dir: Path | None = None,
+        spec: training_pb2.JobSpec | Mapping[str, Any] | None = None,
+        *,
+        code: bytes | None = None,
+        data: Path | None = None,
+        test_data: Path | None = None,
+    ) -> training_pb2.Job:
+        """Upload a task (directory or pre-zipped code), optional data files, and start the job."""
+        if code is None:
+            if task_dir is None:
+                raise ValueError("submit_job needs a task directory or a code package")
+            code = zip_task_dir(task_dir)
+        if spec is None or isinstance(spec, Mapping):
+            spec = build_spec(spec or {})
+
+        def requests() -> Iterator[training_pb2.SubmitJobRequest]:
+            yield training_pb2.SubmitJobRequest(spec=spec)
+            yield from _file_chunks(training_pb2.FILE_KIND_CODE, code)
+            if data is not None:
+                yield from _file_chunks(training_pb2.FILE_KIND_DATA, data)
+            if test_data is not None:
+                yield from _file_chunks(training_pb2.FILE_KIND_TEST_DATA, test_data)
+
+        response: training_pb2.SubmitJobResponse = _call(self._training.SubmitJob, requests())
+        return response.job
+
+    def get_job(self, job_id: str) -> training_pb2.Job:
+        """One job."""
+        response: training_pb2.GetJobResponse = _call(self._training.GetJob, training_pb2.GetJobRequest(job_id=job_id))
+        return response.job
+
+    def list_jobs(self, limit: int = 0) -> list[training_pb2.Job]:
+        """Jobs, newest first."""
+        response: training_pb2.ListJobsResponse = _call(
+            self._training.ListJobs, training_pb2.ListJobsRequest(limit=limit)
+        )
+        return list(response.jobs)
+
+    def watch_job(self, job_id: str) -> Iterator[training_pb2.WatchJobResponse]:
+        """Past events, then live ones until the job ends."""
+        return _stream(self._training.WatchJob(training_pb2.WatchJobRequest(job_id=job_id)))
+
+    def wait_job(self, job_id: str) -> training_pb2.Job:
+        """Block until the job ends; return it."""
+        for _ in self.watch_job(job_id):
+            pass
+        return self.get_job(job_id)
+
+    def cancel_job(self, job_id: str) -> training_pb2.Job:
+        """Cancel a job."""
+        response: training_pb2.CancelJobResponse = _call(
+            self._training.CancelJob, training_pb2.CancelJobRequest(job_id=job_id)
+        )
+        return response.job
+
+    # -- models ---------------------------------------------------------------------------------------------
+
+    def list_models(self, name: str = "") -> list[models_pb2.Model]:
+        """Registered versions, newest first."""
+        response: models_pb2.ListModelsResponse = _call(
+            self._models.ListModels, models_pb2.ListModelsRequest(name=name)
+        )
+        return list(response.models)
+
+    def get_model(self, name: str, version: int = 0) -> models_pb2.Model:
+        """One version's metadata (0 = latest)."""
+        response: models_pb2.GetModelResponse = _call(
+            self._models.GetModel, models_pb2.GetModelRequest(name=name, version=version)
+        )
+        return response.model
+
+    def download_model(self, name: str, version: int, dest: Path) -> models_pb2.Model:
+        """Stream a version's ONNX bytes into dest (written whole or not at all)."""
+        model = models_pb2.Model()
+        tmp = dest.with_name(dest.name + ".part")
+        with tmp.open("wb") as fh:
+            message: models_pb2.DownloadModelResponse
+            for message in _stream(
+                self._models.DownloadModel(models_pb2.DownloadModelRequest(name=name, version=version))
+            ):
+                if message.HasField("model"):
+                    model = message.model
+                fh.write(message.data)
+        tmp.replace(dest)
+        return model
+
+    def upload_model(self, path: Path, name: str) -> models_pb2.Model:
+        """Register an ONNX file as the next version of `name`."""
+
+        def requests() -> Iterator[models_pb2.UploadModelRequest]:
+            yield models_pb2.UploadModelRequest(name=name)
+            with path.open("rb") as fh:
+                while block := fh.read(CHUNK_BYTES):
+                    yield models_pb2.UploadModelRequest(chunk=block)
+
+        response: models_pb2.UploadModelResponse = _call(self._models.UploadModel, requests())
+        return response.model
+
+    def delete_model(self, name: str, version: int) -> models_pb2.Model:
+        """Remove one version."""
+        response: models_pb2.DeleteModelResponse = _call(
+            self._models.DeleteModel, models_pb2.DeleteModelRequest(name=name, version=version)
+        )
+        return response.model
