@@ -6,9 +6,7 @@ from deml_server.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, FitR
 from deml_server.strategy.base import Weights
 
 
-def _result(
-    worker: str, w: list[float], count: int, n: int, metrics: dict[str, float] | None = None
-) -> FitResult:
+def _result(worker: str, w: list[float], count: int, n: int, metrics: dict[str, float] | None = None) -> FitResult:
     weights: Weights = {
         "w": np.array(w, dtype=np.float32),
         "bn.num_batches_tracked": np.array(count, dtype=np.int64),

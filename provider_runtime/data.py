@@ -1,0 +1,136 @@
+"""The train and test splits of a bundle: from `data/*.npz` or from the user's `load_data`."""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from provider_runtime.partition import partition
+from provider_runtime.usercode import (
+    PartitionArgs,
+    UserCodeError,
+    call_load_data,
+    load_data_is_partitioned,
+    optional,
+)
+
+__all__ = ["Splits", "as_dataset", "load_npz", "load_splits", "rows"]
+
+
+@dataclass
+class Splits:
+    """This worker's training partition and the test split (either may be absent)."""
+
+    train: Dataset[Any] | None
+    test: Dataset[Any] | None
+
+
+def load_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
+    """Take each split from `data/` when the bundle has it, otherwise from the user's `load_data`.
+
+    `data/train.npz` is already this worker's shard (the server cut it with the same partition module),
+    so it is used whole. A `load_data` that does not declare `partition_id` returns the whole data set,
+    and its training split is partitioned here by `args`.
+    """
+    train_path, test_path = bundle / "data" / "train.npz", bundle / "data" / "test.npz"
+    train = load_npz(train_path) if train_path.is_file() else None
+    test = load_npz(test_path) if test_path.is_file() else None
+    if train is not None and test is not None:
+        return Splits(train, test)
+    load_data = optional(mod, "load_data")
+    if load_data is None:
+        if train is None and test is None:
+            raise UserCodeError(
+                f"{mod.__name__}.py defines no load_data() function and the task has no uploaded data"
+            )
+        return Splits(train, test)
+    loaded = call_load_data(load_data, args)
+    if not isinstance(loaded, tuple | list) or len(loaded) != 2:
+        raise UserCodeError(f"load_data() must return (train, test), got {type(loaded).__name__}")
+    user_train, user_test = as_dataset(loaded[0], "train"), as_dataset(loaded[1], "test")
+    if train is None and user_train is not None and not load_data_is_partitioned(load_data):
+        user_train = _partition(user_train, args)
+    return Splits(train if train is not None else user_train, test if test is not None else user_test)
+
+
+def load_npz(path: Path) -> TensorDataset:
+    """An uploaded `.npz` with arrays `x` and `y` (pickles refused), as a dataset of (x, y) rows."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "x" not in npz or "y" not in npz:
+            raise UserCodeError(f"data/{path.name} must hold arrays 'x' and 'y', found {sorted(npz.files)}")
+        x, y = npz["x"], npz["y"]
+    if len(x) != len(y):
+        raise UserCodeError(f"data/{path.name}: x has {len(x)} rows but y has {len(y)}")
+    return TensorDataset(torch.from_numpy(x.astype(np.float32)), _targets(y))
+
+
+def as_dataset(value: Any, what: str) -> Dataset[Any] | None:
+    """A `(x, y)` pair of arrays becomes a TensorDataset; a Dataset (or None) passes through."""
+    if value is None:
+        return None
+    if isinstance(value, tuple | list) and len(value) == 2 and all(_is_array(v) for v in value):
+        x, y = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in value)
+        if len(x) != len(y):
+            raise UserCodeError(f"load_data(): the {what} split's x has {len(x)} rows but y has {len(y)}")
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        if xt.is_floating_point():
+            xt = xt.float()  # numpy defaults to float64; models are float32
+        return TensorDataset(xt, _targets(y))
+    if hasattr(value, "__getitem__") and isinstance(value, Sized):
+        return value  # type: ignore[no-any-return]
+    raise UserCodeError(
+        f"load_data(): the {what} split must be a torch Dataset or a pair (x, y), got {type(value).__name__}"
+    )
+
+
+def rows(dataset: Dataset[Any], count: int) -> torch.Tensor:
+    """The inputs of the first `count` rows, stacked into one batch."""
+    n = min(count, len(dataset))  # type: ignore[arg-type]
+    if n == 0:
+        raise UserCodeError("the test split is empty")
+    return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(n)])
+
+
+def _is_array(value: object) -> bool:
+    return isinstance(value, np.ndarray | torch.Tensor)
+
+
+def _targets(y: npt.NDArray[Any]) -> torch.Tensor:
+    # Class labels become int64 (what CrossEntropyLoss wants), including labels stored as whole floats;
+    # fractional targets are regression targets and stay float32.
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        return torch.from_numpy(y.astype(np.int64))
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        return torch.from_numpy(y.astype(np.int64))
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+
+
+def _partition(dataset: Dataset[Any], args: PartitionArgs) -> Dataset[Any]:
+    if args.num_partitions <= 1:
+        return dataset
+    if not 0 <= args.partition_id < args.num_partitions:
+        raise ValueError(f"partition index {args.partition_id} is outside 0..{args.num_partitions - 1}")
+    n = len(dataset)  # type: ignore[arg-type]
+    if args.partitioning == "dirichlet":
+        parts = partition(_labels(dataset), args.num_partitions, scheme="dirichlet", alpha=args.alpha, seed=args.seed)
+    else:
+        parts = partition(n, args.num_partitions, scheme=args.partitioning, seed=args.seed)
+    return Subset(dataset, parts[args.partition_id].tolist())
+
+
+def _labels(dataset: Dataset[Any]) -> npt.NDArray[Any]:
+    # Cheap paths first: TensorDataset and torchvision-style `targets`; otherwise read every row once.
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].numpy()
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets)
+    return np.asarray([np.asarray(dataset[i][1]).item() for i in range(len(dataset))])  # type: ignore[arg-type]

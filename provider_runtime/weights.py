@@ -1,0 +1,70 @@
+"""A model's state_dict to and from safetensors, through numpy (no pickle anywhere).
+
+Every entry of the state_dict travels, buffers included, with its own dtype: BatchNorm's int64
+`num_batches_tracked` comes back as int64, not as a float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from safetensors.numpy import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["load_arrays", "load_into", "save_arrays", "save_state_dict", "state_dict_to_arrays"]
+
+
+def save_arrays(arrays: Mapping[str, npt.NDArray[np.generic]], path: Path) -> None:
+    """Write named arrays as one safetensors file (C-contiguous copies, so views and slices are safe)."""
+    save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(path))
+
+
+def load_arrays(path: Path) -> dict[str, npt.NDArray[np.generic]]:
+    """Read every tensor of a safetensors file as a numpy array."""
+    return dict(load_file(str(path)))
+
+
+def state_dict_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDArray[np.generic]]:
+    """Detach, move to CPU and convert each tensor; dtypes numpy lacks (bfloat16) are refused by name."""
+    import torch
+
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
+    for name, tensor in state.items():
+        if tensor.dtype in (torch.bfloat16, torch.complex32) or tensor.dtype.is_complex:
+            raise ValueError(f"state_dict entry {name!r} has dtype {tensor.dtype}, which numpy cannot carry")
+        # .copy() detaches from shared or tied storage, so each entry is saved on its own.
+        arrays[name] = tensor.detach().cpu().contiguous().numpy().copy()
+    return arrays
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write a state_dict (parameters and buffers) as safetensors."""
+    save_arrays(state_dict_to_arrays(state), path)
+
+
+def load_into(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors state_dict into `model`, requiring the exact same names, shapes and dtypes."""
+    import torch
+
+    arrays = load_arrays(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    state: dict[str, torch.Tensor] = {}
+    for name, want in expected.items():
+        got = torch.from_numpy(np.array(arrays[name]))
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise ValueError(
+                f"weights entry {name!r} is {got.dtype}{list(got.shape)}, the model wants "
+                f"{want.dtype}{list(want.shape)}"
+            )
+        state[name] = got
+    model.load_state_dict(state, strict=True)

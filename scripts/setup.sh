@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv with DeML and its development tools, and buf in .tools/. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU wheel here.
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"
+
+# buf (protobuf lint and breaking-change checks) ships its binary inside an npm package.
+if [ ! -x .tools/node_modules/.bin/buf ]; then
+    mkdir -p .tools
+    npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+fi
+echo "setup done: $(python --version), torch $(python -c 'import torch; print(torch.__version__)'), buf $(.tools/node_modules/.bin/buf --version)"

@@ -1,0 +1,209 @@
+"""TrainingService and ModelService over a real loopback gRPC server with real worker processes."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import ServerThread, make_config
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deml.v1 import training_pb2
+from deml_client import DemlClient, DemlClientError
+
+SMALL_TASK = """
+import numpy as np
+import torch
+
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+def load_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+    return (x[:200], y[:200]), (x[200:], y[200:])
+"""
+
+
+def write_task(root: Path, source: str, name: str = "task") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{name}.py").write_text(textwrap.dedent(source))
+    return root
+
+
+def quick_spec(**overrides: object) -> dict[str, object]:
+    spec: dict[str, object] = {"name": "small", "rounds": 2, "workers": 2, "local_epochs": 1, "batch_size": 32}
+    spec.update(overrides)
+    return spec
+
+
+def test_health_and_unknown_ids(client: DemlClient) -> None:
+    health = health_pb2_grpc.HealthStub(client.channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service="deml.v1.TrainingService"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    for call in (client.get_job, client.cancel_job):
+        with pytest.raises(DemlClientError) as err:
+            call("nope")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and "no job with id 'nope'" in err.value.message
+    with pytest.raises(DemlClientError) as err:
+        list(client.watch_job("nope"))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(DemlClientError) as err:
+        client.get_model("nothing")
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [({"rounds": 0}, "rounds must be at least 1"), ({"workers": 0}, "workers must be at least 1")],
+)
+def test_bad_settings_are_invalid_argument(
+    client: DemlClient, tmp_path: Path, spec: dict[str, object], message: str
+) -> None:
+    task = write_task(tmp_path / "t", SMALL_TASK)
+    with pytest.raises(DemlClientError) as err:
+        client.submit_job(task, quick_spec(**spec))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.message
+    assert client.list_jobs() == []  # nothing was created, and the server still answers
+
+
+def test_task_without_model_is_invalid_argument(client: DemlClient, tmp_path: Path) -> None:
+    task = write_task(tmp_path / "t", "def load_data():\n    return None\n")
+    with pytest.raises(DemlClientError) as err:
+        client.submit_job(task, quick_spec())
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "defines no model()" in err.value.message
+
+
+def test_upload_over_the_limit_is_resource_exhausted(tmp_path: Path) -> None:
+    thread = ServerThread(make_config(tmp_path / "srv", max_upload_bytes=50_000, workers=1)).start()
+    try:
+        with DemlClient(thread.target) as client:
+            task = write_task(tmp_path / "t", SMALL_TASK)
+            np.savez(tmp_path / "big.npz", x=np.zeros((1000, 64), np.float32), y=np.zeros(1000, np.int64))
+            with pytest.raises(DemlClientError) as err:
+                client.submit_job(task, quick_spec(), data=tmp_path / "big.npz")
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit of 50000 bytes" in err.value.message
+            assert client.list_jobs() == []
+            assert not list((tmp_path / "srv" / "artifacts" / "tmp").iterdir())  # the partial upload is gone
+    finally:
+        thread.stop()
+
+
+def test_small_job_trains_registers_and_serves_its_onnx(client: DemlClient, tmp_path: Path) -> None:
+    # Prepare
+    task = write_task(tmp_path / "t", SMALL_TASK)
+    # Execute
+    job = client.submit_job(task, quick_spec(baseline=True))
+    events = list(client.watch_job(job.id))
+    job = client.get_job(job.id)
+    # Assert
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.rounds_committed == 2
+    assert [e.round.round for e in events if e.kind == training_pb2.EVENT_KIND_ROUND_COMMITTED] == [1, 2]
+    assert events[-1].job.state == training_pb2.JOB_STATE_SUCCEEDED
+    assert {"accuracy", "loss", "train_loss"} <= set(job.rounds[-1].metrics)
+    assert job.HasField("baseline_accuracy")
+    model = client.get_model("small")
+    assert (model.version, model.job_id) == (1, job.id)
+    assert model.export_max_abs_diff <= 1e-4
+    assert [(t.datatype, list(t.shape)) for t in model.inputs] == [("FP32", [-1, 8])]
+    onnx_path = tmp_path / "m.onnx"
+    client.download_model("small", 0, onnx_path)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {model.inputs[0].name: np.zeros((5, 8), np.float32)})[0]
+    assert out.shape == (5, 3)
+
+
+def test_user_code_error_fails_the_job_with_its_traceback(client: DemlClient, tmp_path: Path) -> None:
+    source = SMALL_TASK + "\ndef loss():\n    raise RuntimeError('broken loss function')\n"
+    task = write_task(tmp_path / "t", source)
+    job = client.wait_job(client.submit_job(task, quick_spec()).id)
+    assert job.state == training_pb2.JOB_STATE_FAILED
+    assert "broken loss function" in job.error
+    assert "Traceback" in job.error and "task.py" in job.error
+    assert client.list_jobs()[0].id == job.id  # the server keeps serving
+
+
+def test_nan_weights_are_rejected_not_averaged(client: DemlClient, tmp_path: Path) -> None:
+    source = SMALL_TASK + textwrap.dedent(
+        """
+        class _Poison(torch.optim.SGD):
+            def step(self, closure=None):
+                super().step(closure)
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            p.fill_(float("nan"))
+
+        def optimizer(params, lr):
+            return _Poison(params, lr=lr)
+        """
+    )
+    task = write_task(tmp_path / "t", source)
+    job = client.wait_job(client.submit_job(task, quick_spec()).id)
+    assert job.state == training_pb2.JOB_STATE_FAILED
+    assert "weights rejected" in job.error and "NaN" in job.error
+    assert job.rounds_committed == 0
+
+
+def test_a_crashed_worker_is_retried_on_another(client: DemlClient, tmp_path: Path) -> None:
+    marker = tmp_path / "crashed-once"
+    source = SMALL_TASK + textwrap.dedent(
+        f"""
+        import os
+        import pathlib
+
+        _original_model = model
+
+        def model():
+            marker = pathlib.Path({str(marker)!r})
+            if not marker.exists():
+                marker.write_text("x")
+                os._exit(3)
+            return _original_model()
+        """
+    )
+    task = write_task(tmp_path / "t", source)
+    job = client.wait_job(client.submit_job(task, quick_spec(rounds=1)).id)
+    assert marker.exists()
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+
+
+def test_cancel_during_a_round_keeps_committed_rounds(client: DemlClient, tmp_path: Path) -> None:
+    source = SMALL_TASK + textwrap.dedent(
+        """
+        import time
+        _load = load_data
+
+        def load_data():
+            time.sleep(2.0)
+            return _load()
+        """
+    )
+    task = write_task(tmp_path / "t", source)
+    job = client.submit_job(task, quick_spec(rounds=20))
+    for event in client.watch_job(job.id):
+        if event.kind == training_pb2.EVENT_KIND_ROUND_COMMITTED:
+            break
+    time.sleep(0.5)  # inside round 2
+    cancelled = client.cancel_job(job.id)
+    assert cancelled.state == training_pb2.JOB_STATE_CANCELLED
+    final = client.get_job(job.id)
+    assert final.state == training_pb2.JOB_STATE_CANCELLED
+    assert 1 <= final.rounds_committed < 20
+    with pytest.raises(DemlClientError) as err:
+        client.cancel_job(job.id)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    # The pool replaced the busy workers: a new job still runs.
+    task2 = write_task(tmp_path / "t2", SMALL_TASK)
+    again = client.wait_job(client.submit_job(task2, quick_spec(rounds=1)).id)
+    assert again.state == training_pb2.JOB_STATE_SUCCEEDED, again.error

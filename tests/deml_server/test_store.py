@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from deml_server.artifacts import ArtifactStore
+from deml_server.domain import JobFiles, JobSpec, JobState, RoundSummary, TensorSpec
+from deml_server.errors import NotFound
+from deml_server.store import JobStore
+
+
+def _summary(n: int) -> RoundSummary:
+    return RoundSummary(
+        round=n,
+        metrics={"accuracy": 0.5 + n / 10},
+        workers_ok=2,
+        workers_failed=0,
+        wall_seconds=1.5,
+        bytes_sent_per_worker=100,
+        committed_at=datetime.now(tz=UTC),
+    )
+
+
+def test_job_round_trip_and_checkpoints(tmp_path: Path) -> None:
+    # Prepare
+    store = JobStore(tmp_path / "db.sqlite3")
+    spec = JobSpec(name="digits", rounds=3, strategy_options={"eta": 0.1})
+    # Execute
+    job = store.create_job("j1", spec, JobFiles(code="a" * 64))
+    store.set_initial_weights("j1", "b" * 64)
+    init = store.last_checkpoint("j1")
+    store.commit_round("j1", _summary(1), "c" * 64, "d" * 64)
+    store.commit_round("j1", _summary(2), "e" * 64, "f" * 64)
+    # Assert
+    assert job.state is JobState.PENDING and job.spec == spec
+    assert init is not None and init.round == 0 and init.weights == "b" * 64
+    last = store.last_checkpoint("j1")
+    assert last is not None and (last.round, last.weights, last.strategy_state) == (2, "e" * 64, "f" * 64)
+    reloaded = store.get_job("j1")
+    assert reloaded.rounds_committed == 2
+    assert reloaded.rounds[1].metrics == {"accuracy": 0.7}
+
+
+def test_a_round_cannot_be_committed_twice(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "db.sqlite3")
+    store.create_job("j1", JobSpec(), JobFiles(code="a" * 64))
+    store.commit_round("j1", _summary(1), "c" * 64, "d" * 64)
+    with pytest.raises(Exception, match="UNIQUE"):
+        store.commit_round("j1", _summary(1), "c" * 64, "d" * 64)
+    assert store.get_job("j1").rounds_committed == 1
+
+
+def test_terminal_states_are_final(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "db.sqlite3")
+    store.create_job("j1", JobSpec(), JobFiles(code="a" * 64))
+    assert store.set_state("j1", JobState.CANCELLED, "by user") is not None
+    # A runner finishing late must not overwrite the cancel.
+    assert store.set_state("j1", JobState.SUCCEEDED) is None
+    assert store.get_job("j1").state is JobState.CANCELLED
+
+
+def test_unfinished_jobs_and_unknown_ids(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "db.sqlite3")
+    store.create_job("a", JobSpec(), JobFiles(code="a" * 64))
+    store.create_job("b", JobSpec(), JobFiles(code="a" * 64))
+    store.set_state("b", JobState.FAILED, "boom")
+    assert [j.id for j in store.unfinished_jobs()] == ["a"]
+    with pytest.raises(NotFound, match="no job with id 'zzz'"):
+        store.get_job("zzz")
+
+
+def test_models_get_increasing_versions(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "db.sqlite3")
+    inputs = (TensorSpec("input", "FP32", (-1, 64)),)
+    outputs = (TensorSpec("output", "FP32", (-1, 10)),)
+    first = store.add_model(name="m", sha256="a" * 64, size_bytes=10, inputs=inputs, outputs=outputs)
+    second = store.add_model(name="m", sha256="b" * 64, size_bytes=11, inputs=inputs, outputs=outputs, job_id="j")
+    assert (first.version, second.version) == (1, 2)
+    assert store.get_model("m").version == 2
+    assert store.get_model("m", 1).inputs == inputs
+    assert [m.version for m in store.models_of_job("j")] == [2]
+    store.delete_model("m", 2)
+    assert store.get_model("m").version == 1
+    with pytest.raises(NotFound, match="no model 'm:7'"):
+        store.get_model("m", 7)
+
+
+def test_artifacts_are_content_addressed(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    digest = store.put_chunks([b"hello ", b"world"])
+    assert digest == "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+    assert store.open_path(digest).read_bytes() == b"hello world"
+    assert store.put_bytes(b"hello world") == digest
+    writer = store.writer()
+    writer.write(b"partial")
+    writer.abort()
+    assert not list((tmp_path / "artifacts" / "tmp").iterdir())
+    with pytest.raises(NotFound):
+        store.open_path("0" * 64)

@@ -1,0 +1,74 @@
+"""The demo's path end to end: deml-server and deml-client as separate processes, digits on 4 workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import EXAMPLES, ROOT, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def cli(target: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deml_client", "--server", target, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=check,
+        timeout=900,
+    )
+
+
+def test_digits_federated_matches_baseline_and_serves_onnx(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "server", "--workers", "4")
+    try:
+        # Execute
+        result = cli(
+            server.target, "train", str(EXAMPLES / "digits"), "--workers", "4", "--rounds", "5", "--baseline", "--json"
+        )
+        report = json.loads(result.stdout)
+        listing = json.loads(cli(server.target, "models", "list", "--json").stdout)
+        shown = json.loads(cli(server.target, "jobs", "show", report["job_id"], "--json").stdout)
+        onnx_path = tmp_path / "digits.onnx"
+        cli(server.target, "models", "download", "digits:1", "-o", str(onnx_path))
+    finally:
+        server.stop()
+    # Assert: the JSON report
+    assert report["state"] == "SUCCEEDED", report["error"]
+    assert report["rounds_committed"] == 5 and len(report["per_round"]) == 5
+    assert report["final_accuracy"] >= 0.95
+    assert abs(report["final_accuracy"] - report["baseline_accuracy"]) <= 0.01
+    assert (report["model_name"], report["model_version"]) == ("digits", 1)
+    assert shown["state"] == "SUCCEEDED" and shown["rounds_committed"] == 5
+    assert listing[0]["name"] == "digits" and listing[0]["export_max_abs_diff"] <= 1e-4
+    # Assert: the downloaded ONNX model reproduces the reported test accuracy with onnxruntime.
+    sys.path.insert(0, str(EXAMPLES / "digits"))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    from task import load_data  # the example's own loader, for the exact preprocessing
+
+    sys.path.pop(0)
+    (_, _), (tx, ty) = load_data()
+    logits = session.run(None, {name: np.asarray(tx, np.float32)})[0]
+    accuracy = float((logits.argmax(axis=1) == np.asarray(ty)).mean())
+    assert abs(accuracy - report["final_accuracy"]) < 1e-9
+
+
+def test_cli_reports_bad_input_clearly(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "server", "--workers", "1")
+    try:
+        bad = cli(server.target, "train", str(EXAMPLES / "digits"), "--rounds", "0", check=False)
+        missing = cli(server.target, "jobs", "show", "doesnotexist", check=False)
+        listing = cli(server.target, "jobs", "list", "--json")
+    finally:
+        server.stop()
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "rounds must be at least 1" in bad.stderr
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+    assert json.loads(listing.stdout) == []
