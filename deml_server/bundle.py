@@ -237,12 +237,15 @@ def read_result(directory: Path) -> TaskResult:
         return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
 
     export = raw.get("export")
+    error = raw.get("error") or ""
+    if isinstance(error, dict):
+        error = f"{error.get('type', 'Error')}: {error.get('message', '')}\n{error.get('traceback', '')}".rstrip()
     return TaskResult(
         status=raw["status"],
         num_examples=int(raw.get("num_examples") or 0),
         metrics=_floats(raw.get("metrics")),
         test_metrics=_floats(raw.get("test_metrics")),
         export=export if isinstance(export, dict) else {},
-        error=str(raw.get("error") or ""),
+        error=str(error),
         directory=directory,
     )

@@ -134,18 +134,22 @@ def test_user_code_error_fails_the_job_with_its_traceback(client: DemlClient, tm
 
 
 def test_nan_weights_are_rejected_not_averaged(client: DemlClient, tmp_path: Path) -> None:
+    # A buffer the forward pass never reads turns NaN: training looks healthy, the weights are not.
     source = SMALL_TASK + textwrap.dedent(
         """
-        class _Poison(torch.optim.SGD):
-            def step(self, closure=None):
-                super().step(closure)
-                with torch.no_grad():
-                    for group in self.param_groups:
-                        for p in group["params"]:
-                            p.fill_(float("nan"))
+        class _Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+                self.register_buffer("calibration", torch.ones(4))
 
-        def optimizer(params, lr):
-            return _Poison(params, lr=lr)
+            def forward(self, x):
+                if self.training:
+                    self.calibration.fill_(float("nan"))
+                return self.body(x)
+
+        def model():
+            return _Net()
         """
     )
     task = write_task(tmp_path / "t", source)

@@ -1,0 +1,49 @@
+"""`python -m provider_runtime <init|train|evaluate|export> --input DIR --output DIR`, or `serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one action on a task bundle, or serve requests; 0 means result.json was written."""
+    parser = argparse.ArgumentParser(prog="python -m provider_runtime", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for action, text in (
+        ("init", "write the initial weights of model()"),
+        ("train", "train the global weights on this worker's partition"),
+        ("evaluate", "evaluate the weights on the test split"),
+        ("export", "export the weights to ONNX and verify with onnxruntime"),
+    ):
+        sub = commands.add_parser(action, help=text)
+        sub.add_argument("--input", required=True, type=Path, help="task bundle directory")
+        sub.add_argument("--output", required=True, type=Path, help="result bundle directory")
+    commands.add_parser("serve", help="warm worker: JSON requests on stdin, replies on stdout")
+    args = parser.parse_args(argv)
+
+    # Imported after parsing so that --help answers without loading torch.
+    if args.command == "serve":
+        from provider_runtime.serve import serve
+
+        return serve()
+
+    from provider_runtime.runtime import BundleError, configure_threads, run_bundle
+
+    configure_threads(default=None)
+    try:
+        result = run_bundle(args.input, args.output, args.command)
+    except BundleError as exc:
+        print(f"provider_runtime: bad task bundle: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"provider_runtime: cannot write the result bundle: {exc}", file=sys.stderr)
+        return 1
+    print(f"provider_runtime: {args.command} {result['status']} in {result['seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

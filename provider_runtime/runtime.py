@@ -1,0 +1,429 @@
+"""The four actions on a task bundle (docs/bundle.md): init, train, evaluate, export."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from provider_runtime.data import Splits, load_splits, rows
+from provider_runtime.onnx_export import export_onnx
+from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, required, user_module
+from provider_runtime.weights import load_into, save_state_dict
+
+__all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "run_bundle"]
+
+ACTIONS = ("init", "train", "evaluate", "export")
+TRACEBACK_LINES = 40
+# Rows of the test split used as the export sample when the module has no example_input().
+_EXPORT_SAMPLE_ROWS = 8
+_EVAL_BATCH = 256
+
+
+class BundleError(Exception):
+    """The task bundle itself is malformed: a server-side fault, not the user's."""
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Local training settings."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """task.json, parsed."""
+
+    action: str
+    module: str
+    partition: PartitionArgs
+    hyper: Hyper
+    seed: int
+    evaluate_after: bool
+    device: str
+
+
+def parse_task(raw: Any) -> Task:
+    """Validate a task.json document; numbers may arrive as floats (JSON has one number type)."""
+    if not isinstance(raw, dict):
+        raise BundleError("task.json must hold a JSON object")
+    try:
+        action = str(raw["action"])
+        part = raw.get("partition") or {}
+        hyper = raw.get("hyper") or {}
+        task = Task(
+            action=action,
+            module=str(raw.get("module", "task")),
+            partition=PartitionArgs(
+                partition_id=int(part.get("index", 0)),
+                num_partitions=int(part.get("count", 1)),
+                partitioning=str(part.get("scheme", "iid")),
+                alpha=float(part.get("alpha", 0.5)),
+                seed=int(part.get("seed", raw.get("seed", 0))),
+            ),
+            hyper=Hyper(
+                local_epochs=int(hyper.get("local_epochs", Hyper.local_epochs)),
+                batch_size=int(hyper.get("batch_size", Hyper.batch_size)),
+                learning_rate=float(hyper.get("learning_rate", Hyper.learning_rate)),
+                proximal_mu=float(hyper.get("proximal_mu", Hyper.proximal_mu)),
+            ),
+            seed=int(raw.get("seed", 0)),
+            evaluate_after=bool(raw.get("evaluate_after", False)),
+            device=str(raw.get("device", "auto")),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"task.json is malformed: {exc!r}") from None
+    if task.action not in ACTIONS:
+        raise BundleError(f"task.json action {task.action!r} is not one of {', '.join(ACTIONS)}")
+    if task.partition.partitioning not in ("iid", "dirichlet"):
+        raise BundleError(f"partition scheme {task.partition.partitioning!r} is not 'iid' or 'dirichlet'")
+    if task.device not in ("auto", "cpu", "cuda"):
+        raise BundleError(f"device {task.device!r} is not 'auto', 'cpu' or 'cuda'")
+    if task.hyper.local_epochs < 0 or task.hyper.batch_size < 1:
+        raise BundleError("hyper.local_epochs must be >= 0 and hyper.batch_size >= 1")
+    return task
+
+
+def configure_threads(default: int | None) -> None:
+    """Apply DEML_TORCH_THREADS, else `default` (None keeps torch's own choice)."""
+    raw = os.environ.get("DEML_TORCH_THREADS", "").strip()
+    threads = int(raw) if raw else default
+    if threads is not None and threads > 0:
+        torch.set_num_threads(threads)
+        # Only settable before the first parallel op; a second call in the same process is harmless to skip.
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(threads)
+
+
+def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> dict[str, Any]:
+    """Run one bundle end to end and write result.json (always) and log.txt.
+
+    Failures of the user's code are reported in result.json with status "error". A malformed bundle
+    raises BundleError after result.json says so; failing to write the output raises OSError.
+    """
+    started = time.monotonic()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("result.json", "weights.safetensors", "model.onnx"):
+        (output_dir / stale).unlink(missing_ok=True)
+    result: dict[str, Any] = {
+        "status": "ok",
+        "action": action,
+        "num_examples": 0,
+        "metrics": {},
+        "test_metrics": {},
+        "export": None,
+        "device": "cpu",
+        "seconds": 0.0,
+        "error": None,
+    }
+    bundle_error: BundleError | None = None
+    with (output_dir / "log.txt").open("w", encoding="utf-8") as log, _redirected(log):
+        try:
+            task = _read_task(input_dir, action)
+            result["action"] = task.action
+            _ACTIONS[task.action](task, input_dir, output_dir, result)
+        except BundleError as exc:
+            bundle_error = exc
+            result["status"] = "error"
+            result["error"] = {"type": "BundleError", "message": str(exc), "traceback": ""}
+            print(f"bad task bundle: {exc}", file=log)
+        except Exception as exc:
+            result["status"] = "error"
+            result["error"] = _describe(exc)
+            (output_dir / "weights.safetensors").unlink(missing_ok=True)
+            traceback.print_exception(exc, file=log)
+    result["seconds"] = round(time.monotonic() - started, 3)
+    _write_json(output_dir / "result.json", result)
+    if bundle_error is not None:
+        raise bundle_error
+    return result
+
+
+def _read_task(input_dir: Path, action: str | None) -> Task:
+    try:
+        raw = json.loads((input_dir / "task.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read task.json in {input_dir}: {exc}") from None
+    if action is not None and isinstance(raw, dict):
+        declared = raw.get("action")
+        if declared is not None and declared != action:
+            raise BundleError(f"asked to {action} but task.json says {declared!r}")
+        raw = {**raw, "action": action}
+    return parse_task(raw)
+
+
+@contextlib.contextmanager
+def _redirected(log: TextIO) -> Iterator[None]:
+    # stdout belongs to the serve protocol, so anything Python-level the action or the user's code prints
+    # (print, warnings, progress bars) lands in log.txt instead.
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
+def _describe(exc: BaseException) -> dict[str, str]:
+    lines = "".join(traceback.format_exception(exc)).splitlines()
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": "\n".join(lines[-TRACEBACK_LINES:])}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    # Written last and renamed into place: a result.json that exists is a complete one.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=_json_default), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+# --- actions -----------------------------------------------------------------------------------------------
+
+
+def _init(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+    with user_module(bundle / "code", task.module) as mod:
+        _seed_everything(task.seed)
+        model = _build_model(mod)
+        save_state_dict(model.state_dict(), out / "weights.safetensors")
+
+
+def _train(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+    device = _device(task.device)
+    result["device"] = device.type
+    with user_module(bundle / "code", task.module) as mod:
+        # Each partition draws its own shuffles and dropout masks, reproducibly.
+        seed = task.seed + task.partition.partition_id
+        _seed_everything(seed)
+        model = _build_model(mod)
+        load_into(model, _weights_path(bundle))
+        splits = load_splits(bundle, mod, task.partition)
+        if splits.train is None:
+            raise UserCodeError("load_data() returned no training split")
+        model.to(device)
+        loss_fn = _loss_fn(mod)
+        result["num_examples"] = len(splits.train)  # type: ignore[arg-type]
+        result["metrics"] = _fit(model, splits.train, loss_fn, mod, task, device, seed)
+        if task.evaluate_after:
+            result["test_metrics"] = _evaluate_split(model, splits, loss_fn, mod, device)
+        save_state_dict(model.state_dict(), out / "weights.safetensors")
+
+
+def _evaluate(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+    device = _device(task.device)
+    result["device"] = device.type
+    with user_module(bundle / "code", task.module) as mod:
+        _seed_everything(task.seed)
+        model = _build_model(mod)
+        load_into(model, _weights_path(bundle))
+        splits = load_splits(bundle, mod, task.partition)
+        model.to(device)
+        if splits.test is None:
+            raise UserCodeError("load_data() returned no test split to evaluate on")
+        result["num_examples"] = len(splits.test)  # type: ignore[arg-type]
+        result["metrics"] = _evaluate_split(model, splits, _loss_fn(mod), mod, device)
+
+
+def _export(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+    with user_module(bundle / "code", task.module) as mod:
+        _seed_everything(task.seed)
+        model = _build_model(mod)
+        load_into(model, _weights_path(bundle))
+        model.eval()
+        example_input = optional(mod, "example_input")
+        if example_input is not None:
+            sample = example_input()
+            if not isinstance(sample, torch.Tensor):
+                raise UserCodeError(f"example_input() must return a torch.Tensor, got {type(sample).__name__}")
+        else:
+            splits = load_splits(bundle, mod, task.partition)
+            if splits.test is None:
+                raise UserCodeError("define example_input() or return a test split: export needs sample rows")
+            sample = rows(splits.test, _EXPORT_SAMPLE_ROWS)
+        result["export"] = export_onnx(model, sample, out / "model.onnx")
+
+
+_ACTIONS: dict[str, Callable[[Task, Path, Path, dict[str, Any]], None]] = {
+    "init": _init,
+    "train": _train,
+    "evaluate": _evaluate,
+    "export": _export,
+}
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def _weights_path(bundle: Path) -> Path:
+    path = bundle / "weights.safetensors"
+    if not path.is_file():
+        raise BundleError("the task bundle has no weights.safetensors")
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device(requested: str) -> torch.device:
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise BundleError("the task asks for CUDA but this worker has no CUDA device")
+    return torch.device("cpu")
+
+
+def _build_model(mod: ModuleType) -> torch.nn.Module:
+    model = required(mod, "model", "model() -> torch.nn.Module")()
+    if not isinstance(model, torch.nn.Module):
+        raise UserCodeError(f"model() must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _loss_fn(mod: ModuleType) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    make_loss = optional(mod, "loss")
+    if make_loss is None:
+        return torch.nn.CrossEntropyLoss()
+    fn = make_loss()
+    if not callable(fn):
+        raise UserCodeError(f"loss() must return a callable, got {type(fn).__name__}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _optimizer(mod: ModuleType, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    make = optional(mod, "optimizer")
+    if make is None:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = make(model.parameters(), lr)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise UserCodeError(f"optimizer(params, lr) must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    return opt
+
+
+def _fit(
+    model: torch.nn.Module,
+    train: Dataset[Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    mod: ModuleType,
+    task: Task,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
+    """Local training; metrics are running averages over the last epoch (no extra pass over the data)."""
+    hyper = task.hyper
+    n = len(train)  # type: ignore[arg-type]
+    if n == 0:
+        raise UserCodeError("this worker's training partition is empty")
+    loader = DataLoader(
+        train,
+        batch_size=hyper.batch_size,
+        shuffle=True,
+        # A trailing batch of one row would make BatchNorm fail in training mode; skip just that case.
+        drop_last=n > hyper.batch_size and n % hyper.batch_size == 1,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = _optimizer(mod, model, hyper.learning_rate)
+    anchor = [p.detach().clone() for p in model.parameters()] if hyper.proximal_mu > 0 else []
+    model.train()
+    metrics: dict[str, float] = {}
+    for epoch in range(hyper.local_epochs):
+        total = _Totals()
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            objective = loss
+            if anchor:
+                # FedProx: mu/2 * ||w - w_global||^2 keeps the local model near the global one.
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                objective = loss + hyper.proximal_mu / 2 * prox
+            objective.backward()
+            optimizer.step()
+            total.add(loss.detach(), out.detach(), yb)
+        metrics = total.summary("train_")
+        print(f"epoch {epoch + 1}/{hyper.local_epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if not math.isfinite(metrics["train_loss"]):
+            raise FloatingPointError(f"training diverged: the loss is {metrics['train_loss']} in epoch {epoch + 1}")
+    return metrics
+
+
+def _evaluate_split(
+    model: torch.nn.Module,
+    splits: Splits,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    mod: ModuleType,
+    device: torch.device,
+) -> dict[str, float]:
+    if splits.test is None:
+        raise UserCodeError("load_data() returned no test split to evaluate on")
+    user_metrics = optional(mod, "metrics")
+    model.eval()
+    total = _Totals()
+    outputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    with torch.no_grad():
+        for xb, yb in DataLoader(splits.test, batch_size=_EVAL_BATCH):
+            xb, yb = xb.to(device), yb.to(device)
+            out = model(xb)
+            total.add(loss_fn(out, yb), out, yb)
+            if user_metrics is not None:
+                outputs.append(out.cpu())
+                targets.append(yb.cpu())
+    metrics = total.summary("")
+    if user_metrics is not None and outputs:
+        extra = user_metrics(torch.cat(outputs), torch.cat(targets))
+        if not isinstance(extra, dict):
+            raise UserCodeError(f"metrics() must return a dict of floats, got {type(extra).__name__}")
+        metrics.update({str(k): float(v) for k, v in extra.items()})
+    return metrics
+
+
+class _Totals:
+    """Example-weighted loss, and accuracy when the outputs are class logits for integer labels."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.loss = 0.0
+        self.correct = 0
+        self.classified = True
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        rows = int(y.shape[0]) if y.dim() else 1
+        self.n += rows
+        # Losses are assumed mean-reduced over the batch, as torch's are by default.
+        self.loss += float(loss) * rows
+        if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and out.shape[0] == y.shape[0]:
+            self.correct += int((out.argmax(dim=1) == y).sum())
+        else:
+            self.classified = False
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        if self.n == 0:
+            return {}
+        metrics = {f"{prefix}loss": self.loss / self.n}
+        if self.classified:
+            metrics[f"{prefix}accuracy"] = self.correct / self.n
+        return metrics
+

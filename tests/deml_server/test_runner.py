@@ -1,0 +1,113 @@
+"""JobService and the round runner without a socket, on real worker processes.
+
+`TamperingBackend` is a stand-in for a misbehaving provider (nothing real here can send malformed weights): it
+runs every task on the real local backend, then rewrites one worker's returned weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Collection
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from test_grpc_training import SMALL_TASK
+
+from deml_server.artifacts import ArtifactStore
+from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
+from deml_server.config import ServerConfig
+from deml_server.domain import EventKind, JobState
+from deml_server.jobs import JobService
+from deml_server.registry import ModelRegistry
+from deml_server.store import JobStore
+
+
+class TamperingBackend(Backend):
+    name = "tampering"
+
+    def __init__(self, inner: LocalBackend, partition: int) -> None:
+        self.inner = inner
+        self.partition = partition
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
+        outcome = await self.inner.run(item, avoid=avoid)
+        task = json.loads((item.bundle / "task.json").read_text())
+        if item.action == "train" and task["partition"]["index"] == self.partition and task["partition"]["count"] > 1:
+            path = item.output / "weights.safetensors"
+            weights = load_file(str(path))
+            name = next(iter(sorted(weights)))
+            weights[name] = np.zeros((3, 3, 3), dtype=weights[name].dtype)
+            save_file(weights, str(path))
+        return outcome
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[JobService]:
+    config = ServerConfig(data_dir=tmp_path, workers=2)
+    store = JobStore(tmp_path / "db.sqlite3")
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    backend = TamperingBackend(LocalBackend(workers=2, work_dir=tmp_path / "workers"), partition=1)
+    await backend.start()
+    jobs = JobService(
+        config=config, store=store, artifacts=artifacts, registry=ModelRegistry(store, artifacts), backend=backend
+    )
+    await jobs.start()
+    try:
+        yield jobs
+    finally:
+        await jobs.close()
+        await backend.close()
+        store.close()
+
+
+def _submit(service: JobService, tmp_path: Path, **spec: object) -> str:
+    upload = service.begin_upload()
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("task.py", SMALL_TASK)
+    upload.add("code", buffer.getvalue())
+    settings = {"name": "small", "rounds": 2, "workers": 2, **spec}
+    return service.submit(settings, upload.finish()).id
+
+
+async def _events(service: JobService, job_id: str) -> list[str]:
+    messages = []
+    async for event in service.watch(job_id):
+        if event.kind is EventKind.PROGRESS:
+            messages.append(event.message)
+    return messages
+
+
+async def test_wrongly_shaped_weights_fail_the_round_without_a_quorum(service: JobService, tmp_path: Path) -> None:
+    job_id = _submit(service, tmp_path)
+    messages = await asyncio.wait_for(_events(service, job_id), timeout=120)
+    job = service.get(job_id)
+    assert job.state is JobState.FAILED
+    assert "worker 1: weights rejected" in job.error and "has shape (3, 3, 3)" in job.error
+    assert job.rounds_committed == 0
+    assert any("weights rejected" in m for m in messages)
+
+
+async def test_a_quorum_lets_the_round_proceed_and_reports_the_rejection(service: JobService, tmp_path: Path) -> None:
+    job_id = _submit(service, tmp_path, min_fit_workers=1)
+    messages = await asyncio.wait_for(_events(service, job_id), timeout=120)
+    job = service.get(job_id)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert [(r.workers_ok, r.workers_failed) for r in job.rounds] == [(1, 1), (1, 1)]
+    assert sum("round 1: worker 1: weights rejected" in m for m in messages) == 1
