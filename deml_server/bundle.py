@@ -12,9 +12,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from provider_runtime.partition import dirichlet_partition, iid_partition
 
 from deml_server.errors import InvalidArgument
+from provider_runtime.partition import dirichlet_partition, iid_partition
 
 _MODULE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 

@@ -141,11 +141,20 @@ class JobService:
         """Start receiving a submission's files."""
         return Upload(self._artifacts, self._config.max_upload_bytes)
 
-    def submit(self, given: Mapping[str, Any], files: JobFiles) -> Job:
+    async def submit(self, given: Mapping[str, Any], files: JobFiles) -> Job:
         """Validate a submission and start its job."""
         spec = resolve_spec(given, self._config)
-        if spec.backend != "local":
-            raise FailedPrecondition(f"backend {spec.backend!r} is not enabled on this server")
+        if spec.backend != self._config.backend:
+            raise FailedPrecondition(
+                f"backend {spec.backend!r} is not enabled on this server (it runs {self._config.backend!r})"
+            )
+        await asyncio.to_thread(self._check_files, spec, files)
+        job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
+        log.info("job %s submitted: %s", job.id, spec)
+        self._launch(job)
+        return job
+
+    def _check_files(self, spec: JobSpec, files: JobFiles) -> None:
         check_code_package(self._artifacts.open_path(files.code), spec.module, needs_loader=files.data is None)
         if files.data is not None:
             load_xy(self._artifacts.open_path(files.data), "the training data")
@@ -153,10 +162,6 @@ class JobService:
             raise InvalidArgument("test data was uploaded without training data")
         if files.test_data is not None:
             load_xy(self._artifacts.open_path(files.test_data), "the test data")
-        job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
-        log.info("job %s submitted: %s", job.id, spec)
-        self._launch(job)
-        return job
 
     def _launch(self, job: Job) -> None:
         runner = JobRunner(job, self._deps)

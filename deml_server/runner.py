@@ -84,7 +84,8 @@ class JobRunner:
         self.deps.publish(JobEvent(EventKind.PROGRESS, self.deps.store.get_job(self.job.id), message=message))
 
     async def _run(self) -> None:
-        self._prepare()
+        # Sharding a large upload is seconds of numpy work: keep it off the event loop that serves gRPC.
+        await asyncio.to_thread(self._prepare)
         checkpoint = self.deps.store.last_checkpoint(self.job.id)
         if checkpoint is None:
             init = await self._run_one(self._bundle("init"), "init")

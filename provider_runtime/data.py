@@ -6,7 +6,7 @@ from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +27,7 @@ __all__ = ["Splits", "as_dataset", "load_npz", "load_splits", "rows"]
 
 @dataclass
 class Splits:
-    """This worker's training partition and the test split (either may be absent)."""
+    """The training partition of this worker and the test split (either may be absent)."""
 
     train: Dataset[Any] | None
     test: Dataset[Any] | None
@@ -48,9 +48,7 @@ def load_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
     load_data = optional(mod, "load_data")
     if load_data is None:
         if train is None and test is None:
-            raise UserCodeError(
-                f"{mod.__name__}.py defines no load_data() function and the task has no uploaded data"
-            )
+            raise UserCodeError(f"{mod.__name__}.py defines no load_data() function and the task has no uploaded data")
         return Splits(train, test)
     loaded = call_load_data(load_data, args)
     if not isinstance(loaded, tuple | list) or len(loaded) != 2:
@@ -85,7 +83,7 @@ def as_dataset(value: Any, what: str) -> Dataset[Any] | None:
             xt = xt.float()  # numpy defaults to float64; models are float32
         return TensorDataset(xt, _targets(y))
     if hasattr(value, "__getitem__") and isinstance(value, Sized):
-        return value  # type: ignore[no-any-return]
+        return cast("Dataset[Any]", value)
     raise UserCodeError(
         f"load_data(): the {what} split must be a torch Dataset or a pair (x, y), got {type(value).__name__}"
     )

@@ -18,7 +18,7 @@ MAX_ABS_DIFF = 1e-4
 METADATA_KEY = "deml.max_abs_diff"
 
 # ONNX element types to Open Inference Protocol datatypes.
-_OIP_DATATYPES = {
+_OIP_DATATYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "FP32",
     onnx.TensorProto.DOUBLE: "FP64",
     onnx.TensorProto.FLOAT16: "FP16",

@@ -97,9 +97,7 @@ def _check_count(n: int, count: int, min_size: int) -> None:
         raise ValueError(f"cannot split {n} rows into {count} partitions of at least {min_size} rows")
 
 
-def _top_up(
-    parts: list[npt.NDArray[np.int64]], min_size: int, rng: np.random.Generator
-) -> list[npt.NDArray[np.int64]]:
+def _top_up(parts: list[npt.NDArray[np.int64]], min_size: int, rng: np.random.Generator) -> list[npt.NDArray[np.int64]]:
     # Move random rows from the currently largest part into each short part; total rows >= count * min_size
     # (checked up front) guarantees the donors never drop below min_size themselves.
     parts = list(parts)

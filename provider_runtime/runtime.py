@@ -64,10 +64,13 @@ def parse_task(raw: Any) -> Task:
     """Validate a task.json document; numbers may arrive as floats (JSON has one number type)."""
     if not isinstance(raw, dict):
         raise BundleError("task.json must hold a JSON object")
+    part = raw.get("partition") or {}
+    hyper = raw.get("hyper") or {}
+    if not isinstance(part, dict) or not isinstance(hyper, dict):
+        raise BundleError("task.json: partition and hyper must be JSON objects")
     try:
         action = str(raw["action"])
-        part = raw.get("partition") or {}
-        hyper = raw.get("hyper") or {}
+        seed = int(raw.get("seed", 0))
         task = Task(
             action=action,
             module=str(raw.get("module", "task")),
@@ -76,7 +79,7 @@ def parse_task(raw: Any) -> Task:
                 num_partitions=int(part.get("count", 1)),
                 partitioning=str(part.get("scheme", "iid")),
                 alpha=float(part.get("alpha", 0.5)),
-                seed=int(part.get("seed", raw.get("seed", 0))),
+                seed=int(part.get("seed", seed)),
             ),
             hyper=Hyper(
                 local_epochs=int(hyper.get("local_epochs", Hyper.local_epochs)),
@@ -84,7 +87,7 @@ def parse_task(raw: Any) -> Task:
                 learning_rate=float(hyper.get("learning_rate", Hyper.learning_rate)),
                 proximal_mu=float(hyper.get("proximal_mu", Hyper.proximal_mu)),
             ),
-            seed=int(raw.get("seed", 0)),
+            seed=seed,
             evaluate_after=bool(raw.get("evaluate_after", False)),
             device=str(raw.get("device", "auto")),
         )
@@ -359,7 +362,7 @@ def _fit(
                 # FedProx: mu/2 * ||w - w_global||^2 keeps the local model near the global one.
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
                 objective = loss + hyper.proximal_mu / 2 * prox
-            objective.backward()
+            objective.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             total.add(loss.detach(), out.detach(), yb)
         metrics = total.summary("train_")
@@ -426,4 +429,3 @@ class _Totals:
         if self.classified:
             metrics[f"{prefix}accuracy"] = self.correct / self.n
         return metrics
-

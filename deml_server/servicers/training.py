@@ -44,7 +44,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         except BaseException:
             upload.abort()
             raise
-        job = self._jobs.submit(spec_from_pb(spec), files)
+        job = await self._jobs.submit(spec_from_pb(spec), files)
         return training_pb2.SubmitJobResponse(job=job_to_pb(job))
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context: Context) -> training_pb2.GetJobResponse:

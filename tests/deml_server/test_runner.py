@@ -7,7 +7,9 @@ runs every task on the real local backend, then rewrites one worker's returned w
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import zipfile
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
@@ -56,7 +58,7 @@ class TamperingBackend(Backend):
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[JobService]:
-    config = ServerConfig(data_dir=tmp_path, workers=2)
+    config = ServerConfig(data_dir=tmp_path, workers=2, backend="local")
     store = JobStore(tmp_path / "db.sqlite3")
     artifacts = ArtifactStore(tmp_path / "artifacts")
     backend = TamperingBackend(LocalBackend(workers=2, work_dir=tmp_path / "workers"), partition=1)
@@ -73,17 +75,14 @@ async def service(tmp_path: Path) -> AsyncIterator[JobService]:
         store.close()
 
 
-def _submit(service: JobService, tmp_path: Path, **spec: object) -> str:
+async def _submit(service: JobService, tmp_path: Path, **spec: object) -> str:
     upload = service.begin_upload()
-    import io
-    import zipfile
-
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("task.py", SMALL_TASK)
     upload.add("code", buffer.getvalue())
     settings = {"name": "small", "rounds": 2, "workers": 2, **spec}
-    return service.submit(settings, upload.finish()).id
+    return (await service.submit(settings, upload.finish())).id
 
 
 async def _events(service: JobService, job_id: str) -> list[str]:
@@ -95,7 +94,7 @@ async def _events(service: JobService, job_id: str) -> list[str]:
 
 
 async def test_wrongly_shaped_weights_fail_the_round_without_a_quorum(service: JobService, tmp_path: Path) -> None:
-    job_id = _submit(service, tmp_path)
+    job_id = await _submit(service, tmp_path)
     messages = await asyncio.wait_for(_events(service, job_id), timeout=120)
     job = service.get(job_id)
     assert job.state is JobState.FAILED
@@ -105,7 +104,7 @@ async def test_wrongly_shaped_weights_fail_the_round_without_a_quorum(service: J
 
 
 async def test_a_quorum_lets_the_round_proceed_and_reports_the_rejection(service: JobService, tmp_path: Path) -> None:
-    job_id = _submit(service, tmp_path, min_fit_workers=1)
+    job_id = await _submit(service, tmp_path, min_fit_workers=1)
     messages = await asyncio.wait_for(_events(service, job_id), timeout=120)
     job = service.get(job_id)
     assert job.state is JobState.SUCCEEDED, job.error

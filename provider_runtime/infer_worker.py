@@ -1,0 +1,223 @@
+"""Inference worker: keeps onnxruntime sessions open and runs the shards a gateway hands it.
+
+Started as `python -m provider_runtime.infer_worker --in-file A --out-file B`. Control messages are JSON lines:
+requests on stdin, replies on the stdout the process was started with (fd 1 itself is pointed at stderr, so a stray
+print cannot corrupt the protocol). Tensors never travel through the pipes: the caller writes inputs into the
+shared input file (on /dev/shm) and names their offsets; the worker reads them in place, runs the session and
+writes the outputs into the shared output file, growing it when they do not fit, and replies with their offsets.
+
+Requests:
+  {"id": 1, "load": "/path/model.onnx"}                     -> {"id": 1, "ok": true, "providers": [...]}
+  {"id": 2, "model": PATH, "in_size": N,
+   "inputs": [[name, dtype, shape, offset], ...]}           -> {"id": 2, "ok": true, "out_size": M,
+                                                               "outputs": [[name, dtype, shape, offset], ...]}
+  failures                                                  -> {"id": n, "ok": false, "kind": K, "error": text}
+     K is "load" (the model cannot be opened), "input" (onnxruntime rejected the inputs), "cancelled" or "error".
+A line with an id on the file descriptor given as --cancel-fd stops the run with that id (RunOptions.terminate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import sys
+import threading
+from collections import OrderedDict
+from typing import IO, Any
+
+import numpy as np
+import onnxruntime as ort
+
+ALIGN = 64
+MIN_OUT_BYTES = 1 << 20
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def aligned(offset: int) -> int:
+    """Round up to the alignment every tensor in the shared files starts at."""
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def choose_providers(device: str, available: list[str]) -> list[str]:
+    """CUDA first when asked for or offered ('auto'), CPU always as the fallback."""
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda" and CUDA not in available:
+        raise SystemExit("infer_worker: --device cuda, but onnxruntime offers no CUDAExecutionProvider")
+    if CUDA in available:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+class SharedFile:
+    """A file on a RAM-backed file system, mapped read-write; remapped when it has grown."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR)
+        self.map: mmap.mmap | None = None
+        self.size = 0
+        self.remap()
+
+    def remap(self) -> None:
+        """Map the file at its current size (old views keep the old mapping alive until they are dropped)."""
+        size = os.fstat(self._fd).st_size
+        if size and size != self.size:
+            self.map = mmap.mmap(self._fd, size)
+            self.size = size
+
+    def ensure(self, size: int) -> mmap.mmap:
+        """The mapping, covering at least `size` bytes (the other side grew the file)."""
+        if size > self.size:
+            self.remap()
+        if self.map is None or size > self.size:
+            raise RuntimeError(f"shared file {self.path} is {self.size} bytes, {size} needed")
+        return self.map
+
+    def grow(self, size: int) -> mmap.mmap:
+        """Make the file at least `size` bytes (doubling, to grow rarely) and map it."""
+        if size > self.size:
+            os.ftruncate(self._fd, max(size, 2 * self.size, MIN_OUT_BYTES))
+            self.remap()
+        assert self.map is not None
+        return self.map
+
+
+class Worker:
+    """Sessions by model path (least recently used closed first) and the run loop's state."""
+
+    def __init__(self, *, in_file: str, out_file: str, threads: int, device: str, max_sessions: int) -> None:
+        self.inputs = SharedFile(in_file)
+        self.outputs = SharedFile(out_file)
+        self.threads = threads
+        self.providers = choose_providers(device, ort.get_available_providers())
+        self.max_sessions = max_sessions
+        self.sessions: OrderedDict[str, ort.InferenceSession] = OrderedDict()
+        self._lock = threading.Lock()
+        self._running_id: int | None = None
+        self._run_options: ort.RunOptions | None = None
+
+    def session(self, path: str) -> ort.InferenceSession:
+        """The open session for a model file, opening it on first use."""
+        found = self.sessions.get(path)
+        if found is not None:
+            self.sessions.move_to_end(path)
+            return found
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session = ort.InferenceSession(path, sess_options=options, providers=self.providers)
+        self.sessions[path] = session
+        while len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)
+        return session
+
+    def cancel(self, run_id: int) -> None:
+        """Stop the run with this id if it is the one in progress (called from the cancel thread)."""
+        with self._lock:
+            if self._running_id == run_id and self._run_options is not None:
+                self._run_options.terminate = True
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request."""
+        run_id = int(message["id"])
+        path = message.get("load") or message["model"]
+        try:
+            session = self.session(path)
+        except Exception as exc:  # onnxruntime raises several classes for unreadable or unsupported models
+            return {"id": run_id, "ok": False, "kind": "load", "error": str(exc)}
+        if "load" in message:
+            return {"id": run_id, "ok": True, "providers": session.get_providers()}
+        return self.run(run_id, session, message)
+
+    def run(self, run_id: int, session: ort.InferenceSession, message: dict[str, Any]) -> dict[str, Any]:
+        """Read the inputs in place, run, write the outputs into the output file."""
+        buffer = self.inputs.ensure(int(message["in_size"]))
+        feeds = {
+            name: np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=buffer, offset=offset)
+            for name, dtype, shape, offset in message["inputs"]
+        }
+        options = ort.RunOptions()
+        with self._lock:
+            self._running_id, self._run_options = run_id, options
+        try:
+            results = session.run(None, feeds, options)
+        except Exception as exc:
+            kind = "cancelled" if options.terminate else "input"
+            return {"id": run_id, "ok": False, "kind": kind, "error": str(exc)}
+        finally:
+            with self._lock:
+                self._running_id, self._run_options = None, None
+            del feeds
+        names = [o.name for o in session.get_outputs()]
+        layout = []
+        offset = 0
+        for name, value in zip(names, results, strict=True):
+            if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+                return {"id": run_id, "ok": False, "kind": "error", "error": f"output {name!r} is not a numeric tensor"}
+            layout.append((name, value, offset))
+            offset = aligned(offset + value.nbytes)
+        out = self.outputs.grow(offset)
+        described = []
+        for name, value, start in layout:
+            np.ndarray(value.shape, dtype=value.dtype, buffer=out, offset=start)[...] = value
+            described.append([name, value.dtype.str, list(value.shape), start])
+        return {"id": run_id, "ok": True, "out_size": self.outputs.size, "outputs": described}
+
+
+def _cancel_loop(worker: Worker, fd: int) -> None:
+    with os.fdopen(fd, "rb", buffering=0) as stream:
+        for line in stream:
+            if line.strip():
+                worker.cancel(int(line))
+
+
+def _write(stream: IO[bytes], reply: dict[str, Any]) -> None:
+    stream.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+    stream.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve requests until stdin closes."""
+    parser = argparse.ArgumentParser(prog="python -m provider_runtime.infer_worker", description=__doc__)
+    parser.add_argument("--in-file", required=True, help="shared file the caller writes inputs into")
+    parser.add_argument("--out-file", required=True, help="shared file this worker writes outputs into")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per session")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--max-sessions", type=int, default=8, help="model sessions kept open")
+    parser.add_argument("--cancel-fd", type=int, default=-1, help="read ids of runs to stop from this descriptor")
+    args = parser.parse_args(argv)
+
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    worker = Worker(
+        in_file=args.in_file,
+        out_file=args.out_file,
+        threads=args.threads,
+        device=args.device,
+        max_sessions=args.max_sessions,
+    )
+    if args.cancel_fd >= 0:
+        threading.Thread(target=_cancel_loop, args=(worker, args.cancel_fd), daemon=True).start()
+    _write(replies, {"ready": True, "pid": os.getpid(), "providers": worker.providers})
+    requests = sys.stdin.buffer
+    while line := requests.readline():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            print(f"infer_worker: ignoring a malformed request: {line[:200]!r}", file=sys.stderr)
+            continue
+        try:
+            reply = worker.handle(message)
+        except Exception as exc:  # keep serving; the caller decides what an error means
+            reply = {"id": message.get("id", -1), "ok": False, "kind": "error", "error": f"{type(exc).__name__}: {exc}"}
+        _write(replies, reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

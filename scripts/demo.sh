@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The demo: set up, start deml-server (local backend, loopback), train the digits example across 4 workers for
+# 5 rounds beside a centralized baseline, then download the registered ONNX model and check it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/deml-demo.XXXXXX")
+deml-server --port 0 --data-dir "$work/server" --workers 4 >"$work/server.out" 2>"$work/server.log" &
+server_pid=$!
+trap 'kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 150); do
+    grep -q "listening on" "$work/server.out" 2>/dev/null && break
+    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log"; exit 1; }
+    sleep 0.2
+done
+target=$(sed -n 's/^deml-server listening on //p' "$work/server.out" | head -n 1)
+echo "deml-server is up on $target (data in $work/server, log in $work/server.log)"
+
+deml-client --server "$target" train examples/digits --workers 4 --rounds 5 --baseline
+deml-client --server "$target" models list
+deml-client --server "$target" models download digits -o "$work/digits.onnx"
+python - "$work/digits.onnx" <<'PY'
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, "examples/digits")
+from task import load_data  # noqa: E402
+
+(_, _), (x, y) = load_data()
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+print(f"downloaded ONNX model: test accuracy {(logits.argmax(1) == y).mean():.4f} on {len(y)} rows (onnxruntime)")
+PY
