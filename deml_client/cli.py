@@ -57,20 +57,34 @@ def _print_json(value: Any) -> None:
 
 
 def follow(client: DemlClient, job: training_pb2.Job, *, quiet: bool) -> training_pb2.Job:
-    """Watch a job to its end with one progress bar over its rounds; return the final job."""
-    bar = tqdm(total=job.spec.rounds, desc=f"job {job.id}", unit="round", disable=quiet, file=sys.stderr)
+    """Watch a job to its end, one progress bar per round (its worker tasks); return the final job."""
+    bars: dict[int, tqdm[Any]] = {}
+
+    def bar_for(server_round: int, total: int) -> tqdm[Any]:
+        if server_round not in bars:
+            bars[server_round] = tqdm(
+                total=total, desc=f"round {server_round}/{job.spec.rounds}", unit="task", disable=quiet, file=sys.stderr
+            )
+        return bars[server_round]
+
     try:
         for event in client.watch_job(job.id):
             job = event.job
-            if event.kind == training_pb2.EVENT_KIND_ROUND_COMMITTED:
-                bar.n = max(bar.n, event.round.round)
+            if event.kind == training_pb2.EVENT_KIND_PROGRESS and event.HasField("progress"):
+                bar = bar_for(event.progress.round, event.progress.total)
+                bar.n = event.progress.done
+                bar.refresh()
+            elif event.kind == training_pb2.EVENT_KIND_ROUND_COMMITTED:
+                bar = bar_for(event.round.round, max(event.round.workers_ok + event.round.workers_failed, 1))
+                bar.n = bar.total
                 acc = event.round.metrics.get("accuracy")
                 bar.set_postfix_str(f"accuracy={acc:.4f}" if acc is not None else "")
-                bar.refresh()
+                bar.close()
             elif event.kind == training_pb2.EVENT_KIND_PROGRESS and event.message and not quiet:
-                bar.write(f"  {event.message}", file=sys.stderr)
+                tqdm.write(f"  {event.message}", file=sys.stderr)
     finally:
-        bar.close()
+        for bar in bars.values():
+            bar.close()
     return client.get_job(job.id)
 
 

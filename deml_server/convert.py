@@ -146,6 +146,9 @@ def event_to_pb(event: JobEvent) -> training_pb2.WatchJobResponse:
     msg = training_pb2.WatchJobResponse(kind=_EVENT_TO_PB[event.kind], job=job_to_pb(event.job), message=event.message)
     if event.round is not None:
         msg.round.CopyFrom(round_to_pb(event.round))
+    if event.progress is not None:
+        server_round, done, total = event.progress
+        msg.progress.CopyFrom(training_pb2.TaskProgress(round=server_round, done=done, total=total))
     return msg
 
 

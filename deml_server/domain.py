@@ -134,3 +134,5 @@ class JobEvent:
     job: Job
     round: RoundSummary | None = None
     message: str = ""
+    # (round, tasks done, tasks in the round) while a round's worker tasks finish.
+    progress: tuple[int, int, int] | None = None

@@ -141,9 +141,17 @@ class JobRunner:
             )
             for i in range(self.spec.workers)
         ]
-        outcomes = await asyncio.gather(
-            *(self._attempt(b, f"round {server_round} worker {i}") for i, b in enumerate(bundles))
-        )
+        done = 0
+
+        async def fit(index: int, bundle: TaskBundle) -> tuple[TaskResult | None, str]:
+            nonlocal done
+            outcome = await self._attempt(bundle, f"round {server_round} worker {index}")
+            done += 1
+            job = self.deps.store.get_job(self.job.id)
+            self.deps.publish(JobEvent(EventKind.PROGRESS, job, progress=(server_round, done, len(bundles))))
+            return outcome
+
+        outcomes = await asyncio.gather(*(fit(i, b) for i, b in enumerate(bundles)))
         results: list[FitResult] = []
         problems: list[str] = []
         for i, (result, problem) in enumerate(outcomes):
