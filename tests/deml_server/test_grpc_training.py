@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from conftest import ServerThread, make_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient, DemlClientError
@@ -43,10 +44,12 @@ def quick_spec(**overrides: object) -> dict[str, object]:
     return spec
 
 
-def test_health_and_unknown_ids(client: DemlClient) -> None:
+def test_health_reflection_and_unknown_ids(client: DemlClient) -> None:
     health = health_pb2_grpc.HealthStub(client.channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service="deml.v1.TrainingService"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    services = set(ProtoReflectionDescriptorDatabase(client.channel).get_services())
+    assert {"deml.v1.TrainingService", "deml.v1.ModelService", "grpc.health.v1.Health"} <= services
     for call in (client.get_job, client.cancel_job):
         with pytest.raises(DemlClientError) as err:
             call("nope")
