@@ -10,21 +10,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from deml.v1 import models_pb2, models_pb2_grpc, training_pb2, training_pb2_grpc
+from deml.oip import grpc_predict_v2_pb2 as oip_pb2
+from deml.v1 import inference_pb2, models_pb2, models_pb2_grpc, training_pb2, training_pb2_grpc
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends import Backend, create_backend
 from deml_server.config import ServerConfig
+from deml_server.inference import MAX_MESSAGE_BYTES
+from deml_server.inference.gateway import InferenceGateway
 from deml_server.jobs import JobService
 from deml_server.registry import ModelRegistry
+from deml_server.servicers import inference as inference_servicer
+from deml_server.servicers import oip as oip_servicer
 from deml_server.servicers.interceptor import ErrorMappingInterceptor
 from deml_server.servicers.models import ModelServicer
 from deml_server.servicers.training import TrainingServicer
 from deml_server.store import JobStore
 
 log = logging.getLogger(__name__)
-
-# Clients such as tritonclient send and accept messages up to INT32_MAX; so does this server.
-MAX_MESSAGE_BYTES = 2**31 - 1
 
 
 @dataclass
@@ -36,12 +38,14 @@ class DemlServer:
     store: JobStore
     backend: Backend
     jobs: JobService
+    gateway: InferenceGateway
     port: int
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving, stop runners (jobs stay resumable), stop workers."""
         await self.grpc_server.stop(grace)
         await self.jobs.close()
+        await self.gateway.close()
         await self.backend.close()
         self.store.close()
 
@@ -56,6 +60,8 @@ async def start_server(config: ServerConfig) -> DemlServer:
     backend = create_backend(config.backend, config)
     await backend.start()
     jobs = JobService(config=config, store=store, artifacts=artifacts, registry=registry, backend=backend)
+    gateway = InferenceGateway(registry, workers=config.inference_workers)
+    await gateway.start()
 
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor()],
@@ -68,11 +74,15 @@ async def start_server(config: ServerConfig) -> DemlServer:
     models_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelServicer(registry, artifacts, config.max_upload_bytes), server
     )
+    inference_servicer.add_to_server(server, gateway, registry)
+    oip_servicer.add_to_server(server, gateway, registry)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
         training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
         models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+        oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     ]
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -87,4 +97,6 @@ async def start_server(config: ServerConfig) -> DemlServer:
         backend.name,
         backend.capacity,
     )
-    return DemlServer(config=config, grpc_server=server, store=store, backend=backend, jobs=jobs, port=port)
+    return DemlServer(
+        config=config, grpc_server=server, store=store, backend=backend, jobs=jobs, gateway=gateway, port=port
+    )

@@ -12,7 +12,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["LOAD_DATA_KWARGS", "UserCodeError", "call_load_data", "optional", "required", "user_module"]
+__all__ = [
+    "LOAD_DATA_KWARGS",
+    "PartitionArgs",
+    "UserCodeError",
+    "call_load_data",
+    "load_data_is_partitioned",
+    "optional",
+    "required",
+    "user_module",
+]
 
 # The only keyword arguments load_data may receive; each is passed when the function names it.
 LOAD_DATA_KWARGS = ("partition_id", "num_partitions", "partitioning", "alpha", "seed")

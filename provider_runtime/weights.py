@@ -22,7 +22,8 @@ __all__ = ["load_arrays", "load_into", "save_arrays", "save_state_dict", "state_
 
 def save_arrays(arrays: Mapping[str, npt.NDArray[np.generic]], path: Path) -> None:
     """Write named arrays as one safetensors file (C-contiguous copies, so views and slices are safe)."""
-    save_file({name: np.ascontiguousarray(a) for name, a in arrays.items()}, str(path))
+    # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm's num_batches_tracked) into shape (1,).
+    save_file({name: np.asarray(a, order="C") for name, a in arrays.items()}, str(path))
 
 
 def load_arrays(path: Path) -> dict[str, npt.NDArray[np.generic]]:

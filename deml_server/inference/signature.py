@@ -108,7 +108,7 @@ def batch_rows(record: ModelRecord, bound: list[tuple[str, np.ndarray]]) -> int 
     if len(rows) != 1:
         sizes = ", ".join(f"{name}: {array.shape[0]}" for name, array in bound)
         raise InvalidArgument(f"inputs must carry the same number of rows ({sizes})")
-    return rows.pop()
+    return int(rows.pop())
 
 
 def empty_outputs(record: ModelRecord) -> dict[str, np.ndarray]:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from conftest import EXAMPLES
 from sklearn.datasets import load_digits
-from test_grpc_training import SMALL_TASK, quick_spec, write_task
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient
+from tests.support import EXAMPLES, SMALL_TASK, quick_spec, write_task
 
 MODEL_ONLY = """
 import torch

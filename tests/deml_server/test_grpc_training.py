@@ -10,38 +10,12 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import ServerThread, make_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient, DemlClientError
-
-SMALL_TASK = """
-import numpy as np
-import torch
-
-def model():
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-
-def load_data():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(240, 8)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
-    return (x[:200], y[:200]), (x[200:], y[200:])
-"""
-
-
-def write_task(root: Path, source: str, name: str = "task") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"{name}.py").write_text(textwrap.dedent(source))
-    return root
-
-
-def quick_spec(**overrides: object) -> dict[str, object]:
-    spec: dict[str, object] = {"name": "small", "rounds": 2, "workers": 2, "local_epochs": 1, "batch_size": 32}
-    spec.update(overrides)
-    return spec
+from tests.support import SMALL_TASK, ServerThread, make_config, quick_spec, write_task
 
 
 def test_health_reflection_and_unknown_ids(client: DemlClient) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from test_grpc_training import SMALL_TASK
 
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
@@ -25,6 +24,7 @@ from deml_server.domain import EventKind, JobState
 from deml_server.jobs import JobService
 from deml_server.registry import ModelRegistry
 from deml_server.store import JobStore
+from tests.support import SMALL_TASK
 
 
 class TamperingBackend(Backend):

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import EXAMPLES, ROOT, ServerProcess
+
+from tests.support import EXAMPLES, ROOT, ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, ServerProcess
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient
+from tests.support import EXAMPLES, ServerProcess
 
 pytestmark = pytest.mark.slow
 

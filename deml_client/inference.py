@@ -1,0 +1,150 @@
+"""InferenceClient: numpy arrays in, numpy arrays out, over deml.v1.InferenceService.
+
+Small batches go in one Predict call; larger ones are cut into batches of rows and sent over PredictStream, whose
+answers come back in order while later batches are still on the way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from deml.v1 import inference_pb2, inference_pb2_grpc
+from deml_client.client import DemlClientError
+
+# Without a batch size, batches are cut to about this many bytes of input (measured: large enough to amortise the
+# per-message cost, small enough for several batches to be in flight on the server's workers at once).
+AUTO_BATCH_BYTES = 2 << 20
+
+_DTYPES: dict[inference_pb2.DataType.ValueType, np.dtype[np.generic]] = {
+    inference_pb2.DATA_TYPE_BOOL: np.dtype(np.bool_),
+    inference_pb2.DATA_TYPE_UINT8: np.dtype("<u1"),
+    inference_pb2.DATA_TYPE_UINT16: np.dtype("<u2"),
+    inference_pb2.DATA_TYPE_UINT32: np.dtype("<u4"),
+    inference_pb2.DATA_TYPE_UINT64: np.dtype("<u8"),
+    inference_pb2.DATA_TYPE_INT8: np.dtype("<i1"),
+    inference_pb2.DATA_TYPE_INT16: np.dtype("<i2"),
+    inference_pb2.DATA_TYPE_INT32: np.dtype("<i4"),
+    inference_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
+    inference_pb2.DATA_TYPE_FP16: np.dtype("<f2"),
+    inference_pb2.DATA_TYPE_FP32: np.dtype("<f4"),
+    inference_pb2.DATA_TYPE_FP64: np.dtype("<f8"),
+}
+_DATATYPE_OF = {dtype.newbyteorder("="): value for value, dtype in _DTYPES.items()}
+
+Arrays = dict[str, np.ndarray]
+
+
+def to_tensor(name: str, array: np.ndarray) -> inference_pb2.Tensor:
+    """A numpy array as a wire tensor (row-major, little-endian bytes)."""
+    datatype = _DATATYPE_OF.get(array.dtype.newbyteorder("="))
+    if datatype is None:
+        raise ValueError(f"input {name or '(unnamed)'!r}: numpy dtype {array.dtype} cannot be sent")
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return inference_pb2.Tensor(name=name, datatype=datatype, shape=array.shape, data=little.tobytes())
+
+
+def from_tensor(tensor: inference_pb2.Tensor) -> np.ndarray:
+    """A wire tensor as a numpy array."""
+    dtype = _DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise ValueError(f"output {tensor.name!r} has an unknown datatype {tensor.datatype}")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape))
+
+
+def _rows(arrays: Mapping[str, np.ndarray]) -> int:
+    counts = {a.shape[0] for a in arrays.values() if a.ndim}
+    if len(counts) > 1:
+        raise ValueError(f"inputs carry different numbers of rows: {sorted(counts)}")
+    return counts.pop() if counts else 0
+
+
+def _batch_rows(arrays: Mapping[str, np.ndarray], rows: int, batch_size: int) -> int:
+    if batch_size > 0:
+        return batch_size
+    row_bytes = sum(a.nbytes for a in arrays.values()) / max(rows, 1)
+    return max(1, math.floor(AUTO_BATCH_BYTES / max(row_bytes, 1)))
+
+
+class InferenceClient:
+    """Predictions from a DeML server's registered models."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+    def predict(
+        self,
+        model: str,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        *,
+        version: int = 0,
+        batch_size: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Run `inputs` through MODEL (NAME or NAME:VERSION; version 0 = latest).
+
+        A single array feeds the model's only input and returns its only output (a dict when it has several).
+        A mapping feeds inputs by name and returns every output by name. Rows beyond one batch (batch_size, or
+        about 2 MiB of input when 0) are streamed batch by batch; `progress(rows)` is called as batches return.
+        Raises DemlClientError with the server's status code and message.
+        """
+        name, _, tag = model.partition(":")
+        if tag:
+            if not tag.isdigit():
+                raise ValueError(f"model version in {model!r} must be a number")
+            version = int(tag)
+        single = isinstance(inputs, np.ndarray)
+        arrays: Arrays = (
+            {"": inputs} if isinstance(inputs, np.ndarray) else {k: np.asarray(v) for k, v in inputs.items()}
+        )
+        rows = _rows(arrays)
+        step = _batch_rows(arrays, rows, batch_size)
+        try:
+            if rows <= step:
+                outputs = self._predict_once(name, version, arrays)
+                if progress is not None:
+                    progress(rows)
+            else:
+                outputs = self._predict_stream(name, version, arrays, rows, step, progress)
+        except grpc.RpcError as exc:
+            raise DemlClientError(exc.code(), exc.details() or "") from None
+        if single and len(outputs) == 1:
+            return next(iter(outputs.values()))
+        return outputs
+
+    def _predict_once(self, name: str, version: int, arrays: Arrays) -> Arrays:
+        request = inference_pb2.PredictRequest(
+            model_name=name, model_version=version, inputs=[to_tensor(k, v) for k, v in arrays.items()]
+        )
+        response = self._stub.Predict(request)
+        return {t.name: from_tensor(t) for t in response.outputs}
+
+    def _predict_stream(
+        self,
+        name: str,
+        version: int,
+        arrays: Arrays,
+        rows: int,
+        step: int,
+        progress: Callable[[int], None] | None,
+    ) -> Arrays:
+        def requests() -> Iterator[inference_pb2.PredictStreamRequest]:
+            for start in range(0, rows, step):
+                yield inference_pb2.PredictStreamRequest(
+                    model_name=name if start == 0 else "",
+                    model_version=version,
+                    inputs=[to_tensor(k, v[start : start + step]) for k, v in arrays.items()],
+                )
+
+        parts: dict[str, list[np.ndarray]] = {}
+        done = 0
+        for response in self._stub.PredictStream(requests()):
+            for tensor in response.outputs:
+                parts.setdefault(tensor.name, []).append(from_tensor(tensor))
+            if progress is not None:
+                progress(int(response.rows_done) - done)
+            done = int(response.rows_done)
+        return {k: v[0] if len(v) == 1 else np.concatenate(v, axis=0) for k, v in parts.items()}

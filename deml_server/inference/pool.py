@@ -1,0 +1,505 @@
+"""A pool of warm onnxruntime worker processes (provider_runtime.infer_worker), fed through shared memory.
+
+Each worker owns two files on a RAM-backed file system: the pool writes a shard's inputs into one, the worker
+writes the outputs into the other, and only a short JSON line per shard crosses a pipe. A worker runs one shard at
+a time. Waiting shards are handed out round-robin across their owners (one owner per request), so a huge request
+cannot starve small ones. A shard whose worker dies is tried once more on another worker while the dead one is
+replaced; a cancelled shard stops its worker's run (RunOptions.terminate) before the worker is reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import itertools
+import json
+import logging
+import mmap
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deml_server.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64
+INITIAL_FILE_BYTES = 1 << 20
+START_TIMEOUT_S = 120.0
+CANCEL_GRACE_S = 30.0
+RESPAWN_DELAY_S = 1.0
+
+Tensors = list[tuple[str, np.ndarray]]
+
+
+class WorkerDied(Exception):
+    """The worker process exited while it held a shard."""
+
+
+class ShardFailed(Exception):
+    """The worker answered a shard with an error: kind is load, input, cancelled or error."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _shared_dir() -> str:
+    """/dev/shm where it exists (RAM, no disk writes), the temporary directory otherwise."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # Linux: a worker whose server is SIGKILLed must not linger holding memory.
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class SharedFile:
+    """A shared file this side creates, maps and grows; the worker maps it by path."""
+
+    def __init__(self, path: Path, size: int = INITIAL_FILE_BYTES) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.ftruncate(self._fd, size)
+        self.size = size
+        self.map = mmap.mmap(self._fd, size)
+
+    def grow(self, size: int) -> None:
+        """At least `size` bytes (doubling, to grow rarely)."""
+        if size > self.size:
+            os.ftruncate(self._fd, max(size, 2 * self.size))
+            self._remap()
+
+    def ensure(self, size: int) -> None:
+        """Cover `size` bytes after the worker grew the file."""
+        if size > self.size:
+            self._remap()
+
+    def _remap(self) -> None:
+        # The old mapping is not closed here: views into it may still be alive; they keep it until dropped.
+        self.size = os.fstat(self._fd).st_size
+        self.map = mmap.mmap(self._fd, self.size)
+
+    def close(self) -> None:
+        """Unmap (best effort), close and remove the file."""
+        with contextlib.suppress(BufferError, ValueError):
+            self.map.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+class Worker:
+    """One worker process and its shared files."""
+
+    def __init__(
+        self,
+        slot: int,
+        proc: asyncio.subprocess.Process,
+        inputs: SharedFile,
+        outputs: SharedFile,
+        cancel_fd: int,
+    ) -> None:
+        self.slot = slot
+        self.proc = proc
+        self.inputs = inputs
+        self.outputs = outputs
+        self.providers: list[str] = []
+        self._cancel_fd = cancel_fd
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self.dead = False
+        self._released = False
+        self.reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.proc.pid
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Read the worker's first line (it reports its execution providers)."""
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise WorkerDied(f"inference worker {self.slot} exited while starting (code {await self.proc.wait()})")
+        hello = json.loads(line)
+        self.providers = list(hello.get("providers", []))
+
+    async def read_replies(self, on_exit: Any) -> None:
+        """Resolve pending requests as replies arrive; on EOF fail them all and tell the pool."""
+        assert self.proc.stdout is not None
+        try:
+            while line := await self.proc.stdout.readline():
+                reply = json.loads(line)
+                future = self._pending.pop(int(reply.get("id", -1)), None)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except (ValueError, OSError) as exc:
+            log.error("inference worker %d sent an unreadable reply: %s", self.slot, exc)
+        finally:
+            self.dead = True
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(WorkerDied(f"inference worker {self.slot} (pid {self.pid}) exited"))
+            self._pending.clear()
+            on_exit(self)
+
+    def send(self, message: dict[str, Any]) -> tuple[int, asyncio.Future[dict[str, Any]]]:
+        """Write one request line; the future resolves with the reply."""
+        if self.dead or self.proc.stdin is None:
+            raise WorkerDied(f"inference worker {self.slot} is not running")
+        run_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[run_id] = future
+        message["id"] = run_id
+        self.proc.stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        return run_id, future
+
+    def cancel(self, run_id: int) -> None:
+        """Ask the worker to stop the run with this id."""
+        with contextlib.suppress(OSError):
+            os.write(self._cancel_fd, f"{run_id}\n".encode())
+
+    def write_inputs(self, inputs: Sequence[tuple[str, np.ndarray]]) -> list[list[Any]]:
+        """Copy the arrays into the input file; return their descriptions (name, dtype, shape, offset)."""
+        offsets = []
+        offset = 0
+        for _, array in inputs:
+            offsets.append(offset)
+            offset = _aligned(offset + array.nbytes)
+        self.inputs.grow(offset)
+        for (_, array), start in zip(inputs, offsets, strict=True):
+            if array.size:
+                np.ndarray(array.shape, dtype=array.dtype, buffer=self.inputs.map, offset=start)[...] = array
+        pairs = zip(inputs, offsets, strict=True)
+        return [[name, array.dtype.str, list(array.shape), start] for (name, array), start in pairs]
+
+    def read_outputs(self, reply: dict[str, Any]) -> Tensors:
+        """Copy the outputs out of the output file (it is reused by the next shard)."""
+        self.outputs.ensure(int(reply["out_size"]))
+        return [
+            (name, np.array(np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=self.outputs.map, offset=offset)))
+            for name, dtype, shape, offset in reply["outputs"]
+        ]
+
+    async def stop(self) -> None:
+        """Close stdin (the worker exits), wait briefly, then kill."""
+        self.dead = True
+        if self.proc.returncode is None:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(Exception):
+                    self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        if self.reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.reader
+        self.release_files()
+
+    def release_files(self) -> None:
+        """Close the cancel pipe and remove the shared files (once: a descriptor number may be reused)."""
+        if self._released:
+            return
+        self._released = True
+        with contextlib.suppress(OSError):
+            os.close(self._cancel_fd)
+        self.inputs.close()
+        self.outputs.close()
+
+
+class WorkerPool:
+    """N warm worker processes; shards are handed out round-robin across owners."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        threads: int = 1,
+        device: str = "auto",
+        python: str = sys.executable,
+        max_sessions: int = 8,
+    ) -> None:
+        if size <= 0:
+            raise InvalidArgument(f"the inference pool needs at least one worker (got {size})")
+        self.size = size
+        self._threads = threads
+        self._device = device
+        self._python = python
+        self._max_sessions = max_sessions
+        self._dir: Path | None = None
+        self._workers: dict[int, Worker] = {}
+        self._idle: deque[Worker] = deque()
+        self._waiters: OrderedDict[object, deque[asyncio.Future[Worker]]] = OrderedDict()
+        self._respawning: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._names = itertools.count()
+        self._closed = True
+        self.shards_done = 0
+
+    @property
+    def alive(self) -> int:
+        """Workers running now."""
+        return sum(1 for w in self._workers.values() if not w.dead)
+
+    @property
+    def started(self) -> bool:
+        """Whether start() ran and close() did not."""
+        return not self._closed
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the workers use (CUDA first when onnxruntime offers it)."""
+        for worker in self._workers.values():
+            if worker.providers:
+                return list(worker.providers)
+        return []
+
+    @property
+    def idle(self) -> int:
+        """Workers waiting for a shard."""
+        return len(self._idle)
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the running workers (tests and diagnostics)."""
+        return [w.pid for w in self._workers.values() if not w.dead]
+
+    async def start(self) -> None:
+        """Spawn every worker and wait until each has imported onnxruntime."""
+        if not self._closed:
+            return
+        self._dir = Path(tempfile.mkdtemp(prefix="deml-infer-", dir=_shared_dir()))
+        self._closed = False
+        try:
+            workers = await asyncio.gather(*(self._spawn(slot) for slot in range(self.size)))
+        except BaseException:
+            await self.close()
+            raise
+        for worker in workers:
+            self._release(worker)
+        log.info("inference pool: %d workers, providers %s", self.size, self.providers)
+
+    async def close(self) -> None:
+        """Stop every worker and remove the shared files."""
+        self._closed = True
+        for task in [*self._respawning, *self._background]:
+            task.cancel()
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(Unavailable("the inference pool is shutting down"))
+        self._waiters.clear()
+        await asyncio.gather(*(w.stop() for w in self._workers.values()), return_exceptions=True)
+        self._workers.clear()
+        self._idle.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    async def _spawn(self, slot: int) -> Worker:
+        assert self._dir is not None
+        tag = f"w{slot}-{next(self._names)}"
+        inputs = SharedFile(self._dir / f"{tag}.in")
+        outputs = SharedFile(self._dir / f"{tag}.out")
+        cancel_r, cancel_w = os.pipe()
+        env = dict(os.environ)
+        # The worker imports provider_runtime from wherever this server finds it.
+        spec = importlib.util.find_spec("provider_runtime")
+        if spec is not None and spec.origin is not None:
+            root = str(Path(spec.origin).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self._python,
+                "-m",
+                "provider_runtime.infer_worker",
+                "--in-file",
+                str(inputs.path),
+                "--out-file",
+                str(outputs.path),
+                "--threads",
+                str(self._threads),
+                "--device",
+                self._device,
+                "--max-sessions",
+                str(self._max_sessions),
+                "--cancel-fd",
+                str(cancel_r),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                pass_fds=(cancel_r,),
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        except BaseException:
+            os.close(cancel_w)
+            inputs.close()
+            outputs.close()
+            raise
+        finally:
+            os.close(cancel_r)
+        worker = Worker(slot, proc, inputs, outputs, cancel_w)
+        try:
+            await worker.wait_ready(START_TIMEOUT_S)
+        except BaseException:
+            await worker.stop()
+            raise
+        worker.reader = asyncio.create_task(worker.read_replies(self._on_exit), name=f"infer-worker-{slot}")
+        self._workers[slot] = worker
+        return worker
+
+    def _on_exit(self, worker: Worker) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        if self._closed or self._workers.get(worker.slot) is not worker:
+            return
+        log.warning("inference worker %d (pid %d) exited; starting a new one", worker.slot, worker.pid)
+        worker.release_files()
+        task = asyncio.create_task(self._respawn(worker.slot))
+        self._respawning.add(task)
+        task.add_done_callback(self._respawning.discard)
+
+    async def _respawn(self, slot: int) -> None:
+        while not self._closed:
+            try:
+                worker = await self._spawn(slot)
+            except Exception as exc:
+                log.error("could not restart inference worker %d: %s", slot, exc)
+                await asyncio.sleep(RESPAWN_DELAY_S)
+                continue
+            if self._closed:
+                await worker.stop()
+                return
+            self._release(worker)
+            return
+
+    async def _acquire(self, owner: object) -> Worker:
+        if self._closed:
+            raise Unavailable("the inference workers are not running")
+        while self._idle and not self._waiters:
+            worker = self._idle.pop()
+            if not worker.dead:
+                return worker
+        future: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(owner, deque()).append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._release(future.result())
+            else:
+                queue = self._waiters.get(owner)
+                if queue is not None:
+                    with contextlib.suppress(ValueError):
+                        queue.remove(future)
+                    if not queue:
+                        del self._waiters[owner]
+            raise
+
+    def _release(self, worker: Worker) -> None:
+        """Give the worker to the next owner in turn, or park it."""
+        if worker.dead or self._closed:
+            return
+        while self._waiters:
+            owner, queue = next(iter(self._waiters.items()))
+            future = queue.popleft()
+            if queue:
+                self._waiters.move_to_end(owner)
+            else:
+                del self._waiters[owner]
+            if not future.done():
+                future.set_result(worker)
+                return
+        self._idle.append(worker)
+
+    async def load(self, model_path: str) -> list[str]:
+        """Open the model's session on every worker; return the providers it runs on."""
+        results = await asyncio.gather(*(self._load_on(w, model_path) for w in list(self._workers.values())))
+        return results[0] if results else []
+
+    async def _load_on(self, worker: Worker, model_path: str) -> list[str]:
+        # A load is a tiny request; it may run beside the shard the worker holds (replies are matched by id).
+        _, future = worker.send({"load": model_path})
+        reply = await future
+        if not reply.get("ok"):
+            raise ShardFailed(str(reply.get("kind")), str(reply.get("error")))
+        return list(reply.get("providers", []))
+
+    async def run(self, model_path: str, inputs: Sequence[tuple[str, np.ndarray]], *, owner: object) -> Tensors:
+        """Run one shard on the next free worker; a worker that dies mid-shard costs one retry elsewhere."""
+        for attempt in (1, 2):
+            worker = await self._acquire(owner)
+            try:
+                return await self._run_on(worker, model_path, inputs)
+            except WorkerDied as exc:
+                if attempt == 2:
+                    raise Unavailable(f"inference workers died twice running this request ({exc})") from None
+                log.warning("%s; retrying its shard on another worker", exc)
+        raise AssertionError("unreachable")
+
+    async def _run_on(self, worker: Worker, model_path: str, inputs: Sequence[tuple[str, np.ndarray]]) -> Tensors:
+        hand_back = True
+        try:
+            layout = worker.write_inputs(inputs)
+            run_id, future = worker.send({"model": model_path, "in_size": worker.inputs.size, "inputs": layout})
+            try:
+                reply = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                # The worker still reads the input file: stop its run, and reuse it only once it has answered.
+                worker.cancel(run_id)
+                hand_back = False
+                task = asyncio.create_task(self._drain(worker, future))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                raise
+            if not reply.get("ok"):
+                raise ShardFailed(str(reply.get("kind")), str(reply.get("error")))
+            self.shards_done += 1
+            return worker.read_outputs(reply)
+        finally:
+            if hand_back:
+                self._release(worker)
+
+    async def _drain(self, worker: Worker, future: asyncio.Future[dict[str, Any]]) -> None:
+        try:
+            await asyncio.wait_for(future, CANCEL_GRACE_S)
+        except TimeoutError:
+            log.warning("inference worker %d did not stop a cancelled shard; killing it", worker.slot)
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+            return
+        except WorkerDied:
+            return
+        self._release(worker)
+
+
+def shard_error(exc: ShardFailed, model: str) -> Exception:
+    """The domain error for a shard the worker refused."""
+    if exc.kind == "load":
+        return FailedPrecondition(f"model {model} cannot be loaded by onnxruntime: {exc.message}")
+    if exc.kind == "input":
+        return InvalidArgument(f"model {model} failed on this input: {exc.message}")
+    return RuntimeError(f"inference worker failed on model {model}: {exc.kind}: {exc.message}")

@@ -1,0 +1,96 @@
+"""inference.GRPCInferenceService (Open Inference Protocol): the same gateway behind KServe's and Triton's API."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+import grpc
+
+from deml.oip import grpc_predict_v2_pb2 as oip_pb2
+from deml.oip import grpc_predict_v2_pb2_grpc as oip_pb2_grpc
+from deml_server.errors import FailedPrecondition, InvalidArgument
+from deml_server.inference.convert import (
+    infer_inputs,
+    infer_response,
+    model_metadata,
+    parse_version,
+    requested_outputs,
+)
+from deml_server.inference.gateway import InferenceGateway
+from deml_server.registry import ModelRegistry
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVER_NAME = "deml"
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("deml")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
+    """Adapter from the Open Inference Protocol to InferenceGateway and the model registry."""
+
+    def __init__(self, gateway: InferenceGateway, registry: ModelRegistry) -> None:
+        self._gateway = gateway
+        self._registry = registry
+        self._version = _server_version()
+
+    async def ServerLive(self, request: oip_pb2.ServerLiveRequest, context: Context) -> oip_pb2.ServerLiveResponse:
+        """The server answers, so it is live."""
+        return oip_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: oip_pb2.ServerReadyRequest, context: Context) -> oip_pb2.ServerReadyResponse:
+        """Ready while inference workers run."""
+        return oip_pb2.ServerReadyResponse(ready=self._gateway.server_ready)
+
+    async def ModelReady(self, request: oip_pb2.ModelReadyRequest, context: Context) -> oip_pb2.ModelReadyResponse:
+        """Ready when the version is registered and workers run; an unknown model is simply not ready."""
+        try:
+            version = parse_version(request.version)
+        except InvalidArgument:
+            return oip_pb2.ModelReadyResponse(ready=False)
+        return oip_pb2.ModelReadyResponse(ready=self._gateway.ready(request.name, version))
+
+    async def ServerMetadata(
+        self, request: oip_pb2.ServerMetadataRequest, context: Context
+    ) -> oip_pb2.ServerMetadataResponse:
+        """Name and version; no protocol extensions."""
+        return oip_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+
+    async def ModelMetadata(
+        self, request: oip_pb2.ModelMetadataRequest, context: Context
+    ) -> oip_pb2.ModelMetadataResponse:
+        """Inputs and outputs of one version (-1 for variable dimensions), and every version of the name."""
+        record = self._gateway.resolve(request.name, parse_version(request.version))
+        return model_metadata(record, self._gateway.versions(record.name))
+
+    async def ModelInfer(self, request: oip_pb2.ModelInferRequest, context: Context) -> oip_pb2.ModelInferResponse:
+        """One batch: raw or typed contents in, raw_output_contents out."""
+        record = self._gateway.resolve(request.model_name, parse_version(request.model_version))
+        requested_outputs(request, record)
+        outputs = await self._gateway.predict_record(record, infer_inputs(request))
+        return infer_response(request, record, outputs)
+
+    async def RepositoryModelLoad(
+        self, request: oip_pb2.RepositoryModelLoadRequest, context: Context
+    ) -> oip_pb2.RepositoryModelLoadResponse:
+        """Open the latest version's session on every worker ahead of traffic."""
+        record = await self._gateway.load(request.model_name)
+        return oip_pb2.RepositoryModelLoadResponse(model_name=record.name, isLoaded=True)
+
+    async def RepositoryModelUnload(
+        self, request: oip_pb2.RepositoryModelUnloadRequest, context: Context
+    ) -> oip_pb2.RepositoryModelUnloadResponse:
+        """DeML serves every registered version; removing one is ModelService.DeleteModel's job."""
+        raise FailedPrecondition(
+            "deml-server serves every registered model; delete a version with deml.v1.ModelService/DeleteModel"
+        )
+
+
+def add_to_server(server: grpc.aio.Server, gateway: InferenceGateway, registry: ModelRegistry) -> None:
+    """Register inference.GRPCInferenceService on the server."""
+    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(gateway, registry), server)

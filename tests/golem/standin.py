@@ -1,0 +1,260 @@
+"""Stand-in for yapapi's Golem and a provider's VM exe-unit (tests only).
+
+No provider runtime can be installed here (GOLEM.md), so this plays the market and the exe-unit: each
+"provider" is a directory tree standing in for a VM's filesystem (/golem/... mapped under it). The backend's
+real worker generator runs unchanged: it receives real yapapi `Task`s from yapapi's own `SmartQueue` (so
+rescheduling behaves as in yapapi), builds real yapapi `Script`s, and this stand-in executes their commands
+locally: uploads are written into the VM tree, `run` is a subprocess (the real `python3 -m provider_runtime`),
+downloads are copied back. Failures are thrown into the worker the way yapapi's engine throws them
+(CommandExecutionError, BatchTimeoutError, or any other exception for a broken activity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from yapapi import events
+from yapapi.executor._smartq import SmartQueue
+from yapapi.executor.task import Task, TaskStatus
+from yapapi.rest.activity import BatchTimeoutError, CommandExecutionError
+from yapapi.script import Script
+from yapapi.script.command import DownloadBytes, DownloadFile, Run, SendBytes, SendFile
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Fault:
+    """Make one provider misbehave on its n-th script (1-based)."""
+
+    provider: int
+    script: int
+    kind: str  # "exit" (command fails), "timeout" (batch timeout), "crash" (activity breaks)
+
+
+@dataclass
+class StandInContext:
+    """The parts of yapapi's WorkContext the worker uses."""
+
+    id: str
+    provider_id: str
+    provider_name: str
+    vm_root: Path
+    price_per_second: float
+    busy_seconds: float = 0.0
+
+    def new_script(self, timeout: timedelta | None = None, wait_for_results: bool = True) -> Script:
+        return Script(self, timeout=timeout, wait_for_results=wait_for_results)  # type: ignore[arg-type]
+
+    def emit(self, event_class: Any, **kwargs: Any) -> None:
+        return None
+
+    async def get_cost(self) -> float:
+        return self.busy_seconds * self.price_per_second
+
+    def vm_path(self, path: str) -> Path:
+        assert path.startswith("/golem/"), f"the VM stand-in only maps /golem/... paths, not {path}"
+        return self.vm_root / path.lstrip("/")
+
+
+@dataclass
+class StandInGolem:
+    """Stands in for yapapi.Golem: `providers` VMs on this machine, each run by the backend's own worker."""
+
+    root: Path
+    providers: int = 2
+    faults: list[Fault] = field(default_factory=list)
+    price_per_second: float = 0.001
+    consumers: list[Callable[[Any], None]] = field(default_factory=list)
+    started: bool = False
+    scripts: list[tuple[str, list[str]]] = field(default_factory=list)  # (activity, commands)
+    commands_run: int = 0
+    runs: list[tuple[str, str, str]] = field(default_factory=list)  # (activity, action, outcome)
+    _counts: dict[int, int] = field(default_factory=dict)
+    _activities: int = 0
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+
+    def add_event_consumer(self, consumer: Callable[[Any], None]) -> None:
+        self.consumers.append(consumer)
+
+    def _emit(self, event: Any) -> None:
+        for consumer in self.consumers:
+            consumer(event)
+
+    async def execute_tasks(
+        self,
+        worker: Callable[[Any, AsyncIterator[Any]], Any],
+        data: AsyncIterator[Task[Any, Any]],
+        payload: Any,
+        max_workers: int | None = None,
+        timeout: timedelta | None = None,
+        job_id: str | None = None,
+    ) -> AsyncIterator[Task[Any, Any]]:
+        accepted: asyncio.Queue[Task[Any, Any]] = asyncio.Queue()
+
+        def on_done(task: Task[Any, Any], status: TaskStatus) -> None:
+            if status == TaskStatus.ACCEPTED:
+                accepted.put_nowait(task)
+
+        async def incoming() -> AsyncIterator[Task[Any, Any]]:
+            async for task in data:
+                task._add_callback(on_done)
+                yield task
+
+        queue: SmartQueue[Task[Any, Any]] = SmartQueue(incoming())
+        job = SimpleNamespace(id=job_id or "standin")
+        slots = min(self.providers, max_workers or self.providers)
+        runners = [asyncio.create_task(self._provider(i, worker, queue, job)) for i in range(slots)]
+        done = asyncio.create_task(queue.wait_until_done())
+        try:
+            while not done.done() or not accepted.empty():
+                getter = asyncio.create_task(accepted.get())
+                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+        finally:
+            for task in [*runners, done]:
+                task.cancel()
+            await asyncio.gather(*runners, done, return_exceptions=True)
+            await queue.close()
+            self._emit(events.JobFinished(job=job))
+
+    async def _provider(
+        self,
+        index: int,
+        worker: Callable[[Any, AsyncIterator[Any]], Any],
+        queue: SmartQueue[Task[Any, Any]],
+        job: Any,
+    ) -> None:
+        """One provider: a fresh activity (VM tree) each time the worker ends, as after a new agreement."""
+        while not queue.finished():
+            self._activities += 1
+            activity = SimpleNamespace(id=f"activity-{self._activities}")
+            agreement = SimpleNamespace(id=f"agreement-{self._activities}")
+            ctx = StandInContext(
+                id=activity.id,
+                provider_id=f"0xstandin{index:02d}",
+                provider_name=f"standin-{index}",
+                vm_root=self.root / f"vm-{self._activities}",
+                price_per_second=self.price_per_second,
+            )
+            self._emit(events.ActivityCreated(job=job, agreement=agreement, activity=activity))
+            with queue.new_consumer() as consumer:
+
+                async def handed_out() -> AsyncIterator[Task[Any, Any]]:
+                    async for handle in consumer:
+                        yield Task.for_handle(handle, queue, lambda *_a, **_k: None)
+
+                generator = worker(ctx, handed_out())
+                try:
+                    await self._run_batches(index, ctx, generator)
+                except StopAsyncIteration:
+                    pass
+                except Exception:
+                    # A worker that raised: yapapi reschedules what it held (SmartQueue does it on exit).
+                    pass
+            invoice = SimpleNamespace(amount=f"{ctx.busy_seconds * self.price_per_second:.9f}")
+            self._emit(events.InvoiceReceived(job=job, agreement=agreement, invoice=invoice))
+            shutil.rmtree(ctx.vm_root, ignore_errors=True)
+            await asyncio.sleep(0)
+
+    async def _run_batches(self, index: int, ctx: StandInContext, generator: Any) -> None:
+        """What yapapi's engine does with a worker: send each script, throw failures back into it."""
+        script: Script = await generator.__anext__()
+        while True:
+            self._counts[index] = self._counts.get(index, 0) + 1
+            fault = next((f for f in self.faults if f.provider == index and f.script == self._counts[index]), None)
+            try:
+                await self._execute(ctx, script, fault)
+            except (CommandExecutionError, BatchTimeoutError, ConnectionError) as exc:
+                script = await generator.athrow(exc)
+                continue
+            script = await generator.asend(None)
+
+    async def _execute(self, ctx: StandInContext, script: Script, fault: Fault | None) -> None:
+        self.scripts.append((ctx.id, [repr(c) for c in script._commands]))
+        for command in script._commands:
+            if isinstance(command, SendBytes):
+                target = ctx.vm_path(command._dst_path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                assert command._data is not None
+                target.write_bytes(command._data)
+            elif isinstance(command, SendFile):
+                target = ctx.vm_path(command._dst_path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(command._src_path, target)
+            elif isinstance(command, Run):
+                await self._run(ctx, command, script.timeout, fault)
+            elif isinstance(command, DownloadFile):
+                assert command._dst_path is not None
+                source = ctx.vm_path(command._src_path)
+                if not source.exists():
+                    raise CommandExecutionError(repr(command), f"no such file: {command._src_path}")
+                shutil.copyfile(source, command._dst_path)
+            elif isinstance(command, DownloadBytes):
+                await command._on_download(ctx.vm_path(command._src_path).read_bytes())
+            else:
+                raise AssertionError(f"the stand-in does not know {command!r}")
+            if not command._result.done():
+                command._result.set_result(SimpleNamespace(success=True, message="", stdout="", stderr=""))
+
+    async def _run(self, ctx: StandInContext, command: Run, timeout: timedelta | None, fault: Fault | None) -> None:
+        self.commands_run += 1
+        if fault is not None and fault.kind == "crash":
+            raise ConnectionError("stand-in: the provider's activity is gone")
+        prefix = str(ctx.vm_root / "golem") + "/"
+        args = [a.replace("/golem/", prefix) for a in (command.cmd, *command.args)]
+        if fault is not None and fault.kind == "exit":
+            args = ["/bin/sh", "-c", "echo 'stand-in: injected failure' >&2; exit 3"]
+        if fault is not None and fault.kind == "timeout":
+            args = ["/bin/sh", "-c", "sleep 30"]
+        env = dict(os.environ)
+        # The image has provider_runtime installed and python3 on PATH; here they come from this checkout.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PYTHONPATH"] = str(ROOT)
+        env["DEML_TORCH_THREADS"] = "1"
+        env.update(command.env or {})
+        started = asyncio.get_running_loop().time()
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ctx.vm_root,
+            env=env,
+        )
+        limit = timeout.total_seconds() if timeout is not None else None
+        if fault is not None and fault.kind == "timeout":
+            limit = 1.0
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), limit)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise BatchTimeoutError() from None
+        finally:
+            ctx.busy_seconds += asyncio.get_running_loop().time() - started
+        action = next((w for w in " ".join(args).split("provider_runtime ")[1:2]), "?").split(" ")[0]
+        self.runs.append((ctx.id, action, f"exit {proc.returncode}"))
+        if proc.returncode != 0:
+            raise CommandExecutionError(repr(command), f"exit code {proc.returncode}", err.decode(errors="replace"))
+        command._result.set_result(
+            SimpleNamespace(success=True, message="", stdout=out.decode(errors="replace"), stderr=err.decode())
+        )

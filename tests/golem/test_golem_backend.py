@@ -1,0 +1,226 @@
+"""The golem backend's own logic against the stand-in: failures become outcomes, caps, budget, payload, config."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("yapapi", reason="the golem extra is not installed: pip install 'deml[golem]'")
+
+from golem_support import standin_config
+from standin import Fault, StandInGolem
+from yapapi.props.builder import DemandBuilder
+
+from deml_server.backends.base import WorkItem
+from deml_server.backends.golem import CostLedger, GolemBackend, build_payload, plan_uploads, vm_command
+from deml_server.backends.golem_config import GolemConfig
+from deml_server.bundle import TaskBundle, read_result
+from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+
+TINY_TASK = """
+import torch
+
+def model():
+    return torch.nn.Linear(4, 2)
+
+def load_data():
+    x = torch.randn(16, 4)
+    return (x.numpy(), (x[:, 0] > 0).long().numpy()), (x.numpy(), (x[:, 0] > 0).long().numpy())
+"""
+
+
+def init_item(tmp_path: Path, name: str, timeout: float = 60.0) -> WorkItem:
+    code = tmp_path / "code"
+    code.mkdir(exist_ok=True)
+    (code / "task.py").write_text(textwrap.dedent(TINY_TASK))
+    bundle = TaskBundle(action="init", module="task").write(tmp_path / name / "in", code)
+    output = tmp_path / name / "out"
+    output.mkdir(parents=True)
+    return WorkItem(label=f"job j1 {name}", action="init", bundle=bundle, output=output, timeout=timeout)
+
+
+def backend_for(tmp_path: Path, standin: StandInGolem, **config: object) -> GolemBackend:
+    return GolemBackend(
+        config=standin_config(**config),
+        work_dir=tmp_path / "work",
+        golem_factory=lambda cfg, allowed: standin,
+        payload=object(),
+    )
+
+
+async def test_a_crashed_activity_is_one_failed_outcome_and_the_next_task_gets_a_fresh_vm(tmp_path: Path) -> None:
+    # Prepare: one provider whose activity breaks during its first script.
+    standin = StandInGolem(tmp_path / "vms", providers=1, faults=[Fault(provider=0, script=1, kind="crash")])
+    backend = backend_for(tmp_path, standin)
+    await backend.start()
+    try:
+        # Execute
+        first = await backend.run(init_item(tmp_path, "a"))
+        second = await backend.run(init_item(tmp_path, "b"))
+    finally:
+        await backend.close()
+    # Assert: the failure is an outcome (for the runner's retry cap), not a yapapi reschedule loop.
+    assert not first.ok and "activity is gone" in first.error and first.worker.startswith("golem:standin-0")
+    assert second.ok, second.error
+    assert read_result(second.item.output).ok
+    assert standin.commands_run == 2 and standin._activities == 2
+
+
+async def test_a_task_past_its_deadline_fails_and_ends_the_activity(tmp_path: Path) -> None:
+    # Prepare
+    standin = StandInGolem(tmp_path / "vms", providers=1, faults=[Fault(provider=0, script=1, kind="timeout")])
+    backend = backend_for(tmp_path, standin)
+    await backend.start()
+    try:
+        # Execute
+        late = await backend.run(init_item(tmp_path, "a", timeout=5))
+        after = await backend.run(init_item(tmp_path, "b"))
+    finally:
+        await backend.close()
+    # Assert
+    assert not late.ok and "did not finish" in late.error
+    assert after.ok and standin._activities == 2
+
+
+async def test_a_provider_that_keeps_failing_is_filtered_out(tmp_path: Path) -> None:
+    # Prepare: provider 0 fails twice (the cap is 2).
+    faults = [Fault(provider=0, script=1, kind="exit"), Fault(provider=0, script=2, kind="exit")]
+    standin = StandInGolem(tmp_path / "vms", providers=1, faults=faults)
+    backend = backend_for(tmp_path, standin)
+    await backend.start()
+    try:
+        # Execute
+        outcomes = [await backend.run(init_item(tmp_path, name)) for name in ("a", "b")]
+    finally:
+        await backend.close()
+    # Assert: both failures carry the provider's stderr; the provider is no longer allowed by the market filter.
+    assert [o.ok for o in outcomes] == [False, False]
+    assert "injected failure" in outcomes[0].error
+    assert not backend._provider_allowed("0xstandin00") and backend._provider_allowed("0xother")
+
+
+async def test_no_provider_is_a_clear_error_within_the_wait(tmp_path: Path) -> None:
+    # Prepare: a market with no providers at all.
+    backend = backend_for(tmp_path, StandInGolem(tmp_path / "vms", providers=0), provider_wait_seconds=1.0)
+    await backend.start()
+    try:
+        # Execute / Assert
+        with pytest.raises(Unavailable, match="no provider accepted the work within 1 s"):
+            await backend.run(init_item(tmp_path, "a"))
+    finally:
+        await backend.close()
+
+
+async def test_a_spent_budget_refuses_more_work(tmp_path: Path) -> None:
+    # Prepare: an expensive provider and a budget that one task exhausts.
+    standin = StandInGolem(tmp_path / "vms", providers=1, price_per_second=10.0)
+    backend = backend_for(tmp_path, standin, budget_glm=0.01)
+    await backend.start()
+    try:
+        # Execute
+        first = await backend.run(init_item(tmp_path, "a"))
+        with pytest.raises(ResourceExhausted, match="Golem budget is exhausted") as refused:
+            await backend.run(init_item(tmp_path, "b"))
+    finally:
+        await backend.close()
+    # Assert
+    assert first.ok and backend.costs.total > 0.01
+    assert "DEML_GOLEM_BUDGET" in refused.value.reason
+    with pytest.raises(ResourceExhausted):
+        backend.ensure_budget(1.0)
+
+
+def test_invoices_replace_usage_estimates_shared_by_run_time() -> None:
+    # Prepare
+    ledger = CostLedger()
+    ledger.record_activity("act-1", "agr-1")
+    ledger.record_task("job j round 1 worker 0", "act-1", 3.0, 0.3)
+    ledger.record_task("job j round 2 worker 0", "act-1", 1.0, 0.1)
+    ledger.record_task("job j round 2 worker 1", "act-2", 2.0, 0.2)
+    # Execute
+    before = ledger.total
+    ledger.record_invoice("agr-1", 0.8)
+    # Assert
+    assert before == pytest.approx(0.6)
+    assert ledger.per_task() == pytest.approx(
+        {"job j round 1 worker 0": 0.6, "job j round 2 worker 0": 0.2, "job j round 2 worker 1": 0.2}
+    )
+    assert ledger.per_round("j") == pytest.approx({1: 0.6, 2: 0.4})
+    assert ledger.total == pytest.approx(1.0) and ledger.per_job("j") == pytest.approx(1.0)
+
+
+async def test_gpu_payload_asks_for_vm_nvidia_and_the_gpu_capability() -> None:
+    # Prepare
+    config = standin_config(gpu=True, min_mem_gib=8.0, min_cpu_threads=4)
+    # Execute
+    demand = DemandBuilder()
+    await demand.decorate(await build_payload(config))
+    cpu = DemandBuilder()
+    await cpu.decorate(await build_payload(standin_config()))
+    # Assert
+    text = str(demand.constraints)
+    assert "golem.runtime.name=vm-nvidia" in text and "golem.runtime.capabilities=!exp:gpu" in text
+    assert "golem.inf.mem.gib>=8.0" in text and "golem.inf.cpu.threads>=4" in text
+    assert demand.properties["golem.srv.comp.task_package"] == f"hash:sha3:{'0' * 56}:http://127.0.0.1:9/image.gvmi"
+    assert "golem.runtime.name=vm)" in str(cpu.constraints) and "gpu" not in str(cpu.constraints)
+
+
+def test_uploads_are_content_addressed_and_the_vm_script_lays_the_bundle_out(tmp_path: Path) -> None:
+    # Prepare
+    item = init_item(tmp_path, "a")
+    (item.bundle / "data").mkdir()
+    (item.bundle / "data" / "train.npz").write_bytes(b"x" * 10)
+    # Execute
+    task_json, uploads = plan_uploads(item.bundle)
+    again = plan_uploads(item.bundle)[1]
+    script = vm_command("train", uploads)
+    # Assert: the same content gives the same digests (so a VM keeps its cache across rounds).
+    assert [u.digest for u in uploads] == [u.digest for u in again]
+    assert [u.relative for u in uploads] == ["code.tar.gz", "data/train.npz"]
+    assert b'"action": "init"' in task_json
+    assert "python3 -m provider_runtime train --input /golem/input/task --output /golem/output/result" in script
+    assert f"ln -s /golem/input/cache/{uploads[1].digest} /golem/input/task/data/train.npz" in script
+
+
+def test_config_fails_fast_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    monkeypatch.delenv("YAGNA_APPKEY", raising=False)
+    monkeypatch.setenv("DEML_GOLEM_BUDGET", "2.5")
+    monkeypatch.setenv("DEML_GOLEM_GPU", "yes")
+    # Execute
+    config = GolemConfig()
+    # Assert
+    assert config.budget_glm == 2.5 and config.gpu and config.payment_network == "hoodi"
+    with pytest.raises(FailedPrecondition, match="YAGNA_APPKEY"):
+        config.validate()
+    with pytest.raises(FailedPrecondition, match="DEML_GOLEM_IMAGE_HASH or DEML_GOLEM_IMAGE_TAG"):
+        GolemConfig(app_key="k").validate()
+    with pytest.raises(InvalidArgument, match="DEML_GOLEM_SESSION_MINUTES"):
+        standin_config(session_minutes=45.0).validate()
+    monkeypatch.setenv("DEML_GOLEM_MAX_WORKERS", "many")
+    with pytest.raises(InvalidArgument, match="DEML_GOLEM_MAX_WORKERS"):
+        GolemConfig()
+
+
+async def test_an_unreachable_yagna_is_named(tmp_path: Path) -> None:
+    # Prepare: the real yapapi path, pointed at a loopback port where nothing listens.
+    backend = GolemBackend(config=standin_config(api_url="http://127.0.0.1:9"), work_dir=tmp_path, payload=object())
+    await backend.start()
+    try:
+        # Execute / Assert
+        with pytest.raises(Unavailable, match=r"yagna is not reachable at http://127.0.0.1:9"):
+            await backend.run(init_item(tmp_path, "a"))
+    finally:
+        await backend.close()
+
+
+async def test_a_task_longer_than_a_session_is_refused(tmp_path: Path) -> None:
+    backend = backend_for(tmp_path, StandInGolem(tmp_path / "vms"), session_minutes=10.0)
+    await backend.start()
+    try:
+        with pytest.raises(FailedPrecondition, match="does not fit in a Golem session of 10 min"):
+            await backend.run(init_item(tmp_path, "a", timeout=900))
+    finally:
+        await backend.close()

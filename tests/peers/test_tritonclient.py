@@ -1,0 +1,95 @@
+"""tritonclient, in its own venv and process, against a running deml-server serving a model DeML trained."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sklearn.datasets import load_digits
+
+from deml_client import DemlClient
+from tests.support import EXAMPLES, ServerProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS_VENV = ROOT / ".venv-peers"
+PEERS_PYTHON = PEERS_VENV / "bin" / "python"
+TRITONCLIENT = "tritonclient[grpc]==2.73.0"
+
+
+def peers_python() -> Path:
+    """The peers venv's python, created with tritonclient on first use."""
+    probe = [str(PEERS_PYTHON), "-c", "import tritonclient.grpc, numpy"]
+    if PEERS_PYTHON.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return PEERS_PYTHON
+    subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+    install = subprocess.run(
+        [str(PEERS_PYTHON), "-m", "pip", "install", "-q", TRITONCLIENT, "numpy"], capture_output=True, text=True
+    )
+    if install.returncode != 0:
+        pytest.skip(f"could not install {TRITONCLIENT} into {PEERS_VENV}: {install.stderr[-2000:]}")
+    return PEERS_PYTHON
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
+    """deml-server with the digits example trained for 2 rounds on 2 workers, registered as digits:1."""
+    root = tmp_path_factory.mktemp("peers")
+    server = ServerProcess(root / "server", "--workers", "2", "--inference-workers", "2")
+    try:
+        with DemlClient(server.target) as client:
+            job = client.submit_job(EXAMPLES / "digits", {"name": "digits", "rounds": 2, "workers": 2})
+            job = client.wait_job(job.id)
+            assert job.model_name == "digits" and job.model_version == 1, job.error
+            client.download_model("digits", 1, root / "digits.onnx")
+        yield server, root / "digits.onnx"
+    finally:
+        server.stop()
+
+
+def test_tritonclient_sees_a_triton_compatible_server(served, tmp_path) -> None:
+    # Prepare: 1,000 rows of the digits images, scaled as the example's load_data() does
+    server, model = served
+    python = peers_python()
+    x = (load_digits().data[:1000] / 16.0).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    expected = ort.InferenceSession(str(model)).run(None, {"input": x})[0]
+
+    # Execute
+    result = subprocess.run(
+        [
+            str(python),
+            str(Path(__file__).with_name("triton_peer.py")),
+            server.target,
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["server_live"] and report["server_ready"] and report["model_ready"]
+    assert report["unknown_model_ready"] is False
+    meta = report["metadata"]
+    assert meta["name"] == "digits" and meta["versions"] == ["1"]
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [
+        ("input", "FP32", [-1, 64])
+    ]
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]] == [
+        ("output", "FP32", [-1, 10])
+    ]
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (1000, 10)
+    np.testing.assert_array_equal(y.argmax(axis=1), expected.argmax(axis=1))
+    assert report["wrong_dtype"].startswith("StatusCode.INVALID_ARGUMENT")
+    assert "expects input: FP32[-1, 64]" in report["wrong_dtype"]
+    assert report["unknown_model"].startswith("StatusCode.NOT_FOUND")

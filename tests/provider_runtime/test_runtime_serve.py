@@ -1,0 +1,93 @@
+"""`python -m provider_runtime serve`: one warm process answering JSON-lines requests."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import MakeBundle, runtime_env  # type: ignore[import-not-found]
+
+TASK = """
+import os
+
+import numpy as np
+import torch
+
+
+def model():
+    print(f"pid={os.getpid()}")
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def load_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+    return (x[:64], y[:64]), (x[64:], y[64:])
+"""
+
+BROKEN = "def model():\n    raise RuntimeError('no model today')\n"
+
+
+def _ask(proc: subprocess.Popen[str], request: dict[str, Any]) -> dict[str, Any]:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(request) + "\n")
+    proc.stdin.flush()
+    reply: dict[str, Any] = json.loads(proc.stdout.readline())
+    return reply
+
+
+def _pid_in_log(out: Path) -> int:
+    match = re.search(r"pid=(\d+)", (out / "log.txt").read_text())
+    assert match is not None
+    return int(match.group(1))
+
+
+def test_one_process_answers_several_requests(make_bundle: MakeBundle, tmp_path: Path) -> None:
+    # Prepare
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "provider_runtime", "serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=runtime_env(),
+        cwd=tmp_path,
+    )
+    init_bundle = make_bundle("init", code={"task.py": TASK}, action="init")
+    broken_bundle = make_bundle("broken", code={"task.py": BROKEN}, action="init")
+    try:
+        # Execute
+        first = _ask(proc, {"id": 1, "action": "init", "input": str(init_bundle), "output": str(tmp_path / "o1")})
+        train_bundle = make_bundle("train", code={"task.py": TASK}, weights=tmp_path / "o1" / "weights.safetensors")
+        second = _ask(proc, {"id": 2, "action": "train", "input": str(train_bundle), "output": str(tmp_path / "o2")})
+        third = _ask(proc, {"id": 3, "action": "init", "input": str(broken_bundle), "output": str(tmp_path / "o3")})
+        garbage = _ask(proc, {"id": 4, "action": "dance"})
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # Assert
+    assert first == {"id": 1, "ok": True}
+    assert second == {"id": 2, "ok": True}
+    assert third == {"id": 3, "ok": True}  # the bundle is complete; the user's failure is in result.json
+    assert garbage["id"] == 4
+    assert garbage["ok"] is False
+    assert rest == ""  # the user's prints never reached the protocol channel
+    assert code == 0
+    assert _pid_in_log(tmp_path / "o1") == _pid_in_log(tmp_path / "o2") == proc.pid
+    trained = json.loads((tmp_path / "o2" / "result.json").read_text())
+    assert trained["status"] == "ok"
+    assert trained["num_examples"] == 64
+    broken = json.loads((tmp_path / "o3" / "result.json").read_text())
+    assert broken["status"] == "error"
+    assert broken["error"]["message"] == "no model today"

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from provider_runtime.weights import load_arrays, load_into, save_arrays, save_state_dict
+
+
+def _bn_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+
+def test_state_dict_round_trips_exactly_with_int64_buffers(tmp_path: Path) -> None:
+    # Prepare: a few training steps so that running stats and the batch counter are non-trivial.
+    torch.manual_seed(0)
+    source = _bn_model().train()
+    for _ in range(3):
+        source(torch.randn(8, 5))
+    path = tmp_path / "w.safetensors"
+
+    # Execute
+    save_state_dict(source.state_dict(), path)
+    arrays = load_arrays(path)
+    target = _bn_model()
+    load_into(target, path)
+
+    # Assert
+    assert arrays["1.num_batches_tracked"].dtype == np.int64
+    assert arrays["1.num_batches_tracked"].shape == ()
+    assert int(arrays["1.num_batches_tracked"]) == 3
+    assert arrays["0.weight"].dtype == np.float32
+    for name, tensor in source.state_dict().items():
+        loaded = target.state_dict()[name]
+        assert loaded.dtype == tensor.dtype
+        assert torch.equal(loaded, tensor), name
+
+
+def test_save_handles_non_contiguous_tensors(tmp_path: Path) -> None:
+    tensor = torch.arange(12.0).reshape(3, 4).t()
+    path = tmp_path / "w.safetensors"
+
+    save_state_dict({"t": tensor}, path)
+
+    assert np.array_equal(load_arrays(path)["t"], tensor.numpy())
+
+
+def test_file_is_plain_safetensors_without_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_arrays({"a": np.ones(3, dtype=np.float32)}, path)
+
+    raw = path.read_bytes()
+
+    # safetensors: 8-byte little-endian header length, then a JSON header.
+    header_len = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{"
+    assert b'"a"' in raw[8 : 8 + header_len]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"weight": np.zeros((2, 3), np.float32)}, "missing"),
+        ({"weight": np.zeros((3, 2), np.float32), "bias": np.zeros(2, np.float32)}, "weight"),
+        ({"weight": np.zeros((2, 3), np.float64), "bias": np.zeros(2, np.float32)}, "float64"),
+    ],
+)
+def test_load_into_refuses_mismatched_weights(tmp_path: Path, arrays: dict[str, np.ndarray], match: str) -> None:
+    path = tmp_path / "w.safetensors"
+    save_arrays(arrays, path)
+
+    with pytest.raises(ValueError, match=match):
+        load_into(torch.nn.Linear(3, 2), path)

@@ -1,0 +1,136 @@
+"""Test helpers: a real DeML server on 127.0.0.1 in a background thread or as a child process, and tiny tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from deml_server.config import ServerConfig
+from deml_server.server import DemlServer, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+SMALL_TASK = """
+import numpy as np
+import torch
+
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+def load_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+    return (x[:200], y[:200]), (x[200:], y[200:])
+"""
+
+
+def write_task(root: Path, source: str, name: str = "task") -> Path:
+    """A task directory holding one module."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{name}.py").write_text(textwrap.dedent(source))
+    return root
+
+
+def quick_spec(**overrides: object) -> dict[str, object]:
+    """Settings for a small, fast job."""
+    spec: dict[str, object] = {"name": "small", "rounds": 2, "workers": 2, "local_epochs": 1, "batch_size": 32}
+    spec.update(overrides)
+    return spec
+
+
+class ServerThread:
+    """Runs start_server in its own event loop so tests can use the synchronous client freely."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server: DemlServer | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="deml-server", daemon=True)
+
+    @property
+    def target(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(timeout=60)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            self.server = await start_server(self.config)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await self.server.stop(grace=0.5)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self.server is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=60)
+
+
+def make_config(data_dir: Path, **overrides: object) -> ServerConfig:
+    config = ServerConfig(host="127.0.0.1", port=0, data_dir=data_dir, workers=2, inference_workers=1)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+class ServerProcess:
+    """`python -m deml_server` as a child process (for CLI and crash tests)."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.log_path = data_dir.parent / f"{data_dir.name}-server-{time.time_ns()}.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deml_server", "--port", "0", "--data-dir", str(data_dir), *extra],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if "listening on" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"deml-server did not start: {line!r}\n{self.log_path.read_text()}")
+        self.target = line.strip().rsplit(" ", 1)[-1]
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
