@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import tomllib
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from deml.v1 import models_pb2, models_pb2_grpc, training_pb2, training_pb2_grpc
 
@@ -150,6 +151,10 @@ class DemlClient:
         )
         self._training = training_pb2_grpc.TrainingServiceStub(self.channel)
         self._models = models_pb2_grpc.ModelServiceStub(self.channel)
+        # Imported here: deml_client.inference builds on this module's error type.
+        from deml_client.inference import InferenceClient
+
+        self._inference = InferenceClient(self.channel)
 
     def close(self) -> None:
         """Close the channel."""
@@ -262,6 +267,18 @@ class DemlClient:
 
         response: models_pb2.UploadModelResponse = _call(self._models.UploadModel, requests())
         return response.model
+
+    def predict(
+        self,
+        model: str,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        *,
+        version: int = 0,
+        batch_size: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Predictions from MODEL (NAME or NAME:VERSION) for numpy inputs; see InferenceClient.predict."""
+        return self._inference.predict(model, inputs, version=version, batch_size=batch_size, progress=progress)
 
     def delete_model(self, name: str, version: int) -> models_pb2.Model:
         """Remove one version."""

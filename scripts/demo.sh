@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: set up, start deml-server (local backend, loopback), train the digits example across 4 workers for
-# 5 rounds beside a centralized baseline, then download the registered ONNX model and check it.
+# 5 rounds beside a centralized baseline, download the registered ONNX model, and serve predictions from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,17 +21,29 @@ echo "deml-server is up on $target (data in $work/server, log in $work/server.lo
 deml-client --server "$target" train examples/digits --workers 4 --rounds 5 --baseline
 deml-client --server "$target" models list
 deml-client --server "$target" models download digits -o "$work/digits.onnx"
-python - "$work/digits.onnx" <<'PY'
+python - "$work" <<'PY'
 import sys
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, "examples/digits")
 from task import load_data  # noqa: E402
 
 (_, _), (x, y) = load_data()
-session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-logits = session.run(None, {session.get_inputs()[0].name: x})[0]
-print(f"downloaded ONNX model: test accuracy {(logits.argmax(1) == y).mean():.4f} on {len(y)} rows (onnxruntime)")
+np.save(f"{sys.argv[1]}/x.npy", np.repeat(x, 100, axis=0))  # 36,000 rows
+np.save(f"{sys.argv[1]}/y_true.npy", np.repeat(y, 100))
+PY
+deml-client --server "$target" predict digits --input "$work/x.npy" --output "$work/y.npy"
+python - "$work" <<'PY'
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+work = sys.argv[1]
+x, served, truth = np.load(f"{work}/x.npy"), np.load(f"{work}/y.npy"), np.load(f"{work}/y_true.npy")
+local = ort.InferenceSession(f"{work}/digits.onnx", providers=["CPUExecutionProvider"])
+expected = local.run(None, {local.get_inputs()[0].name: x})[0]
+print(f"served {len(served)} predictions: accuracy {(served.argmax(1) == truth).mean():.4f}, "
+      f"max |served - local onnxruntime| = {np.abs(served - expected).max():.2e}")
 PY

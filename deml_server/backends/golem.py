@@ -373,11 +373,15 @@ class GolemBackend(Backend):
         work_dir: Path,
         golem_factory: GolemFactory = real_golem,
         payload: Any = None,
+        preflight: bool | None = None,
     ) -> None:
         self.config = config
         self.costs = CostLedger()
         self._work_dir = work_dir
         self._factory = golem_factory
+        # Probe yagna and look for gftp before starting yapapi (whose own errors are less clear); a stand-in
+        # Golem needs neither.
+        self._preflight = golem_factory is real_golem if preflight is None else preflight
         self._payload = payload
         self._golem: GolemLike | None = None
         self._connect_lock = asyncio.Lock()
@@ -438,7 +442,7 @@ class GolemBackend(Backend):
             if self._closed:
                 raise Unavailable("the golem backend is shut down")
             self.config.validate()
-            if self._factory is real_golem:
+            if self._preflight:
                 await self._probe_yagna()
                 if shutil.which("gftp") is None:
                     raise FailedPrecondition(

@@ -154,3 +154,11 @@ def test_cli_predict_reports_bad_input(served, tmp_path) -> None:
     assert result.returncode == 2
     assert "INVALID_ARGUMENT" in result.stderr and "FP32[-1, 64]" in result.stderr
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_deml_client_predict_returns_numpy(served, models) -> None:
+    x = np.random.default_rng(3).random((20, 64), dtype=np.float32)
+    with DemlClient(served.target) as deml:
+        y = deml.predict("digits", x)
+    assert isinstance(y, np.ndarray)
+    np.testing.assert_allclose(y, local(models["digits"], {"input": x})[0], atol=1e-6)

@@ -82,6 +82,7 @@ class Yagna:
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     app_key: str = ""
+    started_after: float = 0.0
 
     @property
     def api_url(self) -> str:
@@ -119,7 +120,8 @@ class Yagna:
             cwd=self.root,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"yagna exited with {self.proc.returncode}: {self.log_tail()}")
@@ -128,6 +130,7 @@ class Yagna:
             time.sleep(0.3)
         else:
             raise RuntimeError(f"yagna REST API did not answer within {timeout} s: {self.log_tail()}")
+        self.started_after = time.monotonic() - began
         self.app_key = self.cli("app-key", "create", "requestor").strip().splitlines()[-1].strip('"')
         return self
 

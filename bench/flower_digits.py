@@ -1,0 +1,212 @@
+"""The Flower side of the training benchmark: one simulation of the digits workload, timed at round boundaries.
+
+Run by bench/bench_training.py with bench/.venv-flower's python (flwr needs protobuf < 7, so it lives in a venv
+of its own); it imports nothing of DeML. It reads one JSON config (written by the benchmark) and writes one JSON
+result:
+
+    bench/.venv-flower/bin/python bench/flower_digits.py CONFIG.json RESULT.json
+
+The workload mirrors what DeML runs for the same job:
+- the model and the data come from the task module itself (examples/digits/task.py: `model()`, and
+  `load_data()` with its stratified 80/20 split, seed 0), imported from its file as a Flower user would;
+- each client trains on exactly the training rows DeML gives the same partition: the benchmark writes the
+  indices, cut by provider_runtime's partitioner, into the config;
+- the initial weights are `model()` after `torch.manual_seed(seed)` (DeML's init action does the same);
+- local training as in provider_runtime: a fresh optimizer each round (the module's `optimizer(params, lr)` or
+  SGD with momentum 0.9), the module's `loss()` or cross-entropy, shuffled batches, the same drop-last rule and
+  the same shuffle seeds, one torch thread per client;
+- FedAvg weighted by examples, every client sampled each round, no federated evaluation; the global model is
+  evaluated centrally on the test split after each round (batches of 256), as DeML does.
+
+Engine: `flwr.simulation.run_simulation` with a `ServerApp` (its `main` runs the Message-API
+`flwr.serverapp.strategy.FedAvg`) and a `ClientApp`, on Flower's Ray backend. Round boundaries are taken in the
+centralized `evaluate_fn`, which the strategy calls once before round 1 and once at the end of every round, so
+round r's wall time is boundary r minus boundary r-1 (training, aggregation and evaluation).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def load_task(task_dir: str, module: str) -> ModuleType:
+    """Import the user's task module from its directory (siblings importable, as when run locally)."""
+    sys.path.insert(0, task_dir)
+    spec = importlib.util.spec_from_file_location(module, Path(task_dir) / f"{module}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[module] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tensors(split: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (x, y) pair of arrays as float32 inputs and int64 class labels."""
+    x, y = split
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+
+
+def main() -> None:
+    config_path, result_path = Path(sys.argv[1]), Path(sys.argv[2])
+    cfg = json.loads(config_path.read_text())
+    warnings.filterwarnings("ignore")  # run_simulation's deprecation notice and Ray's chatter
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    torch.set_num_threads(1)
+    task = load_task(cfg["task_dir"], cfg["module"])
+    (train_xy, test_xy) = task.load_data()
+    x_train, y_train = tensors(train_xy)
+    x_test, y_test = tensors(test_xy)
+    partitions: list[list[int]] = cfg["partitions"]
+    seed: int = cfg["seed"]
+    rounds: int = cfg["rounds"]
+    clients = len(partitions)
+
+    def make_loss() -> Any:
+        return task.loss() if hasattr(task, "loss") else torch.nn.CrossEntropyLoss()
+
+    # ---- client side ------------------------------------------------------------------------------------------
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        pid = int(context.node_config["partition-id"])
+        server_round = int(msg.content["config"]["server-round"])
+        rows = torch.tensor(partitions[pid], dtype=torch.long)
+        dataset = torch.utils.data.TensorDataset(x_train[rows], y_train[rows])
+        n = len(dataset)
+        bs = int(cfg["batch_size"])
+        # DeML's seeds: task seed = seed + 1000 * round + partition, and the runtime adds the partition again.
+        local_seed = seed + 1000 * server_round + 2 * pid
+        torch.manual_seed(local_seed)
+        net = task.model()
+        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=bs,
+            shuffle=True,
+            drop_last=n > bs and n % bs == 1,
+            generator=torch.Generator().manual_seed(local_seed),
+        )
+        lr = float(cfg["learning_rate"])
+        if hasattr(task, "optimizer"):
+            opt = task.optimizer(net.parameters(), lr)
+        else:
+            opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+        loss_fn = make_loss()
+        net.train()
+        total_loss, seen, correct = 0.0, 0, 0
+        for _ in range(int(cfg["local_epochs"])):
+            total_loss, seen, correct = 0.0, 0, 0
+            for xb, yb in loader:
+                opt.zero_grad(set_to_none=True)
+                out = net(xb)
+                loss = loss_fn(out, yb)
+                loss.backward()
+                opt.step()
+                total_loss += float(loss) * len(yb)
+                seen += len(yb)
+                correct += int((out.argmax(dim=1) == yb).sum())
+        metrics = MetricRecord({"train_loss": total_loss / seen, "train_accuracy": correct / seen, "num-examples": n})
+        content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": metrics})
+        return Message(content=content, reply_to=msg)
+
+    # ---- server side ------------------------------------------------------------------------------------------
+    boundaries: list[float] = []
+    accuracy: list[float] = []
+    loss: list[float] = []
+    bytes_sent: list[int] = []
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        net = task.model()
+        net.load_state_dict(arrays.to_torch_state_dict())
+        net.eval()
+        loss_fn = make_loss()
+        total, correct = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(y_test), 256):
+                xb, yb = x_test[start : start + 256], y_test[start : start + 256]
+                out = net(xb)
+                total += float(loss_fn(out, yb)) * len(yb)
+                correct += int((out.argmax(dim=1) == yb).sum())
+        acc, mean_loss = correct / len(y_test), total / len(y_test)
+        if server_round > 0:
+            accuracy.append(acc)
+            loss.append(mean_loss)
+        # What the server sends each client next round: the serialized global arrays.
+        bytes_sent.append(arrays.count_bytes())
+        boundaries.append(time.perf_counter())
+        return MetricRecord({"accuracy": acc, "loss": mean_loss})
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def server_main(grid: Grid, context: Context) -> None:
+        torch.manual_seed(seed)
+        initial = ArrayRecord(task.model().state_dict())
+        strategy = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=clients,
+            min_available_nodes=clients,
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=rounds,
+            train_config=ConfigRecord({}),
+            evaluate_fn=evaluate,
+        )
+
+    cpus = int(cfg.get("ray_cpus") or os.cpu_count() or 1)
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": float(cfg.get("client_cpus", 1)), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
+    }
+    started = time.perf_counter()
+    run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=clients, backend_config=backend_config
+    )
+    ended = time.perf_counter()
+    if len(boundaries) != rounds + 1:
+        raise SystemExit(f"flower simulation ended after {len(boundaries) - 1} of {rounds} rounds")
+    import flwr
+    import ray
+
+    result = {
+        "flwr": flwr.__version__,
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "engine": "flwr.simulation.run_simulation (ServerApp + ClientApp, Ray backend)",
+        "clients": clients,
+        "client_cpus": backend_config["client_resources"]["num_cpus"],
+        "ray_cpus": cpus,
+        "round_seconds": [b - a for a, b in zip(boundaries, boundaries[1:], strict=False)],
+        "accuracy": accuracy,
+        "loss": loss,
+        "bytes_sent_per_worker": bytes_sent[:rounds],
+        "job_seconds": ended - started,
+        "first_round_start_offset": boundaries[0] - started,
+    }
+    result_path.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
