@@ -27,6 +27,7 @@ round r's wall time is boundary r minus boundary r-1 (training, aggregation and 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -121,7 +122,7 @@ def main() -> None:
                 loss = loss_fn(out, yb)
                 loss.backward()
                 opt.step()
-                total_loss += float(loss) * len(yb)
+                total_loss += loss.item() * len(yb)
                 seen += len(yb)
                 correct += int((out.argmax(dim=1) == yb).sum())
         metrics = MetricRecord({"train_loss": total_loss / seen, "train_accuracy": correct / seen, "num-examples": n})
@@ -181,9 +182,7 @@ def main() -> None:
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }
     started = time.perf_counter()
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=clients, backend_config=backend_config
-    )
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients, backend_config=backend_config)
     ended = time.perf_counter()
     if len(boundaries) != rounds + 1:
         raise SystemExit(f"flower simulation ended after {len(boundaries) - 1} of {rounds} rounds")
@@ -198,7 +197,7 @@ def main() -> None:
         "clients": clients,
         "client_cpus": backend_config["client_resources"]["num_cpus"],
         "ray_cpus": cpus,
-        "round_seconds": [b - a for a, b in zip(boundaries, boundaries[1:], strict=False)],
+        "round_seconds": [b - a for a, b in itertools.pairwise(boundaries)],
         "accuracy": accuracy,
         "loss": loss,
         "bytes_sent_per_worker": bytes_sent[:rounds],

@@ -14,7 +14,8 @@ Weights = dict[str, np.ndarray]
 
 def to_bytes(weights: Weights) -> bytes:
     """Serialise weights (contiguous copies where needed)."""
-    return save({k: np.ascontiguousarray(v) for k, v in weights.items()})
+    # asarray(order="C"), not ascontiguousarray: the latter turns 0-d buffers (num_batches_tracked) into shape (1,).
+    return save({k: np.asarray(v, order="C") for k, v in weights.items()})
 
 
 def from_bytes(data: bytes) -> Weights:

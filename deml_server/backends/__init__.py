@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from deml_server.backends.base import Backend, WorkItem, WorkOutcome
@@ -18,15 +19,33 @@ _FACTORIES: dict[str, Callable[[ServerConfig], Backend]] = {
 }
 
 
+def _golem(config: ServerConfig) -> Backend:
+    # Imported here so that only servers that use Golem pay for yapapi's import.
+    from deml_server.backends.golem import GolemBackend
+    from deml_server.backends.golem_config import GolemConfig
+
+    return GolemBackend(config=GolemConfig(), work_dir=config.data_dir / "golem")
+
+
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # yapapi 0.13 imports the deprecated pkg_resources
+        import yapapi  # noqa: F401  (present only with the golem extra)
+except ImportError:
+    pass
+else:
+    _FACTORIES["golem"] = _golem
+
+
 def known_backends() -> list[str]:
     """Names a job or the server may ask for."""
-    return [*sorted(_FACTORIES), "golem"]
+    return sorted({*_FACTORIES, "golem"})
 
 
 def create_backend(name: str, config: ServerConfig) -> Backend:
     """Build a backend by name, with an install hint for the optional ones."""
     if name == "golem" and name not in _FACTORIES:
-        raise InvalidArgument("the golem backend is not available in this release of DeML; use backend 'local'")
+        raise InvalidArgument("the golem backend needs its extra: pip install 'deml[golem]'")
     try:
         factory = _FACTORIES[name]
     except KeyError:

@@ -358,6 +358,15 @@ def unpack_result(archive: Path, dest: Path) -> None:
     json.loads((dest / "result.json").read_text())
 
 
+def _api_error_text(exc: Exception) -> str:
+    """The useful part of a yagna REST error: its JSON detail, without the daemon's source paths."""
+    raw = str(getattr(exc, "body", "") or exc)
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        parsed = json.loads(raw)
+        raw = str(parsed.get("internalError") or parsed.get("message") or parsed.get("detail") or raw)
+    return re.sub(r",? /\S+\.rs:\d+(:\d+)?", "", raw).strip()[:400]
+
+
 # -- the backend --------------------------------------------------------------------------------------------
 
 
@@ -499,7 +508,7 @@ class GolemBackend(Backend):
         status = getattr(exc, "status", None)
         if status in (401, 403):
             return FailedPrecondition(f"yagna rejected the app key (HTTP {status}); check YAGNA_APPKEY")
-        body = str(getattr(exc, "body", "") or exc).strip()[:400]
+        body = _api_error_text(exc)
         platform = f"{self.config.payment_driver}-{self.config.payment_network}"
         return ResourceExhausted(
             f"yagna refused the budget allocation of {self.config.budget_glm:g} GLM on {platform}"

@@ -11,7 +11,8 @@ from sklearn.datasets import load_digits
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient
-from tests.support import EXAMPLES, SMALL_TASK, quick_spec, write_task
+from deml_server import weights as wio
+from tests.support import EXAMPLES, SMALL_TASK, ServerThread, quick_spec, write_task
 
 MODEL_ONLY = """
 import torch
@@ -69,11 +70,18 @@ def test_a_late_task_is_retried_then_fails_the_job_with_the_deadline(client: Dem
     assert "failed 3 times" in job.error and "did not finish" in job.error and "within 2 s" in job.error
 
 
-def test_batchnorm_model_trains_averages_and_exports(client: DemlClient, tmp_path: Path) -> None:
+def test_batchnorm_model_trains_averages_and_exports(client: DemlClient, server: ServerThread, tmp_path: Path) -> None:
     job = client.submit_job(EXAMPLES / "digits_bn", {"name": "digits-bn", "rounds": 2, "workers": 2, "local_epochs": 1})
     job = client.wait_job(job.id)
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     assert job.rounds[-1].metrics["accuracy"] > 0.8
+    # The averaged checkpoint keeps BatchNorm's integer counters as 0-d int64 (averaged, then rounded).
+    assert server.server is not None
+    checkpoint = server.server.store.last_checkpoint(job.id)
+    assert checkpoint is not None and checkpoint.round == 2
+    weights = wio.read(server.server.config.data_dir / "artifacts" / checkpoint.weights[:2] / checkpoint.weights)
+    counters = {k: v for k, v in weights.items() if k.endswith("num_batches_tracked")}
+    assert counters and all(v.dtype == np.int64 and v.shape == () and v > 0 for v in counters.values())
     model = client.get_model("digits-bn")
     assert model.export_max_abs_diff <= 1e-4
     path = tmp_path / "bn.onnx"

@@ -14,7 +14,6 @@ import struct
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +108,8 @@ async def main(work: Path) -> None:
     yagna = Yagna(work / "yagna-a", extra_env={"YAGNA_DEV_SKIP_ALLOCATION_VALIDATION": ""}).start()
     try:
         report("started", seconds_to_api=yagna.started_after)
-        result = await attempt(GolemBackend(config=config(yagna, app_key="not-a-key"), work_dir=work / "w1"), item(work / "i1"))
+        wrong_key = GolemBackend(config=config(yagna, app_key="not-a-key"), work_dir=work / "w1")
+        result = await attempt(wrong_key, item(work / "i1"))
         report("wrong_key", error=result[0], message=result[1])
         os.environ["PATH"] = plain_path
         result = await attempt(GolemBackend(config=config(yagna), work_dir=work / "w2"), item(work / "i2"))

@@ -134,6 +134,13 @@ class Yagna:
         self.app_key = self.cli("app-key", "create", "requestor").strip().splitlines()[-1].strip('"')
         return self
 
+    def start_again(self, timeout: float = 60.0) -> Yagna:
+        """Restart on the same data dir (the net service binds identities at start), keeping the app key."""
+        key = self.app_key
+        self.start(timeout)
+        self.app_key = key
+        return self
+
     def cli(self, *args: str) -> str:
         binary = yagna_binary()
         assert binary

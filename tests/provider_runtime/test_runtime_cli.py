@@ -71,7 +71,7 @@ def test_init_train_evaluate_export_on_digits(
     assert trained["device"] == "cpu"
     assert 0.0 < trained["metrics"]["train_loss"] < 2.3
     assert trained["metrics"]["train_accuracy"] > 0.5
-    assert trained["test_metrics"]["accuracy"] > 0.8
+    assert trained["test_metrics"]["accuracy"] > 0.5
     assert "epoch 2/2" in (tmp_path / "train-out" / "log.txt").read_text()
 
     evaluated = _result(tmp_path / "eval-out")

@@ -6,14 +6,12 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import EXAMPLES, MakeBundle  # type: ignore[import-not-found]
 
 from provider_runtime.runtime import run_bundle
 from provider_runtime.weights import load_arrays, save_arrays
 
 
-@pytest.mark.slow
 def test_fedavg_on_digits_defaults_matches_the_centralized_baseline(make_bundle: MakeBundle, tmp_path: Path) -> None:
     # Prepare
     code = EXAMPLES / "digits"

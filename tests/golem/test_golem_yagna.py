@@ -1,0 +1,93 @@
+"""The golem backend against the real yagna daemon (golem-node), in a network namespace with only loopback.
+
+The whole scenario (daemon, requestor, checks) runs in `unshare --net`, so nothing can leave the machine; every
+address yagna would use is also pointed at 127.0.0.1 (GOLEM.md). No provider exists, so the job must end with
+the clear "no provider accepted the work" error within its deadline, after the demand was really posted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("yapapi", reason="the golem extra is not installed: pip install 'deml[golem]'")
+
+from yagna_netns import yagna_binary
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+HERE = Path(__file__).resolve().parent
+
+
+def _namespace_problem() -> str:
+    if yagna_binary() is None:
+        return "yagna is not installed (pip install 'deml[golem]' brings golem-node's yagna)"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    if os.geteuid() != 0:
+        return "creating a network namespace needs root"
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"`unshare --net` is not permitted here: {probe.stderr.strip()}"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    problem = _namespace_problem()
+    if problem:
+        pytest.skip(problem)
+    work = tmp_path_factory.mktemp("netns")
+    done = subprocess.run(
+        ["unshare", "--net", sys.executable, str(HERE / "netns_scenario.py"), str(work)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    checks = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            checks[entry["check"]] = entry
+    assert done.returncode == 0 and "end" in checks, f"scenario failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+    return checks
+
+
+def test_nothing_leaves_loopback(scenario: dict[str, dict[str, Any]]) -> None:
+    assert scenario["namespace"]["only_loopback"] and scenario["end"]["only_loopback"]
+    assert scenario["no_provider"]["peers"] == [] and scenario["end"]["peers"] == []
+
+
+def test_no_provider_is_reported_within_the_deadline_after_the_demand_is_posted(
+    scenario: dict[str, dict[str, Any]],
+) -> None:
+    result = scenario["no_provider"]
+    assert result["demand_posted"], "yapapi never posted the demand to yagna's market"
+    assert "golem.runtime.name=vm" in result["demand_constraints"]
+    assert "golem.node.debug.subnet=deml-netns-test" in result["demand_constraints"]
+    assert result["error"] == "Unavailable"
+    assert result["message"].startswith("no provider accepted the work within 20 s")
+    assert 20 <= result["seconds"] < 35
+
+
+def test_wrong_app_key_is_named(scenario: dict[str, dict[str, Any]]) -> None:
+    assert scenario["wrong_key"]["error"] == "FailedPrecondition"
+    assert "rejected the app key (HTTP 401)" in scenario["wrong_key"]["message"]
+
+
+def test_missing_gftp_is_named(scenario: dict[str, dict[str, Any]]) -> None:
+    assert scenario["no_gftp"]["error"] == "FailedPrecondition"
+    assert scenario["no_gftp"]["message"].startswith("gftp is not on PATH")
+
+
+def test_refused_allocation_is_named(scenario: dict[str, dict[str, Any]]) -> None:
+    assert scenario["allocation"]["error"] == "ResourceExhausted"
+    assert "yagna refused the budget allocation of 0.5 GLM on erc20-hoodi" in scenario["allocation"]["message"]
+    assert "yagna payment fund" in scenario["allocation"]["message"]
