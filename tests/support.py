@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from deml_server.config import ServerConfig
 from deml_server.server import DemlServer, start_server
@@ -29,6 +31,15 @@ def load_data():
     y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
     return (x[:200], y[:200]), (x[200:], y[200:])
 """
+
+
+def load_example(name: str) -> Any:
+    """An example's task module, imported under a private name (never as `task` in sys.modules)."""
+    spec = importlib.util.spec_from_file_location(f"deml_example_{name}", EXAMPLES / name / "task.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_task(root: Path, source: str, name: str = "task") -> Path:

@@ -256,6 +256,8 @@ class _Session:
     workers_started: int = 0
     offers: int = 0
     agreements: int = 0
+    activities: int = 0
+    last_failure: str = ""
     closing: bool = False
     error: str = ""
     driver: asyncio.Task[None] | None = None
@@ -358,7 +360,15 @@ def unpack_result(archive: Path, dest: Path) -> None:
     json.loads((dest / "result.json").read_text())
 
 
-def _api_error_text(exc: Exception) -> str:
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    # REST errors carry headers in str(); their JSON body has the message.
+    text = _api_error_text(exc) if getattr(exc, "body", None) else str(exc)
+    return " ".join(f"{type(exc).__name__}: {text}".split())[:300]
+
+
+def _api_error_text(exc: BaseException) -> str:
     """The useful part of a yagna REST error: its JSON detail, without the daemon's source paths."""
     raw = str(getattr(exc, "body", "") or exc)
     with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -532,13 +542,16 @@ class GolemBackend(Backend):
             session.agreements += 1
         elif isinstance(event, events.ActivityCreated):
             self.costs.record_activity(str(event.activity.id), str(event.agreement.id))
+            if session is not None:
+                session.activities += 1
+        elif isinstance(event, events.ActivityCreateFailed | events.WorkerFinished) and session is not None:
+            if event.exc_info:
+                session.last_failure = _short(event.exception)
         elif isinstance(event, events.InvoiceReceived | events.InvoiceAccepted):
             with contextlib.suppress(TypeError, ValueError):
                 self.costs.record_invoice(str(event.agreement.id), float(event.amount))
         elif isinstance(event, events.JobFinished) and session is not None and event.exc_info:
             session.error = f"{type(event.exception).__name__}: {event.exception}"
-        elif isinstance(event, events.WorkerFinished) and event.exc_info:
-            log.warning("golem worker finished with %s", event.exception)
 
     # -- sessions -------------------------------------------------------------------------------------------
 
@@ -595,6 +608,13 @@ class GolemBackend(Backend):
                 self._sessions.remove(session)
 
     def _no_provider_message(self, session: _Session, waited: float) -> str:
+        if session.agreements:
+            return (
+                f"no provider accepted the work within {waited:.0f} s: {session.agreements} providers signed an "
+                f"agreement and {session.activities} created an activity, but none could start the VM image"
+                + (f" (last error: {session.last_failure})" if session.last_failure else "")
+                + "; check that the image hash/tag is published and that providers can download it"
+            )
         return (
             f"no provider accepted the work within {waited:.0f} s (subnet {self.config.subnet!r}, "
             f"{self.config.payment_driver}-{self.config.payment_network}, {session.offers} offers received, "

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.support import EXAMPLES, ROOT, ServerProcess
+from tests.support import EXAMPLES, ROOT, ServerProcess, load_example
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +50,9 @@ def test_digits_federated_matches_baseline_and_serves_onnx(tmp_path: Path) -> No
     assert shown["state"] == "SUCCEEDED" and shown["rounds_committed"] == 5
     assert listing[0]["name"] == "digits" and listing[0]["export_max_abs_diff"] <= 1e-4
     # Assert: the downloaded ONNX model reproduces the reported test accuracy with onnxruntime.
-    sys.path.insert(0, str(EXAMPLES / "digits"))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    from task import load_data  # the example's own loader, for the exact preprocessing
-
-    sys.path.pop(0)
-    (_, _), (tx, ty) = load_data()
+    (_, _), (tx, ty) = load_example("digits").load_data()  # the example's own preprocessing
     logits = session.run(None, {name: np.asarray(tx, np.float32)})[0]
     accuracy = float((logits.argmax(axis=1) == np.asarray(ty)).mean())
     assert abs(accuracy - report["final_accuracy"]) < 1e-9

@@ -1,6 +1,6 @@
 """Runs inside `unshare --net` (a namespace with only lo): real yagna + the golem backend through yapapi.
 
-Prints one JSON line per check; test_golem_yagna.py asserts on them. Usage: netns_scenario.py WORK_DIR
+Prints one JSON line per check; the tests assert on them. Usage: netns_scenario.py WORK_DIR [errors|negotiation]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
+from rest_provider import RestProvider  # noqa: E402
 from yagna_netns import Yagna, foreign_peers, install_gftp_standin, only_loopback  # noqa: E402
 
 from deml_server.backends.base import WorkItem  # noqa: E402
@@ -143,6 +144,51 @@ async def main(work: Path) -> None:
     report("end", only_loopback=only_loopback(), peers=foreign_peers())
 
 
+async def negotiation(work: Path) -> None:
+    """Central net, one daemon, a second identity as a REST-only provider: negotiate up to ActivityCreated."""
+    install_gftp_standin(work / "bin", sys.executable)
+    os.environ["PATH"] = f"{work / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    report("namespace", only_loopback=only_loopback())
+    yagna = Yagna(work / "yagna-c", central_net="127.0.0.1:7464", gsb_url="tcp://127.0.0.1:7464").start()
+    provider: RestProvider | None = None
+    try:
+        created = json.loads(yagna.cli("id", "create", "provider", "--no-password", "--json"))
+        provider_id = created.get("Ok", created)["nodeId"]
+        provider_key = yagna.cli("app-key", "create", "provider", "--id", provider_id).strip().splitlines()[-1]
+        yagna.stop()
+        yagna.start_again()  # the central net binds identities when the daemon starts
+        provider = RestProvider(yagna.api_url, provider_key.strip('"'), provider_id, "deml-netns-test").start()
+        seen: list[str] = []
+        backend = GolemBackend(config=config(yagna, provider_wait_seconds=25.0), work_dir=work / "w5")
+        forward = backend._on_event
+
+        def record(event: Any) -> None:
+            seen.append(type(event).__name__)
+            forward(event)
+
+        backend._on_event = record  # type: ignore[method-assign]
+        result = await attempt(backend, item(work / "i5"))
+        provider.stop()
+        report(
+            "negotiation",
+            error=result[0],
+            message=result[1],
+            seconds=result[2],
+            events=sorted(set(seen)),
+            provider_agreements=len(provider.agreements),
+            provider_activities=len(provider.activities),
+            requestor=yagna.identity(),
+            provider=provider_id,
+            peers=foreign_peers(),
+        )
+    finally:
+        if provider is not None:
+            provider.stop()
+        yagna.stop()
+    report("end", only_loopback=only_loopback(), peers=foreign_peers())
+
+
 if __name__ == "__main__":
     loopback_up()
-    asyncio.run(main(Path(sys.argv[1])))
+    scenario = sys.argv[2] if len(sys.argv) > 2 else "errors"
+    asyncio.run(negotiation(Path(sys.argv[1])) if scenario == "negotiation" else main(Path(sys.argv[1])))

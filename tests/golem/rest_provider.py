@@ -27,6 +27,7 @@ class RestProvider:
     agreements: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    activities: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -90,6 +91,18 @@ class RestProvider:
                     if agreement.get("agreementId") and agreement["agreementId"] not in self.agreements:
                         self.agreements.append(agreement["agreementId"])
                         self.call("POST", f"/market-api/v1/agreements/{agreement['agreementId']}/approve?timeout=5")
+                # Polling the provider's activity events is what a provider agent does; yagna hands the
+                # CreateActivity event to it here.
+                path = "/activity-api/v1/events?afterTimestamp=1970-01-01T00%3A00%3A00Z&timeout=1&maxEvents=10"
+                for event in self.call("GET", path, timeout=10) or []:
+                    kind = event.get("eventType")
+                    self.events.append(f"activity:{kind}")
+                    activity = str(event.get("activityId") or "")
+                    if isinstance(kind, dict) and "CreateActivity" in kind and activity not in self.activities:
+                        # What an exe-unit reports once its VM is up; without it, creation times out.
+                        state = {"state": ["Initialized", None]}
+                        self.call("PUT", f"/activity-api/v1/activity/{activity}/state", state)
+                        self.activities.append(activity)
             except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 self._stop.wait(0.5)

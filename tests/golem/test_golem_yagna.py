@@ -7,57 +7,23 @@ the clear "no provider accepted the work" error within its deadline, after the d
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("yapapi", reason="the golem extra is not installed: pip install 'deml[golem]'")
 
-from yagna_netns import yagna_binary
+from yagna_netns import namespace_problem, run_scenario
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
-
-HERE = Path(__file__).resolve().parent
-
-
-def _namespace_problem() -> str:
-    if yagna_binary() is None:
-        return "yagna is not installed (pip install 'deml[golem]' brings golem-node's yagna)"
-    if shutil.which("unshare") is None:
-        return "unshare (util-linux) is not installed"
-    if os.geteuid() != 0:
-        return "creating a network namespace needs root"
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        return f"`unshare --net` is not permitted here: {probe.stderr.strip()}"
-    return ""
 
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    problem = _namespace_problem()
+    problem = namespace_problem()
     if problem:
         pytest.skip(problem)
-    work = tmp_path_factory.mktemp("netns")
-    done = subprocess.run(
-        ["unshare", "--net", sys.executable, str(HERE / "netns_scenario.py"), str(work)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    checks = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            entry = json.loads(line)
-            checks[entry["check"]] = entry
-    assert done.returncode == 0 and "end" in checks, f"scenario failed:\n{done.stdout}\n{done.stderr[-3000:]}"
-    return checks
+    return run_scenario(tmp_path_factory.mktemp("netns"), "errors")
 
 
 def test_nothing_leaves_loopback(scenario: dict[str, dict[str, Any]]) -> None:

@@ -172,3 +172,34 @@ class Yagna:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def namespace_problem() -> str:
+    """Why the real-daemon tests cannot run here, or "" when they can."""
+    if yagna_binary() is None:
+        return "yagna is not installed (pip install 'deml[golem]' brings golem-node's yagna)"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    if os.geteuid() != 0:
+        return "creating a network namespace needs root"
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"`unshare --net` is not permitted here: {probe.stderr.strip()}"
+    return ""
+
+
+def run_scenario(work: Path, name: str, timeout: float = 300.0) -> dict[str, dict[str, object]]:
+    """Run netns_scenario.py in a fresh network namespace; its checks by name."""
+    done = subprocess.run(
+        ["unshare", "--net", sys.executable, str(HERE / "netns_scenario.py"), str(work), name],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    checks: dict[str, dict[str, object]] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            checks[entry["check"]] = entry
+    assert done.returncode == 0 and "end" in checks, f"scenario failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+    return checks
