@@ -66,7 +66,7 @@ _CHUNK = 1 << 20
 
 
 @dataclass
-class VmPayload(Payload):
+class VmPayload(Payload):  # type: ignore[misc,unused-ignore]  # Payload is Any where yapapi is not installed
     """A gvmkit-squash VM image; with `runtime="vm-nvidia"` and capability `!exp:gpu` it asks for a GPU."""
 
     package_url: str = prop("golem.srv.comp.task_package")
@@ -217,7 +217,7 @@ def real_golem(config: GolemConfig, is_allowed: Callable[[str], bool]) -> GolemL
     )
 
     golem.strategy = ProviderFilter(golem.strategy, is_allowed)
-    return golem
+    return golem  # type: ignore[no-any-return,unused-ignore]  # Any where yapapi is not installed
 
 
 # -- sessions and tasks -------------------------------------------------------------------------------------
