@@ -180,18 +180,21 @@ def namespace_problem() -> str:
         return "yagna is not installed (pip install 'deml[golem]' brings golem-node's yagna)"
     if shutil.which("unshare") is None:
         return "unshare (util-linux) is not installed"
-    if os.geteuid() != 0:
-        return "creating a network namespace needs root"
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, timeout=30)
+    probe = subprocess.run([*unshare_command(), "true"], capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
-        return f"`unshare --net` is not permitted here: {probe.stderr.strip()}"
+        return f"`{' '.join(unshare_command())}` is not permitted here (run as root): {probe.stderr.strip()}"
     return ""
+
+
+def unshare_command() -> list[str]:
+    """A new network namespace: directly as root, otherwise inside a user namespace where the kernel allows it."""
+    return ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
 
 
 def run_scenario(work: Path, name: str, timeout: float = 300.0) -> dict[str, dict[str, object]]:
     """Run netns_scenario.py in a fresh network namespace; its checks by name."""
     done = subprocess.run(
-        ["unshare", "--net", sys.executable, str(HERE / "netns_scenario.py"), str(work), name],
+        [*unshare_command(), sys.executable, str(HERE / "netns_scenario.py"), str(work), name],
         capture_output=True,
         text=True,
         timeout=timeout,
