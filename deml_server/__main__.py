@@ -29,6 +29,19 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-upload-bytes", type=int, default=config.max_upload_bytes)
     parser.add_argument("--task-timeout", type=float, default=config.task_timeout_seconds, help="seconds per task")
     parser.add_argument("--log-level", default="INFO")
+    golem = parser.add_argument_group("golem backend (defaults from YAGNA_* and DEML_GOLEM_* variables)")
+    golem.add_argument("--yagna-api-url", default=config.golem.api_url, help="yagna REST API (app key: YAGNA_APPKEY)")
+    golem.add_argument("--golem-subnet", default=config.golem.subnet)
+    golem.add_argument("--golem-payment-driver", default=config.golem.payment_driver)
+    golem.add_argument("--golem-payment-network", default=config.golem.payment_network)
+    golem.add_argument("--golem-budget", type=float, default=config.golem.budget_glm, help="GLM this server may spend")
+    golem.add_argument("--golem-image-hash", default=config.golem.image_hash)
+    golem.add_argument("--golem-image-tag", default=config.golem.image_tag)
+    golem.add_argument("--golem-image-url", default=config.golem.image_url)
+    golem.add_argument("--golem-min-mem-gib", type=float, default=config.golem.min_mem_gib)
+    golem.add_argument("--golem-min-storage-gib", type=float, default=config.golem.min_storage_gib)
+    golem.add_argument("--golem-min-threads", type=int, default=config.golem.min_cpu_threads)
+    golem.add_argument("--golem-gpu", action="store_true", default=config.golem.gpu, help="ask for vm-nvidia providers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.host = args.host
@@ -39,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.backend = args.backend
     config.max_upload_bytes = args.max_upload_bytes
     config.task_timeout_seconds = args.task_timeout
+    config.golem.api_url = args.yagna_api_url
+    config.golem.subnet = args.golem_subnet
+    config.golem.payment_driver = args.golem_payment_driver
+    config.golem.payment_network = args.golem_payment_network
+    config.golem.budget_glm = args.golem_budget
+    config.golem.image_hash = args.golem_image_hash
+    config.golem.image_tag = args.golem_image_tag
+    config.golem.image_url = args.golem_image_url
+    config.golem.min_mem_gib = args.golem_min_mem_gib
+    config.golem.min_storage_gib = args.golem_min_storage_gib
+    config.golem.min_cpu_threads = args.golem_min_threads
+    config.golem.gpu = args.golem_gpu
     return config
 
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deml_server.backends.golem_config import GolemConfig
 from deml_server.errors import InvalidArgument
 
 
@@ -49,6 +50,8 @@ class ServerConfig:
     max_task_attempts: int = field(default_factory=lambda: _env_int("DEML_MAX_TASK_ATTEMPTS", 3))
     # torch threads per training worker (many workers share the machine's cores).
     torch_threads: int = field(default_factory=lambda: _env_int("DEML_TORCH_THREADS", 1))
+    # Settings of the golem backend (used only with --backend golem); see docs/golem.md.
+    golem: GolemConfig = field(default_factory=GolemConfig)
 
     def validate(self) -> ServerConfig:
         """Fail fast, naming the setting that is wrong."""

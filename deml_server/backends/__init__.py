@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
+import importlib.util
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.backends.local import LocalBackend
-from deml_server.config import ServerConfig
 from deml_server.errors import InvalidArgument
+
+if TYPE_CHECKING:  # config imports the golem settings from this package
+    from deml_server.config import ServerConfig
 
 __all__ = ["Backend", "LocalBackend", "WorkItem", "WorkOutcome", "create_backend", "known_backends"]
 
@@ -22,18 +25,12 @@ _FACTORIES: dict[str, Callable[[ServerConfig], Backend]] = {
 def _golem(config: ServerConfig) -> Backend:
     # Imported here so that only servers that use Golem pay for yapapi's import.
     from deml_server.backends.golem import GolemBackend
-    from deml_server.backends.golem_config import GolemConfig
 
-    return GolemBackend(config=GolemConfig(), work_dir=config.data_dir / "golem")
+    return GolemBackend(config=config.golem, work_dir=config.data_dir / "golem")
 
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # yapapi 0.13 imports the deprecated pkg_resources
-        import yapapi  # noqa: F401  (present only with the golem extra)
-except ImportError:
-    pass
-else:
+# Looked up, not imported: yapapi's import is slow and only servers that use Golem need it.
+if importlib.util.find_spec("yapapi") is not None:
     _FACTORIES["golem"] = _golem
 
 
