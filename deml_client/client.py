@@ -40,6 +40,7 @@ _SPEC_KEYS = {
     "task_timeout_seconds",
     "min_fit_workers",
     "test_fraction",
+    "budget_glm",
 }
 
 

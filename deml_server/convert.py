@@ -53,6 +53,7 @@ _OPTIONAL_SPEC_FIELDS = (
     "task_timeout_seconds",
     "min_fit_workers",
     "test_fraction",
+    "budget_glm",
 )
 
 
@@ -105,6 +106,7 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         task_timeout_seconds=spec.task_timeout_seconds,
         min_fit_workers=spec.min_fit_workers,
         test_fraction=spec.test_fraction,
+        budget_glm=spec.budget_glm,
     )
 
 

@@ -43,6 +43,8 @@ class JobSpec:
     task_timeout_seconds: float = 300.0
     min_fit_workers: int = 0
     test_fraction: float = 0.2
+    # Most this job may spend on a paid backend (0: no cap of its own, the server's budget still applies).
+    budget_glm: float = 0.0
 
     @property
     def quorum(self) -> int:

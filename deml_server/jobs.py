@@ -8,7 +8,7 @@ import logging
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from deml_server.artifacts import ArtifactStore, ArtifactWriter
@@ -42,6 +42,8 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
         value = getattr(spec, name)
         if not math.isfinite(value) or value <= 0:
             raise InvalidArgument(f"{name} must be a positive number (got {value})")
+    if not math.isfinite(spec.budget_glm) or spec.budget_glm < 0:
+        raise InvalidArgument(f"budget_glm must be zero (no cap) or a positive number (got {spec.budget_glm})")
     if not 0 < spec.test_fraction < 1:
         raise InvalidArgument(f"test_fraction must be between 0 and 1 (got {spec.test_fraction})")
     if not 0 <= spec.min_fit_workers <= spec.workers:
@@ -108,6 +110,7 @@ class JobService:
         artifacts: ArtifactStore,
         registry: ModelRegistry,
         backend: Backend,
+        backend_factory: Callable[[str], Backend] | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -116,11 +119,15 @@ class JobService:
             store=store,
             artifacts=artifacts,
             registry=registry,
-            backend=backend,
+            backend_for=self._backend_for,
             jobs_dir=config.data_dir / "jobs",
             max_task_attempts=config.max_task_attempts,
             publish=self._publish,
         )
+        # The server's own backend, and others that jobs asked for, started on first use.
+        self._backends: dict[str, Backend] = {config.backend: backend}
+        self._backend_factory = backend_factory
+        self._backend_lock = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watchers: defaultdict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
 
@@ -131,11 +138,27 @@ class JobService:
             self._launch(job)
 
     async def close(self) -> None:
-        """Stop runners without marking jobs: they resume at the next start."""
+        """Stop runners without marking jobs: they resume at the next start; close the backends jobs opened."""
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        extra = [b for name, b in self._backends.items() if name != self._config.backend]
+        await asyncio.gather(*(b.close() for b in extra), return_exceptions=True)
+
+    async def _backend_for(self, name: str) -> Backend:
+        """The backend a job asked for; one other than the server's is created and started on first use."""
+        async with self._backend_lock:
+            backend = self._backends.get(name)
+            if backend is None:
+                if self._backend_factory is None:
+                    raise FailedPrecondition(
+                        f"backend {name!r} is not enabled on this server (it runs {self._config.backend!r})"
+                    )
+                backend = self._backend_factory(name)
+                await backend.start()
+                self._backends[name] = backend
+            return backend
 
     def begin_upload(self) -> Upload:
         """Start receiving a submission's files."""
@@ -144,10 +167,9 @@ class JobService:
     async def submit(self, given: Mapping[str, Any], files: JobFiles) -> Job:
         """Validate a submission and start its job."""
         spec = resolve_spec(given, self._config)
-        if spec.backend != self._config.backend:
-            raise FailedPrecondition(
-                f"backend {spec.backend!r} is not enabled on this server (it runs {self._config.backend!r})"
-            )
+        backend = await self._backend_for(spec.backend)
+        if spec.budget_glm > 0:
+            backend.check_budget(spec.budget_glm)
         await asyncio.to_thread(self._check_files, spec, files)
         job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
         log.info("job %s submitted: %s", job.id, spec)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ class RunnerDeps:
     store: JobStore
     artifacts: ArtifactStore
     registry: ModelRegistry
-    backend: Backend
+    backend_for: Callable[[str], Awaitable[Backend]]
     jobs_dir: Path
     max_task_attempts: int
     publish: Callable[[JobEvent], None]
@@ -52,6 +52,7 @@ class JobRunner:
         self.deps = deps
         self.dir = deps.jobs_dir / job.id
         self._shards: Shards | None = None
+        self._backend: Backend | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ class JobRunner:
         self.deps.publish(JobEvent(EventKind.PROGRESS, self.deps.store.get_job(self.job.id), message=message))
 
     async def _run(self) -> None:
+        self._backend = await self.deps.backend_for(self.spec.backend)
         # Sharding a large upload is seconds of numpy work: keep it off the event loop that serves gRPC.
         await asyncio.to_thread(self._prepare)
         checkpoint = self.deps.store.last_checkpoint(self.job.id)
@@ -184,6 +186,10 @@ class JobRunner:
             f"round {server_round} eval",
         )
         metrics = {**strategy.aggregate_metrics(results), **(evaluation.test_metrics or evaluation.metrics)}
+        assert self._backend is not None
+        cost = self._backend.spent(self.job.id, server_round)
+        if cost is not None:
+            metrics["cost_glm"] = cost
         state_digest = self.deps.artifacts.put_bytes(wio.to_bytes(strategy.state()))
         summary = RoundSummary(
             round=server_round,
@@ -197,7 +203,17 @@ class JobRunner:
         job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
         self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, job, round=summary))
         shutil.rmtree(self.dir / "tasks", ignore_errors=True)
+        self._check_job_budget(server_round)
         return new_digest
+
+    def _check_job_budget(self, server_round: int) -> None:
+        assert self._backend is not None
+        spent = self._backend.spent(self.job.id)
+        if self.spec.budget_glm > 0 and spent is not None and spent >= self.spec.budget_glm:
+            raise JobFailed(
+                f"the job's budget of {self.spec.budget_glm:g} GLM is spent ({spent:.6f} GLM) after round "
+                f"{server_round}; rounds 1-{server_round} are kept"
+            )
 
     def _hyper(self) -> dict[str, float]:
         return {
@@ -282,7 +298,8 @@ class JobRunner:
                 timeout=self.spec.task_timeout_seconds,
             )
             item.output.mkdir(parents=True, exist_ok=True)
-            outcome = await self.deps.backend.run(item, avoid=failed_on)
+            assert self._backend is not None
+            outcome = await self._backend.run(item, avoid=failed_on)
             if outcome.ok:
                 try:
                     return read_result(item.output), ""

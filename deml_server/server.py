@@ -59,7 +59,14 @@ async def start_server(config: ServerConfig) -> DemlServer:
     registry = ModelRegistry(store, artifacts)
     backend = create_backend(config.backend, config)
     await backend.start()
-    jobs = JobService(config=config, store=store, artifacts=artifacts, registry=registry, backend=backend)
+    jobs = JobService(
+        config=config,
+        store=store,
+        artifacts=artifacts,
+        registry=registry,
+        backend=backend,
+        backend_factory=lambda name: create_backend(name, config),
+    )
     gateway = InferenceGateway(registry, workers=config.inference_workers)
     await gateway.start()
 

@@ -59,3 +59,11 @@ class Backend(ABC):
         Never raises for worker failures (those are outcomes); raises CancelledError when cancelled, after
         stopping the item's worker.
         """
+
+    def spent(self, job_id: str, server_round: int | None = None) -> float | None:
+        """GLM (or other currency) spent on a job, or on one of its rounds; None where work costs nothing."""
+        return None
+
+    def check_budget(self, needed: float) -> None:
+        """Raise ResourceExhausted when `needed` more cannot be afforded; free backends accept anything."""
+        return None

@@ -429,6 +429,16 @@ class GolemBackend(Backend):
                 + "; raise DEML_GOLEM_BUDGET (and fund the yagna account) to continue"
             )
 
+    def spent(self, job_id: str, server_round: int | None = None) -> float | None:
+        """GLM spent on a job or one of its rounds (usage until the invoice arrives, then the invoice)."""
+        if server_round is None:
+            return self.costs.per_job(job_id)
+        return self.costs.per_round(job_id).get(server_round, 0.0)
+
+    def check_budget(self, needed: float) -> None:
+        """A new job whose budget exceeds what is left of the server's is refused."""
+        self.ensure_budget(needed)
+
     async def start(self) -> None:
         """Check the configuration; yagna is contacted with the first task, so its errors become job errors."""
         self.config.validate()

@@ -188,3 +188,16 @@ def test_cancel_during_a_round_keeps_committed_rounds(client: DemlClient, tmp_pa
     task2 = write_task(tmp_path / "t2", SMALL_TASK)
     again = client.wait_job(client.submit_job(task2, quick_spec(rounds=1)).id)
     assert again.state == training_pb2.JOB_STATE_SUCCEEDED, again.error
+
+
+def test_a_job_may_ask_for_another_backend_and_hears_why_it_cannot_start(
+    client: DemlClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server runs the local backend; a job asks for golem with no yagna app key configured.
+    monkeypatch.delenv("YAGNA_APPKEY", raising=False)
+    task = write_task(tmp_path / "t", SMALL_TASK)
+    with pytest.raises(DemlClientError) as err:
+        client.submit_job(task, quick_spec(backend="golem"))
+    assert err.value.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "YAGNA_APPKEY" in err.value.message or "deml[golem]" in err.value.message
+    assert client.list_jobs() == []
