@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--inference-workers", type=int, default=config.inference_workers, help="onnxruntime worker processes"
     )
     parser.add_argument("--backend", default=config.backend, help="where work runs: local (default) or golem")
+    parser.add_argument(
+        "--inference-backend", default=config.inference_backend, help="where inference shards run: local or golem"
+    )
     parser.add_argument("--max-upload-bytes", type=int, default=config.max_upload_bytes)
     parser.add_argument("--task-timeout", type=float, default=config.task_timeout_seconds, help="seconds per task")
     parser.add_argument("--log-level", default="INFO")
@@ -50,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.workers = args.workers
     config.inference_workers = args.inference_workers
     config.backend = args.backend
+    config.inference_backend = args.inference_backend
     config.max_upload_bytes = args.max_upload_bytes
     config.task_timeout_seconds = args.task_timeout
     config.golem.api_url = args.yagna_api_url

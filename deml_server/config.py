@@ -42,6 +42,8 @@ class ServerConfig:
     # Inference worker processes (onnxruntime sessions kept open).
     inference_workers: int = field(default_factory=lambda: _env_int("DEML_INFERENCE_WORKERS", 2))
     backend: str = field(default_factory=lambda: os.environ.get("DEML_BACKEND", "local"))
+    # Where inference shards run: "local" (warm onnxruntime processes) or a training backend such as "golem".
+    inference_backend: str = field(default_factory=lambda: os.environ.get("DEML_INFERENCE_BACKEND", "local"))
     # Largest submission (code + data) accepted, in bytes.
     max_upload_bytes: int = field(default_factory=lambda: _env_int("DEML_MAX_UPLOAD_BYTES", 2 << 30))
     # Default per-task deadline; a job's spec may set its own.

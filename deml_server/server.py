@@ -16,6 +16,7 @@ from deml_server.artifacts import ArtifactStore
 from deml_server.backends import Backend, create_backend
 from deml_server.config import ServerConfig
 from deml_server.inference import MAX_MESSAGE_BYTES
+from deml_server.inference.bundle_pool import BundlePool
 from deml_server.inference.gateway import InferenceGateway
 from deml_server.jobs import JobService
 from deml_server.registry import ModelRegistry
@@ -50,6 +51,16 @@ class DemlServer:
         self.store.close()
 
 
+def _inference_pool(config: ServerConfig, training: Backend) -> BundlePool | None:
+    """None for local onnxruntime workers; else shards as bundles on the named backend (shared with training)."""
+    if config.inference_backend == "local":
+        return None
+    backend = (
+        training if config.inference_backend == config.backend else create_backend(config.inference_backend, config)
+    )
+    return BundlePool(backend, work_dir=config.data_dir / "inference-shards", timeout=config.task_timeout_seconds)
+
+
 async def start_server(config: ServerConfig) -> DemlServer:
     """Build and start everything; returns once the port is bound and jobs are resumed."""
     config.validate()
@@ -67,7 +78,7 @@ async def start_server(config: ServerConfig) -> DemlServer:
         backend=backend,
         backend_factory=lambda name: create_backend(name, config),
     )
-    gateway = InferenceGateway(registry, workers=config.inference_workers)
+    gateway = InferenceGateway(registry, workers=config.inference_workers, pool=_inference_pool(config, backend))
     await gateway.start()
 
     server = grpc.aio.server(

@@ -1,4 +1,4 @@
-"""`python -m provider_runtime <init|train|evaluate|export> --input DIR --output DIR`, or `serve`."""
+"""`python -m provider_runtime <init|train|evaluate|export|infer> --input DIR --output DIR`, or `serve`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("train", "train the global weights on this worker's partition"),
         ("evaluate", "evaluate the weights on the test split"),
         ("export", "export the weights to ONNX and verify with onnxruntime"),
+        ("infer", "run model.onnx on data/inputs.npz (an inference shard)"),
     ):
         sub = commands.add_parser(action, help=text)
         sub.add_argument("--input", required=True, type=Path, help="task bundle directory")

@@ -26,7 +26,7 @@ from provider_runtime.weights import load_into, save_state_dict
 
 __all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "run_bundle"]
 
-ACTIONS = ("init", "train", "evaluate", "export")
+ACTIONS = ("init", "train", "evaluate", "export", "infer")
 TRACEBACK_LINES = 40
 # Rows of the test split used as the export sample when the module has no example_input().
 _EXPORT_SAMPLE_ROWS = 8
@@ -123,7 +123,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
     """
     started = time.monotonic()
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", "weights.safetensors", "model.onnx"):
+    for stale in ("result.json", "weights.safetensors", "model.onnx", "outputs.npz"):
         (output_dir / stale).unlink(missing_ok=True)
     result: dict[str, Any] = {
         "status": "ok",
@@ -263,11 +263,44 @@ def _export(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None
         result["export"] = export_onnx(model, sample, out / "model.onnx")
 
 
+def _infer(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+    """One inference shard: model.onnx on data/inputs.npz (positional arrays, names in data/inputs.json).
+
+    Outputs go to outputs.npz positionally too, their names in result.json, so that tensor names need not be
+    valid file names inside the .npz archive.
+    """
+    import onnxruntime as ort
+
+    model = bundle / "model.onnx"
+    inputs = bundle / "data" / "inputs.npz"
+    names_file = bundle / "data" / "inputs.json"
+    if not model.is_file() or not inputs.is_file() or not names_file.is_file():
+        raise BundleError("an infer bundle needs model.onnx, data/inputs.npz and data/inputs.json")
+    names = json.loads(names_file.read_text(encoding="utf-8"))
+    with np.load(inputs, allow_pickle=False) as npz:
+        arrays = [npz[f"arr_{i}"] for i in range(len(names))]
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider"
+    if task.device == "cuda" and cuda not in available:
+        raise BundleError("device 'cuda' was asked for, but onnxruntime offers no CUDAExecutionProvider")
+    providers = (
+        [cuda, "CPUExecutionProvider"] if task.device != "cpu" and cuda in available else ["CPUExecutionProvider"]
+    )
+    session = ort.InferenceSession(str(model), providers=providers)
+    output_names = [o.name for o in session.get_outputs()]
+    outputs = session.run(output_names, dict(zip(names, arrays, strict=True)))
+    np.savez(out / "outputs.npz", *outputs)
+    result["num_examples"] = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 0
+    result["device"] = "cuda" if session.get_providers()[0] == cuda else "cpu"
+    result["infer"] = {"outputs": output_names, "providers": session.get_providers()}
+
+
 _ACTIONS: dict[str, Callable[[Task, Path, Path, dict[str, Any]], None]] = {
     "init": _init,
     "train": _train,
     "evaluate": _evaluate,
     "export": _export,
+    "infer": _infer,
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from deml_server.domain import ModelRecord
 from deml_server.errors import DemlError, Unavailable
+from deml_server.inference.bundle_pool import BundlePool
 from deml_server.inference.pool import ShardFailed, Tensors, WorkerPool, shard_error
 from deml_server.inference.signature import batch_rows, bind_inputs, empty_outputs
 from deml_server.registry import ModelRegistry
@@ -49,9 +50,11 @@ class InferenceGateway:
         workers: int,
         threads_per_worker: int = 1,
         device: str = "auto",
+        pool: WorkerPool | BundlePool | None = None,
     ) -> None:
         self._registry = registry
-        self.pool = WorkerPool(size=workers, threads=threads_per_worker, device=device)
+        # Local worker processes by default; a BundlePool runs shards on a training backend (Golem) instead.
+        self.pool = pool if pool is not None else WorkerPool(size=workers, threads=threads_per_worker, device=device)
 
     async def start(self) -> None:
         """Start the worker processes (each imports onnxruntime once)."""
