@@ -23,7 +23,7 @@ def _baseline(ax: Any, accuracy: float | None, label: str = "centralized baselin
 def compare_plot(c: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     deml, flower = c["deml"]["accuracy_per_round"], c["flower"]["accuracy_per_round"]
-    ax.plot(_rounds(deml), [100 * a for a in deml], marker="o", label="DeML (local backend)")
+    ax.plot(_rounds(deml), [100 * a for a in deml], marker="o", markersize=11, label="DeML (local backend)")
     ax.plot(_rounds(flower), [100 * a for a in flower], marker="s", linestyle=":", label="Flower (Ray simulation)")
     _baseline(ax, c["baseline_accuracy"])
     s = c["settings"]
