@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from provider_runtime.data import Splits, load_splits, rows
 from provider_runtime.onnx_export import export_onnx
@@ -371,21 +371,16 @@ def _fit(
     n = len(train)  # type: ignore[arg-type]
     if n == 0:
         raise UserCodeError("this worker's training partition is empty")
-    loader = DataLoader(
-        train,
-        batch_size=hyper.batch_size,
-        shuffle=True,
-        # A trailing batch of one row would make BatchNorm fail in training mode; skip just that case.
-        drop_last=n > hyper.batch_size and n % hyper.batch_size == 1,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    # A trailing batch of one row would make BatchNorm fail in training mode; skip just that case.
+    drop_last = n > hyper.batch_size and n % hyper.batch_size == 1
+    generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(mod, model, hyper.learning_rate)
     anchor = [p.detach().clone() for p in model.parameters()] if hyper.proximal_mu > 0 else []
     model.train()
     metrics: dict[str, float] = {}
     for epoch in range(hyper.local_epochs):
         total = _Totals()
-        for xb, yb in loader:
+        for xb, yb in _shuffled_batches(train, hyper.batch_size, drop_last, generator):
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
             out = model(xb)
@@ -403,6 +398,33 @@ def _fit(
         if not math.isfinite(metrics["train_loss"]):
             raise FloatingPointError(f"training diverged: the loss is {metrics['train_loss']} in epoch {epoch + 1}")
     return metrics
+
+
+def _shuffled_batches(
+    data: Dataset[Any], batch_size: int, drop_last: bool, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled (x, y) batches: exactly what DataLoader(shuffle=True, generator=...) yields.
+
+    For in-memory tensors (every (x, y) pair and uploaded .npz becomes one) batches are cut by indexing the
+    whole tensors with a slice of the epoch's permutation: the same rows in the same order as DataLoader's
+    RandomSampler (one torch.randperm per epoch from the generator) and its default collate, without a
+    Python call per row. Measured on digits: most of a local epoch's overhead was DataLoader's per-row collate.
+    """
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+        n = len(x)
+        # Draw from the generator exactly as DataLoader does, so that seeds give the same batches either way
+        # (the test compares against DataLoader): the iterator's base seed, the sampler's permutation, and
+        # the sampler's (empty) remainder permutation.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(n, generator=generator)
+        torch.randperm(n, generator=generator)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            yield x[index], y[index]
+        return
+    yield from DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator)
 
 
 def _evaluate_split(

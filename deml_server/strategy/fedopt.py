@@ -23,7 +23,7 @@ class FedOpt(Strategy):
     def __init__(
         self,
         *,
-        eta: float = 0.01,
+        eta: float = 0.1,
         beta_1: float = 0.9,
         beta_2: float = 0.99,
         tau: float = 1e-3,

@@ -215,3 +215,22 @@ def test_export_fails_when_onnx_and_torch_disagree(
     assert result["status"] == "error"
     assert result["error"]["type"] == "ExportMismatchError"
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(("rows", "batch", "drop_last"), [(37, 8, False), (33, 8, True), (16, 16, False)])
+def test_fast_batches_are_exactly_the_dataloaders(rows: int, batch: int, drop_last: bool) -> None:
+    # Prepare
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from provider_runtime.runtime import _shuffled_batches
+
+    data = TensorDataset(torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3), torch.arange(rows))
+    # Execute: two epochs from one generator each way
+    fast_gen, ref_gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    fast = [b for _ in range(2) for b in _shuffled_batches(data, batch, drop_last, fast_gen)]
+    loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=drop_last, generator=ref_gen)
+    reference = [b for _ in range(2) for b in loader]
+    # Assert
+    assert len(fast) == len(reference)
+    for (fx, fy), (rx, ry) in zip(fast, reference, strict=True):
+        assert torch.equal(fx, rx) and torch.equal(fy, ry)

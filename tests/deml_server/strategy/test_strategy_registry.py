@@ -19,16 +19,16 @@ def test_registry_names() -> None:
 def test_make_strategy_builds_with_options() -> None:
     # Execute
     prox = make_strategy("fedprox", {"proximal_mu": 0.1})
-    adam = make_strategy("FedAdam", {"eta": 0.1, "tau": 1e-9})
+    adam = make_strategy("FedAdam", {"eta": 0.5, "tau": 1e-9})
     yogi = make_strategy("fedyogi", {})
 
     # Assert
     assert isinstance(prox, FedProx)
     assert prox.configure_fit(1) == {"proximal_mu": 0.1}
     assert isinstance(adam, FedAdam)
-    assert (adam.eta, adam.beta_1, adam.beta_2, adam.tau) == (0.1, 0.9, 0.99, 1e-9)
+    assert (adam.eta, adam.beta_1, adam.beta_2, adam.tau) == (0.5, 0.9, 0.99, 1e-9)
     assert isinstance(yogi, FedYogi)
-    assert (yogi.eta, yogi.beta_1, yogi.beta_2, yogi.tau) == (0.01, 0.9, 0.99, 1e-3)
+    assert (yogi.eta, yogi.beta_1, yogi.beta_2, yogi.tau) == (0.1, 0.9, 0.99, 1e-3)
 
 
 def test_empty_name_means_fedavg() -> None:
