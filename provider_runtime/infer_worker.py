@@ -22,6 +22,7 @@ import argparse
 import json
 import mmap
 import os
+import signal
 import sys
 import threading
 from collections import OrderedDict
@@ -29,6 +30,8 @@ from typing import IO, Any
 
 import numpy as np
 import onnxruntime as ort
+
+from provider_runtime.lifeline import die_with_parent
 
 ALIGN = 64
 MIN_OUT_BYTES = 1 << 20
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sessions", type=int, default=8, help="model sessions kept open")
     parser.add_argument("--cancel-fd", type=int, default=-1, help="read ids of runs to stop from this descriptor")
     args = parser.parse_args(argv)
+    die_with_parent(signal.SIGTERM)
 
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+from provider_runtime.lifeline import die_with_parent
 from provider_runtime.runtime import ACTIONS, BundleError, configure_threads, run_bundle
 
 __all__ = ["handle", "serve"]
@@ -16,6 +17,7 @@ __all__ = ["handle", "serve"]
 
 def serve(requests: Iterable[str] | None = None) -> int:
     """Answer requests until EOF; torch is already imported, so every task after the first starts warm."""
+    die_with_parent()
     protocol = _claim_stdout()
     # Many workers share one machine, so each takes one thread unless told otherwise.
     configure_threads(default=1)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Collection
@@ -21,16 +19,9 @@ from typing import IO, ClassVar
 
 from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.errors import Unavailable
+from provider_runtime.lifeline import PARENT_ENV
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a worker must not outlive a server killed with SIGKILL.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _WorkerFailed(Exception):
@@ -130,6 +121,8 @@ class LocalBackend(Backend):
         env = dict(os.environ)
         env["DEML_TORCH_THREADS"] = str(self._torch_threads)
         env["PYTHONUNBUFFERED"] = "1"
+        # The worker asks the kernel to kill it if this server dies (provider_runtime.lifeline).
+        env[PARENT_ENV] = str(os.getpid())
         # Workers import provider_runtime from the same place the server imports its own packages.
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -144,7 +137,6 @@ class LocalBackend(Backend):
             stderr=log_file,
             env=env,
             cwd=self._work_dir,
-            preexec_fn=_die_with_parent,
         )
         worker = _Worker(slot, self._generation, proc, log_file)
         self._all.add(worker)

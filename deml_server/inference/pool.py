@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import itertools
 import json
@@ -19,7 +18,6 @@ import logging
 import mmap
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections import OrderedDict, deque
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from deml_server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from provider_runtime.lifeline import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +62,6 @@ def _shared_dir() -> str:
     """/dev/shm where it exists (RAM, no disk writes), the temporary directory otherwise."""
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux: a worker whose server is SIGKILLed must not linger holding memory.
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class SharedFile:
@@ -326,6 +318,8 @@ class WorkerPool:
         outputs = SharedFile(self._dir / f"{tag}.out")
         cancel_r, cancel_w = os.pipe()
         env = dict(os.environ)
+        # The worker asks the kernel to stop it if this server dies (provider_runtime.lifeline).
+        env[PARENT_ENV] = str(os.getpid())
         # The worker imports provider_runtime from wherever this server finds it.
         spec = importlib.util.find_spec("provider_runtime")
         if spec is not None and spec.origin is not None:
@@ -352,7 +346,6 @@ class WorkerPool:
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(cancel_r,),
                 env=env,
-                preexec_fn=_die_with_parent,
             )
         except BaseException:
             os.close(cancel_w)
