@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from provider_runtime.data import Splits, load_splits, rows
+from provider_runtime.data import Splits, cached_splits, rows
 from provider_runtime.onnx_export import export_onnx
 from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, required, user_module
 from provider_runtime.weights import load_into, save_state_dict
@@ -217,7 +217,7 @@ def _train(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
         _seed_everything(seed)
         model = _build_model(mod)
         load_into(model, _weights_path(bundle))
-        splits = load_splits(bundle, mod, task.partition)
+        splits = cached_splits(bundle, mod, task.partition)
         if splits.train is None:
             raise UserCodeError("load_data() returned no training split")
         model.to(device)
@@ -236,7 +236,7 @@ def _evaluate(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> No
         _seed_everything(task.seed)
         model = _build_model(mod)
         load_into(model, _weights_path(bundle))
-        splits = load_splits(bundle, mod, task.partition)
+        splits = cached_splits(bundle, mod, task.partition)
         model.to(device)
         if splits.test is None:
             raise UserCodeError("load_data() returned no test split to evaluate on")
@@ -256,7 +256,7 @@ def _export(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None
             if not isinstance(sample, torch.Tensor):
                 raise UserCodeError(f"example_input() must return a torch.Tensor, got {type(sample).__name__}")
         else:
-            splits = load_splits(bundle, mod, task.partition)
+            splits = cached_splits(bundle, mod, task.partition)
             if splits.test is None:
                 raise UserCodeError("define example_input() or return a test split: export needs sample rows")
             sample = rows(splits.test, _EXPORT_SAMPLE_ROWS)

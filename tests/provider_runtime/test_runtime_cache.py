@@ -1,0 +1,57 @@
+"""A warm worker loads a job's data once: the same code, data files and partition hit the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from provider_runtime.data import cached_splits
+from provider_runtime.usercode import PartitionArgs, user_module
+
+LOADER = """
+import numpy as np
+CALLS = []
+
+def model():
+    raise NotImplementedError
+
+def load_data():
+    CALLS.append(1)
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    return (x, np.arange(20) % 2), (x[:4], np.arange(4) % 2)
+"""
+
+
+def _bundle(root: Path, source: str) -> Path:
+    (root / "code").mkdir(parents=True)
+    (root / "code" / "task.py").write_text(source)
+    return root
+
+
+def _calls(bundle: Path, args: PartitionArgs) -> tuple[int, object]:
+    with user_module(bundle / "code", "task") as mod:
+        splits = cached_splits(bundle, mod, args)
+        return len(mod.CALLS), splits
+
+
+def test_same_code_and_partition_hit_the_cache(tmp_path: Path) -> None:
+    args = PartitionArgs(partition_id=1, num_partitions=2, partitioning="iid", alpha=0.5, seed=3)
+    first = _bundle(tmp_path / "a", LOADER)
+    second = _bundle(tmp_path / "b", LOADER)  # another round's bundle: same code, another directory
+    calls_a, splits_a = _calls(first, args)
+    calls_b, splits_b = _calls(second, args)
+    assert (calls_a, calls_b) == (1, 0)  # the second task's fresh module never ran load_data
+    assert splits_b is splits_a
+    assert len(splits_a.train) == 10  # type: ignore[attr-defined, arg-type]
+
+
+def test_other_code_partition_or_opt_out_load_again(tmp_path: Path) -> None:
+    args = PartitionArgs(partition_id=0, num_partitions=2, partitioning="iid", alpha=0.5, seed=4)
+    base = _bundle(tmp_path / "a", LOADER)
+    _calls(base, args)
+    changed = _bundle(tmp_path / "b", LOADER + "\n# edited\n")
+    other_partition = PartitionArgs(partition_id=1, num_partitions=2, partitioning="iid", alpha=0.5, seed=4)
+    opted_out = _bundle(tmp_path / "c", LOADER + "\nDEML_CACHE_DATA = False\n")
+    assert _calls(changed, args)[0] == 1
+    assert _calls(base, other_partition)[0] == 1
+    assert _calls(opted_out, args)[0] == 1
+    assert _calls(opted_out, args)[0] == 1
