@@ -20,7 +20,8 @@ the job is SUCCEEDED with its ONNX model registered; Flower: run_simulation's st
 shutdown included), test accuracy per round, peak memory (largest sum of RSS, and of PSS, over the process tree:
 the DeML server and its workers, or the Flower process and its Ray processes; sampled every 0.1 s from /proc),
 and bytes of global weights sent per round per worker. Each DeML configuration gets a fresh server with
-`--workers` equal to the job's workers; its first job (cold: worker processes just started) is reported apart.
+`--workers` equal to the job's workers, capped at one per core (as Ray runs Flower's client actors) except in the
+scaling runs; its first job (cold: worker processes just started) is reported apart.
 
 Writes OUT/training.json, OUT/training.md (the `## Training` section of BENCHMARKS.md) and OUT/*.png.
 --update-benchmarks also puts that section into BENCHMARKS.md (keeping the other sections) and copies the
@@ -214,6 +215,12 @@ class DemlServer:
 
 
 @contextmanager
+def pool_size(partitions: int) -> int:
+    """DeML's worker processes for a job of `partitions` workers: one per core at most, as Ray runs Flower's
+    client actors (1 CPU each), so that both sides run the same number of local trainings at once."""
+    return max(1, min(partitions, os.cpu_count() or 1))
+
+
 def deml_server(out: Path, name: str, workers: int) -> Iterator[DemlServer]:
     server = DemlServer(out / f"deml-{name}", workers)
     try:
@@ -434,7 +441,7 @@ def bench_compare(out: Path, spec: dict[str, Any], repeats: int, client_cpus: fl
     train_rows = training_rows(spec)
     deml_runs: list[dict[str, Any]] = []
     flower_runs: list[dict[str, Any]] = []
-    with deml_server(out, "compare", settings["workers"]) as server:
+    with deml_server(out, "compare", pool_size(settings["workers"])) as server:
         log(f"compare: DeML server up in {server.listening - server.spawned:.2f} s; cold job")
         cold = run_deml_job(server, settings, since=server.spawned)
         log(f"  DeML cold job {cold['job_seconds']:.1f} s, accuracy {cold['accuracy'][-1]:.4f}")
@@ -492,7 +499,7 @@ def bench_compare(out: Path, spec: dict[str, Any], repeats: int, client_cpus: fl
 def bench_noniid(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     base = {**spec, "partitioning": "dirichlet", "dirichlet_alpha": NONIID_ALPHA, "name": "bench-digits-noniid"}
     runs: dict[str, dict[str, Any]] = {}
-    with deml_server(out, "noniid", base["workers"]) as server:
+    with deml_server(out, "noniid", pool_size(base["workers"])) as server:
         for i, (label, strategy, options) in enumerate(NONIID_RUNS):
             # The centralized baseline runs once, with the first job (it trains rounds x local_epochs epochs).
             settings = {**base, "strategy": strategy, "strategy_options": options, "baseline": i == 0}
@@ -657,8 +664,10 @@ def render(results: dict[str, Any], images: dict[str, str]) -> str:
             f"Peer: Flower {fv['flwr']} (Ray {fv['ray']}), `{fv['engine']}`, Message-API FedAvg, all clients "
             f"sampled every round, centralized evaluation in `evaluate_fn`, {fv['client_cpus']:g} CPU per "
             "client actor (two actors at a time on 2 cores) and one torch thread per client. DeML: local backend, "
-            "`deml-server --workers N --inference-workers 1` (N = the job's workers, one torch thread each; the one "
-            "onnxruntime inference process the server also starts counts in its memory), jobs submitted through "
+            "`deml-server --workers N --inference-workers 1` (N = the job's workers, at most one per core, as Ray "
+            "runs Flower's actors: the job's 4 partitions then queue on 2 worker processes, one torch thread each; "
+            "the scaling table instead starts N = the job's workers; the onnxruntime inference process the server "
+            "also starts counts in its memory), jobs submitted through "
             "`DemlClient`. flwr 1.42.0 needs certifi >= 2026.10.19, which the package index here lacks, so "
             "bench/setup_flower_venv.sh pins 1.41.0.",
             "",

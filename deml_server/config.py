@@ -38,7 +38,8 @@ class ServerConfig:
     port: int = field(default_factory=lambda: _env_int("DEML_PORT", 50051))
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("DEML_DATA_DIR", ".deml")))
     # Training worker processes of the local backend.
-    workers: int = field(default_factory=lambda: _env_int("DEML_WORKERS", 4))
+    # One per core by default: more processes than cores only share them (measured in BENCHMARKS.md).
+    workers: int = field(default_factory=lambda: _env_int("DEML_WORKERS", os.cpu_count() or 1))
     # Inference worker processes (onnxruntime sessions kept open).
     inference_workers: int = field(default_factory=lambda: _env_int("DEML_INFERENCE_WORKERS", 2))
     backend: str = field(default_factory=lambda: os.environ.get("DEML_BACKEND", "local"))
