@@ -214,13 +214,13 @@ class DemlServer:
         self._log.close()
 
 
-@contextmanager
 def pool_size(partitions: int) -> int:
     """DeML's worker processes for a job of `partitions` workers: one per core at most, as Ray runs Flower's
     client actors (1 CPU each), so that both sides run the same number of local trainings at once."""
     return max(1, min(partitions, os.cpu_count() or 1))
 
 
+@contextmanager
 def deml_server(out: Path, name: str, workers: int) -> Iterator[DemlServer]:
     server = DemlServer(out / f"deml-{name}", workers)
     try:
