@@ -30,13 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 
 
-def export_digits_mlp(path: Path) -> Path:
-    """The digits example's network (64 -> 128 -> 10), exported with a dynamic batch dimension."""
+def export_digits_mlp(path: Path, hidden: int = 0) -> Path:
+    """The digits example's network (64 -> 128 -> 10), or with `hidden` > 0 a compute-heavier MLP
+    (64 -> hidden -> hidden -> 10) on the same input, exported with a dynamic batch dimension."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    if hidden > 0:
+        layers = [nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)]
+        net = nn.Sequential(*layers).eval()
+    else:
+        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
     torch.onnx.export(
         net,
         (torch.randn(4, 64),),
@@ -100,6 +105,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--model", type=Path, help="an ONNX model with input 'input' FP32[-1, 64] (default: export)")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=0,
+        help="bench an MLP 64 -> H -> H -> 10 instead of the digits MLP (compute-bound)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, default=OUT / "inference-server", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,7 +119,7 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve(args.model, args.data_dir, args.workers, args.threads_per_worker))
         return
-    model = args.model or export_digits_mlp(OUT / "digits-bench.onnx")
+    model = args.model or export_digits_mlp(OUT / f"digits-bench-{args.hidden}.onnx", args.hidden)
 
     import grpc
     import onnxruntime as ort
