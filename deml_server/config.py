@@ -7,52 +7,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deml_server.backends.golem_config import GolemConfig
+from deml_server.envvars import env_float, env_int, env_str
 from deml_server.errors import InvalidArgument
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidArgument(f"environment variable {name}={raw!r} is not a number") from None
 
 
 @dataclass
 class ServerConfig:
     """Everything deml-server needs to start."""
 
-    host: str = field(default_factory=lambda: os.environ.get("DEML_HOST", "127.0.0.1"))
-    port: int = field(default_factory=lambda: _env_int("DEML_PORT", 50051))
-    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("DEML_DATA_DIR", ".deml")))
+    host: str = field(default_factory=lambda: env_str("DEML_HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: env_int("DEML_PORT", 50051))
+    data_dir: Path = field(default_factory=lambda: Path(env_str("DEML_DATA_DIR", ".deml")))
     # Training worker processes of the local backend.
     # One per core by default: more processes than cores only share them (measured in BENCHMARKS.md).
-    workers: int = field(default_factory=lambda: _env_int("DEML_WORKERS", os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: env_int("DEML_WORKERS", os.cpu_count() or 1))
     # Inference worker processes (onnxruntime sessions kept open).
-    inference_workers: int = field(default_factory=lambda: _env_int("DEML_INFERENCE_WORKERS", 2))
-    backend: str = field(default_factory=lambda: os.environ.get("DEML_BACKEND", "local"))
+    inference_workers: int = field(default_factory=lambda: env_int("DEML_INFERENCE_WORKERS", 2))
+    backend: str = field(default_factory=lambda: env_str("DEML_BACKEND", "local"))
     # Where inference shards run: "local" (warm onnxruntime processes) or a training backend such as "golem".
-    inference_backend: str = field(default_factory=lambda: os.environ.get("DEML_INFERENCE_BACKEND", "local"))
+    inference_backend: str = field(default_factory=lambda: env_str("DEML_INFERENCE_BACKEND", "local"))
     # Largest submission (code + data) accepted, in bytes.
-    max_upload_bytes: int = field(default_factory=lambda: _env_int("DEML_MAX_UPLOAD_BYTES", 2 << 30))
+    max_upload_bytes: int = field(default_factory=lambda: env_int("DEML_MAX_UPLOAD_BYTES", 2 << 30))
     # Default per-task deadline; a job's spec may set its own.
-    task_timeout_seconds: float = field(default_factory=lambda: _env_float("DEML_TASK_TIMEOUT", 600.0))
+    task_timeout_seconds: float = field(default_factory=lambda: env_float("DEML_TASK_TIMEOUT", 600.0))
     # How often a crashed or late task is tried again on another worker before the round gives up on it.
-    max_task_attempts: int = field(default_factory=lambda: _env_int("DEML_MAX_TASK_ATTEMPTS", 3))
+    max_task_attempts: int = field(default_factory=lambda: env_int("DEML_MAX_TASK_ATTEMPTS", 3))
     # torch threads per training worker (many workers share the machine's cores).
-    torch_threads: int = field(default_factory=lambda: _env_int("DEML_TORCH_THREADS", 1))
+    torch_threads: int = field(default_factory=lambda: env_int("DEML_TORCH_THREADS", 1))
     # Settings of the golem backend (used only with --backend golem); see docs/golem.md.
     golem: GolemConfig = field(default_factory=GolemConfig)
 

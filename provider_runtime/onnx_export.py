@@ -11,29 +11,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from provider_runtime.oip import ONNX_TO_OIP
+
 __all__ = ["MAX_ABS_DIFF", "METADATA_KEY", "ExportMismatchError", "export_onnx", "signature"]
 
 # Largest difference between torch and onnxruntime outputs that still counts as the same model.
 MAX_ABS_DIFF = 1e-4
 METADATA_KEY = "deml.max_abs_diff"
-
-# ONNX element types to Open Inference Protocol datatypes.
-_OIP_DATATYPES: dict[int, str] = {
-    onnx.TensorProto.FLOAT: "FP32",
-    onnx.TensorProto.DOUBLE: "FP64",
-    onnx.TensorProto.FLOAT16: "FP16",
-    onnx.TensorProto.BFLOAT16: "BF16",
-    onnx.TensorProto.INT8: "INT8",
-    onnx.TensorProto.INT16: "INT16",
-    onnx.TensorProto.INT32: "INT32",
-    onnx.TensorProto.INT64: "INT64",
-    onnx.TensorProto.UINT8: "UINT8",
-    onnx.TensorProto.UINT16: "UINT16",
-    onnx.TensorProto.UINT32: "UINT32",
-    onnx.TensorProto.UINT64: "UINT64",
-    onnx.TensorProto.BOOL: "BOOL",
-    onnx.TensorProto.STRING: "BYTES",
-}
 
 
 class ExportMismatchError(Exception):
@@ -91,7 +75,7 @@ def signature(proto: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[s
 def _tensor_meta(value: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = value.type.tensor_type
     shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-    datatype = _OIP_DATATYPES.get(tensor.elem_type, onnx.TensorProto.DataType.Name(tensor.elem_type))
+    datatype = ONNX_TO_OIP.get(tensor.elem_type, onnx.TensorProto.DataType.Name(tensor.elem_type))
     return {"name": value.name, "datatype": datatype, "shape": shape}
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
+from deml_server.envvars import env_bool, env_float, env_int, env_str
 from deml_server.errors import FailedPrecondition, InvalidArgument
 
 # Providers' default agreement limit without mid-agreement payments is 30 minutes; stay inside it.
@@ -14,74 +14,39 @@ MAX_SESSION_MINUTES = 30.0
 MIN_SESSION_MINUTES = 6.0
 
 
-def _env(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidArgument(f"environment variable {name}={raw!r} is not a number") from None
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise InvalidArgument(f"environment variable {name}={raw!r} is not a boolean (use 1/0, true/false)")
-
-
 @dataclass
 class GolemConfig:
     """Everything the Golem backend needs; each field names the environment variable it defaults from."""
 
     # yagna's REST API and the requestor app key (`yagna app-key create requestor`).
-    app_key: str = field(default_factory=lambda: _env("YAGNA_APPKEY"))
-    api_url: str = field(default_factory=lambda: _env("YAGNA_API_URL", "http://127.0.0.1:7465"))
-    subnet: str = field(default_factory=lambda: _env("DEML_GOLEM_SUBNET", "public"))
-    payment_driver: str = field(default_factory=lambda: _env("DEML_GOLEM_PAYMENT_DRIVER", "erc20"))
+    app_key: str = field(default_factory=lambda: env_str("YAGNA_APPKEY"))
+    api_url: str = field(default_factory=lambda: env_str("YAGNA_API_URL", "http://127.0.0.1:7465"))
+    subnet: str = field(default_factory=lambda: env_str("DEML_GOLEM_SUBNET", "public"))
+    payment_driver: str = field(default_factory=lambda: env_str("DEML_GOLEM_PAYMENT_DRIVER", "erc20"))
     # hoodi is the testnet yagna 0.17 funds with `yagna payment fund`; polygon is mainnet GLM.
-    payment_network: str = field(default_factory=lambda: _env("DEML_GOLEM_PAYMENT_NETWORK", "hoodi"))
+    payment_network: str = field(default_factory=lambda: env_str("DEML_GOLEM_PAYMENT_NETWORK", "hoodi"))
     # The most this server spends in GLM (one allocation for the server's lifetime).
-    budget_glm: float = field(default_factory=lambda: _env_float("DEML_GOLEM_BUDGET", 1.0))
+    budget_glm: float = field(default_factory=lambda: env_float("DEML_GOLEM_BUDGET", 1.0))
     # The VM image: a hash (sha3-224 of the .gvmi), a registry tag, or a URL together with its hash.
-    image_hash: str = field(default_factory=lambda: _env("DEML_GOLEM_IMAGE_HASH"))
-    image_tag: str = field(default_factory=lambda: _env("DEML_GOLEM_IMAGE_TAG"))
-    image_url: str = field(default_factory=lambda: _env("DEML_GOLEM_IMAGE_URL"))
-    registry_url: str = field(default_factory=lambda: _env("DEML_GOLEM_REGISTRY", "https://registry.golem.network"))
-    min_mem_gib: float = field(default_factory=lambda: _env_float("DEML_GOLEM_MIN_MEM_GIB", 2.0))
-    min_storage_gib: float = field(default_factory=lambda: _env_float("DEML_GOLEM_MIN_STORAGE_GIB", 4.0))
-    min_cpu_threads: int = field(default_factory=lambda: _env_int("DEML_GOLEM_MIN_CPU_THREADS", 1))
+    image_hash: str = field(default_factory=lambda: env_str("DEML_GOLEM_IMAGE_HASH"))
+    image_tag: str = field(default_factory=lambda: env_str("DEML_GOLEM_IMAGE_TAG"))
+    image_url: str = field(default_factory=lambda: env_str("DEML_GOLEM_IMAGE_URL"))
+    registry_url: str = field(default_factory=lambda: env_str("DEML_GOLEM_REGISTRY", "https://registry.golem.network"))
+    min_mem_gib: float = field(default_factory=lambda: env_float("DEML_GOLEM_MIN_MEM_GIB", 2.0))
+    min_storage_gib: float = field(default_factory=lambda: env_float("DEML_GOLEM_MIN_STORAGE_GIB", 4.0))
+    min_cpu_threads: int = field(default_factory=lambda: env_int("DEML_GOLEM_MIN_CPU_THREADS", 1))
     # Ask for providers with an NVIDIA GPU passed through (runtime vm-nvidia, capability !exp:gpu).
-    gpu: bool = field(default_factory=lambda: _env_bool("DEML_GOLEM_GPU", False))
+    gpu: bool = field(default_factory=lambda: env_bool("DEML_GOLEM_GPU", False))
     # Providers (activities) working at once.
-    max_workers: int = field(default_factory=lambda: _env_int("DEML_GOLEM_MAX_WORKERS", 4))
+    max_workers: int = field(default_factory=lambda: env_int("DEML_GOLEM_MAX_WORKERS", 4))
     # How long one set of agreements lives; later rounds open a new session, so a job can outlast it.
-    session_minutes: float = field(default_factory=lambda: _env_float("DEML_GOLEM_SESSION_MINUTES", 25.0))
+    session_minutes: float = field(default_factory=lambda: env_float("DEML_GOLEM_SESSION_MINUTES", 25.0))
     # How long a task may wait for the first provider of a session before the job fails.
-    provider_wait_seconds: float = field(default_factory=lambda: _env_float("DEML_GOLEM_PROVIDER_WAIT", 300.0))
+    provider_wait_seconds: float = field(default_factory=lambda: env_float("DEML_GOLEM_PROVIDER_WAIT", 300.0))
     # How often yapapi may hand one task to a provider (it reschedules failed tasks without limit).
-    max_handouts: int = field(default_factory=lambda: _env_int("DEML_GOLEM_MAX_HANDOUTS", 1))
+    max_handouts: int = field(default_factory=lambda: env_int("DEML_GOLEM_MAX_HANDOUTS", 1))
     # A provider that fails this many tasks is not used again by this server.
-    max_provider_failures: int = field(default_factory=lambda: _env_int("DEML_GOLEM_MAX_PROVIDER_FAILURES", 2))
+    max_provider_failures: int = field(default_factory=lambda: env_int("DEML_GOLEM_MAX_PROVIDER_FAILURES", 2))
 
     @property
     def session_seconds(self) -> float:
