@@ -162,14 +162,14 @@ class JobRunner:
                 continue
             if not result.ok:
                 raise JobFailed(f"round {server_round}, worker {i}: the task's code raised an error\n{result.error}")
+            if result.num_examples <= 0:
+                problems.append(f"worker {i}: weights rejected: it reported {result.num_examples} training examples")
+                continue
             try:
                 update = wio.read(result.directory / "weights.safetensors")
                 validate_update(current, update)
-                if result.num_examples <= 0:
-                    raise JobFailed(f"worker {i} reported {result.num_examples} training examples")
-            except (DemlError, JobFailed) as exc:
-                reason = exc.reason if isinstance(exc, DemlError) else str(exc)
-                problems.append(f"worker {i}: weights rejected: {reason}")
+            except DemlError as exc:
+                problems.append(f"worker {i}: weights rejected: {exc.reason}")
                 continue
             results.append(FitResult(f"partition-{i}", update, result.num_examples, result.metrics))
         for problem in problems:
@@ -234,6 +234,7 @@ class JobRunner:
             hyper=hyper,
             train=self._shards.train_all if self._shards else None,
             evaluate_after=True,
+            count=1,
             task_seed=self.spec.seed,
         )
         result = await self._run_one(bundle, "baseline")
@@ -260,18 +261,18 @@ class JobRunner:
         action: str,
         *,
         index: int = 0,
+        count: int | None = None,
         weights: Path | None = None,
         hyper: dict[str, float] | None = None,
         train: Path | None = None,
         evaluate_after: bool = False,
         task_seed: int | None = None,
     ) -> TaskBundle:
-        count = 1 if action == "train" and index == 0 and evaluate_after else self.spec.workers
         return TaskBundle(
             action=action,
             module=self.spec.module,
             partition_index=index,
-            partition_count=count,
+            partition_count=self.spec.workers if count is None else count,
             scheme=self.spec.partitioning,
             alpha=self.spec.dirichlet_alpha,
             seed=self.spec.seed,
