@@ -1,7 +1,9 @@
 """Inference benchmark: DeML (gRPC + gateway + worker processes) against one in-process onnxruntime session.
 
 Throughput: 65,536 rows of the digits MLP (64 float inputs, 10 logits), DeML through `InferenceClient.predict`
-(streamed in batches) against `InferenceSession.run` on the same array, median of --repeats runs each.
+against `InferenceSession.run` on the same array, median of --repeats runs each. DeML is measured both ways a
+client reaches it: through system shared memory (the default for a client on the server's host) and with the
+tensors in gRPC messages (streamed in batches; what a client on another host gets).
 Latency: 1-row requests, p50/p99 over --requests calls each; overhead = DeML minus in-process.
 Both sides run in the same invocation on the same machine; the server runs in a child process.
 
@@ -155,6 +157,7 @@ def main() -> None:
     # Both sides are measured alternately, so that load from other processes on the machine hits both alike.
     local_s: list[float] = []
     deml_s: list[float] = []
+    grpc_s: list[float] = []
     local_1: list[float] = []
     deml_1: list[float] = []
     try:
@@ -162,17 +165,22 @@ def main() -> None:
         port = int(child.stdout.readline())
         options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-            client = InferenceClient(channel)
-            got = client.predict("digits", x)
-            assert isinstance(got, np.ndarray)
-            max_diff = float(np.abs(got - expected).max())
+            client = InferenceClient(channel, same_host=True)
+            max_diff = 0.0
+            for shared in (True, False):
+                got = client.predict("digits", x, shared_memory=shared)
+                assert isinstance(got, np.ndarray)
+                max_diff = max(max_diff, float(np.abs(got - expected).max()))
             for _ in range(args.repeats):
                 started = time.perf_counter()
                 session.run(None, {"input": x})
                 local_s.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                client.predict("digits", x)
+                client.predict("digits", x, shared_memory=True)
                 deml_s.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                client.predict("digits", x, shared_memory=False)
+                grpc_s.append(time.perf_counter() - started)
             for _ in range(50):
                 client.predict("digits", one)
             block = 100
@@ -185,13 +193,14 @@ def main() -> None:
                     started = time.perf_counter()
                     client.predict("digits", one)
                     deml_1.append(time.perf_counter() - started)
+            client.close()
     finally:
         if child.stdin is not None:
             child.stdin.close()
         child.wait(timeout=30)
     load = os.getloadavg()[0]
 
-    local_med, deml_med = statistics.median(local_s), statistics.median(deml_s)
+    local_med, deml_med, grpc_med = statistics.median(local_s), statistics.median(deml_s), statistics.median(grpc_s)
     ms = 1000.0
     result = {
         "machine": {
@@ -206,8 +215,13 @@ def main() -> None:
         "rows": args.rows,
         "repeats": args.repeats,
         "max_abs_diff": max_diff,
-        "throughput_rows_per_s": {"in_process": args.rows / local_med, "deml": args.rows / deml_med},
+        "throughput_rows_per_s": {
+            "in_process": args.rows / local_med,
+            "deml_shared_memory": args.rows / deml_med,
+            "deml_grpc_messages": args.rows / grpc_med,
+        },
         "throughput_ratio": local_med / deml_med,
+        "throughput_ratio_grpc_messages": local_med / grpc_med,
         "latency_ms_1_row": {
             "in_process": {"p50": percentile(local_1, 50) * ms, "p99": percentile(local_1, 99) * ms},
             "deml": {"p50": percentile(deml_1, 50) * ms, "p99": percentile(deml_1, 99) * ms},
@@ -225,8 +239,10 @@ def main() -> None:
     print(f"| measure ({args.rows:,} rows; {args.workers} workers x {args.threads_per_worker} thread) | value |")
     print("|---|---|")
     print(f"| in-process onnxruntime throughput | {tp['in_process']:,.0f} rows/s |")
-    print(f"| DeML predict throughput | {tp['deml']:,.0f} rows/s |")
-    print(f"| throughput ratio (DeML / in-process) | {result['throughput_ratio']:.2f}x |")
+    print(f"| DeML predict throughput, shared memory (same host) | {tp['deml_shared_memory']:,.0f} rows/s |")
+    print(f"| throughput ratio, shared memory (DeML / in-process) | {result['throughput_ratio']:.2f}x |")
+    print(f"| DeML predict throughput, tensors in gRPC messages | {tp['deml_grpc_messages']:,.0f} rows/s |")
+    print(f"| throughput ratio, gRPC messages | {result['throughput_ratio_grpc_messages']:.2f}x |")
     inproc = lat["in_process"]
     print(f"| 1-row latency in-process p50 / p99 | {inproc['p50']:.3f} / {inproc['p99']:.3f} ms |")
     print(f"| 1-row latency DeML p50 / p99 | {lat['deml']['p50']:.3f} / {lat['deml']['p99']:.3f} ms |")

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from deml_client.client import MAX_MESSAGE_BYTES
 from deml_client.inference import InferenceClient
+from deml_client.shm import is_local_target
 
 
 def add_predict_command(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -26,7 +27,17 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:  # type
     predict.add_argument("--input", required=True, help=".npy array for the model's only input, or .npz by name")
     predict.add_argument("--output", required=True, help=".npy (single output) or .npz (outputs by name)")
     predict.add_argument(
-        "--batch-size", type=int, default=0, help="rows per message (default: about 2 MiB of input per message)"
+        "--batch-size",
+        type=int,
+        default=0,
+        help="rows per message (default: about 2 MiB of input per message, 8 MiB through shared memory)",
+    )
+    predict.add_argument(
+        "--shared-memory",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="send tensors through system shared memory instead of gRPC messages (the server must run on this"
+        " host); auto: for large inputs when the server address is a loopback one (default)",
     )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(handler=cmd_predict)
@@ -72,7 +83,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         ) as bar,
     ):
-        outputs = InferenceClient(channel).predict(args.model, inputs, batch_size=args.batch_size, progress=bar.update)
+        client = InferenceClient(channel, same_host=is_local_target(args.server))
+        try:
+            outputs = client.predict(
+                args.model,
+                inputs,
+                batch_size=args.batch_size,
+                progress=bar.update,
+                shared_memory={"auto": None, "on": True, "off": False}[args.shared_memory],
+            )
+        finally:
+            client.close()
     _save_outputs(Path(args.output), outputs)
     shapes = outputs.shape if isinstance(outputs, np.ndarray) else {k: v.shape for k, v in outputs.items()}
     print(f"wrote {args.output}: {shapes}", file=sys.stderr)

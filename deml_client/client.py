@@ -154,11 +154,13 @@ class DemlClient:
         self._models = models_pb2_grpc.ModelServiceStub(self.channel)
         # Imported here: deml_client.inference builds on this module's error type.
         from deml_client.inference import InferenceClient
+        from deml_client.shm import is_local_target
 
-        self._inference = InferenceClient(self.channel)
+        self._inference = InferenceClient(self.channel, same_host=is_local_target(target))
 
     def close(self) -> None:
-        """Close the channel."""
+        """Remove this client's shared memory (if predictions made any) and close the channel."""
+        self._inference.close()
         self.channel.close()
 
     def __enter__(self) -> DemlClient:
@@ -277,9 +279,15 @@ class DemlClient:
         version: int = 0,
         batch_size: int = 0,
         progress: Callable[[int], None] | None = None,
+        shared_memory: bool | None = None,
     ) -> np.ndarray | dict[str, np.ndarray]:
-        """Predictions from MODEL (NAME or NAME:VERSION) for numpy inputs; see InferenceClient.predict."""
-        return self._inference.predict(model, inputs, version=version, batch_size=batch_size, progress=progress)
+        """Predictions from MODEL (NAME or NAME:VERSION) for numpy inputs; see InferenceClient.predict.
+
+        With a server on this host (a loopback target), large batches go through shared memory by default.
+        """
+        return self._inference.predict(
+            model, inputs, version=version, batch_size=batch_size, progress=progress, shared_memory=shared_memory
+        )
 
     def delete_model(self, name: str, version: int) -> models_pb2.Model:
         """Remove one version."""

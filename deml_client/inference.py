@@ -1,7 +1,8 @@
-"""InferenceClient: numpy arrays in, numpy arrays out, over deml.v1.InferenceService.
+"""InferenceClient: numpy arrays in, numpy arrays out, over deml.v1.InferenceService or shared memory.
 
 Small batches go in one Predict call; larger ones are cut into batches of rows and sent over PredictStream, whose
-answers come back in order while later batches are still on the way.
+answers come back in order while later batches are still on the way. A client on the server's host sends large
+batches through system shared memory instead (deml_client.shm), so that their bytes cross no socket.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import grpc
 import numpy as np
 
 from deml.v1 import inference_pb2, inference_pb2_grpc
+from deml_client import shm
 from deml_client.client import DemlClientError
 
 # Without a batch size, batches are cut to about this many bytes of input (measured: large enough to amortise the
 # per-message cost, small enough for several batches to be in flight on the server's workers at once).
 AUTO_BATCH_BYTES = 2 << 20
+# On the server's host, batches with at least this many input bytes go through shared memory (smaller ones gain
+# less than the extra metadata call costs).
+SHARED_MIN_BYTES = 1 << 20
 
 _DTYPES: dict[inference_pb2.DataType.ValueType, np.dtype[np.generic]] = {
     inference_pb2.DATA_TYPE_BOOL: np.dtype(np.bool_),
@@ -72,8 +77,17 @@ def _batch_rows(arrays: Mapping[str, np.ndarray], rows: int, batch_size: int) ->
 class InferenceClient:
     """Predictions from a DeML server's registered models."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, *, same_host: bool = False) -> None:
+        """`same_host`: the server runs on this host (a loopback target), so large batches may use shared memory."""
+        self._channel = channel
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        self._auto_shared = same_host and shm.available()
+        self._shared: shm.SharedMemoryPredictor | None = None
+
+    def close(self) -> None:
+        """Unregister and remove this client's shared memory, if it made any."""
+        if self._shared is not None:
+            self._shared.close()
 
     def predict(
         self,
@@ -83,12 +97,16 @@ class InferenceClient:
         version: int = 0,
         batch_size: int = 0,
         progress: Callable[[int], None] | None = None,
+        shared_memory: bool | None = None,
     ) -> np.ndarray | dict[str, np.ndarray]:
         """Run `inputs` through MODEL (NAME or NAME:VERSION; version 0 = latest).
 
         A single array feeds the model's only input and returns its only output (a dict when it has several).
         A mapping feeds inputs by name and returns every output by name. Rows beyond one batch (batch_size, or
         about 2 MiB of input when 0) are streamed batch by batch; `progress(rows)` is called as batches return.
+        `shared_memory`: True sends the batch through system shared memory (the server must be on this host),
+        False never does, None (the default) does for batches of 1 MiB or more when the client was made with
+        `same_host` and the server accepts the shared memory.
         Raises DemlClientError with the server's status code and message.
         """
         name, _, tag = model.partition(":")
@@ -101,19 +119,65 @@ class InferenceClient:
             {"": inputs} if isinstance(inputs, np.ndarray) else {k: np.asarray(v) for k, v in inputs.items()}
         )
         rows = _rows(arrays)
-        step = _batch_rows(arrays, rows, batch_size)
         try:
-            if rows <= step:
-                outputs = self._predict_once(name, version, arrays)
-                if progress is not None:
-                    progress(rows)
-            else:
-                outputs = self._predict_stream(name, version, arrays, rows, step, progress)
+            outputs = self._predict_shared(name, version, arrays, rows, batch_size, progress, shared_memory)
+            if outputs is None:
+                outputs = self._predict_grpc(name, version, arrays, rows, batch_size, progress)
         except grpc.RpcError as exc:
             raise DemlClientError(exc.code(), exc.details() or "") from None
         if single and len(outputs) == 1:
             return next(iter(outputs.values()))
         return outputs
+
+    def _predict_grpc(
+        self,
+        name: str,
+        version: int,
+        arrays: Arrays,
+        rows: int,
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> Arrays:
+        step = _batch_rows(arrays, rows, batch_size)
+        if rows > step:
+            return self._predict_stream(name, version, arrays, rows, step, progress)
+        outputs = self._predict_once(name, version, arrays)
+        if progress is not None:
+            progress(rows)
+        return outputs
+
+    def _predict_shared(
+        self,
+        name: str,
+        version: int,
+        arrays: Arrays,
+        rows: int,
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+        wanted: bool | None,
+    ) -> Arrays | None:
+        """The outputs through shared memory, or None when the batch should go over gRPC instead."""
+        if wanted is False or (wanted is None and not self._auto_shared):
+            return None
+        if wanted is None and (rows == 0 or sum(a.nbytes for a in arrays.values()) < SHARED_MIN_BYTES):
+            return None
+        if not shm.available():
+            raise DemlClientError(grpc.StatusCode.FAILED_PRECONDITION, f"this host has no writable {shm.SHM_DIR}")
+        if self._shared is None:
+            self._shared = shm.SharedMemoryPredictor(self._channel)
+        # One batch at a time uses the shared object; a concurrent call takes the gRPC path unless it asked.
+        if not self._shared.lock.acquire(blocking=wanted is True):
+            return None
+        try:
+            return self._shared.predict(name, version, arrays, rows, progress, batch_size)
+        except shm.SharedMemoryRefused as exc:
+            if wanted:
+                message = f"the server did not take this client's shared memory: {exc.message}"
+                raise DemlClientError(exc.code, message) from None
+            self._auto_shared = False  # e.g. a port forwarded from another host: stay on gRPC from now on
+            return None
+        finally:
+            self._shared.lock.release()
 
     def _predict_once(self, name: str, version: int, arrays: Arrays) -> Arrays:
         request = inference_pb2.PredictRequest(

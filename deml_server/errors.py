@@ -19,6 +19,10 @@ class NotFound(DemlError):
     """A named job, model or version does not exist."""
 
 
+class AlreadyExists(DemlError):
+    """A name the caller wants to create is taken."""
+
+
 class FailedPrecondition(DemlError):
     """The request is well formed but the target is not in a state that allows it."""
 

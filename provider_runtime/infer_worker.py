@@ -13,12 +13,17 @@ Requests:
                                                                "outputs": [[name, dtype, shape, offset], ...]}
   failures                                                  -> {"id": n, "ok": false, "kind": K, "error": text}
      K is "load" (the model cannot be opened), "input" (onnxruntime rejected the inputs), "cancelled" or "error".
+An input may instead live in a client's shared-memory file: [name, dtype, shape, offset, path, [dev, inode]] is
+read in place from that file. "outputs_to": [[name, path, [dev, inode], offset, capacity], ...] asks for outputs
+to be written into such files; their reply entries carry a fifth element, 1, and an offset into that file.
+A file whose (dev, inode) differs from the request's was replaced since its region was registered: refused.
 A line with an id on the file descriptor given as --cancel-fd stops the run with that id (RunOptions.terminate).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -89,12 +94,64 @@ class SharedFile:
         return self.map
 
 
+class ClientFiles:
+    """Clients' shared-memory files, mapped on first use and kept open (the most recently used few)."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self._limit = limit
+        self._open: OrderedDict[str, tuple[tuple[int, int], int, mmap.mmap]] = OrderedDict()
+
+    def buffer(self, path: str, identity: list[int], end: int) -> mmap.mmap:
+        """The mapping of `path`, which must be the file registered as `identity` and hold at least `end` bytes."""
+        want = (int(identity[0]), int(identity[1]))
+        # The name must still lead to the registered file: a client that replaced it would otherwise have this
+        # worker read the old, unlinked file while it writes the new one.
+        stat = os.stat(path, follow_symlinks=False)
+        if (stat.st_dev, stat.st_ino) != want:
+            raise InputError(f"shared memory file {path} was replaced since its region was registered")
+        found = self._open.get(path)
+        if found is not None and found[0] != want:
+            self._close(path)
+            found = None
+        if found is None:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            stat = os.fstat(fd)
+            if (stat.st_dev, stat.st_ino) != want:
+                os.close(fd)
+                raise InputError(f"shared memory file {path} was replaced since its region was registered")
+            found = (want, fd, mmap.mmap(fd, stat.st_size))
+            self._open[path] = found
+            while len(self._open) > self._limit:
+                self._close(next(iter(self._open)))
+        self._open.move_to_end(path)
+        _, fd, mapping = found
+        # A client may have shrunk the file: touching pages beyond its end would kill this process (SIGBUS).
+        size = os.fstat(fd).st_size
+        if end > size:
+            raise InputError(f"shared memory file {path} holds {size} bytes, {end} needed")
+        if end > len(mapping):
+            self._close(path)
+            return self.buffer(path, identity, end)
+        return mapping
+
+    def _close(self, path: str) -> None:
+        _, fd, mapping = self._open.pop(path)
+        with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
+            mapping.close()
+        os.close(fd)
+
+
+class InputError(Exception):
+    """A request named shared memory this worker cannot use."""
+
+
 class Worker:
     """Sessions by model path (least recently used closed first) and the run loop's state."""
 
     def __init__(self, *, in_file: str, out_file: str, threads: int, device: str, max_sessions: int) -> None:
         self.inputs = SharedFile(in_file)
         self.outputs = SharedFile(out_file)
+        self.client_files = ClientFiles()
         self.threads = threads
         self.providers = choose_providers(device, ort.get_available_providers())
         self.max_sessions = max_sessions
@@ -139,11 +196,10 @@ class Worker:
 
     def run(self, run_id: int, session: ort.InferenceSession, message: dict[str, Any]) -> dict[str, Any]:
         """Read the inputs in place, run, write the outputs into the output file."""
-        buffer = self.inputs.ensure(int(message["in_size"]))
-        feeds = {
-            name: np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=buffer, offset=offset)
-            for name, dtype, shape, offset in message["inputs"]
-        }
+        try:
+            feeds = self.feeds(message)
+        except (InputError, OSError) as exc:
+            return {"id": run_id, "ok": False, "kind": "input", "error": str(exc)}
         options = ort.RunOptions()
         with self._lock:
             self._running_id, self._run_options = run_id, options
@@ -157,19 +213,47 @@ class Worker:
                 self._running_id, self._run_options = None, None
             del feeds
         names = [o.name for o in session.get_outputs()]
+        places = {entry[0]: entry[1:] for entry in message.get("outputs_to", [])}
         layout = []
         offset = 0
         for name, value in zip(names, results, strict=True):
             if not isinstance(value, np.ndarray) or value.dtype.hasobject:
                 return {"id": run_id, "ok": False, "kind": "error", "error": f"output {name!r} is not a numeric tensor"}
-            layout.append((name, value, offset))
-            offset = aligned(offset + value.nbytes)
+            if name in places and value.nbytes > int(places[name][3]):
+                error = f"output {name!r} needs {value.nbytes} bytes, its shared memory gives {places[name][3]}"
+                return {"id": run_id, "ok": False, "kind": "input", "error": error}
+            if name not in places:
+                layout.append((name, value, offset))
+                offset = aligned(offset + value.nbytes)
         out = self.outputs.grow(offset)
         described = []
         for name, value, start in layout:
             np.ndarray(value.shape, dtype=value.dtype, buffer=out, offset=start)[...] = value
             described.append([name, value.dtype.str, list(value.shape), start])
+        for name, value in zip(names, results, strict=True):
+            if name in places:
+                path, identity, start, _ = places[name]
+                try:
+                    target = self.client_files.buffer(path, identity, int(start) + value.nbytes)
+                except (InputError, OSError) as exc:
+                    return {"id": run_id, "ok": False, "kind": "input", "error": str(exc)}
+                np.ndarray(value.shape, dtype=value.dtype, buffer=target, offset=int(start))[...] = value
+                described.append([name, value.dtype.str, list(value.shape), int(start), 1])
         return {"id": run_id, "ok": True, "out_size": self.outputs.size, "outputs": described}
+
+    def feeds(self, message: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The request's inputs as arrays over the shared input file or a client's shared-memory file."""
+        feeds = {}
+        for name, dtype, shape, offset, *place in message["inputs"]:
+            dims = tuple(shape)
+            kind = np.dtype(dtype)
+            if place:
+                end = int(offset) + int(np.prod(dims, dtype=np.int64)) * kind.itemsize
+                buffer = self.client_files.buffer(place[0], place[1], end)
+            else:
+                buffer = self.inputs.ensure(int(message["in_size"]))
+            feeds[name] = np.ndarray(dims, dtype=kind, buffer=buffer, offset=int(offset))
+        return feeds
 
 
 def _cancel_loop(worker: Worker, fd: int) -> None:

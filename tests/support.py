@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,13 @@ def make_config(data_dir: Path, **overrides: object) -> ServerConfig:
 class ServerProcess:
     """`python -m deml_server` as a child process (for CLI and crash tests)."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
+        """`prefix`: a command that execs the server (e.g. in other namespaces), keeping its pid."""
         self.log_path = data_dir.parent / f"{data_dir.name}-server-{time.time_ns()}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deml_server", "--port", "0", "--data-dir", str(data_dir), *extra],
+            [*prefix, sys.executable, "-m", "deml_server", "--port", "0", "--data-dir", str(data_dir), *extra],
             stdout=subprocess.PIPE,
             stderr=self._log,
             cwd=ROOT,

@@ -54,6 +54,18 @@ class GRPCInferenceServiceStub:
     """RepositoryModelLoad loads (or reloads) a model from the server's repository."""
     RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryModelUnloadRequest, _grpc_predict_v2_pb2.RepositoryModelUnloadResponse]
     """RepositoryModelUnload unloads a model."""
+    SystemSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.SystemSharedMemoryStatusRequest, _grpc_predict_v2_pb2.SystemSharedMemoryStatusResponse]
+    """The system shared-memory extension (Triton's, same names and numbers): a client on the server's host puts
+    tensors in a POSIX shared-memory object, registers it as a named region, and names the region in an input's
+    or requested output's parameters ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+    instead of sending the bytes.
+
+    SystemSharedMemoryStatus lists the registered regions (all of them when the name is empty).
+    """
+    SystemSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.SystemSharedMemoryRegisterRequest, _grpc_predict_v2_pb2.SystemSharedMemoryRegisterResponse]
+    """SystemSharedMemoryRegister registers a region: byte_size bytes at offset in the shared-memory object key."""
+    SystemSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.SystemSharedMemoryUnregisterRequest, _grpc_predict_v2_pb2.SystemSharedMemoryUnregisterResponse]
+    """SystemSharedMemoryUnregister forgets a region (all of them when the name is empty)."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -76,6 +88,18 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """RepositoryModelLoad loads (or reloads) a model from the server's repository."""
     RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryModelUnloadRequest, _grpc_predict_v2_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
     """RepositoryModelUnload unloads a model."""
+    SystemSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.SystemSharedMemoryStatusRequest, _grpc_predict_v2_pb2.SystemSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """The system shared-memory extension (Triton's, same names and numbers): a client on the server's host puts
+    tensors in a POSIX shared-memory object, registers it as a named region, and names the region in an input's
+    or requested output's parameters ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+    instead of sending the bytes.
+
+    SystemSharedMemoryStatus lists the registered regions (all of them when the name is empty).
+    """
+    SystemSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.SystemSharedMemoryRegisterRequest, _grpc_predict_v2_pb2.SystemSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    """SystemSharedMemoryRegister registers a region: byte_size bytes at offset in the shared-memory object key."""
+    SystemSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.SystemSharedMemoryUnregisterRequest, _grpc_predict_v2_pb2.SystemSharedMemoryUnregisterResponse]  # type: ignore[assignment]
+    """SystemSharedMemoryUnregister forgets a region (all of them when the name is empty)."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """GRPCInferenceService is the Open Inference Protocol's gRPC service."""
@@ -143,5 +167,35 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_predict_v2_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_predict_v2_pb2.RepositoryModelUnloadResponse]]:
         """RepositoryModelUnload unloads a model."""
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryStatus(
+        self,
+        request: _grpc_predict_v2_pb2.SystemSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.SystemSharedMemoryStatusResponse, _abc.Awaitable[_grpc_predict_v2_pb2.SystemSharedMemoryStatusResponse]]:
+        """The system shared-memory extension (Triton's, same names and numbers): a client on the server's host puts
+        tensors in a POSIX shared-memory object, registers it as a named region, and names the region in an input's
+        or requested output's parameters ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+        instead of sending the bytes.
+
+        SystemSharedMemoryStatus lists the registered regions (all of them when the name is empty).
+        """
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryRegister(
+        self,
+        request: _grpc_predict_v2_pb2.SystemSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.SystemSharedMemoryRegisterResponse, _abc.Awaitable[_grpc_predict_v2_pb2.SystemSharedMemoryRegisterResponse]]:
+        """SystemSharedMemoryRegister registers a region: byte_size bytes at offset in the shared-memory object key."""
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryUnregister(
+        self,
+        request: _grpc_predict_v2_pb2.SystemSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.SystemSharedMemoryUnregisterResponse, _abc.Awaitable[_grpc_predict_v2_pb2.SystemSharedMemoryUnregisterResponse]]:
+        """SystemSharedMemoryUnregister forgets a region (all of them when the name is empty)."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

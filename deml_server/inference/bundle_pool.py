@@ -19,7 +19,7 @@ import numpy as np
 
 from deml_server.backends.base import Backend, WorkItem
 from deml_server.errors import Unavailable
-from deml_server.inference.pool import ShardFailed, Tensors
+from deml_server.inference.pool import Places, ShardFailed, Tensors
 
 
 class BundlePool:
@@ -75,8 +75,21 @@ class BundlePool:
         """Nothing to warm up here: a provider caches the model with its first shard."""
         return []
 
-    async def run(self, model_path: str, inputs: Sequence[tuple[str, np.ndarray]], *, owner: object) -> Tensors:
-        """Run one shard as a task; a provider failure is retried on another once, then the call fails."""
+    async def run(
+        self,
+        model_path: str,
+        inputs: Sequence[tuple[str, np.ndarray]],
+        *,
+        owner: object,
+        placed: Places | None = None,
+        outputs_to: Places | None = None,
+    ) -> Tensors:
+        """Run one shard as a task; a provider failure is retried on another once, then the call fails.
+
+        Shards travel to the provider as files, so inputs in shared memory are read from the arrays given and
+        outputs come back as arrays (the gateway copies them into the client's shared memory).
+        """
+        del placed, outputs_to
         if not self._started:
             raise Unavailable("the inference pool is not running")
         root = Path(tempfile.mkdtemp(prefix=f"shard-{next(self._numbers)}-", dir=self._work_dir))

@@ -11,6 +11,7 @@ from deml.oip import grpc_predict_v2_pb2 as oip_pb2
 from deml.v1 import inference_pb2
 from deml_server.domain import ModelRecord, TensorSpec
 from deml_server.errors import InvalidArgument
+from deml_server.inference.shm import FileSlice, SharedMemoryRegistry
 from deml_server.inference.signature import numpy_dtype, oip_datatype
 
 PLATFORM = "onnxruntime_onnx"
@@ -37,14 +38,17 @@ def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def array_from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes) -> np.ndarray:
-    """A read-only view of raw little-endian bytes; InvalidArgument when their length does not match the shape."""
+def array_from_bytes(
+    name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview, *, shared: bool = False
+) -> np.ndarray:
+    """A view of raw little-endian bytes; InvalidArgument when their length does not match the shape."""
     dtype = numpy_dtype(datatype)
     dims = _check_shape(name, shape)
     expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
+        where = " (shared_memory_byte_size)" if shared else ""
         raise InvalidArgument(
-            f"input {name!r} carries {len(data)} bytes, but shape {list(dims)} of {datatype} needs {expected}"
+            f"input {name!r} carries {len(data)} bytes{where}, but shape {list(dims)} of {datatype} needs {expected}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(dims)
 
@@ -123,22 +127,70 @@ def _typed_contents(tensor: oip_pb2.ModelInferRequest.InferInputTensor) -> np.nd
         raise InvalidArgument(f"input {tensor.name!r} has values out of range for {tensor.datatype}") from None
 
 
-def infer_inputs(request: oip_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's inputs as arrays: from raw_input_contents when present, else from typed contents."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
-        )
+InferTensor = oip_pb2.ModelInferRequest.InferInputTensor | oip_pb2.ModelInferRequest.InferRequestedOutputTensor
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
+
+
+def _int_parameter(tensor: InferTensor, what: str, key: str, default: int | None) -> int:
+    if key not in tensor.parameters:
+        if default is None:
+            raise InvalidArgument(f"{what} names a shared memory region but no {key}")
+        return default
+    parameter = tensor.parameters[key]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in {"int64_param", "uint64_param"}:
+        raise InvalidArgument(f"{what}: parameter {key} must be an integer")
+    return int(getattr(parameter, kind))
+
+
+def _shared_slice(tensor: InferTensor, what: str, regions: SharedMemoryRegistry) -> FileSlice | None:
+    """Where a tensor lives in a registered shared-memory region, or None when it travels in the message."""
+    if SHM_REGION not in tensor.parameters:
+        if SHM_BYTE_SIZE in tensor.parameters or SHM_OFFSET in tensor.parameters:
+            raise InvalidArgument(f"{what} has shared memory parameters but no {SHM_REGION}")
+        return None
+    region = tensor.parameters[SHM_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"{what}: parameter {SHM_REGION} must be a string")
+    byte_size = _int_parameter(tensor, what, SHM_BYTE_SIZE, None)
+    offset = _int_parameter(tensor, what, SHM_OFFSET, 0)
+    return regions.get(region.string_param).slice(offset, byte_size, what)
+
+
+def infer_inputs(
+    request: oip_pb2.ModelInferRequest, regions: SharedMemoryRegistry
+) -> tuple[dict[str, np.ndarray], dict[str, FileSlice]]:
+    """The request's inputs as arrays, and where those given in shared memory live.
+
+    Each input comes from a registered shared-memory region (its parameters name it), from raw_input_contents
+    (one entry per input not in shared memory, in order), or else from its typed contents.
+    """
     arrays: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
-        if tensor.name in arrays:
+    placed: dict[str, FileSlice] = {}
+    in_message = []
+    for tensor in request.inputs:
+        if tensor.name in arrays or tensor.name in placed:
             raise InvalidArgument(f"input {tensor.name!r} appears twice in the request")
+        where = _shared_slice(tensor, f"input {tensor.name!r}", regions)
+        if where is None:
+            in_message.append(tensor)
+            continue
+        placed[tensor.name] = where
+        arrays[tensor.name] = array_from_bytes(tensor.name, tensor.datatype, tensor.shape, where.buffer, shared=True)
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(in_message):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(in_message)} inputs not in shared memory;"
+            " send one per such input"
+        )
+    for index, tensor in enumerate(in_message):
         if raw:
             arrays[tensor.name] = array_from_bytes(tensor.name, tensor.datatype, tensor.shape, raw[index])
         else:
             arrays[tensor.name] = _typed_contents(tensor)
-    return arrays
+    return {tensor.name: arrays[tensor.name] for tensor in request.inputs}, placed
 
 
 def requested_outputs(request: oip_pb2.ModelInferRequest, record: ModelRecord) -> list[str]:
@@ -154,15 +206,42 @@ def requested_outputs(request: oip_pb2.ModelInferRequest, record: ModelRecord) -
     return wanted or known
 
 
+def output_places(request: oip_pb2.ModelInferRequest, regions: SharedMemoryRegistry) -> dict[str, FileSlice]:
+    """Requested outputs to be written into registered shared-memory regions, by name."""
+    places = {}
+    for output in request.outputs:
+        where = _shared_slice(output, f"output {output.name!r}", regions)
+        if where is not None:
+            places[output.name] = where
+    return places
+
+
 def infer_response(
-    request: oip_pb2.ModelInferRequest, record: ModelRecord, outputs: Mapping[str, np.ndarray]
+    request: oip_pb2.ModelInferRequest,
+    record: ModelRecord,
+    outputs: Mapping[str, np.ndarray],
+    in_shared_memory: Mapping[str, FileSlice],
 ) -> oip_pb2.ModelInferResponse:
-    """The response with raw_output_contents, outputs in the requested order."""
+    """The response, outputs in the requested order: raw_output_contents, except for outputs in shared memory.
+
+    Outputs written to shared memory echo their region parameters and carry no bytes; when others do, they get
+    an empty raw_output_contents entry so that entries stay aligned with `outputs`.
+    """
     response = oip_pb2.ModelInferResponse(model_name=record.name, model_version=str(record.version), id=request.id)
-    for name in requested_outputs(request, record):
+    names = requested_outputs(request, record)
+    any_raw = any(name not in in_shared_memory for name in names)
+    by_name = {output.name: output for output in request.outputs}
+    for name in names:
         array = outputs[name]
-        response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=array.shape)
-        response.raw_output_contents.append(raw_bytes(array))
+        tensor = response.outputs.add(name=name, datatype=oip_datatype(array.dtype), shape=array.shape)
+        if name in in_shared_memory:
+            for key in (SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET):
+                if key in by_name[name].parameters:
+                    tensor.parameters[key].CopyFrom(by_name[name].parameters[key])
+            if any_raw:
+                response.raw_output_contents.append(b"")
+        else:
+            response.raw_output_contents.append(raw_bytes(array))
     return response
 
 

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from deml_server.domain import ModelRecord
-from deml_server.errors import DemlError, Unavailable
+from deml_server.errors import DemlError, InvalidArgument, Unavailable
 from deml_server.inference.bundle_pool import BundlePool
-from deml_server.inference.pool import ShardFailed, Tensors, WorkerPool, shard_error
-from deml_server.inference.signature import batch_rows, bind_inputs, empty_outputs
+from deml_server.inference.pool import Places, ShardFailed, Tensors, WorkerPool, shard_error
+from deml_server.inference.shm import SharedMemoryRegistry
+from deml_server.inference.signature import batch_rows, bind_inputs, empty_outputs, row_bytes
 from deml_server.registry import ModelRegistry
 
 # Upper bound for one shard's inputs: bounded shards keep the pool fair to other requests and let the copies of
@@ -55,14 +56,17 @@ class InferenceGateway:
         self._registry = registry
         # Local worker processes by default; a BundlePool runs shards on a training backend (Golem) instead.
         self.pool = pool if pool is not None else WorkerPool(size=workers, threads=threads_per_worker, device=device)
+        # Regions of clients' shared memory that requests may name instead of carrying tensor bytes.
+        self.shared_memory = SharedMemoryRegistry()
 
     async def start(self) -> None:
         """Start the worker processes (each imports onnxruntime once)."""
         await self.pool.start()
 
     async def close(self) -> None:
-        """Stop the worker processes."""
+        """Stop the worker processes and forget the shared-memory regions."""
         await self.pool.close()
+        self.shared_memory.close()
 
     @property
     def live(self) -> bool:
@@ -113,9 +117,22 @@ class InferenceGateway:
         record = self._registry.get(name, version)
         return record, await self.predict_record(record, inputs)
 
-    async def predict_record(self, record: ModelRecord, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Like predict, for a version already resolved (a stream keeps one version throughout)."""
+    async def predict_record(
+        self,
+        record: ModelRecord,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        placed: Places | None = None,
+        outputs_to: Places | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Like predict, for a version already resolved (a stream keeps one version throughout).
+
+        `placed` says which inputs are views of a client's shared memory (the workers read those in place);
+        outputs named in `outputs_to` are written into the client's shared memory, and returned as views of it.
+        """
         bound = bind_inputs(record, inputs)
+        placed = _by_input_name(record, placed or {})
+        outputs_to = dict(outputs_to or {})
         if not self.pool.started:
             raise Unavailable("the inference workers are not running")
         path = str(self._registry.path(record))
@@ -123,26 +140,54 @@ class InferenceGateway:
         rows = batch_rows(record, bound)
         if rows == 0:
             return empty_outputs(record)
+        out_rows = {spec.name: row_bytes(spec) for spec in record.outputs if spec.name in outputs_to}
+        for name, size in out_rows.items():
+            if rows is not None and size is not None and rows * size > outputs_to[name].byte_size:
+                raise InvalidArgument(
+                    f"output {name!r} needs {rows * size} bytes for {rows} rows; its shared memory holds"
+                    f" {outputs_to[name].byte_size}"
+                )
         owner = object()
-        if rows is None:
-            shards = [(0, 0)]
+        if rows is None or None in out_rows.values():
+            # Rows cannot be split, or an output's row size is only known after the run: one shard.
+            shards = [(0, rows or 0)]
         else:
-            row_bytes = sum(array.nbytes // rows for _, array in bound)
-            shards = plan_shards(rows, row_bytes, max(1, self.pool.idle))
+            in_rows = sum(array.nbytes // rows for _, array in bound)
+            shards = plan_shards(rows, in_rows, max(1, self.pool.idle))
         try:
             if len(shards) == 1:
-                results = [await self.pool.run(path, bound, owner=owner)]
+                results = [await self.pool.run(path, bound, owner=owner, placed=placed, outputs_to=outputs_to)]
             else:
-                results = await self._run_all(path, bound, shards, owner)
+                results = await self._run_all(path, bound, shards, owner, placed, outputs_to, out_rows)
         except ShardFailed as exc:
             raise shard_error(exc, label) from None
-        return _merge(record, results)
+        return _merge(record, results, outputs_to)
 
-    async def _run_all(self, path: str, bound: Tensors, shards: list[tuple[int, int]], owner: object) -> list[Tensors]:
-        tasks = [
-            asyncio.create_task(self.pool.run(path, [(n, a[start:stop]) for n, a in bound], owner=owner))
-            for start, stop in shards
-        ]
+    async def _run_all(
+        self,
+        path: str,
+        bound: Tensors,
+        shards: list[tuple[int, int]],
+        owner: object,
+        placed: Places,
+        outputs_to: Places,
+        out_rows: Mapping[str, int | None],
+    ) -> list[Tensors]:
+        async def run(start: int, stop: int) -> Tensors:
+            inputs = [(name, array[start:stop]) for name, array in bound]
+            size = {name: array.nbytes // len(array) for name, array in bound if name in placed}
+            return await self.pool.run(
+                path,
+                inputs,
+                owner=owner,
+                placed={n: s.part(start * size[n], (stop - start) * size[n]) for n, s in placed.items()},
+                outputs_to={
+                    n: s.part(start * (out_rows[n] or 0), (stop - start) * (out_rows[n] or 0))
+                    for n, s in outputs_to.items()
+                },
+            )
+
+        tasks = [asyncio.create_task(run(start, stop)) for start, stop in shards]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -153,8 +198,19 @@ class InferenceGateway:
             raise
 
 
-def _merge(record: ModelRecord, results: list[Tensors]) -> dict[str, np.ndarray]:
-    """Concatenate shard outputs in row order, keyed and ordered by the model's outputs."""
+def _by_input_name(record: ModelRecord, placed: Places) -> Places:
+    """Placements keyed like bind_inputs' result: an unnamed input is the model's only input."""
+    if "" in placed and len(record.inputs) == 1:
+        return {record.inputs[0].name: placed[""]}
+    return placed
+
+
+def _merge(record: ModelRecord, results: list[Tensors], outputs_to: Places) -> dict[str, np.ndarray]:
+    """Concatenate shard outputs in row order, keyed and ordered by the model's outputs.
+
+    Outputs with a place in shared memory are assembled there: parts a worker already wrote in place are left
+    alone, others (a pool that cannot write in place) are copied.
+    """
     by_name = [dict(result) for result in results]
     merged: dict[str, np.ndarray] = {}
     order = [spec.name for spec in record.outputs] or list(by_name[0])
@@ -162,5 +218,25 @@ def _merge(record: ModelRecord, results: list[Tensors]) -> dict[str, np.ndarray]
         parts = [part[name] for part in by_name if name in part]
         if not parts:
             continue
-        merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        where = outputs_to.get(name)
+        if where is None:
+            merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            continue
+        shape = (sum(len(part) for part in parts), *parts[0].shape[1:]) if parts[0].ndim else ()
+        dtype = parts[0].dtype
+        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if needed > where.byte_size:
+            raise InvalidArgument(f"output {name!r} needs {needed} bytes; its shared memory holds {where.byte_size}")
+        whole = where.array(dtype, shape)
+        row = 0
+        for part in parts:
+            target = whole[row : row + len(part)] if whole.ndim else whole
+            if _address(target) != _address(part) or target.shape != part.shape:
+                target[...] = part
+            row += len(part) if part.ndim else 0
+        merged[name] = whole
     return merged
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])

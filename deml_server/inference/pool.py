@@ -5,6 +5,9 @@ writes the outputs into the other, and only a short JSON line per shard crosses 
 a time. Waiting shards are handed out round-robin across their owners (one owner per request), so a huge request
 cannot starve small ones. A shard whose worker dies is tried once more on another worker while the dead one is
 replaced; a cancelled shard stops its worker's run (RunOptions.terminate) before the worker is reused.
+
+Inputs and outputs placed in a client's registered shared memory (deml_server.inference.shm) skip the worker's
+files: the worker maps the client's file and reads or writes the tensor there.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import shutil
 import sys
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deml_server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from deml_server.inference.shm import FileSlice
 from provider_runtime.lifeline import PARENT_ENV
 
 log = logging.getLogger(__name__)
@@ -37,8 +41,13 @@ INITIAL_FILE_BYTES = 1 << 20
 START_TIMEOUT_S = 120.0
 CANCEL_GRACE_S = 30.0
 RESPAWN_DELAY_S = 1.0
+# A pool's shared files live in a folder named after the server's pid, so a later server can remove the folders
+# of servers that were killed before they could.
+DIR_PREFIX = "deml-infer-"
 
 Tensors = list[tuple[str, np.ndarray]]
+# Tensors by name that live in a client's shared memory: inputs to read in place, outputs to write in place.
+Places = Mapping[str, FileSlice]
 
 
 class WorkerDied(Exception):
@@ -56,6 +65,26 @@ class ShardFailed(Exception):
 
 def _aligned(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _remove_orphans(parent: Path) -> None:
+    """Remove pools' shared files left behind by servers that were killed (their pid no longer runs)."""
+    for folder in parent.glob(f"{DIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(DIR_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        log.info("removing %s, left by inference pool of process %s", folder, pid)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _shared_dir() -> str:
@@ -172,27 +201,40 @@ class Worker:
         with contextlib.suppress(OSError):
             os.write(self._cancel_fd, f"{run_id}\n".encode())
 
-    def write_inputs(self, inputs: Sequence[tuple[str, np.ndarray]]) -> list[list[Any]]:
-        """Copy the arrays into the input file; return their descriptions (name, dtype, shape, offset)."""
+    def write_inputs(self, inputs: Sequence[tuple[str, np.ndarray]], placed: Places) -> list[list[Any]]:
+        """Copy the arrays into the input file; return their descriptions (name, dtype, shape, offset).
+
+        Inputs in `placed` are not copied: their descriptions name the client's file the worker reads them from.
+        """
         offsets = []
         offset = 0
-        for _, array in inputs:
+        for name, array in inputs:
             offsets.append(offset)
-            offset = _aligned(offset + array.nbytes)
+            if name not in placed:
+                offset = _aligned(offset + array.nbytes)
         self.inputs.grow(offset)
-        for (_, array), start in zip(inputs, offsets, strict=True):
+        layout: list[list[Any]] = []
+        for (name, array), start in zip(inputs, offsets, strict=True):
+            where = placed.get(name)
+            if where is not None:
+                layout.append([name, array.dtype.str, list(array.shape), where.offset, where.path, where.identity])
+                continue
             if array.size:
                 np.ndarray(array.shape, dtype=array.dtype, buffer=self.inputs.map, offset=start)[...] = array
-        pairs = zip(inputs, offsets, strict=True)
-        return [[name, array.dtype.str, list(array.shape), start] for (name, array), start in pairs]
+            layout.append([name, array.dtype.str, list(array.shape), start])
+        return layout
 
-    def read_outputs(self, reply: dict[str, Any]) -> Tensors:
-        """Copy the outputs out of the output file (it is reused by the next shard)."""
+    def read_outputs(self, reply: dict[str, Any], outputs_to: Places) -> Tensors:
+        """Copy the outputs out of the output file (it is reused by the next shard); view those written in place."""
         self.outputs.ensure(int(reply["out_size"]))
-        return [
-            (name, np.array(np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=self.outputs.map, offset=offset)))
-            for name, dtype, shape, offset in reply["outputs"]
-        ]
+        tensors = []
+        for name, dtype, shape, offset, *in_place in reply["outputs"]:
+            if in_place:
+                tensors.append((name, outputs_to[name].array(np.dtype(dtype), tuple(shape))))
+                continue
+            view = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=self.outputs.map, offset=offset)
+            tensors.append((name, np.array(view)))
+        return tensors
 
     async def stop(self) -> None:
         """Close stdin (the worker exits), wait briefly, then kill."""
@@ -283,7 +325,8 @@ class WorkerPool:
         """Spawn every worker and wait until each has imported onnxruntime."""
         if not self._closed:
             return
-        self._dir = Path(tempfile.mkdtemp(prefix="deml-infer-", dir=_shared_dir()))
+        _remove_orphans(Path(_shared_dir()))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=_shared_dir()))
         self._closed = False
         try:
             workers = await asyncio.gather(*(self._spawn(slot) for slot in range(self.size)))
@@ -441,23 +484,50 @@ class WorkerPool:
             raise ShardFailed(str(reply.get("kind")), str(reply.get("error")))
         return list(reply.get("providers", []))
 
-    async def run(self, model_path: str, inputs: Sequence[tuple[str, np.ndarray]], *, owner: object) -> Tensors:
-        """Run one shard on the next free worker; a worker that dies mid-shard costs one retry elsewhere."""
+    async def run(
+        self,
+        model_path: str,
+        inputs: Sequence[tuple[str, np.ndarray]],
+        *,
+        owner: object,
+        placed: Places | None = None,
+        outputs_to: Places | None = None,
+    ) -> Tensors:
+        """Run one shard on the next free worker; a worker that dies mid-shard costs one retry elsewhere.
+
+        `placed` inputs are read, and `outputs_to` outputs written, in the client's shared memory.
+        """
         for attempt in (1, 2):
             worker = await self._acquire(owner)
             try:
-                return await self._run_on(worker, model_path, inputs)
+                return await self._run_on(worker, model_path, inputs, placed or {}, outputs_to or {})
             except WorkerDied as exc:
                 if attempt == 2:
                     raise Unavailable(f"inference workers died twice running this request ({exc})") from None
                 log.warning("%s; retrying its shard on another worker", exc)
         raise AssertionError("unreachable")
 
-    async def _run_on(self, worker: Worker, model_path: str, inputs: Sequence[tuple[str, np.ndarray]]) -> Tensors:
+    async def _run_on(
+        self,
+        worker: Worker,
+        model_path: str,
+        inputs: Sequence[tuple[str, np.ndarray]],
+        placed: Places,
+        outputs_to: Places,
+    ) -> Tensors:
         hand_back = True
         try:
-            layout = worker.write_inputs(inputs)
-            run_id, future = worker.send({"model": model_path, "in_size": worker.inputs.size, "inputs": layout})
+            message: dict[str, Any] = {
+                "model": model_path,
+                "inputs": worker.write_inputs(inputs, placed),
+                "in_size": worker.inputs.size,
+            }
+            if outputs_to:
+                message["outputs_to"] = [
+                    [name, place.path, place.identity, place.offset, place.byte_size]
+                    for name, place in outputs_to.items()
+                ]
+            run_id, future = worker.send(message)
             try:
                 reply = await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -471,7 +541,7 @@ class WorkerPool:
             if not reply.get("ok"):
                 raise ShardFailed(str(reply.get("kind")), str(reply.get("error")))
             self.shards_done += 1
-            return worker.read_outputs(reply)
+            return worker.read_outputs(reply, outputs_to)
         finally:
             if hand_back:
                 self._release(worker)

@@ -111,6 +111,13 @@ def batch_rows(record: ModelRecord, bound: list[tuple[str, np.ndarray]]) -> int 
     return int(rows.pop())
 
 
+def row_bytes(spec: TensorSpec) -> int | None:
+    """Bytes per row (first dimension) of a tensor, or None when another dimension is variable."""
+    if not spec.shape or any(d < 0 for d in spec.shape[1:]):
+        return None
+    return int(np.prod(spec.shape[1:], dtype=np.int64)) * numpy_dtype(spec.datatype).itemsize
+
+
 def empty_outputs(record: ModelRecord) -> dict[str, np.ndarray]:
     """Zero-row outputs for an empty batch; other variable dimensions are 0 as well."""
     return {

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from deml_server.errors import (
+    AlreadyExists,
     DemlError,
     FailedPrecondition,
     InvalidArgument,
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 STATUS_OF: dict[type[DemlError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,

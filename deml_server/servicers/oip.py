@@ -14,6 +14,7 @@ from deml_server.inference.convert import (
     infer_inputs,
     infer_response,
     model_metadata,
+    output_places,
     parse_version,
     requested_outputs,
 )
@@ -22,6 +23,8 @@ from deml_server.registry import ModelRegistry
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVER_NAME = "deml"
+# Protocol extensions served besides the core (named as Triton names them).
+EXTENSIONS = ["system_shared_memory"]
 
 
 def _server_version() -> str:
@@ -58,8 +61,8 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: oip_pb2.ServerMetadataRequest, context: Context
     ) -> oip_pb2.ServerMetadataResponse:
-        """Name and version; no protocol extensions."""
-        return oip_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+        """Name, version and the protocol extensions served."""
+        return oip_pb2.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
     async def ModelMetadata(
         self, request: oip_pb2.ModelMetadataRequest, context: Context
@@ -69,11 +72,14 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         return model_metadata(record, self._gateway.versions(record.name))
 
     async def ModelInfer(self, request: oip_pb2.ModelInferRequest, context: Context) -> oip_pb2.ModelInferResponse:
-        """One batch: raw or typed contents in, raw_output_contents out."""
+        """One batch: inputs from shared memory, raw or typed contents; outputs to shared memory or raw contents."""
         record = self._gateway.resolve(request.model_name, parse_version(request.model_version))
         requested_outputs(request, record)
-        outputs = await self._gateway.predict_record(record, infer_inputs(request))
-        return infer_response(request, record, outputs)
+        regions = self._gateway.shared_memory
+        inputs, placed = infer_inputs(request, regions)
+        places = output_places(request, regions)
+        outputs = await self._gateway.predict_record(record, inputs, placed=placed, outputs_to=places)
+        return infer_response(request, record, outputs, places)
 
     async def RepositoryModelLoad(
         self, request: oip_pb2.RepositoryModelLoadRequest, context: Context
@@ -89,6 +95,33 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         raise FailedPrecondition(
             "deml-server serves every registered model; delete a version with deml.v1.ModelService/DeleteModel"
         )
+
+    async def SystemSharedMemoryStatus(
+        self, request: oip_pb2.SystemSharedMemoryStatusRequest, context: Context
+    ) -> oip_pb2.SystemSharedMemoryStatusResponse:
+        """One registered region, or all of them for an empty name."""
+        response = oip_pb2.SystemSharedMemoryStatusResponse()
+        for region in self._gateway.shared_memory.status(request.name):
+            response.regions[region.name].CopyFrom(
+                oip_pb2.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    async def SystemSharedMemoryRegister(
+        self, request: oip_pb2.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> oip_pb2.SystemSharedMemoryRegisterResponse:
+        """Map a client's shared-memory object as a named region."""
+        self._gateway.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return oip_pb2.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: oip_pb2.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> oip_pb2.SystemSharedMemoryUnregisterResponse:
+        """Forget one region, or all of them for an empty name."""
+        self._gateway.shared_memory.unregister(request.name)
+        return oip_pb2.SystemSharedMemoryUnregisterResponse()
 
 
 def add_to_server(server: grpc.aio.Server, gateway: InferenceGateway, registry: ModelRegistry) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,9 +14,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from deml.oip import grpc_predict_v2_pb2 as oip_pb2
+from deml.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from deml_client import DemlClient
 from deml_client.client import DemlClientError
 from deml_client.inference import InferenceClient
+from deml_client.shm import SHM_DIR
 from tests.deml_server.inference.support import channel, shared_models
 from tests.support import ServerProcess
 
@@ -94,7 +99,8 @@ def test_errors_carry_status_and_message(client) -> None:
     assert "expects input: FP32[-1, 64]" in wrong.value.message
 
 
-def test_cli_predict_100k_rows_matches_in_process_onnxruntime(served, models, tmp_path) -> None:
+@pytest.mark.parametrize("shared_memory", ["on", "off"])
+def test_cli_predict_100k_rows_matches_in_process_onnxruntime(served, models, tmp_path, shared_memory) -> None:
     # Prepare
     x = np.random.default_rng(2).random((100_000, 64), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -114,6 +120,8 @@ def test_cli_predict_100k_rows_matches_in_process_onnxruntime(served, models, tm
             str(tmp_path / "x.npy"),
             "--output",
             str(tmp_path / "y.npy"),
+            "--shared-memory",
+            shared_memory,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -162,3 +170,130 @@ def test_deml_client_predict_returns_numpy(served, models) -> None:
         y = deml.predict("digits", x)
     assert isinstance(y, np.ndarray)
     np.testing.assert_allclose(y, local(models["digits"], {"input": x})[0], atol=1e-6)
+
+
+# System shared memory (a client on the server's host) -------------------------------------------------------
+
+
+def client_regions(target: str) -> list[str]:
+    """Shared-memory regions the server has registered for clients of this test process."""
+    with channel(target) as ch:
+        status = oip_grpc.GRPCInferenceServiceStub(ch).SystemSharedMemoryStatus(
+            oip_pb2.SystemSharedMemoryStatusRequest()
+        )
+    return sorted(name for name in status.regions if name.startswith(f"deml-client-{os.getpid()}-"))
+
+
+def test_same_host_client_sends_large_batches_through_shared_memory(served, models) -> None:
+    # Prepare: 20,000 rows (5 MB) to a server on 127.0.0.1
+    x = np.random.default_rng(4).random((20_000, 64), dtype=np.float32)
+    expected = local(models["digits"], {"input": x})[0]
+
+    # Execute
+    with DemlClient(served.target) as deml:
+        y = deml.predict("digits", x)
+        small = deml.predict("digits", x[:10])
+        regions = client_regions(served.target)
+        objects = [SHM_DIR / name for name in regions]
+        present = [path.exists() for path in objects]
+
+    # Assert: one region registered while the client was open, removed (unregistered and unlinked) by close()
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(small, expected[:10], rtol=0, atol=1e-6)
+    assert len(regions) == 1 and present == [True]
+    assert client_regions(served.target) == [] and not objects[0].exists()
+
+
+def test_shared_memory_off_keeps_tensors_in_messages(served, models) -> None:
+    x = np.random.default_rng(5).random((20_000, 64), dtype=np.float32)
+
+    with DemlClient(served.target) as deml:
+        y = deml.predict("digits", x, shared_memory=False)
+        regions = client_regions(served.target)
+
+    np.testing.assert_allclose(y, local(models["digits"], {"input": x})[0], rtol=0, atol=1e-6)
+    assert regions == []
+
+
+def test_shared_memory_with_two_inputs_two_outputs_in_several_requests(served, models) -> None:
+    # Prepare: the pair model (INT64 and FP32 inputs; FP32 and INT64 outputs); 1,000 rows in requests of 300
+    rng = np.random.default_rng(6)
+    ids = rng.integers(-1000, 1000, (1000, 3), dtype=np.int64)
+    scale = rng.random((1000, 1), dtype=np.float32)
+    scaled, total = local(models["pair"], {"ids": ids, "scale": scale})
+    done: list[int] = []
+
+    # Execute
+    with channel(served.target) as ch:
+        client = InferenceClient(ch, same_host=True)
+        out = client.predict(
+            "pair", {"scale": scale, "ids": ids}, batch_size=300, progress=done.append, shared_memory=True
+        )
+        again = client.predict("pair", {"scale": scale[:7], "ids": ids[:7]}, shared_memory=True)
+        client.close()
+
+    # Assert
+    assert isinstance(out, dict) and list(out) == ["scaled", "total"]
+    np.testing.assert_allclose(out["scaled"], scaled, rtol=1e-6)
+    np.testing.assert_array_equal(out["total"], total)
+    np.testing.assert_array_equal(again["total"], total[:7])
+    assert done == [300, 300, 300, 100]
+
+
+def test_shared_memory_errors_carry_status_and_message(served) -> None:
+    with channel(served.target) as ch:
+        client = InferenceClient(ch, same_host=True)
+        with pytest.raises(DemlClientError) as info:
+            client.predict("digits", np.zeros((5000, 63), np.float32), shared_memory=True)
+        with pytest.raises(DemlClientError) as unknown:
+            client.predict("nope", np.zeros((5000, 64), np.float32), shared_memory=True)
+        y = client.predict("digits", np.zeros((5000, 64), np.float32), shared_memory=True)
+        client.close()
+
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "FP32[-1, 64]" in info.value.message
+    assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+    assert y.shape == (5000, 10)
+
+
+def _can_unshare_mounts() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+# The server in its own mount namespace with its own /dev/shm: it cannot see this process's shared memory,
+# as a server on another host (reached through a forwarded loopback port) could not.
+PRIVATE_SHM = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "sh",
+    "-c",
+    'mount -t tmpfs tmpfs /dev/shm && exec "$@"',
+    "sh",
+]
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and mount namespaces")
+def test_client_falls_back_to_messages_when_the_server_cannot_see_its_shared_memory(models, tmp_path) -> None:
+    # Prepare
+    server = ServerProcess(tmp_path / "data", "--workers", "1", prefix=PRIVATE_SHM)
+    x = np.random.default_rng(7).random((20_000, 64), dtype=np.float32)
+    try:
+        with DemlClient(server.target) as deml:
+            deml.upload_model(models["digits"], "digits")
+
+            # Execute
+            with pytest.raises(DemlClientError) as forced:
+                deml.predict("digits", x, shared_memory=True)
+            y = deml.predict("digits", x)
+    finally:
+        server.stop()
+
+    # Assert: asked for, the refusal is reported; by default the client quietly uses messages
+    assert forced.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "same host" in forced.value.message
+    np.testing.assert_allclose(y, local(models["digits"], {"input": x})[0], rtol=0, atol=1e-6)
+    assert not list(SHM_DIR.glob(f"deml-client-{os.getpid()}-*"))

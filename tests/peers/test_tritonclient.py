@@ -1,4 +1,7 @@
-"""tritonclient, in its own venv and process, against a running deml-server serving a model DeML trained."""
+"""tritonclient, in its own venv and process, against a running deml-server serving a model DeML trained.
+
+Besides the core calls, the peer runs a batch through system shared memory with tritonclient's own helpers.
+"""
 
 from __future__ import annotations
 
@@ -93,3 +96,10 @@ def test_tritonclient_sees_a_triton_compatible_server(served, tmp_path) -> None:
     assert report["wrong_dtype"].startswith("StatusCode.INVALID_ARGUMENT")
     assert "expects input: FP32[-1, 64]" in report["wrong_dtype"]
     assert report["unknown_model"].startswith("StatusCode.NOT_FOUND")
+    # System shared memory, through tritonclient.utils.shared_memory and the register/status/unregister calls
+    assert "system_shared_memory" in report["extensions"]
+    region = report["shm_status"]["regions"]["deml_peer_data"]
+    assert int(region["byte_size"]) == 1000 * (64 + 10) * 4
+    assert report["shm_output_shape"] == [1000, 10]
+    assert "deml_peer_data" not in report["shm_status_after"].get("regions", {})
+    np.testing.assert_array_equal(np.load(tmp_path / "y-shm.npy"), y)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +17,8 @@ import onnxruntime as ort
 import pytest
 
 from deml_server.inference.gateway import InferenceGateway
+from deml_server.inference.pool import DIR_PREFIX, ShardFailed, WorkerPool, _shared_dir
+from deml_server.inference.shm import SHM_DIR, FileSlice
 from deml_server.registry import ModelRegistry
 from provider_runtime.infer_worker import CPU, CUDA, choose_providers
 from tests.deml_server.inference.support import make_registry, register
@@ -165,3 +170,50 @@ async def test_workers_run_on_cuda(gateways, model_files) -> None:
     assert gateway.pool.providers[0] == CUDA
     expected = ort.InferenceSession(str(model_files["digits"]), providers=[CPU]).run(None, {"input": x})[0]
     np.testing.assert_allclose(outputs["output"], expected, atol=1e-4)
+
+
+async def test_a_worker_refuses_a_shared_file_that_is_not_the_registered_one(gateways, tmp_path) -> None:
+    # Prepare: a slice naming a real file but another (device, inode) than the file has, as after a replacement
+    gateway = await gateways.start(workers=1)
+    target = SHM_DIR / f"deml-test-{os.getpid()}-identity"
+    target.write_bytes(bytes(4096))
+    try:
+        stat = target.stat()
+        stale = FileSlice(str(target), (stat.st_dev, stat.st_ino + 1), 0, memoryview(bytearray(1024)))
+        x = np.ones((4, 64), np.float32)
+        path = str(gateway._registry.path(gateway.resolve("digits")))
+
+        # Execute
+        with pytest.raises(ShardFailed) as info:
+            await gateway.pool.run(path, [("input", x)], owner=object(), placed={"input": stale})
+
+        # Assert: refused as bad input, and the worker still serves
+        assert info.value.kind == "input" and "was replaced since its region was registered" in info.value.message
+        ((_, out),) = await gateway.pool.run(path, [("input", x)], owner=object())
+        assert out.shape == (4, 10)
+    finally:
+        target.unlink()
+
+
+async def test_a_new_pool_removes_shared_files_of_killed_servers(tmp_path) -> None:
+    # Prepare: a folder as a killed server's pool leaves it (its pid no longer runs), and one of a live process
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    parent = Path(_shared_dir())
+    orphan = parent / f"{DIR_PREFIX}{gone.pid}-test"
+    alive = parent / f"{DIR_PREFIX}{os.getppid()}-test"
+    for folder in (orphan, alive):
+        folder.mkdir()
+        (folder / "w0-0.in").write_bytes(b"x")
+    pool = WorkerPool(size=1)
+
+    # Execute
+    try:
+        await pool.start()
+    finally:
+        await pool.close()
+        leftover = alive.exists()
+        shutil.rmtree(alive, ignore_errors=True)
+
+    # Assert
+    assert not orphan.exists() and leftover

@@ -13,7 +13,8 @@ from deml.v1 import inference_pb2
 from deml_server.domain import ModelRecord, TensorSpec
 from deml_server.errors import InvalidArgument
 from deml_server.inference.convert import array_from_bytes, arrays_to_tensors, infer_inputs, tensors_to_arrays
-from deml_server.inference.gateway import SHARD_MAX_BYTES, plan_shards
+from deml_server.inference.gateway import SHARD_MAX_BYTES, _merge, plan_shards
+from deml_server.inference.shm import FileSlice, SharedMemoryRegistry
 from deml_server.inference.signature import batch_rows, bind_inputs, empty_outputs
 
 
@@ -114,5 +115,29 @@ def test_oip_raw_contents_count_must_match_inputs() -> None:
     request.inputs.add(name="b", datatype="FP32", shape=[1])
     request.raw_input_contents.append(b"\0" * 4)
 
-    with pytest.raises(InvalidArgument, match="one per input"):
-        infer_inputs(request)
+    with pytest.raises(InvalidArgument, match="2 inputs not in shared memory"):
+        infer_inputs(request, SharedMemoryRegistry())
+
+
+def test_merge_assembles_outputs_in_their_shared_memory_place() -> None:
+    # Prepare: a destination of 6 rows; shard 1 was written in place by its worker, shard 2 came back as an array
+    memory = bytearray(6 * 10 * 4)
+    place = FileSlice("/dev/shm/x", (0, 0), 0, memoryview(memory))
+    first = place.part(0, 2 * 40).array(np.dtype("<f4"), (2, 10))
+    first[...] = 1.0
+    second = np.full((4, 10), 2.0, np.float32)
+
+    # Execute
+    merged = _merge(MLP, [[("output", first)], [("output", second)]], {"output": place})
+
+    # Assert: one view of the destination, rows in order
+    out = merged["output"]
+    assert out.shape == (6, 10) and np.shares_memory(out, first)
+    np.testing.assert_array_equal(np.frombuffer(memory, "<f4").reshape(6, 10)[:, 0], [1, 1, 2, 2, 2, 2])
+
+
+def test_merge_refuses_outputs_larger_than_their_place() -> None:
+    place = FileSlice("/dev/shm/x", (0, 0), 0, memoryview(bytearray(40)))
+
+    with pytest.raises(InvalidArgument, match="output 'output' needs 80 bytes; its shared memory holds 40"):
+        _merge(MLP, [[("output", np.zeros((2, 10), np.float32))]], {"output": place})
