@@ -28,6 +28,8 @@ from deml.oip import grpc_predict_v2_pb2 as oip_pb2
 from deml.oip import grpc_predict_v2_pb2_grpc as oip_pb2_grpc
 
 SHM_DIR = Path("/dev/shm")
+# Objects are named PREFIX<pid>-<random>, so that a later client can remove those of clients that were killed.
+PREFIX = "deml-client-"
 ALIGN = 64
 MIN_OBJECT_BYTES = 1 << 20
 # Rows are sent in requests of about this many input bytes, WINDOW of them in flight: the next request's inputs
@@ -85,6 +87,20 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _remove_orphans() -> None:
+    """Remove objects of clients that were killed before they could (their pid no longer runs)."""
+    for path in SHM_DIR.glob(f"{PREFIX}*-*"):
+        pid = path.name.removeprefix(PREFIX).split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(path)
+        except PermissionError:
+            pass  # another user's client, alive
+
+
 class SharedMemoryRefused(Exception):
     """The server did not register this client's shared memory."""
 
@@ -111,7 +127,8 @@ class SharedArena:
             return self.map
         self.close()
         size = max(MIN_OBJECT_BYTES, 1 << max(0, size - 1).bit_length())
-        name = f"deml-client-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        _remove_orphans()
+        name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         path = SHM_DIR / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         # Removed at exit even when close() is never called; the server's workers map it by name until then.
@@ -175,6 +192,9 @@ class SharedMemoryPredictor:
         self._stub = oip_pb2_grpc.GRPCInferenceServiceStub(channel)
         self._arena = SharedArena(self._stub)
         self.lock = threading.Lock()
+        # Signatures by (name, version asked for). A stale one (a newer latest version, a re-registered name) can
+        # only make the server refuse the request; predict then fetches the signature again and retries once.
+        self._signatures: dict[tuple[str, int], oip_pb2.ModelMetadataResponse] = {}
 
     def close(self) -> None:
         """Remove the shared-memory object."""
@@ -194,7 +214,30 @@ class SharedMemoryPredictor:
 
         Rows go in requests of `batch_size` rows (0: about REQUEST_BYTES of input each).
         """
+        key = (name, version)
+        if key in self._signatures:
+            try:
+                return self._run(name, version, self._signatures[key], arrays, rows, progress, batch_size)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                del self._signatures[key]  # perhaps stale: ask again, and try once more
         meta = self._stub.ModelMetadata(oip_pb2.ModelMetadataRequest(name=name, version=str(version or "")))
+        if len(self._signatures) >= 64:
+            self._signatures.pop(next(iter(self._signatures)))
+        self._signatures[key] = meta
+        return self._run(name, version, meta, arrays, rows, progress, batch_size)
+
+    def _run(
+        self,
+        name: str,
+        version: int,
+        meta: oip_pb2.ModelMetadataResponse,
+        arrays: Mapping[str, np.ndarray],
+        rows: int,
+        progress: Callable[[int], None] | None,
+        batch_size: int,
+    ) -> dict[str, np.ndarray]:
         inputs = self._bind_names(arrays, meta)
         places, end = self._layout_inputs(inputs, rows)
         # Outputs with a variable first (row) dimension and fixed others go to shared memory; others come back in

@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--inference-backend", default=config.inference_backend, help="where inference shards run: local or golem"
     )
+    parser.add_argument(
+        "--shared-memory",
+        action=argparse.BooleanOptionalAction,
+        default=config.shared_memory,
+        help="let clients on this host pass tensors through system shared memory (objects owned by this user)",
+    )
     parser.add_argument("--max-upload-bytes", type=int, default=config.max_upload_bytes)
     parser.add_argument("--task-timeout", type=float, default=config.task_timeout_seconds, help="seconds per task")
     parser.add_argument("--log-level", default="INFO")
@@ -54,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.inference_workers = args.inference_workers
     config.backend = args.backend
     config.inference_backend = args.inference_backend
+    config.shared_memory = args.shared_memory
     config.max_upload_bytes = args.max_upload_bytes
     config.task_timeout_seconds = args.task_timeout
     config.golem.api_url = args.yagna_api_url

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deml_server.backends.golem_config import GolemConfig
-from deml_server.envvars import env_float, env_int, env_str
+from deml_server.envvars import env_bool, env_float, env_int, env_str
 from deml_server.errors import InvalidArgument
 
 
@@ -26,6 +26,8 @@ class ServerConfig:
     backend: str = field(default_factory=lambda: env_str("DEML_BACKEND", "local"))
     # Where inference shards run: "local" (warm onnxruntime processes) or a training backend such as "golem".
     inference_backend: str = field(default_factory=lambda: env_str("DEML_INFERENCE_BACKEND", "local"))
+    # Whether clients on this host may register system shared memory (objects owned by this server's user only).
+    shared_memory: bool = field(default_factory=lambda: env_bool("DEML_SHARED_MEMORY", True))
     # Largest submission (code + data) accepted, in bytes.
     max_upload_bytes: int = field(default_factory=lambda: env_int("DEML_MAX_UPLOAD_BYTES", 2 << 30))
     # Default per-task deadline; a job's spec may set its own.

@@ -78,7 +78,12 @@ async def start_server(config: ServerConfig) -> DemlServer:
         backend=backend,
         backend_factory=lambda name: create_backend(name, config),
     )
-    gateway = InferenceGateway(registry, workers=config.inference_workers, pool=_inference_pool(config, backend))
+    gateway = InferenceGateway(
+        registry,
+        workers=config.inference_workers,
+        pool=_inference_pool(config, backend),
+        shared_memory=config.shared_memory,
+    )
     await gateway.start()
 
     server = grpc.aio.server(

@@ -8,6 +8,7 @@ writes the outputs into the shared output file, growing it when they do not fit,
 
 Requests:
   {"id": 1, "load": "/path/model.onnx"}                     -> {"id": 1, "ok": true, "providers": [...]}
+  {"id": 3, "forget": [path, ...]}                          -> {"id": 3, "ok": true}  (unmap clients' files)
   {"id": 2, "model": PATH, "in_size": N,
    "inputs": [[name, dtype, shape, offset], ...]}           -> {"id": 2, "ok": true, "out_size": M,
                                                                "outputs": [[name, dtype, shape, offset], ...]}
@@ -134,6 +135,11 @@ class ClientFiles:
             return self.buffer(path, identity, end)
         return mapping
 
+    def forget(self, path: str) -> None:
+        """Unmap a file no registered region names any more."""
+        if path in self._open:
+            self._close(path)
+
     def _close(self, path: str) -> None:
         _, fd, mapping = self._open.pop(path)
         with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
@@ -170,6 +176,9 @@ class Worker:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Workers share the host's cores with each other and the server: threads that spin while idle (onnxruntime's
+        # default) would take cores from the next shard's worker (measured in bench/bench_inference.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(path, sess_options=options, providers=self.providers)
         self.sessions[path] = session
         while len(self.sessions) > self.max_sessions:
@@ -185,6 +194,10 @@ class Worker:
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         """Answer one request."""
         run_id = int(message["id"])
+        if "forget" in message:
+            for path in message["forget"]:
+                self.client_files.forget(path)
+            return {"id": run_id, "ok": True}
         path = message.get("load") or message["model"]
         try:
             session = self.session(path)

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class InferenceServiceStub:
     """InferenceService serves batch predictions from registered ONNX models. Rows are split into shards, run on warm
-    onnxruntime workers and merged back in request order.
+    onnxruntime workers and merged back in request order. Tensors travel in the messages; a client on the server's
+    host can instead pass them through system shared memory with the Open Inference Protocol face on the same port
+    (inference.GRPCInferenceService, SystemSharedMemoryRegister and ModelInfer), as deml_client does for large batches.
     """
 
     def __init__(self, channel):
@@ -50,7 +52,9 @@ class InferenceServiceStub:
 
 class InferenceServiceServicer:
     """InferenceService serves batch predictions from registered ONNX models. Rows are split into shards, run on warm
-    onnxruntime workers and merged back in request order.
+    onnxruntime workers and merged back in request order. Tensors travel in the messages; a client on the server's
+    host can instead pass them through system shared memory with the Open Inference Protocol face on the same port
+    (inference.GRPCInferenceService, SystemSharedMemoryRegister and ModelInfer), as deml_client does for large batches.
     """
 
     def Predict(self, request, context):
@@ -91,7 +95,9 @@ def add_InferenceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
     """InferenceService serves batch predictions from registered ONNX models. Rows are split into shards, run on warm
-    onnxruntime workers and merged back in request order.
+    onnxruntime workers and merged back in request order. Tensors travel in the messages; a client on the server's
+    host can instead pass them through system shared memory with the Open Inference Protocol face on the same port
+    (inference.GRPCInferenceService, SystemSharedMemoryRegister and ModelInfer), as deml_client does for large batches.
     """
 
     @staticmethod

@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class InferenceServiceStub:
     """InferenceService serves batch predictions from registered ONNX models. Rows are split into shards, run on warm
-    onnxruntime workers and merged back in request order.
+    onnxruntime workers and merged back in request order. Tensors travel in the messages; a client on the server's
+    host can instead pass them through system shared memory with the Open Inference Protocol face on the same port
+    (inference.GRPCInferenceService, SystemSharedMemoryRegister and ModelInfer), as deml_client does for large batches.
     """
 
     @_typing.overload
@@ -45,7 +47,9 @@ class InferenceServiceStub:
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
     """InferenceService serves batch predictions from registered ONNX models. Rows are split into shards, run on warm
-    onnxruntime workers and merged back in request order.
+    onnxruntime workers and merged back in request order. Tensors travel in the messages; a client on the server's
+    host can instead pass them through system shared memory with the Open Inference Protocol face on the same port
+    (inference.GRPCInferenceService, SystemSharedMemoryRegister and ModelInfer), as deml_client does for large batches.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -58,7 +62,9 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService serves batch predictions from registered ONNX models. Rows are split into shards, run on warm
-    onnxruntime workers and merged back in request order.
+    onnxruntime workers and merged back in request order. Tensors travel in the messages; a client on the server's
+    host can instead pass them through system shared memory with the Open Inference Protocol face on the same port
+    (inference.GRPCInferenceService, SystemSharedMemoryRegister and ModelInfer), as deml_client does for large batches.
     """
 
     @_abc_1.abstractmethod

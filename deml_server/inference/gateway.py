@@ -15,7 +15,7 @@ from deml_server.domain import ModelRecord
 from deml_server.errors import DemlError, InvalidArgument, Unavailable
 from deml_server.inference.bundle_pool import BundlePool
 from deml_server.inference.pool import Places, ShardFailed, Tensors, WorkerPool, shard_error
-from deml_server.inference.shm import SharedMemoryRegistry
+from deml_server.inference.shm import Region, SharedMemoryRegistry
 from deml_server.inference.signature import batch_rows, bind_inputs, empty_outputs, row_bytes
 from deml_server.registry import ModelRegistry
 
@@ -28,15 +28,22 @@ SHARD_MAX_BYTES = 4 << 20
 SPLIT_MIN_BYTES = SHARD_MAX_BYTES
 
 
-def plan_shards(rows: int, row_bytes: int, parallel: int) -> list[tuple[int, int]]:
+# Shards whose inputs the workers read in place (client shared memory) carry no copies to overlap, so they are cut
+# only as far as the idle workers need, up to this size (for fairness to other requests). Measured: 65,536 digits
+# rows (16 MiB) in place on 2 workers took 11.8 ms in 4 shards of 4 MiB and 7.9 ms in 2 shards.
+IN_PLACE_SHARD_MAX_BYTES = 64 << 20
+
+
+def plan_shards(rows: int, row_bytes: int, parallel: int, max_bytes: int = SHARD_MAX_BYTES) -> list[tuple[int, int]]:
     """Row ranges [start, stop) covering `rows`: one when small, else at least `parallel` of even size.
 
     `parallel` is the number of workers free to take a shard now: splitting for busy workers only adds messages.
+    Shards hold at most `max_bytes` of input.
     """
     total = rows * row_bytes
     if rows <= 1 or total < SPLIT_MIN_BYTES:
         return [(0, rows)]
-    count = min(rows, max(parallel, math.ceil(total / SHARD_MAX_BYTES)))
+    count = min(rows, max(parallel, math.ceil(total / max_bytes)))
     step = math.ceil(rows / count)
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
@@ -52,12 +59,13 @@ class InferenceGateway:
         threads_per_worker: int = 1,
         device: str = "auto",
         pool: WorkerPool | BundlePool | None = None,
+        shared_memory: bool = True,
     ) -> None:
         self._registry = registry
         # Local worker processes by default; a BundlePool runs shards on a training backend (Golem) instead.
         self.pool = pool if pool is not None else WorkerPool(size=workers, threads=threads_per_worker, device=device)
         # Regions of clients' shared memory that requests may name instead of carrying tensor bytes.
-        self.shared_memory = SharedMemoryRegistry()
+        self.shared_memory = SharedMemoryRegistry(enabled=shared_memory)
 
     async def start(self) -> None:
         """Start the worker processes (each imports onnxruntime once)."""
@@ -67,6 +75,21 @@ class InferenceGateway:
         """Stop the worker processes and forget the shared-memory regions."""
         await self.pool.close()
         self.shared_memory.close()
+
+    async def register_shared_memory(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+        """Register a client's region; first forget regions whose objects their clients removed."""
+        await self._forget(self.shared_memory.drop_removed())
+        return self.shared_memory.register(name, key, offset, byte_size)
+
+    async def unregister_shared_memory(self, name: str) -> None:
+        """Forget a region (every region for ""), and have the workers unmap files no region names any more."""
+        await self._forget(self.shared_memory.unregister(name))
+
+    async def _forget(self, regions: list[Region]) -> None:
+        still = {str(region.path) for region in self.shared_memory.status("")}
+        paths = {str(region.path) for region in regions} - still
+        if paths and isinstance(self.pool, WorkerPool):
+            await self.pool.forget(sorted(paths))
 
     @property
     def live(self) -> bool:
@@ -153,7 +176,9 @@ class InferenceGateway:
             shards = [(0, rows or 0)]
         else:
             in_rows = sum(array.nbytes // rows for _, array in bound)
-            shards = plan_shards(rows, in_rows, max(1, self.pool.idle))
+            in_place = all(name in placed for name, _ in bound)
+            max_bytes = IN_PLACE_SHARD_MAX_BYTES if in_place else SHARD_MAX_BYTES
+            shards = plan_shards(rows, in_rows, max(1, self.pool.idle), max_bytes)
         try:
             if len(shards) == 1:
                 results = [await self.pool.run(path, bound, owner=owner, placed=placed, outputs_to=outputs_to)]

@@ -476,6 +476,17 @@ class WorkerPool:
         results = await asyncio.gather(*(self._load_on(w, model_path) for w in list(self._workers.values())))
         return results[0] if results else []
 
+    async def forget(self, paths: Sequence[str]) -> None:
+        """Have every worker unmap these clients' shared-memory files (their regions were unregistered)."""
+        await asyncio.gather(
+            *(self._forget_on(w, list(paths)) for w in list(self._workers.values()) if not w.dead),
+            return_exceptions=True,
+        )
+
+    async def _forget_on(self, worker: Worker, paths: list[str]) -> None:
+        _, future = worker.send({"forget": paths})
+        await future
+
     async def _load_on(self, worker: Worker, model_path: str) -> list[str]:
         # A load is a tiny request; it may run beside the shard the worker holds (replies are matched by id).
         _, future = worker.send({"load": model_path})

@@ -8,6 +8,9 @@ read them, so a batch crosses no socket and is not copied by the server.
 The server maps each region too, but only to check shapes and to place outputs a pool could not write in place;
 it checks that the file still covers the region before every use, since a client that shrinks the file under a
 mapping would otherwise crash whoever touches the missing pages.
+
+Only regular files owned by the server's own user are accepted: the server cannot tell which user a gRPC client
+is, and must not become a way to read or write another user's (or program's) shared memory.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +122,16 @@ class Region:
 class SharedMemoryRegistry:
     """Registered regions by name; safe to call from the server's event loop and other threads."""
 
-    def __init__(self, max_regions: int = 4096) -> None:
+    def __init__(self, *, enabled: bool = True, max_regions: int = 4096) -> None:
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
+        self.enabled = enabled
         self._max_regions = max_regions
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         """Map `byte_size` bytes at `offset` of the object `key` as region `name`."""
+        if not self.enabled:
+            raise FailedPrecondition("system shared memory is switched off on this server (--no-shared-memory)")
         if not name:
             raise InvalidArgument("a shared memory region needs a name")
         if byte_size <= 0:
@@ -147,10 +154,15 @@ class SharedMemoryRegistry:
         except OSError as exc:
             raise InvalidArgument(f"shared memory region {name!r}: cannot open {key!r}: {exc.strerror}") from None
         try:
-            stat = os.fstat(fd)
-            if stat.st_size < offset + byte_size:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
                 raise InvalidArgument(
-                    f"shared memory region {name!r}: object {key!r} has {stat.st_size} bytes, fewer than offset"
+                    f"shared memory region {name!r}: object {key!r} must be a shared-memory object owned by the"
+                    " server's user"
+                )
+            if info.st_size < offset + byte_size:
+                raise InvalidArgument(
+                    f"shared memory region {name!r}: object {key!r} has {info.st_size} bytes, fewer than offset"
                     f" {offset} + byte_size {byte_size}"
                 )
             region = Region(
@@ -159,9 +171,9 @@ class SharedMemoryRegistry:
                 offset=offset,
                 byte_size=byte_size,
                 path=path,
-                identity=(stat.st_dev, stat.st_ino),
+                identity=(info.st_dev, info.st_ino),
                 fd=fd,
-                map=mmap.mmap(fd, stat.st_size),
+                map=mmap.mmap(fd, info.st_size),
             )
         except BaseException:
             os.close(fd)
@@ -173,7 +185,7 @@ class SharedMemoryRegistry:
             self._regions[name] = region
         return region
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str) -> list[Region]:
         """Forget one region (no error when it is not registered), or every region when the name is empty."""
         with self._lock:
             if name:
@@ -183,6 +195,16 @@ class SharedMemoryRegistry:
                 self._regions.clear()
         for region in gone:
             region.close()
+        return gone
+
+    def drop_removed(self) -> list[Region]:
+        """Forget regions whose object was removed (a client that exited without unregistering)."""
+        with self._lock:
+            regions = list(self._regions.values())
+        gone = [region for region in regions if not region.path.exists()]
+        for region in gone:
+            self.unregister(region.name)
+        return gone
 
     def status(self, name: str) -> list[Region]:
         """One region (NotFound when unknown), or every region when the name is empty."""

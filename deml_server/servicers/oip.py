@@ -113,14 +113,14 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: oip_pb2.SystemSharedMemoryRegisterRequest, context: Context
     ) -> oip_pb2.SystemSharedMemoryRegisterResponse:
         """Map a client's shared-memory object as a named region."""
-        self._gateway.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        await self._gateway.register_shared_memory(request.name, request.key, request.offset, request.byte_size)
         return oip_pb2.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(
         self, request: oip_pb2.SystemSharedMemoryUnregisterRequest, context: Context
     ) -> oip_pb2.SystemSharedMemoryUnregisterResponse:
         """Forget one region, or all of them for an empty name."""
-        self._gateway.shared_memory.unregister(request.name)
+        await self._gateway.unregister_shared_memory(request.name)
         return oip_pb2.SystemSharedMemoryUnregisterResponse()
 
 

@@ -204,6 +204,21 @@ def test_same_host_client_sends_large_batches_through_shared_memory(served, mode
     assert client_regions(served.target) == [] and not objects[0].exists()
 
 
+def test_a_client_removes_objects_left_by_killed_clients(served) -> None:
+    # Prepare: an object named as a client's, whose pid no longer runs
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = SHM_DIR / f"deml-client-{gone.pid}-0123456789ab"
+    orphan.write_bytes(bytes(64))
+
+    # Execute
+    with DemlClient(served.target) as deml:
+        deml.predict("digits", np.zeros((5000, 64), np.float32))
+
+    # Assert
+    assert not orphan.exists()
+
+
 def test_shared_memory_off_keeps_tensors_in_messages(served, models) -> None:
     x = np.random.default_rng(5).random((20_000, 64), dtype=np.float32)
 

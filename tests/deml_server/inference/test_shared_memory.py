@@ -11,6 +11,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 
 from deml.oip import grpc_predict_v2_pb2 as pb
 from deml.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from deml_server.__main__ import parse_args
 from deml_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from deml_server.inference.shm import SHM_DIR, SharedMemoryRegistry
 from tests.deml_server.inference.support import InferenceServer, channel
@@ -171,6 +173,44 @@ def test_region_slices_stay_inside_the_region_and_the_file(shm) -> None:
     with pytest.raises(FailedPrecondition, match="shrank"):
         region.slice(0, 16, "input 'x'")
     regions.close()
+
+
+def test_registry_refuses_objects_of_other_users_and_when_switched_off(shm) -> None:
+    obj = new_object(shm, 64)
+    regions = SharedMemoryRegistry()
+    off = SharedMemoryRegistry(enabled=False)
+    folder = SHM_DIR / f"deml-test-dir-{os.getpid()}"
+    folder.mkdir()
+    try:
+        with pytest.raises(FailedPrecondition, match="switched off"):
+            off.register("a", obj.key, 0, 64)
+        with pytest.raises(InvalidArgument, match="cannot open"):
+            regions.register("a", "/" + folder.name, 0, 64)
+        if os.geteuid() == 0:
+            os.chown(obj.path, 12345, 12345)  # as if another user had created it
+            with pytest.raises(InvalidArgument, match="owned by the server's user"):
+                regions.register("a", obj.key, 0, 64)
+    finally:
+        folder.rmdir()
+    assert regions.status("") == []
+
+
+def test_registry_forgets_regions_whose_object_was_removed(shm) -> None:
+    kept, removed = new_object(shm, 64), new_object(shm, 64)
+    regions = SharedMemoryRegistry()
+    regions.register("kept", kept.key, 0, 64)
+    regions.register("removed", removed.key, 0, 64)
+    removed.path.unlink()
+
+    gone = regions.drop_removed()
+
+    assert [r.name for r in gone] == ["removed"]
+    assert [r.name for r in regions.status("")] == ["kept"]
+
+
+def test_server_flag_switches_shared_memory_off() -> None:
+    assert parse_args(["--no-shared-memory"]).shared_memory is False
+    assert parse_args([]).shared_memory is True
 
 
 # Over gRPC, with worker processes ------------------------------------------------------------------------------
@@ -336,3 +376,26 @@ def test_unregistered_region_cannot_be_used(stub, shm) -> None:
     details = expect_error(lambda: stub.ModelInfer(digits_request(4, "gone")), grpc.StatusCode.INVALID_ARGUMENT)
 
     assert "'gone' is not registered" in details
+
+
+def mapped_by_workers(served: InferenceServer, path: Path) -> list[bool]:
+    """Whether each inference worker process has the file mapped (from /proc/PID/maps)."""
+    assert served.gateway is not None
+    return [str(path) in Path(f"/proc/{pid}/maps").read_text() for pid in served.gateway.pool.worker_pids()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_workers_unmap_a_region_once_it_is_unregistered(served, stub, shm) -> None:
+    # Prepare: a batch large enough to be split across both workers, so each maps the object
+    rows = 40_000
+    obj = new_object(shm, rows * (256 + 40))
+    register(stub, "unmap-me", obj, rows * (256 + 40))
+    stub.ModelInfer(digits_request(rows, "unmap-me", out_offset=rows * 256))
+    before = mapped_by_workers(served, obj.path)
+
+    # Execute
+    stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="unmap-me"))
+
+    # Assert
+    assert any(before)
+    assert mapped_by_workers(served, obj.path) == [False] * len(before)

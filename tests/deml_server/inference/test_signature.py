@@ -13,7 +13,7 @@ from deml.v1 import inference_pb2
 from deml_server.domain import ModelRecord, TensorSpec
 from deml_server.errors import InvalidArgument
 from deml_server.inference.convert import array_from_bytes, arrays_to_tensors, infer_inputs, tensors_to_arrays
-from deml_server.inference.gateway import SHARD_MAX_BYTES, _merge, plan_shards
+from deml_server.inference.gateway import IN_PLACE_SHARD_MAX_BYTES, SHARD_MAX_BYTES, _merge, plan_shards
 from deml_server.inference.shm import FileSlice, SharedMemoryRegistry
 from deml_server.inference.signature import batch_rows, bind_inputs, empty_outputs
 
@@ -141,3 +141,9 @@ def test_merge_refuses_outputs_larger_than_their_place() -> None:
 
     with pytest.raises(InvalidArgument, match="output 'output' needs 80 bytes; its shared memory holds 40"):
         _merge(MLP, [[("output", np.zeros((2, 10), np.float32))]], {"output": place})
+
+
+def test_inputs_read_in_place_are_cut_only_for_the_idle_workers() -> None:
+    assert plan_shards(65_536, 256, 2, IN_PLACE_SHARD_MAX_BYTES) == [(0, 32_768), (32_768, 65_536)]
+    assert len(plan_shards(65_536, 256, 2)) == 4  # copied inputs: shards of at most 4 MiB
+    assert len(plan_shards(1 << 20, 256, 2, IN_PLACE_SHARD_MAX_BYTES)) == 4  # 256 MiB: at most 64 MiB a shard
