@@ -7,7 +7,7 @@ tensors in gRPC messages (streamed in batches; what a client on another host get
 Latency: 1-row requests, p50/p99 over --requests calls each; overhead = DeML minus in-process.
 Both sides run in the same invocation on the same machine; the server runs in a child process.
 
-    python -m bench.bench_inference [--workers 2] [--rows 65536] [--repeats 21] [--requests 2000]
+    python -m bench.bench_inference [--workers 2] [--rows 65536] [--repeats 51] [--requests 2000]
 
 Writes bench/out/inference.json and prints a markdown table for BENCHMARKS.md.
 """
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--threads-per-worker", type=int, default=1)
     parser.add_argument("--rows", type=int, default=65_536)
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=51)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--model", type=Path, help="an ONNX model with input 'input' FP32[-1, 64] (default: export)")
     parser.add_argument(

@@ -20,7 +20,7 @@ from deml_client import DemlClient
 from deml_client.client import DemlClientError
 from deml_client.inference import InferenceClient
 from deml_client.shm import SHM_DIR
-from tests.deml_server.inference.support import channel, shared_models
+from tests.deml_server.inference.support import channel, export_mlp, shared_models
 from tests.support import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,3 +312,21 @@ def test_client_falls_back_to_messages_when_the_server_cannot_see_its_shared_mem
     assert "same host" in forced.value.message
     np.testing.assert_allclose(y, local(models["digits"], {"input": x})[0], rtol=0, atol=1e-6)
     assert not list(SHM_DIR.glob(f"deml-client-{os.getpid()}-*"))
+
+
+def test_a_newer_version_with_wider_outputs_is_picked_up_through_shared_memory(served, models, tmp_path) -> None:
+    # Prepare: "swap" v1 has 3 outputs per row; the client caches that signature, then v2 (10 per row) arrives
+    narrow = export_mlp(tmp_path / "narrow.onnx", classes=3)
+    x = np.random.default_rng(8).random((5000, 64), dtype=np.float32)
+    with DemlClient(served.target) as deml:
+        deml.upload_model(narrow, "swap")
+        first = deml.predict("swap", x, shared_memory=True)
+        deml.upload_model(models["digits"], "swap")
+
+        # Execute: the stale signature sizes the output region for 3 values a row; the server refuses, the client
+        # asks for the signature again and retries
+        second = deml.predict("swap", x, shared_memory=True)
+
+    # Assert
+    np.testing.assert_allclose(first, local(narrow, {"input": x})[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(second, local(models["digits"], {"input": x})[0], rtol=0, atol=1e-6)
