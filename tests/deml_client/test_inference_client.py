@@ -270,13 +270,6 @@ def test_shared_memory_errors_carry_status_and_message(served) -> None:
     assert y.shape == (5000, 10)
 
 
-def _can_unshare_mounts() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
 # The server in its own mount namespace with its own /dev/shm: it cannot see this process's shared memory,
 # as a server on another host (reached through a forwarded loopback port) could not.
 PRIVATE_SHM = [
@@ -289,6 +282,13 @@ PRIVATE_SHM = [
     'mount -t tmpfs tmpfs /dev/shm && exec "$@"',
     "sh",
 ]
+
+
+def _can_unshare_mounts() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run([*PRIVATE_SHM, "true"], capture_output=True)
+    return probe.returncode == 0
 
 
 @pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and mount namespaces")
