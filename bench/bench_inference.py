@@ -1,11 +1,12 @@
 """Inference benchmark: DeML (gRPC + gateway + worker processes) against one in-process onnxruntime session.
 
-Throughput: 65,536 rows of the digits MLP (64 float inputs, 10 logits), DeML through `InferenceClient.predict`
+Throughput: 65,536 rows of the digits MLP (64 float inputs, 10 logits), DeML through `DemlClient.predict`
 against `InferenceSession.run` on the same array, median of --repeats runs each. DeML is measured both ways a
 client reaches it: through system shared memory (the default for a client on the server's host) and with the
 tensors in gRPC messages (streamed in batches; what a client on another host gets).
 Latency: 1-row requests, p50/p99 over --requests calls each; overhead = DeML minus in-process.
-Both sides run in the same invocation on the same machine; the server runs in a child process.
+Both sides run in the same invocation on the same machine; the server is a real `deml-server` in a child process
+(one idle training worker, --workers inference workers), the model uploaded through ModelService.
 
     python -m bench.bench_inference [--workers 2] [--rows 65536] [--repeats 51] [--requests 2000]
 
@@ -15,14 +16,10 @@ Writes bench/out/inference.json and prints a markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,65 +31,20 @@ OUT = ROOT / "bench" / "out"
 
 def export_digits_mlp(path: Path, hidden: int = 0) -> Path:
     """The digits example's network (64 -> 128 -> 10), or with `hidden` > 0 a compute-heavier MLP
-    (64 -> hidden -> hidden -> 10) on the same input, exported with a dynamic batch dimension."""
+    (64 -> hidden -> hidden -> 10) on the same input, exported by DeML's own export step (dynamic batch)."""
     import torch
     from torch import nn
+
+    from provider_runtime.onnx_export import export_onnx
 
     torch.manual_seed(0)
     if hidden > 0:
         layers = [nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)]
-        net = nn.Sequential(*layers).eval()
+        net = nn.Sequential(*layers)
     else:
-        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
-    torch.onnx.export(
-        net,
-        (torch.randn(4, 64),),
-        str(path),
-        dynamo=True,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        external_data=False,
-    )
+        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    export_onnx(net, torch.randn(4, 64), path)
     return path
-
-
-async def serve(model: Path, data_dir: Path, workers: int, threads: int) -> None:
-    """Child process: registry with the model, gateway, both gRPC faces on 127.0.0.1; prints the port."""
-    import grpc
-
-    from deml_server.artifacts import ArtifactStore
-    from deml_server.inference import MAX_MESSAGE_BYTES
-    from deml_server.inference.gateway import InferenceGateway
-    from deml_server.registry import ModelRegistry
-    from deml_server.servicers import inference, oip
-    from deml_server.servicers.interceptor import ErrorMappingInterceptor
-    from deml_server.store import JobStore
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(data_dir / "deml.sqlite3")
-    artifacts = ArtifactStore(data_dir / "artifacts")
-    registry = ModelRegistry(store, artifacts)
-    registry.register("digits", artifacts.put_file(model))
-    gateway = InferenceGateway(registry, workers=workers, threads_per_worker=threads)
-    await gateway.start()
-    await gateway.load("digits")
-    server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
-    inference.add_to_server(server, gateway, registry)
-    oip.add_to_server(server, gateway, registry)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await server.stop(0.5)
-    await gateway.close()
-    store.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -113,20 +65,16 @@ def main() -> None:
         default=0,
         help="bench an MLP 64 -> H -> H -> 10 instead of the digits MLP (compute-bound)",
     )
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, default=OUT / "inference-server", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     OUT.mkdir(parents=True, exist_ok=True)
-    if args.serve:
-        asyncio.run(serve(args.model, args.data_dir, args.workers, args.threads_per_worker))
-        return
     model = args.model or export_digits_mlp(OUT / f"digits-bench-{args.hidden}.onnx", args.hidden)
 
-    import grpc
     import onnxruntime as ort
 
-    from deml_client.inference import InferenceClient
+    from bench.server import DemlServer
+    from deml_client import DemlClient
 
     x = np.random.default_rng(0).random((args.rows, 64), dtype=np.float32)
     one = x[:1].copy()
@@ -138,25 +86,11 @@ def main() -> None:
     session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input": x})[0]
 
-    shutil.rmtree(args.data_dir, ignore_errors=True)
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.bench_inference",
-            "--serve",
-            "--model",
-            str(model),
-            "--data-dir",
-            str(args.data_dir),
-            "--workers",
-            str(args.workers),
-            "--threads-per-worker",
-            str(args.threads_per_worker),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
+    # The real server, as users run it; one idle training worker besides the inference workers.
+    server = DemlServer(
+        args.data_dir,
+        *("--workers", "1", "--inference-workers", str(args.workers)),
+        *("--inference-threads", str(args.threads_per_worker)),
     )
     # Both sides are measured alternately, so that load from other processes on the machine hits both alike.
     local_s: list[float] = []
@@ -165,11 +99,9 @@ def main() -> None:
     local_1: list[float] = []
     deml_1: list[float] = []
     try:
-        assert child.stdout is not None
-        port = int(child.stdout.readline())
-        options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-            client = InferenceClient(channel, same_host=True)
+        with DemlClient(server.target) as client:
+            client.upload_model(model, "digits")
+            server.wait_idle()
             max_diff = 0.0
             for shared in (True, False):
                 got = client.predict("digits", x, shared_memory=shared)
@@ -197,11 +129,8 @@ def main() -> None:
                     started = time.perf_counter()
                     client.predict("digits", one)
                     deml_1.append(time.perf_counter() - started)
-            client.close()
     finally:
-        if child.stdin is not None:
-            child.stdin.close()
-        child.wait(timeout=30)
+        server.stop()
     load = os.getloadavg()[0]
 
     local_med, deml_med, grpc_med = statistics.median(local_s), statistics.median(deml_s), statistics.median(grpc_s)

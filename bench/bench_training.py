@@ -78,6 +78,8 @@ GOAL_NONIID_POINTS = 3.0
 
 sys.path.insert(0, str(ROOT))
 
+from bench.server import DemlServer  # noqa: E402  (the repository root is on the path only now)
+
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -177,43 +179,6 @@ class TreeMemory:
 # --- DeML ----------------------------------------------------------------------------------------------------
 
 
-class DemlServer:
-    """`python -m deml_server` on 127.0.0.1 with a port it picks, a fresh data dir and N training workers."""
-
-    def __init__(self, data_dir: Path, workers: int) -> None:
-        shutil.rmtree(data_dir, ignore_errors=True)
-        data_dir.mkdir(parents=True)
-        self.log_path = data_dir / "server.log"
-        self._log = self.log_path.open("wb")
-        self.spawned = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "deml_server", "--host", "127.0.0.1", "--port", "0"),
-                *("--data-dir", str(data_dir), "--workers", str(workers), "--inference-workers", "1"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            cwd=ROOT,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"deml-server did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
-        self.listening = time.perf_counter()
-        self.target = line.strip().rsplit(" ", 1)[-1]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 def pool_size(partitions: int) -> int:
     """DeML's worker processes for a job of `partitions` workers: one per core at most, as Ray runs Flower's
     client actors (1 CPU each), so that both sides run the same number of local trainings at once."""
@@ -222,7 +187,7 @@ def pool_size(partitions: int) -> int:
 
 @contextmanager
 def deml_server(out: Path, name: str, workers: int) -> Iterator[DemlServer]:
-    server = DemlServer(out / f"deml-{name}", workers)
+    server = DemlServer(out / f"deml-{name}", "--workers", str(workers), "--inference-workers", "1")
     try:
         yield server
     finally:

@@ -25,6 +25,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--inference-workers", type=int, default=config.inference_workers, help="onnxruntime worker processes"
     )
+    parser.add_argument(
+        "--inference-threads",
+        type=int,
+        default=config.inference_threads,
+        help="onnxruntime threads per inference worker",
+    )
     parser.add_argument("--backend", default=config.backend, help="where work runs: local (default) or golem")
     parser.add_argument(
         "--inference-backend", default=config.inference_backend, help="where inference shards run: local or golem"
@@ -58,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.data_dir = args.data_dir
     config.workers = args.workers
     config.inference_workers = args.inference_workers
+    config.inference_threads = args.inference_threads
     config.backend = args.backend
     config.inference_backend = args.inference_backend
     config.shared_memory = args.shared_memory

@@ -23,6 +23,8 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: env_int("DEML_WORKERS", os.cpu_count() or 1))
     # Inference worker processes (onnxruntime sessions kept open).
     inference_workers: int = field(default_factory=lambda: env_int("DEML_INFERENCE_WORKERS", 2))
+    # onnxruntime intra-op threads per inference worker (workers x threads should not exceed the cores).
+    inference_threads: int = field(default_factory=lambda: env_int("DEML_INFERENCE_THREADS", 1))
     backend: str = field(default_factory=lambda: env_str("DEML_BACKEND", "local"))
     # Where inference shards run: "local" (warm onnxruntime processes) or a training backend such as "golem".
     inference_backend: str = field(default_factory=lambda: env_str("DEML_INFERENCE_BACKEND", "local"))
@@ -45,6 +47,8 @@ class ServerConfig:
             raise InvalidArgument(f"workers must be at least 1 (got {self.workers})")
         if self.inference_workers <= 0:
             raise InvalidArgument(f"inference workers must be at least 1 (got {self.inference_workers})")
+        if self.inference_threads <= 0:
+            raise InvalidArgument(f"inference threads must be at least 1 (got {self.inference_threads})")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be 0..65535 (got {self.port})")
         if self.max_upload_bytes <= 0:

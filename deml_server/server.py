@@ -81,6 +81,7 @@ async def start_server(config: ServerConfig) -> DemlServer:
     gateway = InferenceGateway(
         registry,
         workers=config.inference_workers,
+        threads_per_worker=config.inference_threads,
         pool=_inference_pool(config, backend),
         shared_memory=config.shared_memory,
     )

@@ -21,6 +21,7 @@ from deml_server.servicers import inference as inference_servicer
 from deml_server.servicers import oip as oip_servicer
 from deml_server.servicers.interceptor import ErrorMappingInterceptor
 from deml_server.store import JobStore
+from provider_runtime.onnx_export import export_onnx
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[3]
@@ -28,23 +29,13 @@ OPSET = [helper.make_opsetid("", 17)]
 
 
 def export_mlp(path: Path, *, features: int = 64, hidden: int = 128, classes: int = 10, seed: int = 0) -> Path:
-    """The digits MLP shape (64 -> 128 -> 10), random weights, exported by torch with a dynamic batch dimension."""
+    """The digits MLP shape (64 -> 128 -> 10), random weights, exported by DeML's own export step."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes)).eval()
-    example = torch.randn(4, features)
-    torch.onnx.export(
-        net,
-        (example,),
-        str(path),
-        dynamo=True,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        external_data=False,
-    )
+    net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    export_onnx(net, torch.randn(4, features), path)
     return path
 
 
@@ -213,7 +204,7 @@ def shared_models(base: Path) -> dict[str, Path]:
 
 
 def export_trained_digits(path: Path, *, epochs: int = 30) -> Path:
-    """examples/digits: its model() trained briefly on its load_data(), exported like DeML's export step."""
+    """examples/digits: its model() trained briefly on its load_data(), exported by DeML's export step."""
     import importlib.util
 
     import torch
@@ -231,15 +222,5 @@ def export_trained_digits(path: Path, *, epochs: int = 30) -> Path:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
         optimizer.step()
-    net.eval()
-    torch.onnx.export(
-        net,
-        (x[:4],),
-        str(path),
-        dynamo=True,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        external_data=False,
-    )
+    export_onnx(net, x[:4], path)
     return path
