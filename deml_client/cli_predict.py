@@ -30,7 +30,7 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:  # type
         "--batch-size",
         type=int,
         default=0,
-        help="rows per message (default: about 2 MiB of input per message, 8 MiB through shared memory)",
+        help="rows per message (default: about 1 MiB of input per message, 32 MiB per request through shared memory)",
     )
     predict.add_argument(
         "--shared-memory",
