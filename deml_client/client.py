@@ -289,6 +289,13 @@ class DemlClient:
             model, inputs, version=version, batch_size=batch_size, progress=progress, shared_memory=shared_memory
         )
 
+    def shared_buffer(self, shape: tuple[int, ...], dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
+        """A zeroed array in shared memory registered with a server on this host (see InferenceClient).
+
+        Inputs built in it are passed to predict without being copied.
+        """
+        return self._inference.shared_buffer(shape, dtype)
+
     def delete_model(self, name: str, version: int) -> models_pb2.Model:
         """Remove one version."""
         response: models_pb2.DeleteModelResponse = _call(

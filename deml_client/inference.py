@@ -130,6 +130,24 @@ class InferenceClient:
             return next(iter(outputs.values()))
         return outputs
 
+    def shared_buffer(self, shape: tuple[int, ...], dtype: np.typing.DTypeLike = np.float32) -> np.ndarray:
+        """A zeroed array in system shared memory registered with the server, for inputs built in place.
+
+        Predictions from an array (or a contiguous row range of it) given as an input read it where it is:
+        the batch is not copied on this side either. The memory stays registered until close(). The server
+        must be on this host.
+        """
+        if not shm.available():
+            raise DemlClientError(grpc.StatusCode.FAILED_PRECONDITION, f"this host has no writable {shm.SHM_DIR}")
+        if self._shared is None:
+            self._shared = shm.SharedMemoryPredictor(self._channel)
+        with self._shared.lock:
+            try:
+                return self._shared.buffer(tuple(shape), np.dtype(dtype))
+            except shm.SharedMemoryRefused as exc:
+                message = f"the server did not take this client's shared memory: {exc.message}"
+                raise DemlClientError(exc.code, message) from None
+
     def _predict_grpc(
         self,
         name: str,

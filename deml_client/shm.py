@@ -4,7 +4,8 @@ The client keeps one POSIX shared-memory object (a file in /dev/shm), registered
 through the Open Inference Protocol's shared-memory extension. For each batch it copies the inputs into the
 object and sends ModelInfer requests that name offsets in the region instead of carrying bytes; the server's
 workers read the inputs and write the outputs in place, and the client copies the outputs out. The object grows
-(a new one is made and registered) when a batch does not fit, and is removed when the client closes.
+(a new one is made and registered) when a batch does not fit, and is removed when the client closes. Inputs the
+caller built in a buffer from buffer() (an array in another registered object) are not copied at all.
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ class _Place:
     dtype: np.dtype[np.generic]
     row_shape: tuple[int, ...]
     offset: int
+    # The region of a shared buffer the tensor already lies in; "" for a place in the arena it is copied to.
+    region: str = ""
 
     @property
     def row_bytes(self) -> int:
@@ -195,11 +198,37 @@ class SharedMemoryPredictor:
         # Signatures by (name, version asked for). A stale one (a newer latest version, a re-registered name) can
         # only make the server refuse the request; predict then fetches the signature again and retries once.
         self._signatures: dict[tuple[str, int], oip_pb2.ModelMetadataResponse] = {}
+        # Shared buffers handed out by buffer(): (object, address of its first byte, size).
+        self._buffers: list[tuple[SharedArena, int, int]] = []
 
     def close(self) -> None:
-        """Remove the shared-memory object."""
+        """Remove the shared-memory objects (arrays from buffer() keep their memory but leave the server)."""
         with self.lock:
             self._arena.close()
+            for arena, _, _ in self._buffers:
+                arena.close()
+            self._buffers.clear()
+
+    def buffer(self, shape: tuple[int, ...], dtype: np.dtype[np.generic]) -> np.ndarray:
+        """A zeroed array in a new registered object: inputs built in it are not copied again. Hold `lock`."""
+        dtype = dtype.newbyteorder("<")
+        if dtype.newbyteorder("=") not in _OIP_DATATYPES:
+            raise ValueError(f"numpy dtype {dtype} cannot be sent")
+        arena = SharedArena(self._stub)
+        mapping = arena.ensure(max(1, math.prod(shape) * dtype.itemsize))
+        array = np.ndarray(shape, dtype, buffer=mapping)
+        self._buffers.append((arena, _address(array), arena.size))
+        return array
+
+    def _located(self, array: np.ndarray) -> tuple[str, int] | None:
+        """(region, offset) of an array that lies whole, contiguous and little-endian in one of the buffers."""
+        if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+            return None
+        start = _address(array)
+        for arena, base, size in self._buffers:
+            if arena.map is not None and base <= start and start + array.nbytes <= base + size:
+                return arena.name, start - base
+        return None
 
     def predict(
         self,
@@ -258,11 +287,13 @@ class SharedMemoryPredictor:
             request = oip_pb2.ModelInferRequest(model_name=name, model_version=str(version or ""))
             for place, array in zip(places, inputs.values(), strict=True):
                 offset = place.offset + start * place.row_bytes
-                view = np.ndarray((stop - start, *place.row_shape), place.dtype, buffer=mapping, offset=offset)
-                np.copyto(view, array[start:stop], casting="equiv")
+                shape = (stop - start, *place.row_shape)
+                if not place.region:
+                    view = np.ndarray(shape, place.dtype, buffer=mapping, offset=offset)
+                    np.copyto(view, array[start:stop], casting="equiv")
                 datatype = _OIP_DATATYPES[place.dtype.newbyteorder("=")]
-                tensor = request.inputs.add(name=place.name, datatype=datatype, shape=view.shape)
-                _point(tensor, self._arena.name, offset, view.nbytes)
+                tensor = request.inputs.add(name=place.name, datatype=datatype, shape=shape)
+                _point(tensor, place.region or self._arena.name, offset, (stop - start) * place.row_bytes)
             offsets = {}
             for place in outputs:
                 offsets[place.name] = place.offset + start * place.row_bytes
@@ -316,9 +347,17 @@ class SharedMemoryPredictor:
             dtype = array.dtype.newbyteorder("<")
             if dtype.newbyteorder("=") not in _OIP_DATATYPES or array.ndim == 0:
                 raise ValueError(f"input {name!r}: numpy dtype {array.dtype} (rank {array.ndim}) cannot be sent")
+            located = self._located(array)
+            if located is not None:
+                places.append(_Place(name, dtype, tuple(array.shape[1:]), located[1], located[0]))
+                continue
             places.append(_Place(name, dtype, tuple(array.shape[1:]), end))
             end = _aligned(end + rows * places[-1].row_bytes)
         return places, end
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 def _point(tensor: _Tensor, region: str, offset: int, size: int) -> None:

@@ -330,3 +330,27 @@ def test_a_newer_version_with_wider_outputs_is_picked_up_through_shared_memory(s
     # Assert
     np.testing.assert_allclose(first, local(narrow, {"input": x})[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(second, local(models["digits"], {"input": x})[0], rtol=0, atol=1e-6)
+
+
+def test_inputs_built_in_a_shared_buffer_are_not_copied(served, models) -> None:
+    # Prepare: the batch written straight into a buffer the client registered
+    x = np.random.default_rng(9).random((65_536, 64), dtype=np.float32)
+    expected = local(models["digits"], {"input": x})[0]
+    with DemlClient(served.target) as deml:
+        buffer = deml.shared_buffer(x.shape, np.float32)
+        buffer[...] = x
+
+        # Execute: the whole buffer, then a row range of it
+        y = deml.predict("digits", buffer)
+        part = deml.predict("digits", buffer[1000:9000])
+        with channel(served.target) as ch:
+            status = oip_grpc.GRPCInferenceServiceStub(ch).SystemSharedMemoryStatus(
+                oip_pb2.SystemSharedMemoryStatusRequest()
+            )
+    regions = {name: r.byte_size for name, r in status.regions.items() if name.startswith(f"deml-client-{os.getpid()}")}
+
+    # Assert: two regions, the buffer (16 MiB) and the object for the outputs, which never held the inputs
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(part, expected[1000:9000], rtol=0, atol=1e-6)
+    assert sorted(regions.values()) == [4 << 20, 16 << 20]
+    assert client_regions(served.target) == []
