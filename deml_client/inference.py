@@ -145,7 +145,7 @@ class InferenceClient:
             try:
                 return self._shared.buffer(tuple(shape), np.dtype(dtype))
             except shm.SharedMemoryRefused as exc:
-                message = f"the server did not take this client's shared memory: {exc.message}"
+                message = f"shared memory unavailable: {exc.message}"
                 raise DemlClientError(exc.code, message) from None
 
     def _predict_grpc(
@@ -191,7 +191,7 @@ class InferenceClient:
             return self._shared.predict(name, version, arrays, rows, progress, batch_size)
         except shm.SharedMemoryRefused as exc:
             if wanted:
-                message = f"the server did not take this client's shared memory: {exc.message}"
+                message = f"shared memory unavailable: {exc.message}"
                 raise DemlClientError(exc.code, message) from None
             self._auto_shared = False  # e.g. a port forwarded from another host: stay on gRPC from now on
             return None

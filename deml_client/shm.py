@@ -103,7 +103,7 @@ def _remove_orphans() -> None:
 
 
 class SharedMemoryRefused(Exception):
-    """The server did not register this client's shared memory."""
+    """The client's shared memory could not be made (no room) or registered (the server cannot see it)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
@@ -136,7 +136,15 @@ class SharedArena:
         finalizer = weakref.finalize(self, _remove, path)
         try:
             os.ftruncate(fd, size)
+            # Reserve the pages now: on a full /dev/shm (a container's is often 64 MiB) writing into a sparse
+            # object would kill this process with SIGBUS instead of failing here.
+            os.posix_fallocate(fd, 0, size)
             mapping = mmap.mmap(fd, size)
+        except OSError as exc:
+            finalizer()
+            raise SharedMemoryRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{SHM_DIR} has no room for {size} bytes ({exc.strerror})"
+            ) from None
         except BaseException:
             finalizer()
             raise
@@ -268,7 +276,11 @@ class SharedMemoryPredictor:
         batch_size: int,
     ) -> dict[str, np.ndarray]:
         inputs = self._bind_names(arrays, meta)
-        places, end = self._layout_inputs(inputs, rows)
+        in_row_bytes = sum(a.nbytes // max(1, len(a)) for a in inputs.values() if a.ndim)
+        step = min(batch_size or max(1, REQUEST_BYTES // max(1, in_row_bytes)), max(rows, 1))
+        # The object holds WINDOW slots, one per request in flight, each laid out for `step` rows: the copied
+        # inputs, then the outputs. Memory stays bounded however large the batch.
+        places, end = self._layout_inputs(inputs, step)
         # Outputs with a variable first (row) dimension and fixed others go to shared memory; others come back in
         # the message.
         outputs: list[_Place] = []
@@ -276,19 +288,24 @@ class SharedMemoryPredictor:
             dims = list(spec.shape)
             if spec.datatype in _NUMPY_DTYPES and dims and dims[0] < 0 and all(d >= 0 for d in dims[1:]):
                 outputs.append(_Place(spec.name, _NUMPY_DTYPES[spec.datatype], tuple(dims[1:]), end))
-                end = _aligned(end + rows * outputs[-1].row_bytes)
+                end = _aligned(end + step * outputs[-1].row_bytes)
         in_message = [spec.name for spec in meta.outputs if spec.name not in {p.name for p in outputs}]
-        mapping = self._arena.ensure(max(end, 1))
-        step = batch_size or max(1, REQUEST_BYTES // max(1, sum(p.row_bytes for p in places)))
+        slot = max(end, ALIGN)
+        slots = min(WINDOW, math.ceil(max(rows, 1) / step))
+        mapping = self._arena.ensure(slots * slot)
+        results = {p.name: np.empty((rows, *p.row_shape), p.dtype) for p in outputs}
         received: dict[str, list[np.ndarray]] = {}
-        pending: list[tuple[int, dict[str, int], grpc.Future[oip_pb2.ModelInferResponse]]] = []
-        for start in range(0, max(rows, 1), step):
+        pending: list[tuple[int, int, dict[str, int], grpc.Future[oip_pb2.ModelInferResponse]]] = []
+        for index, start in enumerate(range(0, max(rows, 1), step)):
             stop = min(start + step, rows)
+            base = (index % slots) * slot
             request = oip_pb2.ModelInferRequest(model_name=name, model_version=str(version or ""))
             for place, array in zip(places, inputs.values(), strict=True):
-                offset = place.offset + start * place.row_bytes
                 shape = (stop - start, *place.row_shape)
-                if not place.region:
+                if place.region:  # read where the caller built it
+                    offset = place.offset + start * place.row_bytes
+                else:
+                    offset = base + place.offset
                     view = np.ndarray(shape, place.dtype, buffer=mapping, offset=offset)
                     np.copyto(view, array[start:stop], casting="equiv")
                 datatype = _OIP_DATATYPES[place.dtype.newbyteorder("=")]
@@ -296,40 +313,46 @@ class SharedMemoryPredictor:
                 _point(tensor, place.region or self._arena.name, offset, (stop - start) * place.row_bytes)
             offsets = {}
             for place in outputs:
-                offsets[place.name] = place.offset + start * place.row_bytes
+                offsets[place.name] = base + place.offset
                 size = (stop - start) * place.row_bytes
                 _point(request.outputs.add(name=place.name), self._arena.name, offsets[place.name], size)
             for output in in_message:
                 request.outputs.add(name=output)
-            pending.append((stop - start, offsets, self._stub.ModelInfer.future(request)))
-            if len(pending) >= WINDOW:
-                self._collect(*pending.pop(0), received, progress)
-        for count, offsets, future in pending:
-            self._collect(count, offsets, future, received, progress)
-        # One copy per output: out of the object, which the next batch reuses, or out of the messages.
-        return {
-            spec.name: np.concatenate(received[spec.name], axis=0) for spec in meta.outputs if spec.name in received
-        }
+            pending.append((start, stop - start, offsets, self._stub.ModelInfer.future(request)))
+            if len(pending) >= slots:
+                self._collect(*pending.pop(0), results, received, progress)
+        for first, count, offsets, future in pending:
+            self._collect(first, count, offsets, future, results, received, progress)
+        for output, parts in received.items():
+            results[output] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return {spec.name: results[spec.name] for spec in meta.outputs if spec.name in results}
 
     def _collect(
         self,
+        start: int,
         count: int,
         offsets: Mapping[str, int],
         future: grpc.Future[oip_pb2.ModelInferResponse],
+        results: dict[str, np.ndarray],
         received: dict[str, list[np.ndarray]],
         progress: Callable[[int], None] | None,
     ) -> None:
-        """Wait for one request; keep views of its outputs (in the object or in the message)."""
+        """Wait for one request; copy its outputs out of its slot (reused by a later request) or the message."""
         response = future.result()
         raw = list(response.raw_output_contents)
         assert self._arena.map is not None
         for index, tensor in enumerate(response.outputs):
             dtype, shape = _NUMPY_DTYPES[tensor.datatype], tuple(tensor.shape)
-            if tensor.name in offsets:
-                part = np.ndarray(shape, dtype, buffer=self._arena.map, offset=offsets[tensor.name])
-            else:
-                part = np.frombuffer(raw[index], dtype=dtype).reshape(shape)
-            received.setdefault(tensor.name, []).append(part)
+            if tensor.name not in offsets:
+                received.setdefault(tensor.name, []).append(np.frombuffer(raw[index], dtype=dtype).reshape(shape))
+                continue
+            target = results[tensor.name][start : start + count]
+            if shape != target.shape or dtype != target.dtype:
+                raise ValueError(
+                    f"output {tensor.name!r} came back as {tensor.datatype}{list(shape)}; its signature promised"
+                    f" {target.shape}"
+                )
+            target[...] = np.ndarray(shape, dtype, buffer=self._arena.map, offset=offsets[tensor.name])
         if progress is not None:
             progress(count)
 

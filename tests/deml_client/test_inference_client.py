@@ -354,3 +354,59 @@ def test_inputs_built_in_a_shared_buffer_are_not_copied(served, models) -> None:
     np.testing.assert_allclose(part, expected[1000:9000], rtol=0, atol=1e-6)
     assert sorted(regions.values()) == [4 << 20, 16 << 20]
     assert client_regions(served.target) == []
+
+
+def test_shared_memory_stays_bounded_for_large_batches(served, models) -> None:
+    # Prepare: 200,000 rows (51 MB of inputs) in requests of 20,000 rows
+    x = np.random.default_rng(10).random((200_000, 64), dtype=np.float32)
+    expected = local(models["digits"], {"input": x})[0]
+    done: list[int] = []
+
+    # Execute
+    with DemlClient(served.target) as deml:
+        y = deml.predict("digits", x, batch_size=20_000, progress=done.append, shared_memory=True)
+        with channel(served.target) as ch:
+            status = oip_grpc.GRPCInferenceServiceStub(ch).SystemSharedMemoryStatus(
+                oip_pb2.SystemSharedMemoryStatusRequest()
+            )
+    sizes = [r.byte_size for name, r in status.regions.items() if name.startswith(f"deml-client-{os.getpid()}-")]
+
+    # Assert: two request slots of 20,000 rows (inputs and outputs: 11.8 MB), not the whole batch
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6)
+    assert sizes == [16 << 20]
+    assert done == [20_000] * 10
+
+
+FULL_SHM_CLIENT = """
+import sys
+import numpy as np
+from deml_client import DemlClient
+from deml_client.client import DemlClientError
+
+x = np.zeros((20_000, 64), np.float32)
+with DemlClient(sys.argv[1]) as deml:
+    try:
+        deml.predict("digits", x, shared_memory=True)
+        print("forced: accepted")
+    except DemlClientError as exc:
+        print("forced:", exc.code.name, exc.message)
+    print("auto:", deml.predict("digits", x).shape)
+"""
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and mount namespaces")
+def test_a_full_dev_shm_is_refused_before_writing_and_auto_falls_back(served, tmp_path) -> None:
+    # Prepare: a client whose /dev/shm is a 1 MiB tmpfs, too small for a 5 MB batch
+    script = tmp_path / "client.py"
+    script.write_text(FULL_SHM_CLIENT)
+    tiny = [*PRIVATE_SHM[:-2], 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"', "sh"]
+
+    # Execute
+    result = subprocess.run(
+        [*tiny, sys.executable, str(script), served.target], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+    # Assert: no SIGBUS; asked for, the lack of room is reported; by default the batch goes in messages
+    assert result.returncode == 0, result.stderr
+    assert "forced: RESOURCE_EXHAUSTED" in result.stdout and "no room" in result.stdout
+    assert "auto: (20000, 10)" in result.stdout
