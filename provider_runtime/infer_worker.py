@@ -13,7 +13,8 @@ Requests:
    "inputs": [[name, dtype, shape, offset], ...]}           -> {"id": 2, "ok": true, "out_size": M,
                                                                "outputs": [[name, dtype, shape, offset], ...]}
   failures                                                  -> {"id": n, "ok": false, "kind": K, "error": text}
-     K is "load" (the model cannot be opened), "input" (onnxruntime rejected the inputs), "cancelled" or "error".
+     K is "load" (the model cannot be opened), "input" (onnxruntime rejected the inputs), "resources" (no room
+     for the outputs in shared memory), "cancelled" or "error".
 An input may instead live in a client's shared-memory file: [name, dtype, shape, offset, path, [dev, inode]] is
 read in place from that file. "outputs_to": [[name, path, [dev, inode], offset, capacity], ...] asks for outputs
 to be written into such files; their reply entries carry a fifth element, 1, and an offset into that file.
@@ -87,9 +88,21 @@ class SharedFile:
         return self.map
 
     def grow(self, size: int) -> mmap.mmap:
-        """Make the file at least `size` bytes (doubling, to grow rarely) and map it."""
+        """Make the file at least `size` bytes (doubling, to grow rarely) and map it.
+
+        Pages are reserved up front (OSError when the RAM file system is full), since writing into a sparse file
+        on a full one would kill this process with SIGBUS.
+        """
         if size > self.size:
-            os.ftruncate(self._fd, max(size, 2 * self.size, MIN_OUT_BYTES))
+            for target in (max(size, 2 * self.size, MIN_OUT_BYTES), size):
+                os.ftruncate(self._fd, target)
+                try:
+                    os.posix_fallocate(self._fd, 0, target)
+                    break
+                except OSError:
+                    os.ftruncate(self._fd, self.size)
+                    if target == size:
+                        raise
             self.remap()
         assert self.map is not None
         return self.map
@@ -238,7 +251,11 @@ class Worker:
             if name not in places:
                 layout.append((name, value, offset))
                 offset = aligned(offset + value.nbytes)
-        out = self.outputs.grow(offset)
+        try:
+            out = self.outputs.grow(offset)
+        except OSError as exc:
+            error = f"no room for {offset} bytes of outputs in {self.outputs.path}: {exc.strerror}"
+            return {"id": run_id, "ok": False, "kind": "resources", "error": error}
         described = []
         for name, value, start in layout:
             np.ndarray(value.shape, dtype=value.dtype, buffer=out, offset=start)[...] = value

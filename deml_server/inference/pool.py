@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from deml_server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from deml_server.inference.shm import FileSlice
 from provider_runtime.lifeline import PARENT_ENV
 
@@ -99,15 +99,36 @@ class SharedFile:
     def __init__(self, path: Path, size: int = INITIAL_FILE_BYTES) -> None:
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.ftruncate(self._fd, size)
+        self.size = 0
+        try:
+            self._reserve(size)
+        except BaseException:
+            os.close(self._fd)
+            path.unlink()
+            raise
         self.size = size
         self.map = mmap.mmap(self._fd, size)
 
     def grow(self, size: int) -> None:
-        """At least `size` bytes (doubling, to grow rarely)."""
+        """At least `size` bytes (doubling, to grow rarely; exactly `size` when doubling finds no room)."""
         if size > self.size:
-            os.ftruncate(self._fd, max(size, 2 * self.size))
+            try:
+                self._reserve(max(size, 2 * self.size))
+            except ResourceExhausted:
+                self._reserve(size)
             self._remap()
+
+    def _reserve(self, size: int) -> None:
+        # Pages are reserved now: on a full RAM file system (a container's /dev/shm is often 64 MiB), writing
+        # into a sparse file would kill this process with SIGBUS instead.
+        os.ftruncate(self._fd, size)
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except OSError as exc:
+            os.ftruncate(self._fd, self.size)
+            raise ResourceExhausted(
+                f"no room for {size} bytes of shared memory in {self.path.parent.parent}: {exc.strerror}"
+            ) from None
 
     def ensure(self, size: int) -> None:
         """Cover `size` bytes after the worker grew the file."""
@@ -576,4 +597,6 @@ def shard_error(exc: ShardFailed, model: str) -> Exception:
         return FailedPrecondition(f"model {model} cannot be loaded by onnxruntime: {exc.message}")
     if exc.kind == "input":
         return InvalidArgument(f"model {model} failed on this input: {exc.message}")
+    if exc.kind == "resources":
+        return ResourceExhausted(f"inference worker has no room for the outputs of model {model}: {exc.message}")
     return RuntimeError(f"inference worker failed on model {model}: {exc.kind}: {exc.message}")

@@ -410,3 +410,27 @@ def test_a_full_dev_shm_is_refused_before_writing_and_auto_falls_back(served, tm
     assert result.returncode == 0, result.stderr
     assert "forced: RESOURCE_EXHAUSTED" in result.stdout and "no room" in result.stdout
     assert "auto: (20000, 10)" in result.stdout
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and mount namespaces")
+def test_a_server_with_a_full_dev_shm_answers_resource_exhausted_and_keeps_serving(models, tmp_path) -> None:
+    # Prepare: the server's /dev/shm is a 5 MiB tmpfs; its 2 workers' files take 4 MiB of it from the start
+    tiny = [*PRIVATE_SHM[:-2], 'mount -t tmpfs -o size=5m tmpfs /dev/shm && exec "$@"', "sh"]
+    server = ServerProcess(tmp_path / "data", "--workers", "1", "--inference-workers", "2", prefix=tiny)
+    x = np.random.default_rng(11).random((24_000, 64), dtype=np.float32)  # 6 MiB: two 3 MiB shards
+    try:
+        with DemlClient(server.target) as deml:
+            deml.upload_model(models["digits"], "digits")
+
+            # Execute
+            with pytest.raises(DemlClientError) as full:
+                deml.predict("digits", x, batch_size=24_000, shared_memory=False)
+            small = deml.predict("digits", x[:1000], shared_memory=False)
+        alive = server.proc.poll() is None
+    finally:
+        server.stop()
+
+    # Assert: refused with the reason, not a crash; smaller batches still served
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no room" in full.value.message
+    assert alive
+    np.testing.assert_allclose(small, local(models["digits"], {"input": x[:1000]})[0], rtol=0, atol=1e-6)
