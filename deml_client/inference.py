@@ -137,13 +137,10 @@ class InferenceClient:
         the batch is not copied on this side either. The memory stays registered until close(). The server
         must be on this host.
         """
-        if not shm.available():
-            raise DemlClientError(grpc.StatusCode.FAILED_PRECONDITION, f"this host has no writable {shm.SHM_DIR}")
-        if self._shared is None:
-            self._shared = shm.SharedMemoryPredictor(self._channel)
-        with self._shared.lock:
+        predictor = self._predictor()
+        with predictor.lock:
             try:
-                return self._shared.buffer(tuple(shape), np.dtype(dtype))
+                return predictor.buffer(tuple(shape), np.dtype(dtype))
             except shm.SharedMemoryRefused as exc:
                 message = f"shared memory unavailable: {exc.message}"
                 raise DemlClientError(exc.code, message) from None
@@ -180,15 +177,12 @@ class InferenceClient:
             return None
         if wanted is None and (rows == 0 or sum(a.nbytes for a in arrays.values()) < SHARED_MIN_BYTES):
             return None
-        if not shm.available():
-            raise DemlClientError(grpc.StatusCode.FAILED_PRECONDITION, f"this host has no writable {shm.SHM_DIR}")
-        if self._shared is None:
-            self._shared = shm.SharedMemoryPredictor(self._channel)
+        predictor = self._predictor()
         # One batch at a time uses the shared object; a concurrent call takes the gRPC path unless it asked.
-        if not self._shared.lock.acquire(blocking=wanted is True):
+        if not predictor.lock.acquire(blocking=wanted is True):
             return None
         try:
-            return self._shared.predict(name, version, arrays, rows, progress, batch_size)
+            return predictor.predict(name, version, arrays, rows, progress, batch_size)
         except shm.SharedMemoryRefused as exc:
             if wanted:
                 message = f"shared memory unavailable: {exc.message}"
@@ -196,7 +190,14 @@ class InferenceClient:
             self._auto_shared = False  # e.g. a port forwarded from another host: stay on gRPC from now on
             return None
         finally:
-            self._shared.lock.release()
+            predictor.lock.release()
+
+    def _predictor(self) -> shm.SharedMemoryPredictor:
+        if not shm.available():
+            raise DemlClientError(grpc.StatusCode.FAILED_PRECONDITION, f"this host has no writable {shm.SHM_DIR}")
+        if self._shared is None:
+            self._shared = shm.SharedMemoryPredictor(self._channel)
+        return self._shared
 
     def _predict_once(self, name: str, version: int, arrays: Arrays) -> Arrays:
         request = inference_pb2.PredictRequest(
