@@ -26,18 +26,7 @@ AUTO_BATCH_BYTES = 1 << 20
 SHARED_MIN_BYTES = 1 << 20
 
 _DTYPES: dict[inference_pb2.DataType.ValueType, np.dtype[np.generic]] = {
-    inference_pb2.DATA_TYPE_BOOL: np.dtype(np.bool_),
-    inference_pb2.DATA_TYPE_UINT8: np.dtype("<u1"),
-    inference_pb2.DATA_TYPE_UINT16: np.dtype("<u2"),
-    inference_pb2.DATA_TYPE_UINT32: np.dtype("<u4"),
-    inference_pb2.DATA_TYPE_UINT64: np.dtype("<u8"),
-    inference_pb2.DATA_TYPE_INT8: np.dtype("<i1"),
-    inference_pb2.DATA_TYPE_INT16: np.dtype("<i2"),
-    inference_pb2.DATA_TYPE_INT32: np.dtype("<i4"),
-    inference_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
-    inference_pb2.DATA_TYPE_FP16: np.dtype("<f2"),
-    inference_pb2.DATA_TYPE_FP32: np.dtype("<f4"),
-    inference_pb2.DATA_TYPE_FP64: np.dtype("<f8"),
+    inference_pb2.DataType.Value(f"DATA_TYPE_{name}"): dtype for name, dtype in shm.NUMPY_DTYPES.items()
 }
 _DATATYPE_OF = {dtype.newbyteorder("="): value for value, dtype in _DTYPES.items()}
 

@@ -40,7 +40,8 @@ MIN_OBJECT_BYTES = 1 << 20
 REQUEST_BYTES = 32 << 20
 WINDOW = 2
 
-_OIP_DATATYPES = {
+# Open Inference Protocol datatype names of the numpy dtypes DeML carries (deml.v1's DataType names match them).
+OIP_DATATYPES = {
     np.dtype(np.bool_): "BOOL",
     np.dtype("u1"): "UINT8",
     np.dtype("u2"): "UINT16",
@@ -54,7 +55,7 @@ _OIP_DATATYPES = {
     np.dtype("f4"): "FP32",
     np.dtype("f8"): "FP64",
 }
-_NUMPY_DTYPES = {name: dtype.newbyteorder("<") for dtype, name in _OIP_DATATYPES.items()}
+NUMPY_DTYPES = {name: dtype.newbyteorder("<") for dtype, name in OIP_DATATYPES.items()}
 
 
 def is_local_target(target: str) -> bool:
@@ -119,7 +120,6 @@ class SharedArena:
         self.name = ""
         self.size = 0
         self.map: mmap.mmap | None = None
-        self._path: Path | None = None
         self._finalizer: weakref.finalize[[Path], SharedArena] | None = None
 
     def ensure(self, size: int) -> mmap.mmap:
@@ -163,7 +163,7 @@ class SharedArena:
             mapping.close()
             finalizer()
             raise
-        self.name, self.size, self.map, self._path, self._finalizer = name, size, mapping, path, finalizer
+        self.name, self.size, self.map, self._finalizer = name, size, mapping, finalizer
         return mapping
 
     def close(self) -> None:
@@ -176,7 +176,7 @@ class SharedArena:
             self.map.close()
         if self._finalizer is not None:
             self._finalizer()
-        self.name, self.size, self.map, self._path, self._finalizer = "", 0, None, None, None
+        self.name, self.size, self.map, self._finalizer = "", 0, None, None
 
 
 _Tensor = oip_pb2.ModelInferRequest.InferInputTensor | oip_pb2.ModelInferRequest.InferRequestedOutputTensor
@@ -220,7 +220,7 @@ class SharedMemoryPredictor:
     def buffer(self, shape: tuple[int, ...], dtype: np.dtype[np.generic]) -> np.ndarray:
         """A zeroed array in a new registered object: inputs built in it are not copied again. Hold `lock`."""
         dtype = dtype.newbyteorder("<")
-        if dtype.newbyteorder("=") not in _OIP_DATATYPES:
+        if dtype.newbyteorder("=") not in OIP_DATATYPES:
             raise ValueError(f"numpy dtype {dtype} cannot be sent")
         arena = SharedArena(self._stub)
         mapping = arena.ensure(max(1, math.prod(shape) * dtype.itemsize))
@@ -286,8 +286,8 @@ class SharedMemoryPredictor:
         outputs: list[_Place] = []
         for spec in meta.outputs:
             dims = list(spec.shape)
-            if spec.datatype in _NUMPY_DTYPES and dims and dims[0] < 0 and all(d >= 0 for d in dims[1:]):
-                outputs.append(_Place(spec.name, _NUMPY_DTYPES[spec.datatype], tuple(dims[1:]), end))
+            if spec.datatype in NUMPY_DTYPES and dims and dims[0] < 0 and all(d >= 0 for d in dims[1:]):
+                outputs.append(_Place(spec.name, NUMPY_DTYPES[spec.datatype], tuple(dims[1:]), end))
                 end = _aligned(end + step * outputs[-1].row_bytes)
         in_message = [spec.name for spec in meta.outputs if spec.name not in {p.name for p in outputs}]
         slot = max(end, ALIGN)
@@ -308,7 +308,7 @@ class SharedMemoryPredictor:
                     offset = base + place.offset
                     view = np.ndarray(shape, place.dtype, buffer=mapping, offset=offset)
                     np.copyto(view, array[start:stop], casting="equiv")
-                datatype = _OIP_DATATYPES[place.dtype.newbyteorder("=")]
+                datatype = OIP_DATATYPES[place.dtype.newbyteorder("=")]
                 tensor = request.inputs.add(name=place.name, datatype=datatype, shape=shape)
                 _point(tensor, place.region or self._arena.name, offset, (stop - start) * place.row_bytes)
             offsets = {}
@@ -342,7 +342,7 @@ class SharedMemoryPredictor:
         raw = list(response.raw_output_contents)
         assert self._arena.map is not None
         for index, tensor in enumerate(response.outputs):
-            dtype, shape = _NUMPY_DTYPES[tensor.datatype], tuple(tensor.shape)
+            dtype, shape = NUMPY_DTYPES[tensor.datatype], tuple(tensor.shape)
             if tensor.name not in offsets:
                 received.setdefault(tensor.name, []).append(np.frombuffer(raw[index], dtype=dtype).reshape(shape))
                 continue
@@ -368,7 +368,7 @@ class SharedMemoryPredictor:
         end = 0
         for name, array in inputs.items():
             dtype = array.dtype.newbyteorder("<")
-            if dtype.newbyteorder("=") not in _OIP_DATATYPES or array.ndim == 0:
+            if dtype.newbyteorder("=") not in OIP_DATATYPES or array.ndim == 0:
                 raise ValueError(f"input {name!r}: numpy dtype {array.dtype} (rank {array.ndim}) cannot be sent")
             located = self._located(array)
             if located is not None:
