@@ -39,6 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from provider_runtime.lifeline import die_with_parent
+from provider_runtime.shared_files import reserve
 
 ALIGN = 64
 MIN_OUT_BYTES = 1 << 20
@@ -90,19 +91,10 @@ class SharedFile:
     def grow(self, size: int) -> mmap.mmap:
         """Make the file at least `size` bytes (doubling, to grow rarely) and map it.
 
-        Pages are reserved up front (OSError when the RAM file system is full), since writing into a sparse file
-        on a full one would kill this process with SIGBUS.
+        Pages are reserved up front (OSError when the RAM file system has no room even for `size`).
         """
         if size > self.size:
-            for target in (max(size, 2 * self.size, MIN_OUT_BYTES), size):
-                os.ftruncate(self._fd, target)
-                try:
-                    os.posix_fallocate(self._fd, 0, target)
-                    break
-                except OSError:
-                    os.ftruncate(self._fd, self.size)
-                    if target == size:
-                        raise
+            reserve(self._fd, [max(size, 2 * self.size, MIN_OUT_BYTES), size], self.size)
             self.remap()
         assert self.map is not None
         return self.map
@@ -120,9 +112,7 @@ class ClientFiles:
         want = (int(identity[0]), int(identity[1]))
         # The name must still lead to the registered file: a client that replaced it would otherwise have this
         # worker read the old, unlinked file while it writes the new one.
-        stat = os.stat(path, follow_symlinks=False)
-        if (stat.st_dev, stat.st_ino) != want:
-            raise InputError(f"shared memory file {path} was replaced since its region was registered")
+        _check_identity(path, os.stat(path, follow_symlinks=False), want)
         found = self._open.get(path)
         if found is not None and found[0] != want:
             self._close(path)
@@ -130,9 +120,11 @@ class ClientFiles:
         if found is None:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
             stat = os.fstat(fd)
-            if (stat.st_dev, stat.st_ino) != want:
+            try:
+                _check_identity(path, stat, want)  # replaced between the check above and the open
+            except InputError:
                 os.close(fd)
-                raise InputError(f"shared memory file {path} was replaced since its region was registered")
+                raise
             found = (want, fd, mmap.mmap(fd, stat.st_size))
             self._open[path] = found
             while len(self._open) > self._limit:
@@ -162,6 +154,11 @@ class ClientFiles:
 
 class InputError(Exception):
     """A request named shared memory this worker cannot use."""
+
+
+def _check_identity(path: str, stat: os.stat_result, want: tuple[int, int]) -> None:
+    if (stat.st_dev, stat.st_ino) != want:
+        raise InputError(f"shared memory file {path} was replaced since its region was registered")
 
 
 class Worker:

@@ -198,9 +198,10 @@ class InferenceGateway:
         outputs_to: Places,
         out_rows: Mapping[str, int | None],
     ) -> list[Tensors]:
+        size = {name: array.nbytes // len(array) for name, array in bound if name in placed}
+
         async def run(start: int, stop: int) -> Tensors:
             inputs = [(name, array[start:stop]) for name, array in bound]
-            size = {name: array.nbytes // len(array) for name, array in bound if name in placed}
             return await self.pool.run(
                 path,
                 inputs,

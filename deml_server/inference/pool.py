@@ -33,6 +33,7 @@ import numpy as np
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from deml_server.inference.shm import FileSlice
 from provider_runtime.lifeline import PARENT_ENV
+from provider_runtime.shared_files import reserve
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class SharedFile:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.size = 0
         try:
-            self._reserve(size)
+            self._reserve([size])
         except BaseException:
             os.close(self._fd)
             path.unlink()
@@ -112,22 +113,15 @@ class SharedFile:
     def grow(self, size: int) -> None:
         """At least `size` bytes (doubling, to grow rarely; exactly `size` when doubling finds no room)."""
         if size > self.size:
-            try:
-                self._reserve(max(size, 2 * self.size))
-            except ResourceExhausted:
-                self._reserve(size)
+            self._reserve([max(size, 2 * self.size), size])
             self._remap()
 
-    def _reserve(self, size: int) -> None:
-        # Pages are reserved now: on a full RAM file system (a container's /dev/shm is often 64 MiB), writing
-        # into a sparse file would kill this process with SIGBUS instead.
-        os.ftruncate(self._fd, size)
+    def _reserve(self, sizes: list[int]) -> None:
         try:
-            os.posix_fallocate(self._fd, 0, size)
+            reserve(self._fd, sizes, self.size)
         except OSError as exc:
-            os.ftruncate(self._fd, self.size)
             raise ResourceExhausted(
-                f"no room for {size} bytes of shared memory in {self.path.parent.parent}: {exc.strerror}"
+                f"no room for {sizes[-1]} bytes of shared memory in {self.path.parent.parent}: {exc.strerror}"
             ) from None
 
     def ensure(self, size: int) -> None:
