@@ -147,7 +147,9 @@ class JobRunner:
 
         async def fit(index: int, bundle: TaskBundle) -> tuple[TaskResult | None, str]:
             nonlocal done
-            outcome = await self._attempt(bundle, f"round {server_round} worker {index}")
+            outcome = await self._attempt(
+                bundle, f"round {server_round} worker {index}", server_round=server_round, partition=index
+            )
             done += 1
             job = self.deps.store.get_job(self.job.id)
             self.deps.publish(JobEvent(EventKind.PROGRESS, job, progress=(server_round, done, len(bundles))))
@@ -184,6 +186,7 @@ class JobRunner:
         evaluation = await self._run_one(
             self._bundle("evaluate", weights=self.deps.artifacts.open_path(new_digest)),
             f"round {server_round} eval",
+            server_round=server_round,
         )
         metrics = {**strategy.aggregate_metrics(results), **(evaluation.test_metrics or evaluation.metrics)}
         assert self._backend is not None
@@ -284,7 +287,9 @@ class JobRunner:
             test_data=self._shards.test if self._shards else None,
         )
 
-    async def _attempt(self, bundle: TaskBundle, label: str) -> tuple[TaskResult | None, str]:
+    async def _attempt(
+        self, bundle: TaskBundle, label: str, *, server_round: int = 0, partition: int | None = None
+    ) -> tuple[TaskResult | None, str]:
         """Run a bundle, retrying infrastructure failures on other workers up to the cap."""
         slug = label.replace(" ", "-")
         failed_on: list[str] = []
@@ -297,6 +302,10 @@ class JobRunner:
                 bundle=bundle.write(task_dir / "in", self.dir / "code"),
                 output=task_dir / "out",
                 timeout=self.spec.task_timeout_seconds,
+                job_id=self.job.id,
+                server_round=server_round,
+                partition=partition,
+                progress=lambda message: self._progress(f"{label}: {message}"),
             )
             item.output.mkdir(parents=True, exist_ok=True)
             assert self._backend is not None
@@ -313,8 +322,8 @@ class JobRunner:
             self._progress(f"{label}: attempt {attempt} failed: {outcome_error}")
         return None, f"{label} failed {len(errors)} times: {errors[-1]}"
 
-    async def _run_one(self, bundle: TaskBundle, label: str) -> TaskResult:
-        result, problem = await self._attempt(bundle, label)
+    async def _run_one(self, bundle: TaskBundle, label: str, *, server_round: int = 0) -> TaskResult:
+        result, problem = await self._attempt(bundle, label, server_round=server_round)
         if result is None:
             raise JobFailed(problem)
         if not result.ok:

@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One task: a task bundle directory in, a result bundle directory out, within a deadline."""
+    """One task: a task bundle directory in, a result bundle directory out, within a deadline.
+
+    `label` is for people (logs, errors); `job_id`, `server_round` and `partition` are what code keys on.
+    `progress`, when given, receives short messages about where the item stands (e.g. a provider deploying).
+    """
 
     label: str
     action: str
     bundle: Path
     output: Path
     timeout: float
+    job_id: str = ""
+    server_round: int = 0  # the training round (its fits and its evaluation); 0 outside rounds
+    partition: int | None = None
+    progress: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+
+    def report(self, message: str) -> None:
+        """Pass a progress message on to whoever asked for one."""
+        if self.progress is not None:
+            self.progress(message)
+
+
+class FailureKind(enum.Enum):
+    """Why a work item produced no result bundle."""
+
+    CRASHED = "crashed"  # the worker or the provider's activity died, or the command failed
+    TIMED_OUT = "timed_out"  # past the item's deadline
+    INVALID_RESULT = "invalid_result"  # a result bundle came back but could not be used
+    DEPLOY_FAILED = "deploy_failed"  # the provider never got the VM image running
+    REFUSED = "refused"  # the backend would not hand the item out (retry cap, unreadable bundle)
+    ABANDONED = "abandoned"  # the backend stopped waiting (shut down, no worker left)
 
 
 @dataclass(frozen=True)
@@ -25,6 +50,7 @@ class WorkOutcome:
     """How running a work item went at the infrastructure level.
 
     `ok` means a result bundle was produced; whether the user's code succeeded is in its result.json.
+    When not ok, `failure` says what kind of failure it was and `error` says it in words.
     """
 
     item: WorkItem
@@ -32,6 +58,7 @@ class WorkOutcome:
     ok: bool
     error: str = ""
     seconds: float = 0.0
+    failure: FailureKind | None = None
 
 
 class Backend(ABC):

@@ -17,7 +17,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import IO, ClassVar
 
-from deml_server.backends.base import Backend, WorkItem, WorkOutcome
+from deml_server.backends.base import Backend, FailureKind, WorkItem, WorkOutcome
 from deml_server.errors import Unavailable
 from provider_runtime.lifeline import PARENT_ENV
 
@@ -179,10 +179,13 @@ class LocalBackend(Backend):
                 worker.name,
                 False,
                 f"worker {worker.name} did not finish {item.label} within {item.timeout:g} s",
+                failure=FailureKind.TIMED_OUT,
             )
         except _WorkerFailed as exc:
             await self._replace(worker)
-            return WorkOutcome(item, worker.name, False, str(exc), time.monotonic() - started)
+            return WorkOutcome(
+                item, worker.name, False, str(exc), time.monotonic() - started, failure=FailureKind.CRASHED
+            )
         except asyncio.CancelledError:
             # The item was cancelled mid-task: the worker is busy with it, so replace it.
             await asyncio.shield(self._replace(worker))
