@@ -56,7 +56,39 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     golem.add_argument("--golem-min-mem-gib", type=float, default=config.golem.min_mem_gib)
     golem.add_argument("--golem-min-storage-gib", type=float, default=config.golem.min_storage_gib)
     golem.add_argument("--golem-min-threads", type=int, default=config.golem.min_cpu_threads)
-    golem.add_argument("--golem-gpu", action="store_true", default=config.golem.gpu, help="ask for vm-nvidia providers")
+    golem.add_argument(
+        "--golem-gpu", action="store_true", default=config.golem.gpu, help="ask for vm-nvidia providers (polygon only)"
+    )
+    golem.add_argument(
+        "--golem-horizon-hours", type=float, default=config.golem.horizon_hours, help="how long agreements (VMs) last"
+    )
+    golem.add_argument(
+        "--golem-provider-wait", type=float, default=config.golem.provider_wait_seconds, help="seconds to an agreement"
+    )
+    golem.add_argument(
+        "--golem-deploy-timeout",
+        type=float,
+        default=config.golem.deploy_timeout_seconds,
+        help="seconds a provider may take to deploy the image (0: 1200 CPU, 3600 GPU)",
+    )
+    golem.add_argument(
+        "--golem-max-start-price", type=float, default=config.golem.max_start_price_glm, help="GLM per agreement"
+    )
+    golem.add_argument(
+        "--golem-max-cpu-price", type=float, default=config.golem.max_cpu_price_glm_per_hour, help="GLM per CPU hour"
+    )
+    golem.add_argument(
+        "--golem-max-duration-price",
+        type=float,
+        default=config.golem.max_duration_price_glm_per_hour,
+        help="GLM per hour of a provider's time",
+    )
+    golem.add_argument(
+        "--golem-max-provider-failures",
+        type=int,
+        default=config.golem.max_provider_failures,
+        help="failed tasks after which a provider is not used again",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.host = args.host
@@ -82,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.golem.min_storage_gib = args.golem_min_storage_gib
     config.golem.min_cpu_threads = args.golem_min_threads
     config.golem.gpu = args.golem_gpu
+    config.golem.horizon_hours = args.golem_horizon_hours
+    config.golem.provider_wait_seconds = args.golem_provider_wait
+    config.golem.deploy_timeout_seconds = args.golem_deploy_timeout
+    config.golem.max_start_price_glm = args.golem_max_start_price
+    config.golem.max_cpu_price_glm_per_hour = args.golem_max_cpu_price
+    config.golem.max_duration_price_glm_per_hour = args.golem_max_duration_price
+    config.golem.max_provider_failures = args.golem_max_provider_failures
     return config
 
 

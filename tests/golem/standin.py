@@ -28,18 +28,28 @@ from yapapi.executor._smartq import SmartQueue
 from yapapi.executor.task import Task, TaskStatus
 from yapapi.rest.activity import BatchTimeoutError, CommandExecutionError
 from yapapi.script import Script
-from yapapi.script.command import DownloadBytes, DownloadFile, Run, SendBytes, SendFile
+from yapapi.script.command import Deploy, DownloadBytes, DownloadFile, Run, SendBytes, SendFile, Start
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class Fault:
-    """Make one provider misbehave on its n-th script (1-based)."""
+    """Make one provider misbehave on its n-th task script (1-based; 0: on every one)."""
 
     provider: int
     script: int
     kind: str  # "exit" (command fails), "timeout" (batch timeout), "crash" (activity breaks)
+
+
+@dataclass
+class FakeClock:
+    """A monotonic clock the test moves forward (the backend measures agreement horizons with it)."""
+
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @dataclass
@@ -75,13 +85,29 @@ class StandInGolem:
     providers: int = 2
     faults: list[Fault] = field(default_factory=list)
     price_per_second: float = 0.001
+    # Seconds each provider's VM takes to deploy (a real sleep: keep them short).
+    deploy_seconds: dict[int, float] = field(default_factory=dict)
+    # A clock moved forward by `clock_step` after every task script, to stand for long tasks without sleeping.
+    clock: FakeClock | None = None
+    clock_step: float = 0.0
     consumers: list[Callable[[Any], None]] = field(default_factory=list)
+    allowed: Callable[[str], bool] | None = None  # the backend's market filter
     started: bool = False
+    expirations: list[timedelta | None] = field(default_factory=list)  # execute_tasks' timeout, per call
+    deploys: list[tuple[str, str]] = field(default_factory=list)  # (activity, provider id)
+    terminated: list[str] = field(default_factory=list)  # provider ids whose worker raised
+    refused: set[str] = field(default_factory=set)  # provider ids the market filter turned away
+    activity_provider: dict[str, str] = field(default_factory=dict)
     scripts: list[tuple[str, list[str]]] = field(default_factory=list)  # (activity, commands)
     commands_run: int = 0
     runs: list[tuple[str, str, str]] = field(default_factory=list)  # (activity, action, outcome)
     _counts: dict[int, int] = field(default_factory=dict)
     _activities: int = 0
+
+    def factory(self, config: Any, allowed: Callable[[str], bool]) -> StandInGolem:
+        """What the backend calls instead of building yapapi's Golem: keeps its provider filter."""
+        self.allowed = allowed
+        return self
 
     async def start(self) -> None:
         self.started = True
@@ -104,7 +130,10 @@ class StandInGolem:
         max_workers: int | None = None,
         timeout: timedelta | None = None,
         job_id: str | None = None,
+        implicit_init: bool = True,
     ) -> AsyncIterator[Task[Any, Any]]:
+        assert not implicit_init, "the backend deploys in its own worker (implicit_init=False)"
+        self.expirations.append(timeout)
         accepted: asyncio.Queue[Task[Any, Any]] = asyncio.Queue()
 
         def on_done(task: Task[Any, Any], status: TaskStatus) -> None:
@@ -143,18 +172,29 @@ class StandInGolem:
         queue: SmartQueue[Task[Any, Any]],
         job: Any,
     ) -> None:
-        """One provider: a fresh activity (VM tree) each time the worker ends, as after a new agreement."""
+        """One provider: a fresh activity (VM tree) each time the worker ends, as after a new agreement; a
+        provider the market filter refuses gets no new agreement."""
+        provider_id = f"0xstandin{index:02d}"
         while not queue.finished():
+            if self.allowed is not None and not self.allowed(provider_id):
+                self.refused.add(provider_id)
+                return
             self._activities += 1
             activity = SimpleNamespace(id=f"activity-{self._activities}")
-            agreement = SimpleNamespace(id=f"agreement-{self._activities}")
+            details = SimpleNamespace(
+                raw_details=SimpleNamespace(offer=SimpleNamespace(provider_id=provider_id)),
+                provider_node_info=SimpleNamespace(name=f"standin-{index}"),
+            )
+            agreement = SimpleNamespace(id=f"agreement-{self._activities}", details=details)
             ctx = StandInContext(
                 id=activity.id,
-                provider_id=f"0xstandin{index:02d}",
+                provider_id=provider_id,
                 provider_name=f"standin-{index}",
                 vm_root=self.root / f"vm-{self._activities}",
                 price_per_second=self.price_per_second,
             )
+            self.activity_provider[activity.id] = provider_id
+            self._emit(events.AgreementConfirmed(job=job, agreement=agreement))
             self._emit(events.ActivityCreated(job=job, agreement=agreement, activity=activity))
             with queue.new_consumer() as consumer:
 
@@ -166,10 +206,11 @@ class StandInGolem:
                 try:
                     await self._run_batches(index, ctx, generator)
                 except StopAsyncIteration:
-                    pass
+                    pass  # the worker returned: yapapi would release the agreement for re-use
                 except Exception:
-                    # A worker that raised: yapapi reschedules what it held (SmartQueue does it on exit).
-                    pass
+                    # A worker that raised: yapapi terminates the agreement and reschedules what it held
+                    # (SmartQueue does it on exit).
+                    self.terminated.append(provider_id)
             invoice = SimpleNamespace(amount=f"{ctx.busy_seconds * self.price_per_second:.9f}")
             self._emit(events.InvoiceReceived(job=job, agreement=agreement, invoice=invoice))
             shutil.rmtree(ctx.vm_root, ignore_errors=True)
@@ -179,8 +220,11 @@ class StandInGolem:
         """What yapapi's engine does with a worker: send each script, throw failures back into it."""
         script: Script = await generator.__anext__()
         while True:
-            self._counts[index] = self._counts.get(index, 0) + 1
-            fault = next((f for f in self.faults if f.provider == index and f.script == self._counts[index]), None)
+            fault = None
+            if not any(isinstance(c, Deploy) for c in script._commands):
+                self._counts[index] = self._counts.get(index, 0) + 1
+                count = self._counts[index]
+                fault = next((f for f in self.faults if f.provider == index and f.script in (0, count)), None)
             try:
                 await self._execute(ctx, script, fault)
             except (CommandExecutionError, BatchTimeoutError, ConnectionError) as exc:
@@ -191,7 +235,11 @@ class StandInGolem:
     async def _execute(self, ctx: StandInContext, script: Script, fault: Fault | None) -> None:
         self.scripts.append((ctx.id, [repr(c) for c in script._commands]))
         for command in script._commands:
-            if isinstance(command, SendBytes):
+            if isinstance(command, Deploy):
+                await self._deploy(ctx, script.timeout)
+            elif isinstance(command, Start):
+                pass
+            elif isinstance(command, SendBytes):
                 target = ctx.vm_path(command._dst_path)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 assert command._data is not None
@@ -214,6 +262,16 @@ class StandInGolem:
                 raise AssertionError(f"the stand-in does not know {command!r}")
             if not command._result.done():
                 command._result.set_result(SimpleNamespace(success=True, message="", stdout="", stderr=""))
+
+    async def _deploy(self, ctx: StandInContext, timeout: timedelta | None) -> None:
+        """Deploy the 'image': wait as long as this provider takes, or fail the batch past its timeout."""
+        seconds = self.deploy_seconds.get(int(ctx.provider_id[-2:]), 0.0)
+        limit = timeout.total_seconds() if timeout is not None else None
+        if limit is not None and seconds > limit:
+            await asyncio.sleep(limit)
+            raise BatchTimeoutError()
+        await asyncio.sleep(seconds)
+        self.deploys.append((ctx.id, ctx.provider_id))
 
     async def _run(self, ctx: StandInContext, command: Run, timeout: timedelta | None, fault: Fault | None) -> None:
         self.commands_run += 1
@@ -251,6 +309,8 @@ class StandInGolem:
             raise BatchTimeoutError() from None
         finally:
             ctx.busy_seconds += asyncio.get_running_loop().time() - started
+            if self.clock is not None:
+                self.clock.now += self.clock_step
         action = next((w for w in " ".join(args).split("provider_runtime ")[1:2]), "?").split(" ")[0]
         self.runs.append((ctx.id, action, f"exit {proc.returncode}"))
         if proc.returncode != 0:

@@ -11,10 +11,9 @@ pytest.importorskip("yapapi", reason="the golem extra is not installed: pip inst
 
 from golem_support import standin_config
 from standin import Fault, StandInGolem
-from yapapi.props.builder import DemandBuilder
 
-from deml_server.backends.base import WorkItem
-from deml_server.backends.golem import CostLedger, GolemBackend, build_payload, plan_uploads, vm_command
+from deml_server.backends.base import FailureKind, WorkItem
+from deml_server.backends.golem import CostLedger, GolemBackend, TaskKey, plan_uploads, vm_command
 from deml_server.backends.golem_config import GolemConfig
 from deml_server.bundle import TaskBundle, read_result
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -38,14 +37,14 @@ def init_item(tmp_path: Path, name: str, timeout: float = 60.0) -> WorkItem:
     bundle = TaskBundle(action="init", module="task").write(tmp_path / name / "in", code)
     output = tmp_path / name / "out"
     output.mkdir(parents=True)
-    return WorkItem(label=f"job j1 {name}", action="init", bundle=bundle, output=output, timeout=timeout)
+    return WorkItem(label=f"job j1 {name}", action="init", bundle=bundle, output=output, timeout=timeout, job_id="j1")
 
 
 def backend_for(tmp_path: Path, standin: StandInGolem, **config: object) -> GolemBackend:
     return GolemBackend(
         config=standin_config(**config),
         work_dir=tmp_path / "work",
-        golem_factory=lambda cfg, allowed: standin,
+        golem_factory=standin.factory,
         payload=object(),
     )
 
@@ -98,7 +97,9 @@ async def test_a_provider_that_keeps_failing_is_filtered_out(tmp_path: Path) -> 
     # Assert: both failures carry the provider's stderr; the provider is no longer allowed by the market filter.
     assert [o.ok for o in outcomes] == [False, False]
     assert "injected failure" in outcomes[0].error
-    assert not backend._provider_allowed("0xstandin00") and backend._provider_allowed("0xother")
+    assert not backend.providers.allowed("0xstandin00") and backend.providers.allowed("0xother")
+    assert [f.kind for f in backend.providers.failures["0xstandin00"]] == [FailureKind.CRASHED] * 2
+    assert standin.terminated == ["0xstandin00", "0xstandin00"]
 
 
 async def test_no_provider_is_a_clear_error_within_the_wait(tmp_path: Path) -> None:
@@ -136,35 +137,22 @@ def test_invoices_replace_usage_estimates_shared_by_run_time() -> None:
     # Prepare
     ledger = CostLedger()
     ledger.record_activity("act-1", "agr-1")
-    ledger.record_task("job j round 1 worker 0", "act-1", 3.0, 0.3)
-    ledger.record_task("job j round 2 worker 0", "act-1", 1.0, 0.1)
-    ledger.record_task("job j round 2 worker 1", "act-2", 2.0, 0.2)
+    first, second, third = (TaskKey("j", 1, "w0"), TaskKey("j", 2, "w0"), TaskKey("j", 2, "w1"))
+    ledger.record_task(first, "act-1", 3.0, 0.3)
+    ledger.record_task(second, "act-1", 1.0, 0.1)
+    ledger.record_task(third, "act-2", 2.0, 0.2)
+    ledger.record_task(TaskKey("j", 0, "export"), "act-3", 1.0, 0.05)
+    ledger.record_task(TaskKey("other", 1, "w0"), "act-4", 1.0, 0.5)
     # Execute
     before = ledger.total
     ledger.record_invoice("agr-1", 0.8)
-    # Assert
-    assert before == pytest.approx(0.6)
+    # Assert: the invoice is shared by run time; rounds and jobs come from the keys' fields.
+    assert before == pytest.approx(1.15)
     assert ledger.per_task() == pytest.approx(
-        {"job j round 1 worker 0": 0.6, "job j round 2 worker 0": 0.2, "job j round 2 worker 1": 0.2}
+        {first: 0.6, second: 0.2, third: 0.2, TaskKey("j", 0, "export"): 0.05, TaskKey("other", 1, "w0"): 0.5}
     )
     assert ledger.per_round("j") == pytest.approx({1: 0.6, 2: 0.4})
-    assert ledger.total == pytest.approx(1.0) and ledger.per_job("j") == pytest.approx(1.0)
-
-
-async def test_gpu_payload_asks_for_vm_nvidia_and_the_gpu_capability() -> None:
-    # Prepare
-    config = standin_config(gpu=True, min_mem_gib=8.0, min_cpu_threads=4)
-    # Execute
-    demand = DemandBuilder()
-    await demand.decorate(await build_payload(config))
-    cpu = DemandBuilder()
-    await cpu.decorate(await build_payload(standin_config()))
-    # Assert
-    text = str(demand.constraints)
-    assert "golem.runtime.name=vm-nvidia" in text and "golem.runtime.capabilities=!exp:gpu" in text
-    assert "golem.inf.mem.gib>=8.0" in text and "golem.inf.cpu.threads>=4" in text
-    assert demand.properties["golem.srv.comp.task_package"] == f"hash:sha3:{'0' * 56}:http://127.0.0.1:9/image.gvmi"
-    assert "golem.runtime.name=vm)" in str(cpu.constraints) and "gpu" not in str(cpu.constraints)
+    assert ledger.total == pytest.approx(1.55) and ledger.per_job("j") == pytest.approx(1.05)
 
 
 def test_uploads_are_content_addressed_and_the_vm_script_lays_the_bundle_out(tmp_path: Path) -> None:
@@ -197,8 +185,11 @@ def test_config_fails_fast_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -
         config.validate()
     with pytest.raises(FailedPrecondition, match="DEML_GOLEM_IMAGE_HASH or DEML_GOLEM_IMAGE_TAG"):
         GolemConfig(app_key="k").validate()
-    with pytest.raises(InvalidArgument, match="DEML_GOLEM_SESSION_MINUTES"):
-        standin_config(session_minutes=45.0).validate()
+    monkeypatch.delenv("DEML_GOLEM_GPU")
+    with pytest.raises(InvalidArgument, match="DEML_GOLEM_HORIZON_HOURS"):
+        standin_config(horizon_hours=0.01).validate()
+    with pytest.raises(InvalidArgument, match="max_cpu_price_glm_per_hour"):
+        standin_config(max_cpu_price_glm_per_hour=-1.0).validate()
     monkeypatch.setenv("DEML_GOLEM_MAX_WORKERS", "many")
     with pytest.raises(InvalidArgument, match="DEML_GOLEM_MAX_WORKERS"):
         GolemConfig()
@@ -216,11 +207,11 @@ async def test_an_unreachable_yagna_is_named(tmp_path: Path) -> None:
         await backend.close()
 
 
-async def test_a_task_longer_than_a_session_is_refused(tmp_path: Path) -> None:
-    backend = backend_for(tmp_path, StandInGolem(tmp_path / "vms"), session_minutes=10.0)
+async def test_a_task_longer_than_the_agreements_is_refused(tmp_path: Path) -> None:
+    backend = backend_for(tmp_path, StandInGolem(tmp_path / "vms"), horizon_hours=1.0, deploy_timeout_seconds=600.0)
     await backend.start()
     try:
-        with pytest.raises(FailedPrecondition, match="does not fit in a Golem session of 10 min"):
-            await backend.run(init_item(tmp_path, "a", timeout=900))
+        with pytest.raises(FailedPrecondition, match="does not fit in Golem agreements of 1 h"):
+            await backend.run(init_item(tmp_path, "a", timeout=3000))
     finally:
         await backend.close()

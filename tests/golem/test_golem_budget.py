@@ -26,7 +26,7 @@ def _backend(tmp_path: Path) -> GolemBackend:
     return GolemBackend(
         config=standin_config(budget_glm=10.0),
         work_dir=tmp_path / "golem-work",
-        golem_factory=lambda cfg, allowed: standin,
+        golem_factory=standin.factory,
         payload=object(),
     )
 

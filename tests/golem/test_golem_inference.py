@@ -32,7 +32,7 @@ async def test_a_batch_is_sharded_across_provider_vms_and_merged_in_order(tmp_pa
     backend = GolemBackend(
         config=standin_config(),
         work_dir=tmp_path / "golem-work",
-        golem_factory=lambda cfg, allowed: standin,
+        golem_factory=standin.factory,
         payload=object(),
     )
     pool = BundlePool(backend, work_dir=tmp_path / "shards", timeout=120, owns_backend=True)

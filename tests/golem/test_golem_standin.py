@@ -31,7 +31,7 @@ def golem_backend(tmp_path: Path, standin: StandInGolem, **config: object) -> Go
     return GolemBackend(
         config=standin_config(**config),
         work_dir=tmp_path / "golem-work",
-        golem_factory=lambda cfg, allowed: standin,
+        golem_factory=standin.factory,
         payload=object(),
     )
 

@@ -1,0 +1,108 @@
+"""What a provider's VM runs: the bundle's files addressed by content, the shell script, the result unpacked.
+
+Nothing here imports yapapi; the backend turns these plans into yapapi Script commands.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shlex
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+# Inside the VM (provider_runtime/Dockerfile declares both as volumes).
+VM_INPUT = "/golem/input"
+VM_OUTPUT = "/golem/output"
+VM_CACHE = f"{VM_INPUT}/cache"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file of the bundle, stored on the VM under its content hash."""
+
+    relative: str
+    digest: str
+    source: Path | None = None
+    data: bytes | None = None
+
+    @property
+    def target(self) -> str:
+        """Where the file lives on the VM; the same content always goes to the same place."""
+        return f"{VM_CACHE}/{self.digest}"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pack_code(code_dir: Path) -> bytes:
+    """A reproducible tar.gz of the user's code (same bytes for the same files, so it is uploaded once)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path in sorted(code_dir.rglob("*")):
+            if "__pycache__" in path.parts or not (path.is_file() or path.is_dir()):
+                continue
+            info = archive.gettarinfo(str(path), str(path.relative_to(code_dir)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if path.is_file():
+                with path.open("rb") as f:
+                    archive.addfile(info, f)
+            else:
+                archive.addfile(info)
+    # gzip's header holds a timestamp: zero it so the bytes depend on the content only.
+    return gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)
+
+
+def plan_uploads(bundle: Path) -> tuple[bytes, list[Upload]]:
+    """task.json, the packed code and every other file of a bundle, each addressed by content."""
+    task_json = (bundle / "task.json").read_bytes()
+    code = pack_code(bundle / "code")
+    uploads = [Upload("code.tar.gz", hashlib.sha256(code).hexdigest(), data=code)]
+    for path in sorted(bundle.rglob("*")):
+        relative = path.relative_to(bundle)
+        if not path.is_file() or relative.parts[0] == "code" or relative.parts == ("task.json",):
+            continue
+        uploads.append(Upload(str(PurePosixPath(*relative.parts)), sha256_file(path), source=path))
+    return task_json, uploads
+
+
+def vm_command(action: str, uploads: list[Upload]) -> str:
+    """The shell script run in the VM: lay the bundle out from the cache, run provider_runtime, pack the result."""
+    task = f"{VM_INPUT}/task"
+    lines = [
+        "set -e",
+        f"rm -rf {task} {VM_OUTPUT}/result {VM_OUTPUT}/result.tar.gz",
+        f"mkdir -p {task}/code {VM_OUTPUT}/result",
+        f"mv {VM_INPUT}/task.json {task}/task.json",
+    ]
+    for upload in uploads:
+        if upload.relative == "code.tar.gz":
+            lines.append(f"tar -xzf {upload.target} -C {task}/code")
+            continue
+        target = shlex.quote(f"{task}/{upload.relative}")
+        lines.append(f"mkdir -p $(dirname {target}) && ln -s {upload.target} {target}")
+    lines += [
+        f"python3 -m provider_runtime {shlex.quote(action)} --input {task} --output {VM_OUTPUT}/result",
+        f"tar -czf {VM_OUTPUT}/result.tar.gz -C {VM_OUTPUT}/result .",
+    ]
+    return "\n".join(lines)
+
+
+def unpack_result(archive: Path, dest: Path) -> None:
+    """Extract a provider's result bundle; links, devices and paths outside dest are refused."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(dest, filter="data")
+    if not (dest / "result.json").is_file():
+        raise ValueError("the result bundle has no result.json")
+    json.loads((dest / "result.json").read_text())
