@@ -67,7 +67,8 @@ def config(yagna: Yagna, **overrides: Any) -> GolemConfig:
         image_hash=IMAGE_HASH,
         image_url=IMAGE_URL,
         provider_wait_seconds=20.0,
-        session_minutes=10.0,
+        horizon_hours=1.0,
+        deploy_timeout_seconds=60.0,
     )
     for key, value in overrides.items():
         setattr(cfg, key, value)
@@ -77,8 +78,8 @@ def config(yagna: Yagna, **overrides: Any) -> GolemConfig:
 async def attempt(backend: GolemBackend, work: WorkItem) -> tuple[str, str, float]:
     """Run one item; return (error class, message, seconds)."""
     started = time.monotonic()
-    await backend.start()
     try:
+        await backend.start()
         outcome = await backend.run(work)
         return ("outcome", f"ok={outcome.ok} {outcome.error}", time.monotonic() - started)
     except DemlError as exc:
@@ -118,6 +119,9 @@ async def main(work: Path) -> None:
         os.environ["PATH"] = f"{bin_dir}{os.pathsep}{plain_path}"
         result = await attempt(GolemBackend(config=config(yagna), work_dir=work / "w3"), item(work / "i3"))
         report("allocation", error=result[0], message=result[1])
+        gpu = GolemBackend(config=config(yagna, gpu=True), work_dir=work / "w6")
+        result = await attempt(gpu, item(work / "i6"))
+        report("gpu_on_hoodi", error=result[0], message=result[1], seconds=result[2])
     finally:
         yagna.stop()
 

@@ -57,3 +57,11 @@ def test_refused_allocation_is_named(scenario: dict[str, dict[str, Any]]) -> Non
     assert scenario["allocation"]["error"] == "ResourceExhausted"
     assert "yagna refused the budget allocation of 0.5 GLM on erc20-hoodi" in scenario["allocation"]["message"]
     assert "yagna payment fund" in scenario["allocation"]["message"]
+
+
+def test_a_gpu_demand_on_hoodi_is_refused_at_start_up(scenario: dict[str, dict[str, Any]]) -> None:
+    result = scenario["gpu_on_hoodi"]
+    assert result["error"] == "FailedPrecondition"
+    assert result["message"].startswith("GPU providers are only on Polygon mainnet, not on 'hoodi'")
+    assert "yagna payment init --sender --network=polygon" in result["message"]
+    assert result["seconds"] < 5  # refused before yagna is asked anything
