@@ -136,3 +136,21 @@ async def test_a_job_longer_than_the_old_session_window_keeps_its_vms_and_their_
     for activity, digests in uploads_by_activity(standin).items():
         assert len(digests) == len(set(digests)), f"{activity} received a cached file again"
     assert len(standin.runs) == len(standin.scripts) - 2  # every script but the two deployments ran a task
+
+
+async def test_avoid_sends_the_item_to_another_provider(tmp_path: Path) -> None:
+    # Prepare: provider 0 is ready at once, provider 1 only after a second of deployment.
+    outcomes = []
+    for avoid in ((), ("golem:standin-0@0xstandin0",)):
+        root = tmp_path / f"avoid-{len(avoid)}"
+        standin = StandInGolem(root / "vms", providers=2, deploy_seconds={1: 1.0})
+        backend = backend_for(root, standin)
+        await backend.start()
+        try:
+            # Execute: the same item without and with provider 0 in `avoid` (where it failed before).
+            outcomes.append(await backend.run(init_item(root, []), avoid=avoid))
+        finally:
+            await backend.close()
+    # Assert: without avoid the first ready provider takes it; with avoid it waits for the other one.
+    assert [o.ok for o in outcomes] == [True, True]
+    assert [o.worker for o in outcomes] == ["golem:standin-0@0xstandin0", "golem:standin-1@0xstandin0"]

@@ -538,7 +538,10 @@ class GolemBackend(Backend):
                 if pending.future.done():
                     task.accept_result(None)  # cancelled or abandoned while it waited: nothing to run
                     continue
-                if provider in pending.avoid and any(p not in pending.avoid for p in session.ready):
+                if provider in pending.avoid and any(
+                    p not in pending.avoid for p in (*session.ready, *session.deploying)
+                ):
+                    # Another provider is (or soon will be) ready: yapapi hands a rescheduled task to another worker.
                     task.reject_result(f"{provider} failed this item before", retry=True)
                     continue
                 pending.handouts += 1
