@@ -11,16 +11,21 @@ import pytest
 
 pytest.importorskip("yapapi", reason="the golem extra is not installed: pip install 'deml[golem]'")
 
-from golem_support import standin_config
+from golem_support import DIGITS, standin_config
 from yapapi.contrib.strategy import ProviderFilter
 from yapapi.props.builder import DemandBuilder
 from yapapi.props.com import Counter
 from yapapi.strategy import SCORE_REJECTED, LeastExpensiveLinearPayuMS
 
-from deml_server.backends import create_backend
+from deml_client.client import zip_task_dir
+from deml_server.artifacts import ArtifactStore
+from deml_server.backends import LocalBackend, create_backend
 from deml_server.backends.golem import GolemBackend, build_payload, market_strategy, price_caps
 from deml_server.config import ServerConfig
 from deml_server.errors import FailedPrecondition
+from deml_server.jobs import JobService
+from deml_server.registry import ModelRegistry
+from deml_server.store import JobStore
 
 
 def offer(provider: str, *, start: float, cpu_per_hour: float, duration_per_hour: float) -> SimpleNamespace:
@@ -108,6 +113,33 @@ async def test_a_gpu_demand_on_hoodi_is_refused_at_start_up(tmp_path: Path) -> N
         assert "GPU providers are only on Polygon mainnet, not on 'hoodi'" in message
         assert "DEML_GOLEM_PAYMENT_NETWORK=polygon" in message
         assert "yagna payment init --sender --network=polygon" in message
+
+
+async def test_a_job_asking_for_golem_gpus_on_hoodi_is_refused_at_submit(tmp_path: Path) -> None:
+    # Prepare: a server running the local backend, whose jobs may ask for golem (started on first use).
+    config = ServerConfig(data_dir=tmp_path, backend="local", workers=1)
+    config.golem = standin_config(gpu=True, payment_network="hoodi")
+    store = JobStore(tmp_path / "deml.sqlite3")
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    local = LocalBackend(workers=1, work_dir=tmp_path / "workers")
+    jobs = JobService(
+        config=config,
+        store=store,
+        artifacts=artifacts,
+        registry=ModelRegistry(store, artifacts),
+        backend=local,
+        backend_factory=lambda name: create_backend(name, config),
+    )
+    try:
+        upload = jobs.begin_upload()
+        upload.add("code", zip_task_dir(DIGITS))
+        # Execute / Assert: refused with the Polygon message, and no job row was created.
+        with pytest.raises(FailedPrecondition, match="GPU providers are only on Polygon mainnet"):
+            await jobs.submit({"name": "digits", "backend": "golem"}, upload.finish())
+        assert jobs.list() == []
+    finally:
+        await jobs.close()
+        store.close()
 
 
 def test_gpu_images_get_the_longer_deploy_timeout() -> None:
