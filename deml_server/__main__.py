@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from deml_server import security
 from deml_server.config import ServerConfig
 from deml_server.errors import DemlError
 from deml_server.server import start_server
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     golem.add_argument("--golem-min-storage-gib", type=float, default=config.golem.min_storage_gib)
     golem.add_argument("--golem-min-threads", type=int, default=config.golem.min_cpu_threads)
     golem.add_argument("--golem-gpu", action="store_true", default=config.golem.gpu, help="ask for vm-nvidia providers")
+    security.add_flags(parser, config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.host = args.host
@@ -82,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.golem.min_storage_gib = args.golem_min_storage_gib
     config.golem.min_cpu_threads = args.golem_min_threads
     config.golem.gpu = args.golem_gpu
+    security.apply_flags(args, config)
     return config
 
 
@@ -94,6 +97,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.security.reload)
     await stop.wait()
     await server.stop()
 

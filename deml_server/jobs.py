@@ -17,6 +17,7 @@ from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
 from deml_server.domain import EventKind, Job, JobEvent, JobFiles, JobSpec, JobState
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from deml_server.quota import JobQuota
 from deml_server.registry import ModelRegistry, check_model_name
 from deml_server.runner import JobRunner, RunnerDeps
 from deml_server.store import JobStore
@@ -130,6 +131,7 @@ class JobService:
         self._backend_lock = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watchers: defaultdict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
+        self._quota = JobQuota(max_running=config.max_jobs_per_token, max_queued=config.max_queued_per_token)
 
     async def start(self) -> None:
         """Resume every job a previous server left unfinished."""
@@ -164,16 +166,21 @@ class JobService:
         """Start receiving a submission's files."""
         return Upload(self._artifacts, self._config.max_upload_bytes)
 
-    async def submit(self, given: Mapping[str, Any], files: JobFiles) -> Job:
-        """Validate a submission and start its job."""
+    async def submit(self, given: Mapping[str, Any], files: JobFiles, owner: str | None = None) -> Job:
+        """Validate a submission and start its job (`owner`: the submitting token's hash, for its limits)."""
         spec = resolve_spec(given, self._config)
         backend = await self._backend_for(spec.backend)
         if spec.budget_glm > 0:
             backend.check_budget(spec.budget_glm)
         await asyncio.to_thread(self._check_files, spec, files)
-        job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
+        self._quota.admit(owner)
+        try:
+            job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
+        except BaseException:
+            self._quota.release(owner)
+            raise
         log.info("job %s submitted: %s", job.id, spec)
-        self._launch(job)
+        self._launch(job, owner)
         return job
 
     def _check_files(self, spec: JobSpec, files: JobFiles) -> None:
@@ -185,9 +192,9 @@ class JobService:
         if files.test_data is not None:
             load_xy(self._artifacts.open_path(files.test_data), "the test data")
 
-    def _launch(self, job: Job) -> None:
+    def _launch(self, job: Job, owner: str | None = None) -> None:
         runner = JobRunner(job, self._deps)
-        task = asyncio.create_task(runner.run(), name=f"job-{job.id}")
+        task = asyncio.create_task(self._quota.run(owner, runner.run()), name=f"job-{job.id}")
         self._tasks[job.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
 

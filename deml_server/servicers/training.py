@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from deml.v1 import training_pb2, training_pb2_grpc
+from deml_server.auth import current_principal
 from deml_server.convert import FILE_KIND_FROM_PB, event_to_pb, job_to_pb, spec_from_pb, state_from_pb
 from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService
@@ -44,7 +45,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         except BaseException:
             upload.abort()
             raise
-        job = await self._jobs.submit(spec_from_pb(spec), files)
+        principal = current_principal()
+        job = await self._jobs.submit(spec_from_pb(spec), files, owner=principal.owner if principal else None)
         return training_pb2.SubmitJobResponse(job=job_to_pb(job))
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context: Context) -> training_pb2.GetJobResponse:
