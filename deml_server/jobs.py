@@ -17,6 +17,7 @@ from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
 from deml_server.domain import EventKind, Job, JobEvent, JobFiles, JobSpec, JobState
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from deml_server.ownership import Ownership, Scope
 from deml_server.quota import JobQuota
 from deml_server.registry import ModelRegistry, check_model_name
 from deml_server.runner import JobRunner, RunnerDeps
@@ -132,12 +133,15 @@ class JobService:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watchers: defaultdict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
         self._quota = JobQuota(max_running=config.max_jobs_per_token, max_queued=config.max_queued_per_token)
+        self._ownership = Ownership(store)
 
     async def start(self) -> None:
         """Resume every job a previous server left unfinished."""
         for job in self._store.unfinished_jobs():
             log.info("resuming job %s (%d rounds committed)", job.id, job.rounds_committed)
-            self._launch(job)
+            owner = self._store.job_owner(job.id)
+            self._quota.admit(owner, check=False)
+            self._launch(job, owner)
 
     async def close(self) -> None:
         """Stop runners without marking jobs: they resume at the next start; close the backends jobs opened."""
@@ -176,6 +180,8 @@ class JobService:
         self._quota.admit(owner)
         try:
             job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
+            if owner is not None:
+                self._store.set_job_owner(job.id, owner)
         except BaseException:
             self._quota.release(owner)
             raise
@@ -198,16 +204,21 @@ class JobService:
         self._tasks[job.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
 
-    def get(self, job_id: str) -> Job:
-        """One job."""
+    def get(self, job_id: str, scope: Scope = None) -> Job:
+        """One job (with a `scope`: only one of that token's)."""
+        self._ownership.check_job(job_id, scope)
         return self._store.get_job(job_id)
 
-    def list(self, state: JobState | None = None, limit: int = 0) -> list[Job]:
-        """Jobs, newest first."""
-        return self._store.list_jobs(state, limit)
+    def list(self, state: JobState | None = None, limit: int = 0, scope: Scope = None) -> list[Job]:
+        """Jobs, newest first (with a `scope`: only that token's)."""
+        if scope is None:
+            return self._store.list_jobs(state, limit)
+        mine = self._ownership.visible_jobs(self._store.list_jobs(state), scope)
+        return mine[:limit] if limit > 0 else mine
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, scope: Scope = None) -> Job:
         """Cancel a running job; its committed rounds are kept."""
+        self._ownership.check_job(job_id, scope)
         job = self._store.get_job(job_id)
         if job.state.terminal:
             raise FailedPrecondition(f"job {job_id} already ended ({job.state.value})")
@@ -225,8 +236,9 @@ class JobService:
         for queue in list(self._watchers.get(event.job.id, ())):
             queue.put_nowait(event)
 
-    async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
+    async def watch(self, job_id: str, scope: Scope = None) -> AsyncIterator[JobEvent]:
         """What already happened to the job, then each new event until it ends."""
+        self._ownership.check_job(job_id, scope)
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._watchers[job_id].add(queue)
         try:

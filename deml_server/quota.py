@@ -31,16 +31,17 @@ class JobQuota:
     def _account(self, owner: str) -> _Account:
         return self._accounts.setdefault(owner, _Account())
 
-    def admit(self, owner: str | None) -> None:
+    def admit(self, owner: str | None, *, check: bool = True) -> None:
         """Reserve a place for a new job of `owner`; RESOURCE_EXHAUSTED when its token's queue is full.
 
-        Call `run` for every admitted job: it takes over the reservation.
+        Call `run` for every admitted job: it takes over the reservation. `check=False` (jobs resumed at start)
+        never refuses.
         """
         if owner is None or self.max_running == 0:
             return
         account = self._account(owner)
         waiting = account.running + account.queued + 1 - self.max_running
-        if self.max_queued > 0 and waiting > self.max_queued:
+        if check and self.max_queued > 0 and waiting > self.max_queued:
             raise ResourceExhausted(
                 f"this token already has {account.running} jobs running and"
                 f" {account.running + account.queued - self.max_running} waiting (limits: --max-jobs-per-token"

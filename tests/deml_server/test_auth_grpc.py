@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import textwrap
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ ADMIN = "admin-token-0123456789abcdef"
 TRAIN = "train-token-0123456789abcdef"
 PREDICT = "predict-token-0123456789abcdef"
 WRONG = "wrong-token-0123456789abcdef"
+OTHER = "other-train-token-0123456789abcdef"
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Secured:
 def start_secured(tmp_path: Path, **overrides: object) -> Secured:
     pki = make_pki(tmp_path / "pki")
     tokens = tmp_path / "tokens.txt"
-    tokens.write_text(f"# test tokens\n{ADMIN} admin\n{TRAIN} train\n{PREDICT} predict\n")
+    tokens.write_text(f"# test tokens\n{ADMIN} admin\n{TRAIN} train\n{PREDICT} predict\n{OTHER} train\n")
     config = make_config(tmp_path / "server", tls_cert=pki.cert, tls_key=pki.key, auth_tokens=tokens, **overrides)
     return Secured(ServerThread(config).start(), pki, tokens)
 
@@ -305,3 +307,54 @@ def test_per_token_limits_queue_then_refuse(tmp_path: Path) -> None:
     assert "1 jobs running and 1 waiting" in err.value.message and "--max-queued-per-token 1" in err.value.message
     assert waiting.state == training_pb2.JOB_STATE_PENDING
     assert [j.state for j in done] == [training_pb2.JOB_STATE_SUCCEEDED] * 3, [j.error for j in done]
+
+
+def test_a_train_token_sees_only_its_own_jobs_and_models(shared: Secured, tmp_path: Path) -> None:
+    # Prepare: a job (which registers model "owned-job") and an uploaded model, both of the TRAIN token
+    task = write_task(tmp_path / "t", SMALL_TASK)
+    onnx_path = tmp_path / "m.onnx"
+    with shared.client(TRAIN) as mine:
+        job = mine.wait_job(mine.submit_job(task, quick_spec(rounds=1, name="owned-job")).id)
+        assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+        mine.download_model("owned-job", 1, onnx_path)
+        uploaded = mine.upload_model(onnx_path, "owned-upload")
+        own_jobs = [j.id for j in mine.list_jobs()]
+    # Execute: another train token tries everything on them
+    refusals: dict[str, DemlClientError] = {}
+    with shared.client(OTHER) as other:
+        listed = other.list_jobs()
+        models_listed = {m.name for m in other.list_models()}
+        for label, attempt in {
+            "get": lambda: other.get_job(job.id),
+            "watch": lambda: list(other.watch_job(job.id)),
+            "cancel": lambda: other.cancel_job(job.id),
+            "missing": lambda: other.get_job("000000000000"),
+            "download job model": lambda: other.download_model("owned-job", 1, tmp_path / "x.onnx"),
+            "download latest": lambda: other.download_model("owned-upload", 0, tmp_path / "y.onnx"),
+            "delete": lambda: other.delete_model("owned-upload", uploaded.version),
+            "upload": lambda: other.upload_model(onnx_path, "owned-upload"),
+        }.items():
+            with pytest.raises(DemlClientError) as err:
+                attempt()
+            refusals[label] = err.value
+    with shared.client(ADMIN) as admin:
+        admin_sees = {j.id for j in admin.list_jobs()}
+    with shared.client(PREDICT) as predict:
+        metadata = predict.get_model("owned-job", 1)
+    # Assert: NOT_FOUND worded as for an id that does not exist
+    assert own_jobs == [job.id] and listed == []
+    for label in ("get", "watch", "cancel", "missing", "download job model", "download latest", "delete"):
+        assert refusals[label].code == grpc.StatusCode.NOT_FOUND, (label, refusals[label])
+    assert refusals["get"].message == f"no job with id {job.id!r}"
+    assert refusals["cancel"].message == refusals["get"].message
+    assert refusals["download job model"].message == "no model 'owned-job:1'"
+    assert refusals["download latest"].message == "no model 'owned-upload'"
+    assert refusals["upload"].code == grpc.StatusCode.ALREADY_EXISTS
+    # Model metadata stays visible to every token; admin sees every job
+    assert {"owned-job", "owned-upload"} <= models_listed and metadata.name == "owned-job"
+    assert job.id in admin_sees
+    # The database holds the token's SHA-256, never the token
+    database = (shared.server.config.data_dir / "deml.sqlite3").read_bytes()
+    wal = shared.server.config.data_dir / "deml.sqlite3-wal"
+    stored = database + (wal.read_bytes() if wal.exists() else b"")
+    assert TRAIN.encode() not in stored and hashlib.sha256(TRAIN.encode()).hexdigest().encode() in stored
