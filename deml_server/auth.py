@@ -274,14 +274,16 @@ class Authority:
         """
         if method in OPEN_METHODS:
             return None
+        return self.require(header, REQUIRED_ROLE.get(method, Role.ADMIN), method.rsplit("/", 1)[-1] or method)
+
+    def require(self, header: str | bytes | None, needed: Role, what: str) -> Principal:
+        """The caller, if its token has at least the role `needed` for `what` (a method, or an HTTP route)."""
         principal = self.authenticate(header)
-        needed = REQUIRED_ROLE.get(method, Role.ADMIN)
         if principal.role < needed:
-            name = method.rsplit("/", 1)[-1] or method
             allowed = " or ".join(role.label for role in Role if role >= needed)
             article = "an" if allowed[0] in "aeiou" else "a"
             raise PermissionDenied(
-                f"a {principal.role.label} token may not call {name} (it needs {article} {allowed} token)"
+                f"a {principal.role.label} token may not call {what} (it needs {article} {allowed} token)"
             )
         return principal
 

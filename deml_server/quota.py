@@ -40,12 +40,13 @@ class JobQuota:
         if owner is None or self.max_running == 0:
             return
         account = self._account(owner)
-        waiting = account.running + account.queued + 1 - self.max_running
-        if check and self.max_queued > 0 and waiting > self.max_queued:
+        admitted = account.running + account.queued  # queued includes jobs about to take a free slot
+        running = min(admitted, self.max_running)
+        if check and self.max_queued > 0 and admitted - running >= self.max_queued:
             raise ResourceExhausted(
-                f"this token already has {account.running} jobs running and"
-                f" {account.running + account.queued - self.max_running} waiting (limits: --max-jobs-per-token"
-                f" {self.max_running}, --max-queued-per-token {self.max_queued}); wait for one to end or cancel one"
+                f"this token already has {running} jobs running and {admitted - running} waiting (limits:"
+                f" --max-jobs-per-token {self.max_running}, --max-queued-per-token {self.max_queued});"
+                " wait for one to end or cancel one"
             )
         account.queued += 1
 
