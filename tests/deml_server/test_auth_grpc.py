@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
+import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient, DemlClientError
 from deml_client.channel import Security, open_channel
+from deml_client.inference import InferenceClient
 from deml_server.auth import REQUIRED_ROLE, SERVICE_FILES, Role
+from tests.deml_server.inference.support import export_mlp
 from tests.support import SMALL_TASK, ServerThread, make_config, quick_spec, write_task
 from tests.tls_support import make_pki
 
@@ -358,3 +362,29 @@ def test_a_train_token_sees_only_its_own_jobs_and_models(shared: Secured, tmp_pa
     wal = shared.server.config.data_dir / "deml.sqlite3-wal"
     stored = database + (wal.read_bytes() if wal.exists() else b"")
     assert TRAIN.encode() not in stored and hashlib.sha256(TRAIN.encode()).hexdigest().encode() in stored
+
+
+def test_predict_with_a_predict_token_over_tls_through_messages_and_shared_memory(
+    shared: Secured, tmp_path: Path
+) -> None:
+    # Prepare
+    onnx_path = export_mlp(tmp_path / "mlp.onnx", features=64, hidden=16, classes=10)
+    with shared.client(TRAIN) as train:
+        train.upload_model(onnx_path, "tls-mlp")
+    rng = np.random.default_rng(0)
+    small = rng.normal(size=(4, 64)).astype(np.float32)
+    large = rng.normal(size=(8192, 64)).astype(np.float32)  # 2 MiB: through shared memory on this host
+    # Execute
+    with shared.client(PREDICT) as client:
+        y_small = client.predict("tls-mlp", small, shared_memory=False)
+        y_large = client.predict("tls-mlp", large, shared_memory=True)
+    inference = InferenceClient.connect(shared.target, Security(tls_ca=shared.pki.ca, token=PREDICT))
+    try:
+        y_again = inference.predict("tls-mlp", small)
+    finally:
+        inference.close()
+    # Assert
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert isinstance(y_large, np.ndarray) and np.allclose(y_large, session.run(None, {"input": large})[0], atol=1e-5)
+    assert isinstance(y_small, np.ndarray) and np.allclose(y_small, session.run(None, {"input": small})[0], atol=1e-5)
+    assert isinstance(y_again, np.ndarray) and np.array_equal(y_again, y_small)
