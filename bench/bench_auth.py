@@ -32,13 +32,22 @@ TOKEN = "bench-predict-token-0123456789abcdef"
 ADMIN = "bench-admin-token-0123456789abcdef"  # uploads the model; the predict token is what is measured
 
 
-def p50_ms(client: DemlClient, x: np.ndarray, n: int) -> float:
+def timed(client: DemlClient, x: np.ndarray, n: int) -> list[float]:
     times = []
     for _ in range(n):
         started = time.perf_counter()
         client.predict("digits", x)
         times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return times
+
+
+def block(clients: dict[str, DemlClient], x: np.ndarray, n: int, step: int = 50) -> dict[str, float]:
+    """p50 (ms) of each client over n calls, the clients taking turns every `step` calls."""
+    times: dict[str, list[float]] = {label: [] for label in clients}
+    for _ in range(0, n, step):
+        for label, client in clients.items():
+            times[label].extend(timed(client, x, step))
+    return {label: statistics.median(values) * 1e3 for label, values in times.items()}
 
 
 def authorize_us(n: int = 100_000) -> float:
@@ -61,8 +70,11 @@ def main() -> None:
     model = export_digits_mlp(work / "digits.onnx")
     (work / "tokens.txt").write_text(f"{TOKEN} predict\n{ADMIN} admin\n")
     flags = ("--workers", "1", "--inference-workers", "1")
+    open_server = DemlServer(work / "open", *flags)
     servers = {
-        "no tokens": (DemlServer(work / "open", *flags), None, None),
+        # The same server twice: without a header, and with one it does not check (the client's own cost).
+        "no tokens": (open_server, None, None),
+        "no tokens, header sent": (open_server, TOKEN, None),
         "tokens": (DemlServer(work / "tokens", *flags, "--auth-tokens", str(work / "tokens.txt")), TOKEN, None),
     }
     if args.tls:
@@ -76,18 +88,26 @@ def main() -> None:
     try:
         for label, (server, token, ca) in servers.items():
             server.wait_idle()
-            with DemlClient(server.target, token=ADMIN if token else None, tls_ca=ca) as admin:
-                admin.upload_model(model, "digits")
+            if label != "no tokens, header sent":
+                with DemlClient(server.target, token=ADMIN if token else None, tls_ca=ca) as admin:
+                    admin.upload_model(model, "digits")
             clients[label] = DemlClient(server.target, token=token, tls_ca=ca)
-            p50_ms(clients[label], x, 200)  # warm the channel and the worker's session
+            timed(clients[label], x, 200)  # warm the channel and the worker's session
         per_block: dict[str, list[float]] = {label: [] for label in clients}
         for _ in range(args.blocks):
-            for label, client in clients.items():
-                per_block[label].append(p50_ms(client, x, args.requests))
-        diffs = [t - o for t, o in zip(per_block["tokens"], per_block["no tokens"], strict=True)]
+            for label, p50 in block(clients, x, args.requests).items():
+                per_block[label].append(p50)
+
+        def added(label: str, base: str) -> float:
+            return statistics.median(a - b for a, b in zip(per_block[label], per_block[base], strict=True))
+
         result = {
             "p50_ms": {label: statistics.median(values) for label, values in per_block.items()},
-            "token_check_added_p50_ms_median_of_blocks": statistics.median(diffs),
+            "added_p50_ms_median_of_blocks": {
+                "server's token check": added("tokens", "no tokens, header sent"),
+                "client's header": added("no tokens, header sent", "no tokens"),
+                "both (end to end)": added("tokens", "no tokens"),
+            },
             "blocks": {label: [round(v, 4) for v in values] for label, values in per_block.items()},
             "authorize_alone_us": authorize_us(),
         }
@@ -95,7 +115,7 @@ def main() -> None:
     finally:
         for client in clients.values():
             client.close()
-        for server, _, _ in servers.values():
+        for server in {id(s): s for s, _, _ in servers.values()}.values():
             server.stop()
 
 
