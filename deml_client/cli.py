@@ -14,6 +14,8 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from deml.v1 import models_pb2, training_pb2
+from deml_client.channel import open_channel
+from deml_client.cli_security import add_security_flags, security_of
 from deml_client.client import DEFAULT_SERVER, DemlClient, DemlClientError, parse_model_ref, read_spec_file
 
 _TERMINAL = {training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED}
@@ -210,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server", default=os.environ.get("DEML_SERVER", DEFAULT_SERVER), help="HOST:PORT (default %(default)s)"
     )
+    add_security_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a task directory in federated rounds")
@@ -281,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `deml-client`."""
     args = build_parser().parse_args(argv)
     try:
-        with DemlClient(args.server) as client:
+        with DemlClient(args.server, channel=open_channel(args.server, security_of(args))) as client:
             code: int = args.handler(client, args) if args.command != "predict" else args.handler(args)
             return code
     except DemlClientError as exc:

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 from tqdm import tqdm
 
-from deml_client.client import MAX_MESSAGE_BYTES
+from deml_client.channel import open_channel
+from deml_client.cli_security import security_of
 from deml_client.inference import InferenceClient
 from deml_client.shm import is_local_target
 
@@ -68,12 +68,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = _load_inputs(Path(args.input))
     first = inputs if isinstance(inputs, np.ndarray) else next(iter(inputs.values()), np.empty(0))
     rows = int(first.shape[0]) if first.ndim else 0
-    options = [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
     with (
-        grpc.insecure_channel(args.server, options=options) as channel,
+        open_channel(args.server, security_of(args)) as channel,
         tqdm(
             total=rows,
             unit="row",

@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 
 from deml.v1 import models_pb2, models_pb2_grpc, training_pb2, training_pb2_grpc
+from deml_client.channel import Security, open_channel
 
 CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 2**31 - 1
 DEFAULT_SERVER = "127.0.0.1:50051"
 SPEC_FILE = "deml.toml"
 
@@ -141,14 +141,31 @@ def parse_model_ref(ref: str) -> tuple[str, int]:
 class DemlClient:
     """Talks to one DeML server."""
 
-    def __init__(self, target: str = DEFAULT_SERVER, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_SERVER,
+        *,
+        channel: grpc.Channel | None = None,
+        tls: bool = False,
+        tls_ca: Path | str | None = None,
+        token: str | None = None,
+        tls_client_cert: Path | str | None = None,
+        tls_client_key: Path | str | None = None,
+    ) -> None:
+        """`tls_ca` (or `tls=True` for the system's roots) makes a TLS channel; `token` goes with every call.
+
+        `tls_client_cert`/`tls_client_key`: a client certificate for a server that asks for one (mutual TLS).
+        """
         self.target = target
-        self.channel = channel or grpc.insecure_channel(
+        self.channel = channel or open_channel(
             target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
+            Security(
+                tls=tls,
+                tls_ca=Path(tls_ca) if tls_ca else None,
+                token=token,
+                client_cert=Path(tls_client_cert) if tls_client_cert else None,
+                client_key=Path(tls_client_key) if tls_client_key else None,
+            ),
         )
         self._training = training_pb2_grpc.TrainingServiceStub(self.channel)
         self._models = models_pb2_grpc.ModelServiceStub(self.channel)

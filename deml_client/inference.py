@@ -15,6 +15,7 @@ import numpy as np
 
 from deml.v1 import inference_pb2, inference_pb2_grpc
 from deml_client import shm
+from deml_client.channel import Security, open_channel
 from deml_client.client import DemlClientError
 
 # Without a batch size, batches are cut to about this many bytes of input. Measured on 65,536 digits rows (16 MiB)
@@ -73,11 +74,22 @@ class InferenceClient:
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
         self._auto_shared = same_host and shm.available()
         self._shared: shm.SharedMemoryPredictor | None = None
+        self._owned: grpc.Channel | None = None
+
+    @classmethod
+    def connect(cls, target: str, security: Security | None = None) -> InferenceClient:
+        """A client with its own channel to `target` (TLS and a token as `security` says), closed by close()."""
+        channel = open_channel(target, security)
+        client = cls(channel, same_host=shm.is_local_target(target))
+        client._owned = channel
+        return client
 
     def close(self) -> None:
-        """Unregister and remove this client's shared memory, if it made any."""
+        """Unregister and remove this client's shared memory, if it made any (and close a channel it opened)."""
         if self._shared is not None:
             self._shared.close()
+        if self._owned is not None:
+            self._owned.close()
 
     def predict(
         self,

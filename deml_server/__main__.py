@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from deml_server import security
 from deml_server.config import ServerConfig
 from deml_server.errors import DemlError
 from deml_server.server import start_server
@@ -89,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=config.golem.max_provider_failures,
         help="failed tasks after which a provider is not used again",
     )
+    security.add_flags(parser, config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.host = args.host
@@ -121,6 +123,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.golem.max_cpu_price_glm_per_hour = args.golem_max_cpu_price
     config.golem.max_duration_price_glm_per_hour = args.golem_max_duration_price
     config.golem.max_provider_failures = args.golem_max_provider_failures
+    security.apply_flags(args, config)
     return config
 
 
@@ -133,6 +136,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.security.reload)
     await stop.wait()
     await server.stop()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deml_server.backends.golem_config import GolemConfig
-from deml_server.envvars import env_bool, env_float, env_int, env_str
+from deml_server.envvars import env_bool, env_float, env_int, env_path, env_str
 from deml_server.errors import InvalidArgument
 
 
@@ -40,6 +40,14 @@ class ServerConfig:
     torch_threads: int = field(default_factory=lambda: env_int("DEML_TORCH_THREADS", 1))
     # Settings of the golem backend (used only with --backend golem); see docs/golem.md.
     golem: GolemConfig = field(default_factory=GolemConfig)
+    # Network security (deml_server.security): TLS files, the token file, the per-token job limits (0: none).
+    tls_cert: Path | None = field(default_factory=lambda: env_path("DEML_TLS_CERT"))
+    tls_key: Path | None = field(default_factory=lambda: env_path("DEML_TLS_KEY"))
+    tls_client_ca: Path | None = field(default_factory=lambda: env_path("DEML_TLS_CLIENT_CA"))
+    auth_tokens: Path | None = field(default_factory=lambda: env_path("DEML_AUTH_TOKENS"))
+    insecure: bool = field(default_factory=lambda: env_bool("DEML_INSECURE", False))
+    max_jobs_per_token: int = field(default_factory=lambda: env_int("DEML_MAX_JOBS_PER_TOKEN", 4))
+    max_queued_per_token: int = field(default_factory=lambda: env_int("DEML_MAX_QUEUED_PER_TOKEN", 16))
 
     def validate(self) -> ServerConfig:
         """Fail fast, naming the setting that is wrong."""

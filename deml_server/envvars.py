@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from deml_server.errors import InvalidArgument
 
@@ -44,3 +45,9 @@ def env_bool(name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise InvalidArgument(f"environment variable {name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+def env_path(name: str) -> Path | None:
+    """An optional file setting (unset or empty: None)."""
+    raw = os.environ.get(name, "")
+    return Path(raw) if raw else None

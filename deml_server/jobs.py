@@ -17,6 +17,8 @@ from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
 from deml_server.domain import EventKind, Job, JobEvent, JobFiles, JobSpec, JobState
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from deml_server.ownership import Ownership, Scope
+from deml_server.quota import JobQuota
 from deml_server.registry import ModelRegistry, check_model_name
 from deml_server.runner import JobRunner, RunnerDeps
 from deml_server.store import JobStore
@@ -130,12 +132,16 @@ class JobService:
         self._backend_lock = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watchers: defaultdict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
+        self._quota = JobQuota(max_running=config.max_jobs_per_token, max_queued=config.max_queued_per_token)
+        self._ownership = Ownership(store)
 
     async def start(self) -> None:
         """Resume every job a previous server left unfinished."""
         for job in self._store.unfinished_jobs():
             log.info("resuming job %s (%d rounds committed)", job.id, job.rounds_committed)
-            self._launch(job)
+            owner = self._store.job_owner(job.id)
+            self._quota.admit(owner, check=False)
+            self._launch(job, owner)
 
     async def close(self) -> None:
         """Stop runners without marking jobs: they resume at the next start; close the backends jobs opened."""
@@ -164,16 +170,23 @@ class JobService:
         """Start receiving a submission's files."""
         return Upload(self._artifacts, self._config.max_upload_bytes)
 
-    async def submit(self, given: Mapping[str, Any], files: JobFiles) -> Job:
-        """Validate a submission and start its job."""
+    async def submit(self, given: Mapping[str, Any], files: JobFiles, owner: str | None = None) -> Job:
+        """Validate a submission and start its job (`owner`: the submitting token's hash, for its limits)."""
         spec = resolve_spec(given, self._config)
         backend = await self._backend_for(spec.backend)
         if spec.budget_glm > 0:
             backend.check_budget(spec.budget_glm)
         await asyncio.to_thread(self._check_files, spec, files)
-        job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
+        self._quota.admit(owner)
+        try:
+            job = self._store.create_job(uuid.uuid4().hex[:12], spec, files)
+            if owner is not None:
+                self._store.set_job_owner(job.id, owner)
+        except BaseException:
+            self._quota.release(owner)
+            raise
         log.info("job %s submitted: %s", job.id, spec)
-        self._launch(job)
+        self._launch(job, owner)
         return job
 
     def _check_files(self, spec: JobSpec, files: JobFiles) -> None:
@@ -185,22 +198,27 @@ class JobService:
         if files.test_data is not None:
             load_xy(self._artifacts.open_path(files.test_data), "the test data")
 
-    def _launch(self, job: Job) -> None:
+    def _launch(self, job: Job, owner: str | None = None) -> None:
         runner = JobRunner(job, self._deps)
-        task = asyncio.create_task(runner.run(), name=f"job-{job.id}")
+        task = asyncio.create_task(self._quota.run(owner, runner.run()), name=f"job-{job.id}")
         self._tasks[job.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
 
-    def get(self, job_id: str) -> Job:
-        """One job."""
+    def get(self, job_id: str, scope: Scope = None) -> Job:
+        """One job (with a `scope`: only one of that token's)."""
+        self._ownership.check_job(job_id, scope)
         return self._store.get_job(job_id)
 
-    def list(self, state: JobState | None = None, limit: int = 0) -> list[Job]:
-        """Jobs, newest first."""
-        return self._store.list_jobs(state, limit)
+    def list(self, state: JobState | None = None, limit: int = 0, scope: Scope = None) -> list[Job]:
+        """Jobs, newest first (with a `scope`: only that token's)."""
+        if scope is None:
+            return self._store.list_jobs(state, limit)
+        mine = self._ownership.visible_jobs(self._store.list_jobs(state), scope)
+        return mine[:limit] if limit > 0 else mine
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, scope: Scope = None) -> Job:
         """Cancel a running job; its committed rounds are kept."""
+        self._ownership.check_job(job_id, scope)
         job = self._store.get_job(job_id)
         if job.state.terminal:
             raise FailedPrecondition(f"job {job_id} already ended ({job.state.value})")
@@ -218,8 +236,9 @@ class JobService:
         for queue in list(self._watchers.get(event.job.id, ())):
             queue.put_nowait(event)
 
-    async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
+    async def watch(self, job_id: str, scope: Scope = None) -> AsyncIterator[JobEvent]:
         """What already happened to the job, then each new event until it ends."""
+        self._ownership.check_job(job_id, scope)
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._watchers[job_id].add(queue)
         try:

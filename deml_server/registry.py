@@ -10,6 +10,7 @@ import onnx
 from deml_server.artifacts import ArtifactStore
 from deml_server.domain import ModelRecord, TensorSpec
 from deml_server.errors import InvalidArgument
+from deml_server.ownership import Ownership, Scope
 from deml_server.store import JobStore
 from provider_runtime.oip import ONNX_TO_OIP
 
@@ -65,13 +66,20 @@ class ModelRegistry:
     def __init__(self, store: JobStore, artifacts: ArtifactStore) -> None:
         self._store = store
         self._artifacts = artifacts
+        self._ownership = Ownership(store)
 
-    def register(self, name: str, digest: str, *, job_id: str = "") -> ModelRecord:
-        """Register an ONNX artifact already in the store as the next version of `name`."""
+    def register(
+        self, name: str, digest: str, *, job_id: str = "", owner: str | None = None, scope: Scope = None
+    ) -> ModelRecord:
+        """Register an ONNX artifact already in the store as the next version of `name`.
+
+        `owner`: the uploading token's key; `scope`: a non-admin uploader may add only to names of its own.
+        """
         check_model_name(name)
+        self._ownership.check_new_version(name, scope)
         path = self._artifacts.open_path(digest)
         inputs, outputs, max_diff = onnx_signature(path)
-        return self._store.add_model(
+        record = self._store.add_model(
             name=name,
             sha256=digest,
             size_bytes=path.stat().st_size,
@@ -80,17 +88,23 @@ class ModelRegistry:
             job_id=job_id,
             export_max_abs_diff=max_diff,
         )
+        if owner is not None:
+            self._store.set_model_owner(record.name, record.version, owner)
+        return record
 
-    def get(self, name: str, version: int = 0) -> ModelRecord:
-        """One version (0 = latest) or NotFound."""
-        return self._store.get_model(name, version)
+    def get(self, name: str, version: int = 0, *, scope: Scope = None) -> ModelRecord:
+        """One version (0 = latest) or NotFound; with a `scope`, only a version that token owns."""
+        record = self._store.get_model(name, version)
+        self._ownership.check_model(record, scope, version)
+        return record
 
     def list(self, name: str = "") -> list[ModelRecord]:
         """Versions, newest first."""
         return self._store.list_models(name)
 
-    def delete(self, name: str, version: int) -> ModelRecord:
-        """Remove a version; its file stays while other versions share it."""
+    def delete(self, name: str, version: int, *, scope: Scope = None) -> ModelRecord:
+        """Remove a version (with a `scope`: one that token owns); its file stays while other versions share it."""
+        self.get(name, version, scope=scope)
         return self._store.delete_model(name, version)
 
     def path(self, record: ModelRecord) -> Path:

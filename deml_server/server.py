@@ -20,6 +20,7 @@ from deml_server.inference.bundle_pool import BundlePool
 from deml_server.inference.gateway import InferenceGateway
 from deml_server.jobs import JobService
 from deml_server.registry import ModelRegistry
+from deml_server.security import NetworkSecurity
 from deml_server.servicers import inference as inference_servicer
 from deml_server.servicers import oip as oip_servicer
 from deml_server.servicers.interceptor import ErrorMappingInterceptor
@@ -41,6 +42,7 @@ class DemlServer:
     jobs: JobService
     gateway: InferenceGateway
     port: int
+    security: NetworkSecurity
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving, stop runners (jobs stay resumable), stop workers."""
@@ -64,6 +66,7 @@ def _inference_pool(config: ServerConfig, training: Backend) -> BundlePool | Non
 async def start_server(config: ServerConfig) -> DemlServer:
     """Build and start everything; returns once the port is bound and jobs are resumed."""
     config.validate()
+    security = NetworkSecurity.from_config(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(config.data_dir / "deml.sqlite3")
     artifacts = ArtifactStore(config.data_dir / "artifacts")
@@ -88,7 +91,7 @@ async def start_server(config: ServerConfig) -> DemlServer:
     await gateway.start()
 
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[*security.interceptors(), ErrorMappingInterceptor()],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -109,7 +112,7 @@ async def start_server(config: ServerConfig) -> DemlServer:
         oip_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     ]
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = security.add_port(server, f"{config.host}:{config.port}")
     await server.start()
     for name in ["", *services]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -122,5 +125,12 @@ async def start_server(config: ServerConfig) -> DemlServer:
         backend.capacity,
     )
     return DemlServer(
-        config=config, grpc_server=server, store=store, backend=backend, jobs=jobs, gateway=gateway, port=port
+        config=config,
+        grpc_server=server,
+        store=store,
+        backend=backend,
+        jobs=jobs,
+        gateway=gateway,
+        port=port,
+        security=security,
     )

@@ -87,6 +87,7 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        _add_owner_columns(self._db)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -338,6 +339,44 @@ class JobStore:
         with self._tx() as db:
             db.execute("DELETE FROM models WHERE name = ? AND version = ?", (record.name, record.version))
         return record
+
+    # -- ownership: the SHA-256 of the token that made a job or uploaded a model (never the token) -------------
+
+    def set_job_owner(self, job_id: str, owner: str) -> None:
+        """Record who submitted a job."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET owner = ? WHERE id = ?", (owner, job_id))
+
+    def job_owner(self, job_id: str) -> str | None:
+        """Who submitted a job (None: unknown job, or made without tokens)."""
+        rows = self._query("SELECT owner FROM jobs WHERE id = ?", (job_id,))
+        return rows[0][0] if rows else None
+
+    def jobs_of_owner(self, owner: str) -> set[str]:
+        """Ids of the jobs one token submitted."""
+        return {row[0] for row in self._query("SELECT id FROM jobs WHERE owner = ?", (owner,))}
+
+    def set_model_owner(self, name: str, version: int, owner: str) -> None:
+        """Record who uploaded a model version."""
+        with self._tx() as db:
+            db.execute("UPDATE models SET owner = ? WHERE name = ? AND version = ?", (owner, name, version))
+
+    def model_owners(self, name: str) -> dict[int, str | None]:
+        """The owner of each version of a name: its uploader, or the owner of the job that registered it."""
+        rows = self._query(
+            "SELECT m.version, COALESCE(m.owner, j.owner) FROM models m LEFT JOIN jobs j ON j.id = m.job_id"
+            " WHERE m.name = ?",
+            (name,),
+        )
+        return {int(version): owner for version, owner in rows}
+
+
+def _add_owner_columns(db: sqlite3.Connection) -> None:
+    """Add the nullable owner columns to a database made before they existed."""
+    for table in ("jobs", "models"):
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if "owner" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
 
 
 _MODEL_SELECT = (

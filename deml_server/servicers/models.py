@@ -9,8 +9,10 @@ import grpc
 
 from deml.v1 import models_pb2, models_pb2_grpc
 from deml_server.artifacts import ArtifactStore
+from deml_server.auth import current_principal
 from deml_server.convert import model_to_pb
 from deml_server.errors import InvalidArgument, ResourceExhausted
+from deml_server.ownership import scope_of
 from deml_server.registry import ModelRegistry, check_model_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -39,7 +41,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.DownloadModelRequest, context: Context
     ) -> AsyncIterator[models_pb2.DownloadModelResponse]:
         """The ONNX bytes in chunks; the first chunk carries the metadata."""
-        record = self._registry.get(request.name, request.version)
+        record = self._registry.get(request.name, request.version, scope=scope_of(current_principal()))
         path = self._registry.path(record)
         first = True
         with path.open("rb") as fh:
@@ -74,7 +76,9 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             writer.abort()
             raise
         digest = writer.commit()
-        return models_pb2.UploadModelResponse(model=model_to_pb(self._registry.register(name, digest)))
+        caller = current_principal()
+        record = self._registry.register(name, digest, owner=caller.owner if caller else None, scope=scope_of(caller))
+        return models_pb2.UploadModelResponse(model=model_to_pb(record))
 
     async def DeleteModel(
         self, request: models_pb2.DeleteModelRequest, context: Context
@@ -82,4 +86,5 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         """Remove one version."""
         if request.version <= 0:
             raise InvalidArgument("delete needs an explicit version (NAME:VERSION)")
-        return models_pb2.DeleteModelResponse(model=model_to_pb(self._registry.delete(request.name, request.version)))
+        record = self._registry.delete(request.name, request.version, scope=scope_of(current_principal()))
+        return models_pb2.DeleteModelResponse(model=model_to_pb(record))

@@ -8,9 +8,11 @@ from typing import Any
 import grpc
 
 from deml.v1 import training_pb2, training_pb2_grpc
+from deml_server.auth import current_principal
 from deml_server.convert import FILE_KIND_FROM_PB, event_to_pb, job_to_pb, spec_from_pb, state_from_pb
 from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService
+from deml_server.ownership import scope_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -44,27 +46,30 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         except BaseException:
             upload.abort()
             raise
-        job = await self._jobs.submit(spec_from_pb(spec), files)
+        principal = current_principal()
+        job = await self._jobs.submit(spec_from_pb(spec), files, owner=principal.owner if principal else None)
         return training_pb2.SubmitJobResponse(job=job_to_pb(job))
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context: Context) -> training_pb2.GetJobResponse:
         """One job."""
-        return training_pb2.GetJobResponse(job=job_to_pb(self._jobs.get(request.job_id)))
+        job = self._jobs.get(request.job_id, scope_of(current_principal()))
+        return training_pb2.GetJobResponse(job=job_to_pb(job))
 
     async def ListJobs(self, request: training_pb2.ListJobsRequest, context: Context) -> training_pb2.ListJobsResponse:
         """Jobs, newest first."""
-        jobs = self._jobs.list(state_from_pb(request.state), request.limit)
+        jobs = self._jobs.list(state_from_pb(request.state), request.limit, scope_of(current_principal()))
         return training_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs])
 
     async def WatchJob(
         self, request: training_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[training_pb2.WatchJobResponse]:
         """Replay, then follow, a job's events."""
-        async for event in self._jobs.watch(request.job_id):
+        async for event in self._jobs.watch(request.job_id, scope_of(current_principal())):
             yield event_to_pb(event)
 
     async def CancelJob(
         self, request: training_pb2.CancelJobRequest, context: Context
     ) -> training_pb2.CancelJobResponse:
         """Cancel a job."""
-        return training_pb2.CancelJobResponse(job=job_to_pb(await self._jobs.cancel(request.job_id)))
+        job = await self._jobs.cancel(request.job_id, scope_of(current_principal()))
+        return training_pb2.CancelJobResponse(job=job_to_pb(job))
