@@ -82,7 +82,8 @@ class JobRunner:
 
     def _progress(self, message: str) -> None:
         log.info("job %s: %s", self.job.id, message)
-        self.deps.publish(JobEvent(EventKind.PROGRESS, self.deps.store.get_job(self.job.id), message=message))
+        # The job as this runner last stored it: an event reads nothing (the store is asked only when it changes).
+        self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, message=message))
 
     async def _run(self) -> None:
         self._backend = await self.deps.backend_for(self.spec.backend)
@@ -149,8 +150,7 @@ class JobRunner:
             nonlocal done
             outcome = await self._attempt(bundle, f"round {server_round} worker {index}")
             done += 1
-            job = self.deps.store.get_job(self.job.id)
-            self.deps.publish(JobEvent(EventKind.PROGRESS, job, progress=(server_round, done, len(bundles))))
+            self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
             return outcome
 
         outcomes = await asyncio.gather(*(fit(i, b) for i, b in enumerate(bundles)))
@@ -200,8 +200,8 @@ class JobRunner:
             bytes_sent_per_worker=weights_path.stat().st_size,
             committed_at=datetime.now(tz=UTC),
         )
-        job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
-        self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, job, round=summary))
+        self.job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
+        self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
         shutil.rmtree(self.dir / "tasks", ignore_errors=True)
         self._check_job_budget(server_round)
         return new_digest

@@ -8,11 +8,13 @@ from typing import Any
 import grpc
 
 from deml.v1 import training_pb2, training_pb2_grpc
-from deml_server.convert import FILE_KIND_FROM_PB, event_to_pb, job_to_pb, spec_from_pb, state_from_pb
+from deml_server.convert import FILE_KIND_FROM_PB, event_to_pb, job_to_pb, round_to_pb, spec_from_pb, state_from_pb
 from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# GetJob's rounds when the request does not say.
+GET_JOB_ROUNDS = 100
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -49,7 +51,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context: Context) -> training_pb2.GetJobResponse:
         """One job."""
-        return training_pb2.GetJobResponse(job=job_to_pb(self._jobs.get(request.job_id)))
+        latest = request.rounds_limit if request.HasField("rounds_limit") else GET_JOB_ROUNDS
+        return training_pb2.GetJobResponse(job=job_to_pb(self._jobs.get(request.job_id, latest_rounds=latest)))
 
     async def ListJobs(self, request: training_pb2.ListJobsRequest, context: Context) -> training_pb2.ListJobsResponse:
         """Jobs, newest first."""
@@ -60,7 +63,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: training_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[training_pb2.WatchJobResponse]:
         """Replay, then follow, a job's events."""
-        async for event in self._jobs.watch(request.job_id):
+        async for event in self._jobs.watch(request.job_id, from_round=request.replay_from_round):
             yield event_to_pb(event)
 
     async def CancelJob(
@@ -68,3 +71,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.CancelJobResponse:
         """Cancel a job."""
         return training_pb2.CancelJobResponse(job=job_to_pb(await self._jobs.cancel(request.job_id)))
+
+    async def ListRounds(
+        self, request: training_pb2.ListRoundsRequest, context: Context
+    ) -> training_pb2.ListRoundsResponse:
+        """A range of a job's committed rounds."""
+        page = self._jobs.rounds(request.job_id, start=request.start_round, limit=request.limit)
+        return training_pb2.ListRoundsResponse(
+            rounds=[round_to_pb(r) for r in page.rounds], next_start_round=page.next_start
+        )
