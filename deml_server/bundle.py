@@ -67,7 +67,7 @@ def _safe_member(name: str) -> PurePosixPath:
 
 
 def unpack_code(path: Path, dest: Path) -> None:
-    """Extract a checked code package into dest."""
+    """Extract a checked code package into dest, its files read-only (task bundles hard-link them)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -75,6 +75,9 @@ def unpack_code(path: Path, dest: Path) -> None:
         for info in archive.infolist():
             _safe_member(info.filename)
         archive.extractall(dest)
+    for file in dest.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o444)
 
 
 def load_xy(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +190,9 @@ class TaskBundle:
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
         (dest / "task.json").write_text(json.dumps(self.task_doc().to_dict(), indent=1))
-        shutil.copytree(code_dir, dest / "code")
+        # The job's unpacked code, linked file by file rather than copied for every task and attempt; the files are
+        # read-only, and the original is the code package in the artifact store, which no task can reach.
+        shutil.copytree(code_dir, dest / "code", copy_function=_link)
         if self.weights is not None:
             _link(self.weights, dest / "weights.safetensors")
         if self.train_data is not None or self.test_data is not None:
@@ -199,7 +204,7 @@ class TaskBundle:
         return dest
 
 
-def _link(source: Path, dest: Path) -> None:
+def _link(source: str | Path, dest: str | Path) -> None:
     try:
         os.link(source, dest)
     except OSError:

@@ -51,9 +51,10 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def load_into(model: torch.nn.Module, path: Path) -> None:
     """Load a safetensors state_dict into `model`, requiring the exact same names, shapes and dtypes."""
-    import torch
+    from safetensors.torch import load_file as load_tensors
 
-    arrays = load_arrays(path)
+    # Straight into tensors (one read), not through numpy arrays and a copy of each.
+    arrays = load_tensors(str(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
@@ -61,7 +62,7 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     state: dict[str, torch.Tensor] = {}
     for name, want in expected.items():
-        got = torch.from_numpy(np.array(arrays[name]))
+        got = arrays[name]
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise ValueError(
                 f"weights entry {name!r} is {got.dtype}{list(got.shape)}, the model wants "

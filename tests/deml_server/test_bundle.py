@@ -116,3 +116,26 @@ def test_task_bundle_layout_and_result_parsing(tmp_path: Path) -> None:
     (result_dir / "result.json").write_text('{"num_examples": 1}')
     with pytest.raises(ValueError, match="lacks the field 'status'"):
         read_result(result_dir)
+
+
+def test_task_bundles_link_the_jobs_read_only_code_instead_of_copying_it(tmp_path: Path) -> None:
+    # Prepare: a code package unpacked once for the job
+    package = tmp_path / "code.zip"
+    with zipfile.ZipFile(package, "w") as archive:
+        archive.writestr("task.py", "def model(): ...\n")
+        archive.writestr("lib/helpers.py", "X = 1\n")
+    code = tmp_path / "job" / "code"
+    unpack_code(package, code)
+
+    # Execute: two attempts' bundles
+    first = TaskBundle(action="init", module="task").write(tmp_path / "a1", code)
+    second = TaskBundle(action="init", module="task").write(tmp_path / "a2", code)
+
+    # Assert: every bundle's file is the job's file (one inode, no bytes copied), and none can be written
+    for name in ("task.py", "lib/helpers.py"):
+        inodes = {(root / name).stat().st_ino for root in (code, first / "code", second / "code")}
+        assert len(inodes) == 1
+        assert (code / name).stat().st_mode & 0o222 == 0
+    # A new bundle directory each time: what a task adds (e.g. __pycache__) stays in its own bundle
+    (first / "code" / "extra.py").write_text("")
+    assert not (code / "extra.py").exists()
