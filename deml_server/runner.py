@@ -254,7 +254,8 @@ class JobRunner:
         )
         self.job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
         self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
-        shutil.rmtree(self.dir / "tasks", ignore_errors=True)
+        # Unlinking a round's result files (a model's size each) is disk work: off the event loop too.
+        await asyncio.to_thread(shutil.rmtree, self.dir / "tasks", ignore_errors=True)
         self._check_job_budget(server_round)
         return new_digest
 

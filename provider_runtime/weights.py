@@ -45,8 +45,25 @@ def state_dict_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDA
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a state_dict (parameters and buffers) as safetensors."""
-    save_arrays(state_dict_to_arrays(state), path)
+    """Write a state_dict (parameters and buffers) as safetensors, straight from the tensors.
+
+    Only tensors that share storage with another (tied weights) are copied: safetensors stores each on its own.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if tensor.dtype in (torch.bfloat16, torch.complex32) or tensor.dtype.is_complex:
+            raise ValueError(f"state_dict entry {name!r} has dtype {tensor.dtype}, which numpy cannot carry")
+        value = tensor.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen or value.untyped_storage().nbytes() != value.nbytes:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        tensors[name] = value
+    save_file(tensors, str(path))
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:
