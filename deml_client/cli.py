@@ -32,7 +32,7 @@ def job_to_dict(job: training_pb2.Job) -> dict[str, Any]:
         {"round": r.round, "metrics": dict(r.metrics), "wall_seconds": r.wall_seconds, "workers_ok": r.workers_ok}
         for r in job.rounds
     ]
-    final = rounds[-1]["metrics"] if rounds else {}
+    final = dict(job.latest_round.metrics) if job.HasField("latest_round") else {}
     return {
         "job_id": job.id,
         "name": job.spec.name,
@@ -159,7 +159,14 @@ def cmd_jobs(client: DemlClient, args: argparse.Namespace) -> int:
                 )
         return 0
     if args.jobs_cmd == "show":
-        job = client.get_job(args.job_id)
+        job, more = _show(client, args)
+        if args.json:
+            _print_json(job_to_dict(job))
+        else:
+            print(_summary(job))
+            if more:
+                print(f"(more rounds: --from-round {more})")
+        return 0
     elif args.jobs_cmd == "watch":
         job = follow(client, client.get_job(args.job_id), quiet=args.json)
     else:
@@ -169,6 +176,16 @@ def cmd_jobs(client: DemlClient, args: argparse.Namespace) -> int:
     else:
         print(_summary(job))
     return 0
+
+
+def _show(client: DemlClient, args: argparse.Namespace) -> tuple[training_pb2.Job, int]:
+    """The job with the rounds asked for: the latest --rounds, or --rounds from --from-round on (paging)."""
+    if args.from_round is None:
+        return client.get_job(args.job_id, rounds=args.rounds), 0
+    job = client.get_job(args.job_id, rounds=0)
+    rounds, more = client.list_rounds(args.job_id, start=args.from_round, limit=max(args.rounds, 0))
+    job.rounds.extend(rounds)
+    return job, more
 
 
 def cmd_models(client: DemlClient, args: argparse.Namespace) -> int:
@@ -244,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = jobs_sub.add_parser(name)
         p.add_argument("job_id")
         p.add_argument("--json", action="store_true")
+        if name == "show":
+            p.add_argument("--rounds", type=int, default=20, help="how many rounds to show (-1: all; default 20)")
+            p.add_argument("--from-round", type=int, help="show --rounds rounds from this one on (to page)")
     jobs.set_defaults(handler=cmd_jobs)
 
     models = sub.add_parser("models", help="list, show, download, upload or delete models")

@@ -216,10 +216,28 @@ class DemlClient:
         response: training_pb2.SubmitJobResponse = _call(self._training.SubmitJob, requests())
         return response.job
 
-    def get_job(self, job_id: str) -> training_pb2.Job:
-        """One job."""
-        response: training_pb2.GetJobResponse = _call(self._training.GetJob, training_pb2.GetJobRequest(job_id=job_id))
+    def get_job(self, job_id: str, rounds: int | None = None) -> training_pb2.Job:
+        """One job with its `rounds` latest committed rounds in `rounds` (None: the server's default, 100; -1: all).
+
+        `rounds_committed` and `latest_round` are always set; list_rounds pages through any range.
+        """
+        request = training_pb2.GetJobRequest(job_id=job_id)
+        if rounds is not None:
+            request.rounds_limit = rounds
+        response: training_pb2.GetJobResponse = _call(self._training.GetJob, request)
         return response.job
+
+    def list_rounds(self, job_id: str, start: int = 1, limit: int = 0) -> tuple[list[training_pb2.RoundSummary], int]:
+        """Committed rounds from round `start` on (at most `limit`; 0: a server page), and the next start (0: none)."""
+        request = training_pb2.ListRoundsRequest(job_id=job_id, start_round=start, limit=limit)
+        response: training_pb2.ListRoundsResponse = _call(self._training.ListRounds, request)
+        return list(response.rounds), response.next_start_round
+
+    def iter_rounds(self, job_id: str, start: int = 1) -> Iterator[training_pb2.RoundSummary]:
+        """Every committed round from `start` on, a page at a time."""
+        while start:
+            rounds, start = self.list_rounds(job_id, start)
+            yield from rounds
 
     def list_jobs(self, limit: int = 0) -> list[training_pb2.Job]:
         """Jobs, newest first."""

@@ -9,11 +9,11 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 
 from deml_server.errors import InvalidArgument
+from provider_runtime.contract import Hyper, Partition, ResultDoc, TaskDoc
 from provider_runtime.partition import dirichlet_partition, iid_partition
 
 _MODULE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -67,7 +67,7 @@ def _safe_member(name: str) -> PurePosixPath:
 
 
 def unpack_code(path: Path, dest: Path) -> None:
-    """Extract a checked code package into dest."""
+    """Extract a checked code package into dest, its files read-only (task bundles hard-link them)."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -75,6 +75,9 @@ def unpack_code(path: Path, dest: Path) -> None:
         for info in archive.infolist():
             _safe_member(info.filename)
         archive.extractall(dest)
+    for file in dest.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o444)
 
 
 def load_xy(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,31 +167,32 @@ class TaskBundle:
     train_data: Path | None = None
     test_data: Path | None = None
 
-    def task_json(self) -> dict[str, Any]:
-        """The task.json document."""
-        return {
-            "action": self.action,
-            "module": self.module,
-            "partition": {
-                "index": self.partition_index,
-                "count": self.partition_count,
-                "scheme": self.scheme,
-                "alpha": self.alpha,
-                "seed": self.seed,
-            },
-            "hyper": self.hyper,
-            "seed": self.task_seed,
-            "evaluate_after": self.evaluate_after,
-            "device": "auto",
-        }
+    def task_doc(self) -> TaskDoc:
+        """The task.json document (ContractError names a setting the worker would refuse)."""
+        return TaskDoc(
+            action=self.action,
+            module=self.module,
+            partition=Partition(
+                index=self.partition_index,
+                count=self.partition_count,
+                scheme=self.scheme,
+                alpha=self.alpha,
+                seed=self.seed,
+            ),
+            hyper=Hyper.from_dict(self.hyper),
+            seed=self.task_seed,
+            evaluate_after=self.evaluate_after,
+        )
 
     def write(self, dest: Path, code_dir: Path) -> Path:
         """Lay the bundle out in dest (inputs are linked, not copied, when the filesystem allows)."""
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        (dest / "task.json").write_text(json.dumps(self.task_json(), indent=1))
-        shutil.copytree(code_dir, dest / "code")
+        (dest / "task.json").write_text(json.dumps(self.task_doc().to_dict(), indent=1))
+        # The job's unpacked code, linked file by file rather than copied for every task and attempt; the files are
+        # read-only, and the original is the code package in the artifact store, which no task can reach.
+        shutil.copytree(code_dir, dest / "code", copy_function=_link)
         if self.weights is not None:
             _link(self.weights, dest / "weights.safetensors")
         if self.train_data is not None or self.test_data is not None:
@@ -200,7 +204,7 @@ class TaskBundle:
         return dest
 
 
-def _link(source: Path, dest: Path) -> None:
+def _link(source: str | Path, dest: str | Path) -> None:
     try:
         os.link(source, dest)
     except OSError:
@@ -209,43 +213,41 @@ def _link(source: Path, dest: Path) -> None:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """What a result bundle says (docs/bundle.md)."""
+    """A result bundle: its result.json (provider_runtime.contract.ResultDoc) and where its files are."""
 
-    status: str
-    num_examples: int
-    metrics: dict[str, float]
-    test_metrics: dict[str, float]
-    export: dict[str, Any]
-    error: str
+    doc: ResultDoc
     directory: Path
 
     @property
     def ok(self) -> bool:
         """The user's code ran to the end."""
-        return self.status == "ok"
+        return self.doc.ok
+
+    @property
+    def num_examples(self) -> int:
+        """Examples the action trained or evaluated on."""
+        return self.doc.num_examples
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Training metrics (train) or test metrics (evaluate)."""
+        return self.doc.metrics
+
+    @property
+    def test_metrics(self) -> dict[str, float]:
+        """Test metrics of a train with evaluate_after."""
+        return self.doc.test_metrics
+
+    @property
+    def error(self) -> str:
+        """What the user's code raised, with the tail of its traceback ("" when it did not)."""
+        return self.doc.error_text()
 
 
 def read_result(directory: Path) -> TaskResult:
     """Parse result.json; a missing or malformed one raises ValueError (an infrastructure failure)."""
-    raw = json.loads((directory / "result.json").read_text())
-    if not isinstance(raw, dict) or raw.get("status") not in ("ok", "error"):
-        raise ValueError("result.json has no valid status")
-
-    def _floats(value: object) -> dict[str, float]:
-        if not isinstance(value, dict):
-            return {}
-        return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
-
-    export = raw.get("export")
-    error = raw.get("error") or ""
-    if isinstance(error, dict):
-        error = f"{error.get('type', 'Error')}: {error.get('message', '')}\n{error.get('traceback', '')}".rstrip()
-    return TaskResult(
-        status=raw["status"],
-        num_examples=int(raw.get("num_examples") or 0),
-        metrics=_floats(raw.get("metrics")),
-        test_metrics=_floats(raw.get("test_metrics")),
-        export=export if isinstance(export, dict) else {},
-        error=str(error),
-        directory=directory,
-    )
+    try:
+        raw = json.loads((directory / "result.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"result.json is not JSON: {exc}") from None
+    return TaskResult(ResultDoc.from_dict(raw), directory)

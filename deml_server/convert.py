@@ -124,7 +124,7 @@ def round_to_pb(summary: RoundSummary) -> training_pb2.RoundSummary:
 
 
 def job_to_pb(job: Job) -> training_pb2.Job:
-    """A job with its rounds."""
+    """A job with the window of rounds it carries."""
     msg = training_pb2.Job(
         id=job.id,
         state=_STATE_TO_PB[job.state],
@@ -138,6 +138,8 @@ def job_to_pb(job: Job) -> training_pb2.Job:
         model_version=job.model_version,
         baseline_metrics=job.baseline_metrics,
     )
+    if job.latest_round is not None:
+        msg.latest_round.CopyFrom(round_to_pb(job.latest_round))
     if "accuracy" in job.baseline_metrics:
         msg.baseline_accuracy = job.baseline_metrics["accuracy"]
     return msg

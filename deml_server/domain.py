@@ -66,6 +66,14 @@ class RoundSummary:
 
 
 @dataclass(frozen=True)
+class RoundsPage:
+    """A range of a job's committed rounds, oldest first; next_start is the round after it (0: none)."""
+
+    rounds: tuple[RoundSummary, ...]
+    next_start: int
+
+
+@dataclass(frozen=True)
 class JobFiles:
     """Content addresses (sha256) of a job's uploaded files in the artifact store."""
 
@@ -84,16 +92,15 @@ class Job:
     files: JobFiles
     created_at: datetime
     updated_at: datetime
+    # Only a window of the committed rounds, and only when asked for (a job may have thousands): reading a job
+    # costs the same at round 10,000 as at round 10. rounds_committed and latest_round are always set.
     rounds: tuple[RoundSummary, ...] = ()
     error: str = ""
     model_name: str = ""
     model_version: int = 0
     baseline_metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rounds_committed(self) -> int:
-        """Number of rounds whose checkpoint is committed."""
-        return len(self.rounds)
+    rounds_committed: int = 0
+    latest_round: RoundSummary | None = None
 
 
 @dataclass(frozen=True)

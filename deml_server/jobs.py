@@ -15,7 +15,7 @@ from deml_server.artifacts import ArtifactStore, ArtifactWriter
 from deml_server.backends import Backend, known_backends
 from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
-from deml_server.domain import EventKind, Job, JobEvent, JobFiles, JobSpec, JobState
+from deml_server.domain import EventKind, Job, JobEvent, JobFiles, JobSpec, JobState, RoundsPage
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from deml_server.ownership import Ownership, Scope
 from deml_server.quota import JobQuota
@@ -27,6 +27,8 @@ from deml_server.strategy import make_strategy
 log = logging.getLogger(__name__)
 
 FILE_KINDS = ("code", "data", "test_data")
+WATCH_PAGE_ROUNDS = 500
+LIST_ROUNDS_PAGE = 1000
 
 
 def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
@@ -204,10 +206,23 @@ class JobService:
         self._tasks[job.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
 
-    def get(self, job_id: str, scope: Scope = None) -> Job:
-        """One job (with a `scope`: only one of that token's)."""
+    def get(self, job_id: str, scope: Scope = None, latest_rounds: int = 0) -> Job:
+        """One job, with its `latest_rounds` newest committed rounds (-1: all); with a `scope`, only that token's."""
         self._ownership.check_job(job_id, scope)
-        return self._store.get_job(job_id)
+        return self._store.get_job(job_id, latest_rounds=latest_rounds)
+
+    def rounds(self, job_id: str, start: int = 1, limit: int = LIST_ROUNDS_PAGE, scope: Scope = None) -> RoundsPage:
+        """A job's committed rounds from round `start` on, at most `limit` (0: LIST_ROUNDS_PAGE)."""
+        if limit < 0:
+            raise InvalidArgument(f"limit must not be negative (got {limit})")
+        if start < 0:
+            raise InvalidArgument(f"start_round must not be negative (got {start})")
+        self._ownership.check_job(job_id, scope)
+        self._store.get_job(job_id)  # NotFound for an unknown job, rather than no rounds
+        limit = limit or LIST_ROUNDS_PAGE
+        # One more than asked for tells whether a next page exists.
+        rounds = self._store.list_rounds(job_id, start=max(1, start), limit=limit + 1)
+        return RoundsPage(rounds=rounds[:limit], next_start=rounds[limit].round if len(rounds) > limit else 0)
 
     def list(self, state: JobState | None = None, limit: int = 0, scope: Scope = None) -> list[Job]:
         """Jobs, newest first (with a `scope`: only that token's)."""
@@ -236,25 +251,31 @@ class JobService:
         for queue in list(self._watchers.get(event.job.id, ())):
             queue.put_nowait(event)
 
-    async def watch(self, job_id: str, scope: Scope = None) -> AsyncIterator[JobEvent]:
-        """What already happened to the job, then each new event until it ends."""
+    async def watch(self, job_id: str, scope: Scope = None, from_round: int = 1) -> AsyncIterator[JobEvent]:
+        """What already happened to the job (its rounds from `from_round` on), then each new event until it ends."""
         self._ownership.check_job(job_id, scope)
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._watchers[job_id].add(queue)
         try:
             job = self._store.get_job(job_id)
             yield JobEvent(EventKind.STATE_CHANGED, job, message=job.error)
-            seen = {r.round for r in job.rounds}
-            for summary in job.rounds:
-                yield JobEvent(EventKind.ROUND_COMMITTED, job, round=summary)
+            # Replayed a page at a time: a job with thousands of rounds is never read whole.
+            replayed = max(0, from_round - 1)
+            while replayed < job.rounds_committed:
+                page = self._store.list_rounds(job_id, start=replayed + 1, limit=WATCH_PAGE_ROUNDS)
+                if not page:
+                    break
+                for summary in page:
+                    yield JobEvent(EventKind.ROUND_COMMITTED, job, round=summary)
+                replayed = page[-1].round
             if job.state.terminal:
                 return
             while True:
                 event = await queue.get()
                 if event.round is not None:
-                    if event.round.round in seen:
+                    if event.round.round <= replayed:
                         continue
-                    seen.add(event.round.round)
+                    replayed = event.round.round
                 yield event
                 if event.kind is EventKind.STATE_CHANGED and event.job.state.terminal:
                     return

@@ -20,14 +20,77 @@ from deml_server.errors import DemlError
 from deml_server.registry import ModelRegistry
 from deml_server.store import JobStore
 from deml_server.strategy import make_strategy
-from deml_server.strategy.aggregate import validate_update
-from deml_server.strategy.base import FitResult, Strategy
+from deml_server.strategy.aggregate import RunningMean, validate_update
+from deml_server.strategy.base import FitResult, Strategy, Weights
 
 log = logging.getLogger(__name__)
 
 
 class JobFailed(Exception):
     """The job cannot go on; the message is what the user sees."""
+
+
+class _Fold:
+    """A round's results, checked and folded in as they arrive.
+
+    They are folded in partition order, so that the sum (and the aggregate) is bit for bit an uninterrupted run's
+    whatever order the tasks finish in.
+    For a strategy that needs only the weighted mean, each update is added to a running float64 sum and dropped:
+    memory O(model) rather than O(partitions x model). Reading and checking run in a thread; results that arrive
+    before their predecessors wait for them.
+    """
+
+    def __init__(self, current: Weights, running_mean: bool) -> None:
+        self.current = current
+        self.mean = RunningMean(current) if running_mean else None
+        self.results: list[FitResult] = []
+        self.problems: list[tuple[int, str]] = []
+        self.user_errors: list[tuple[int, str]] = []
+        self._waiting: dict[int, FitResult | None] = {}
+        self._next = 0
+        self._lock = asyncio.Lock()
+
+    async def arrive(self, index: int, result: TaskResult | None, problem: str) -> None:
+        """Check one partition's outcome, then fold in every checked result whose turn has come."""
+        checked: FitResult | None = None
+        if result is None:
+            self.problems.append((index, problem))
+        elif not result.ok:
+            self.user_errors.append((index, result.error))
+        elif result.num_examples <= 0:
+            self.problems.append(
+                (index, f"worker {index}: weights rejected: it reported {result.num_examples} training examples")
+            )
+        else:
+            try:
+                update = await asyncio.to_thread(self._read, result)
+            except DemlError as exc:
+                self.problems.append((index, f"worker {index}: weights rejected: {exc.reason}"))
+            else:
+                checked = FitResult(f"partition-{index}", update, result.num_examples, result.metrics)
+        async with self._lock:
+            self._waiting[index] = checked
+            while self._next in self._waiting:
+                ready = self._waiting.pop(self._next)
+                self._next += 1
+                if ready is None:
+                    continue
+                if self.mean is not None:
+                    await asyncio.to_thread(self.mean.add, ready.weights, ready.num_examples)
+                    # Only the metrics are kept: the weights are in the sum.
+                    ready = FitResult(ready.worker, {}, ready.num_examples, ready.metrics)
+                self.results.append(ready)
+
+    def _read(self, result: TaskResult) -> Weights:
+        update = wio.read(result.directory / "weights.safetensors")
+        validate_update(self.current, update)
+        return update
+
+    def aggregate(self, strategy: Strategy, server_round: int) -> Weights:
+        """The new global weights (in a thread: seconds of numpy work for a big model)."""
+        if self.mean is not None:
+            return strategy.aggregate_mean(server_round, self.current, self.mean.mean64())
+        return strategy.aggregate_fit(server_round, self.current, self.results)
 
 
 @dataclass(frozen=True)
@@ -82,7 +145,8 @@ class JobRunner:
 
     def _progress(self, message: str) -> None:
         log.info("job %s: %s", self.job.id, message)
-        self.deps.publish(JobEvent(EventKind.PROGRESS, self.deps.store.get_job(self.job.id), message=message))
+        # The job as this runner last stored it: an event reads nothing (the store is asked only when it changes).
+        self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, message=message))
 
     async def _run(self) -> None:
         self._backend = await self.deps.backend_for(self.spec.backend)
@@ -130,7 +194,8 @@ class JobRunner:
         started = time.monotonic()
         self._progress(f"round {server_round}/{self.spec.rounds} started")
         weights_path = self.deps.artifacts.open_path(weights_digest)
-        current = wio.read(weights_path)
+        # Reading, checking and averaging weights is numpy work of seconds for big models: never on the event loop.
+        current = await asyncio.to_thread(wio.read, weights_path)
         hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
         bundles = [
             self._bundle(
@@ -143,37 +208,24 @@ class JobRunner:
             )
             for i in range(self.spec.workers)
         ]
+        fold = _Fold(current, strategy.uses_weighted_mean)
         done = 0
 
-        async def fit(index: int, bundle: TaskBundle) -> tuple[TaskResult | None, str]:
+        async def fit(index: int, bundle: TaskBundle) -> None:
             nonlocal done
-            outcome = await self._attempt(
+            result, problem = await self._attempt(
                 bundle, f"round {server_round} worker {index}", server_round=server_round, partition=index
             )
             done += 1
-            job = self.deps.store.get_job(self.job.id)
-            self.deps.publish(JobEvent(EventKind.PROGRESS, job, progress=(server_round, done, len(bundles))))
-            return outcome
+            self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
+            await fold.arrive(index, result, problem)
 
-        outcomes = await asyncio.gather(*(fit(i, b) for i, b in enumerate(bundles)))
-        results: list[FitResult] = []
-        problems: list[str] = []
-        for i, (result, problem) in enumerate(outcomes):
-            if result is None:
-                problems.append(problem)
-                continue
-            if not result.ok:
-                raise JobFailed(f"round {server_round}, worker {i}: the task's code raised an error\n{result.error}")
-            if result.num_examples <= 0:
-                problems.append(f"worker {i}: weights rejected: it reported {result.num_examples} training examples")
-                continue
-            try:
-                update = wio.read(result.directory / "weights.safetensors")
-                validate_update(current, update)
-            except DemlError as exc:
-                problems.append(f"worker {i}: weights rejected: {exc.reason}")
-                continue
-            results.append(FitResult(f"partition-{i}", update, result.num_examples, result.metrics))
+        await asyncio.gather(*(fit(i, b) for i, b in enumerate(bundles)))
+        if fold.user_errors:
+            index, error = min(fold.user_errors)
+            raise JobFailed(f"round {server_round}, worker {index}: the task's code raised an error\n{error}")
+        results = fold.results
+        problems = [problem for _, problem in sorted(fold.problems)]
         for problem in problems:
             self._progress(f"round {server_round}: {problem}")
         if len(results) < self.spec.quorum:
@@ -181,8 +233,8 @@ class JobRunner:
                 f"round {server_round}: {len(results)} of {self.spec.workers} workers returned usable weights, "
                 f"fewer than the {self.spec.quorum} needed: " + "; ".join(problems)
             )
-        aggregated = strategy.aggregate_fit(server_round, current, results)
-        new_digest = self.deps.artifacts.put_bytes(wio.to_bytes(aggregated))
+        aggregated = await asyncio.to_thread(fold.aggregate, strategy, server_round)
+        new_digest = await asyncio.to_thread(lambda: self.deps.artifacts.put_bytes(wio.to_bytes(aggregated)))
         evaluation = await self._run_one(
             self._bundle("evaluate", weights=self.deps.artifacts.open_path(new_digest)),
             f"round {server_round} eval",
@@ -193,7 +245,7 @@ class JobRunner:
         cost = self._backend.spent(self.job.id, server_round)
         if cost is not None:
             metrics["cost_glm"] = cost
-        state_digest = self.deps.artifacts.put_bytes(wio.to_bytes(strategy.state()))
+        state_digest = await asyncio.to_thread(lambda: self.deps.artifacts.put_bytes(wio.to_bytes(strategy.state())))
         summary = RoundSummary(
             round=server_round,
             metrics=metrics,
@@ -203,9 +255,10 @@ class JobRunner:
             bytes_sent_per_worker=weights_path.stat().st_size,
             committed_at=datetime.now(tz=UTC),
         )
-        job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
-        self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, job, round=summary))
-        shutil.rmtree(self.dir / "tasks", ignore_errors=True)
+        self.job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
+        self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
+        # Unlinking a round's result files (a model's size each) is disk work: off the event loop too.
+        await asyncio.to_thread(shutil.rmtree, self.dir / "tasks", ignore_errors=True)
         self._check_job_budget(server_round)
         return new_digest
 

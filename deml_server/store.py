@@ -129,23 +129,31 @@ class JobStore:
             )
         return self.get_job(job_id)
 
-    def get_job(self, job_id: str) -> Job:
-        """One job with its committed rounds, or NotFound."""
-        rows = self._query(
-            "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline "
-            "FROM jobs WHERE id = ?",
-            (job_id,),
-        )
+    def get_job(self, job_id: str, *, latest_rounds: int = 0) -> Job:
+        """One job, or NotFound; with its `latest_rounds` newest committed rounds (-1: all of them).
+
+        Without rounds it costs the same whatever the number of rounds committed: the newest round is found
+        through the primary key, never by reading the others.
+        """
+        rows = self._query(_JOB_SELECT + " WHERE id = ?", (job_id,))
         if not rows:
             raise NotFound(f"no job with id {job_id!r}")
-        return self._job(rows[0])
+        job = self._job(rows[0])
+        if latest_rounds == 0 or job.rounds_committed == 0:
+            return job
+        start = 1 if latest_rounds < 0 else max(1, job.rounds_committed - latest_rounds + 1)
+        return dataclasses.replace(job, rounds=self.list_rounds(job_id, start=start))
+
+    def list_rounds(self, job_id: str, *, start: int = 1, limit: int = 0) -> tuple[RoundSummary, ...]:
+        """Committed rounds from round `start` on, oldest first, at most `limit` of them (0: no limit)."""
+        sql = _ROUND_SELECT + " WHERE job_id = ? AND round >= ? ORDER BY round"
+        if limit > 0:
+            sql += f" LIMIT {int(limit)}"
+        return tuple(_round(r) for r in self._query(sql, (job_id, start)))
 
     def list_jobs(self, state: JobState | None = None, limit: int = 0) -> list[Job]:
         """Jobs, newest first."""
-        sql = (
-            "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline "
-            "FROM jobs"
-        )
+        sql = _JOB_SELECT
         args: tuple[Any, ...] = ()
         if state is not None:
             sql += " WHERE state = ?"
@@ -158,8 +166,7 @@ class JobStore:
     def unfinished_jobs(self) -> list[Job]:
         """Jobs a restarted server must resume, oldest first."""
         rows = self._query(
-            "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline "
-            "FROM jobs WHERE state IN (?, ?) ORDER BY created_at",
+            _JOB_SELECT + " WHERE state IN (?, ?) ORDER BY created_at",
             (JobState.PENDING.value, JobState.RUNNING.value),
         )
         return [self._job(row) for row in rows]
@@ -200,7 +207,7 @@ class JobStore:
             )
 
     def commit_round(self, job_id: str, summary: RoundSummary, weights: str, strategy_state: str) -> Job:
-        """Commit one round's checkpoint atomically."""
+        """Commit one round's checkpoint atomically; return the job (without its rounds: see get_job)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO rounds (job_id, round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent,"
@@ -241,27 +248,13 @@ class JobStore:
             raise NotFound(f"job {job_id!r} has no initial weights yet")
         return str(rows[0][0])
 
-    def _rounds(self, job_id: str) -> tuple[RoundSummary, ...]:
-        rows = self._query(
-            "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at "
-            "FROM rounds WHERE job_id = ? ORDER BY round",
-            (job_id,),
-        )
-        return tuple(
-            RoundSummary(
-                round=r[0],
-                metrics=json.loads(r[1]),
-                workers_ok=r[2],
-                workers_failed=r[3],
-                wall_seconds=r[4],
-                bytes_sent_per_worker=r[5],
-                committed_at=_ts(r[6]),
-            )
-            for r in rows
-        )
+    def _latest_round(self, job_id: str) -> RoundSummary | None:
+        rows = self._query(_ROUND_SELECT + " WHERE job_id = ? ORDER BY round DESC LIMIT 1", (job_id,))
+        return _round(rows[0]) if rows else None
 
     def _job(self, row: tuple[Any, ...]) -> Job:
         spec = json.loads(row[2])
+        latest = self._latest_round(row[0])
         return Job(
             id=row[0],
             state=JobState(row[1]),
@@ -273,7 +266,9 @@ class JobStore:
             model_name=row[7],
             model_version=row[8],
             baseline_metrics=json.loads(row[9]),
-            rounds=self._rounds(row[0]),
+            # Rounds are committed in order from 1, so the newest one's number is how many there are.
+            rounds_committed=latest.round if latest is not None else 0,
+            latest_round=latest,
         )
 
     # -- models ---------------------------------------------------------------------------------------------
@@ -377,6 +372,24 @@ def _add_owner_columns(db: sqlite3.Connection) -> None:
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if "owner" not in columns:
             db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
+
+
+_JOB_SELECT = (
+    "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline FROM jobs"
+)
+_ROUND_SELECT = "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at FROM rounds"
+
+
+def _round(r: tuple[Any, ...]) -> RoundSummary:
+    return RoundSummary(
+        round=r[0],
+        metrics=json.loads(r[1]),
+        workers_ok=r[2],
+        workers_failed=r[3],
+        wall_seconds=r[4],
+        bytes_sent_per_worker=r[5],
+        committed_at=_ts(r[6]),
+    )
 
 
 _MODEL_SELECT = (

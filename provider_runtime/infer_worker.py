@@ -6,19 +6,12 @@ print cannot corrupt the protocol). Tensors never travel through the pipes: the 
 shared input file (on /dev/shm) and names their offsets; the worker reads them in place, runs the session and
 writes the outputs into the shared output file, growing it when they do not fit, and replies with their offsets.
 
-Requests:
-  {"id": 1, "load": "/path/model.onnx"}                     -> {"id": 1, "ok": true, "providers": [...]}
-  {"id": 3, "forget": [path, ...]}                          -> {"id": 3, "ok": true}  (unmap clients' files)
-  {"id": 2, "model": PATH, "in_size": N,
-   "inputs": [[name, dtype, shape, offset], ...]}           -> {"id": 2, "ok": true, "out_size": M,
-                                                               "outputs": [[name, dtype, shape, offset], ...]}
-  failures                                                  -> {"id": n, "ok": false, "kind": K, "error": text}
-     K is "load" (the model cannot be opened), "input" (onnxruntime rejected the inputs), "resources" (no room
-     for the outputs in shared memory), "cancelled" or "error".
-An input may instead live in a client's shared-memory file: [name, dtype, shape, offset, path, [dev, inode]] is
-read in place from that file. "outputs_to": [[name, path, [dev, inode], offset, capacity], ...] asks for outputs
-to be written into such files; their reply entries carry a fifth element, 1, and an offset into that file.
-A file whose (dev, inode) differs from the request's was replaced since its region was registered: refused.
+The messages are provider_runtime.contract's LoadRequest, ForgetRequest and RunRequest, answered by a
+WorkerReply with the same id (its `kind` says why a request was refused: "load" when the model cannot be opened,
+"input" when onnxruntime rejected the inputs, "resources" when there is no room for the outputs in shared
+memory, "cancelled" or "error"). An input may instead live in a client's shared-memory file (InputTensor.file)
+and be read in place there; an OutputTarget asks for an output to be written into such a file. A file whose
+(dev, inode) differs from the request's was replaced since its region was registered: refused.
 A line with an id on the file descriptor given as --cancel-fd stops the run with that id (RunOptions.terminate).
 """
 
@@ -33,23 +26,31 @@ import signal
 import sys
 import threading
 from collections import OrderedDict
-from typing import IO, Any
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 import onnxruntime as ort
 
+from provider_runtime.contract import (
+    ClientFile,
+    ForgetRequest,
+    LoadRequest,
+    OutputTensor,
+    RunRequest,
+    SharedFile,
+    WorkerHello,
+    WorkerReply,
+    WorkerRequest,
+    aligned,
+    claim_stdout,
+    parse_worker_request,
+)
 from provider_runtime.lifeline import die_with_parent
-from provider_runtime.shared_files import reserve
 
-ALIGN = 64
 MIN_OUT_BYTES = 1 << 20
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-
-def aligned(offset: int) -> int:
-    """Round up to the alignment every tensor in the shared files starts at."""
-    return (offset + ALIGN - 1) // ALIGN * ALIGN
 
 
 def choose_providers(device: str, available: list[str]) -> list[str]:
@@ -63,43 +64,6 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
     return [CPU]
 
 
-class SharedFile:
-    """A file on a RAM-backed file system, mapped read-write; remapped when it has grown."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_RDWR)
-        self.map: mmap.mmap | None = None
-        self.size = 0
-        self.remap()
-
-    def remap(self) -> None:
-        """Map the file at its current size (old views keep the old mapping alive until they are dropped)."""
-        size = os.fstat(self._fd).st_size
-        if size and size != self.size:
-            self.map = mmap.mmap(self._fd, size)
-            self.size = size
-
-    def ensure(self, size: int) -> mmap.mmap:
-        """The mapping, covering at least `size` bytes (the other side grew the file)."""
-        if size > self.size:
-            self.remap()
-        if self.map is None or size > self.size:
-            raise RuntimeError(f"shared file {self.path} is {self.size} bytes, {size} needed")
-        return self.map
-
-    def grow(self, size: int) -> mmap.mmap:
-        """Make the file at least `size` bytes (doubling, to grow rarely) and map it.
-
-        Pages are reserved up front (OSError when the RAM file system has no room even for `size`).
-        """
-        if size > self.size:
-            reserve(self._fd, [max(size, 2 * self.size, MIN_OUT_BYTES), size], self.size)
-            self.remap()
-        assert self.map is not None
-        return self.map
-
-
 class ClientFiles:
     """Clients' shared-memory files, mapped on first use and kept open (the most recently used few)."""
 
@@ -107,9 +71,9 @@ class ClientFiles:
         self._limit = limit
         self._open: OrderedDict[str, tuple[tuple[int, int], int, mmap.mmap]] = OrderedDict()
 
-    def buffer(self, path: str, identity: list[int], end: int) -> mmap.mmap:
-        """The mapping of `path`, which must be the file registered as `identity` and hold at least `end` bytes."""
-        want = (int(identity[0]), int(identity[1]))
+    def buffer(self, place: ClientFile, end: int) -> mmap.mmap:
+        """The mapping of the client's file, which must still be the one registered and hold at least `end` bytes."""
+        path, want = place.path, place.identity
         # The name must still lead to the registered file: a client that replaced it would otherwise have this
         # worker read the old, unlinked file while it writes the new one.
         _check_identity(path, os.stat(path, follow_symlinks=False), want)
@@ -137,7 +101,7 @@ class ClientFiles:
             raise InputError(f"shared memory file {path} holds {size} bytes, {end} needed")
         if end > len(mapping):
             self._close(path)
-            return self.buffer(path, identity, end)
+            return self.buffer(place, end)
         return mapping
 
     def forget(self, path: str) -> None:
@@ -165,8 +129,8 @@ class Worker:
     """Sessions by model path (least recently used closed first) and the run loop's state."""
 
     def __init__(self, *, in_file: str, out_file: str, threads: int, device: str, max_sessions: int) -> None:
-        self.inputs = SharedFile(in_file)
-        self.outputs = SharedFile(out_file)
+        self.inputs = SharedFile.open(Path(in_file))
+        self.outputs = SharedFile.open(Path(out_file))
         self.client_files = ClientFiles()
         self.threads = threads
         self.providers = choose_providers(device, ort.get_available_providers())
@@ -201,85 +165,83 @@ class Worker:
             if self._running_id == run_id and self._run_options is not None:
                 self._run_options.terminate = True
 
-    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, message: WorkerRequest) -> WorkerReply:
         """Answer one request."""
-        run_id = int(message["id"])
-        if "forget" in message:
-            for path in message["forget"]:
+        if isinstance(message, ForgetRequest):
+            for path in message.paths:
                 self.client_files.forget(path)
-            return {"id": run_id, "ok": True}
-        path = message.get("load") or message["model"]
+            return WorkerReply(id=message.id, ok=True)
         try:
-            session = self.session(path)
+            session = self.session(message.model)
         except Exception as exc:  # onnxruntime raises several classes for unreadable or unsupported models
-            return {"id": run_id, "ok": False, "kind": "load", "error": str(exc)}
-        if "load" in message:
-            return {"id": run_id, "ok": True, "providers": session.get_providers()}
-        return self.run(run_id, session, message)
+            return WorkerReply.failed(message.id, "load", str(exc))
+        if isinstance(message, LoadRequest):
+            return WorkerReply(id=message.id, ok=True, providers=tuple(session.get_providers()))
+        return self.run(session, message)
 
-    def run(self, run_id: int, session: ort.InferenceSession, message: dict[str, Any]) -> dict[str, Any]:
+    def run(self, session: ort.InferenceSession, message: RunRequest) -> WorkerReply:
         """Read the inputs in place, run, write the outputs into the output file."""
+        run_id = message.id
         try:
             feeds = self.feeds(message)
         except (InputError, OSError) as exc:
-            return {"id": run_id, "ok": False, "kind": "input", "error": str(exc)}
+            return WorkerReply.failed(run_id, "input", str(exc))
         options = ort.RunOptions()
         with self._lock:
             self._running_id, self._run_options = run_id, options
         try:
             results = session.run(None, feeds, options)
         except Exception as exc:
-            kind = "cancelled" if options.terminate else "input"
-            return {"id": run_id, "ok": False, "kind": kind, "error": str(exc)}
+            return WorkerReply.failed(run_id, "cancelled" if options.terminate else "input", str(exc))
         finally:
             with self._lock:
                 self._running_id, self._run_options = None, None
             del feeds
         names = [o.name for o in session.get_outputs()]
-        places = {entry[0]: entry[1:] for entry in message.get("outputs_to", [])}
+        places = {target.name: target for target in message.outputs_to}
         layout = []
         offset = 0
         for name, value in zip(names, results, strict=True):
             if not isinstance(value, np.ndarray) or value.dtype.hasobject:
-                return {"id": run_id, "ok": False, "kind": "error", "error": f"output {name!r} is not a numeric tensor"}
-            if name in places and value.nbytes > int(places[name][3]):
-                error = f"output {name!r} needs {value.nbytes} bytes, its shared memory gives {places[name][3]}"
-                return {"id": run_id, "ok": False, "kind": "input", "error": error}
-            if name not in places:
+                return WorkerReply.failed(run_id, "error", f"output {name!r} is not a numeric tensor")
+            target = places.get(name)
+            if target is not None and value.nbytes > target.capacity:
+                error = f"output {name!r} needs {value.nbytes} bytes, its shared memory gives {target.capacity}"
+                return WorkerReply.failed(run_id, "input", error)
+            if target is None:
                 layout.append((name, value, offset))
                 offset = aligned(offset + value.nbytes)
         try:
-            out = self.outputs.grow(offset)
+            out = self.outputs.grow(offset, floor=MIN_OUT_BYTES) if offset else self.outputs.map
         except OSError as exc:
-            error = f"no room for {offset} bytes of outputs in {self.outputs.path}: {exc.strerror}"
-            return {"id": run_id, "ok": False, "kind": "resources", "error": error}
+            error = f"no room for {offset} bytes of outputs in {self.outputs.path}: {exc.strerror or exc}"
+            return WorkerReply.failed(run_id, "resources", error)
         described = []
         for name, value, start in layout:
             np.ndarray(value.shape, dtype=value.dtype, buffer=out, offset=start)[...] = value
-            described.append([name, value.dtype.str, list(value.shape), start])
+            described.append(OutputTensor(name, value.dtype.str, tuple(value.shape), start))
         for name, value in zip(names, results, strict=True):
-            if name in places:
-                path, identity, start, _ = places[name]
+            target = places.get(name)
+            if target is not None:
                 try:
-                    target = self.client_files.buffer(path, identity, int(start) + value.nbytes)
+                    buffer = self.client_files.buffer(target.file, target.offset + value.nbytes)
                 except (InputError, OSError) as exc:
-                    return {"id": run_id, "ok": False, "kind": "input", "error": str(exc)}
-                np.ndarray(value.shape, dtype=value.dtype, buffer=target, offset=int(start))[...] = value
-                described.append([name, value.dtype.str, list(value.shape), int(start), 1])
-        return {"id": run_id, "ok": True, "out_size": self.outputs.size, "outputs": described}
+                    return WorkerReply.failed(run_id, "input", str(exc))
+                np.ndarray(value.shape, dtype=value.dtype, buffer=buffer, offset=target.offset)[...] = value
+                described.append(OutputTensor(name, value.dtype.str, tuple(value.shape), target.offset, True))
+        return WorkerReply(id=run_id, ok=True, out_size=self.outputs.size, outputs=tuple(described))
 
-    def feeds(self, message: dict[str, Any]) -> dict[str, np.ndarray]:
+    def feeds(self, message: RunRequest) -> dict[str, np.ndarray]:
         """The request's inputs as arrays over the shared input file or a client's shared-memory file."""
         feeds = {}
-        for name, dtype, shape, offset, *place in message["inputs"]:
-            dims = tuple(shape)
-            kind = np.dtype(dtype)
-            if place:
-                end = int(offset) + int(np.prod(dims, dtype=np.int64)) * kind.itemsize
-                buffer = self.client_files.buffer(place[0], place[1], end)
+        for tensor in message.inputs:
+            kind = np.dtype(tensor.dtype)
+            if tensor.file is not None:
+                end = tensor.offset + int(np.prod(tensor.shape, dtype=np.int64)) * kind.itemsize
+                buffer = self.client_files.buffer(tensor.file, end)
             else:
-                buffer = self.inputs.ensure(int(message["in_size"]))
-            feeds[name] = np.ndarray(dims, dtype=kind, buffer=buffer, offset=int(offset))
+                buffer = self.inputs.ensure(message.in_size)
+            feeds[tensor.name] = np.ndarray(tensor.shape, dtype=kind, buffer=buffer, offset=tensor.offset)
         return feeds
 
 
@@ -290,9 +252,8 @@ def _cancel_loop(worker: Worker, fd: int) -> None:
                 worker.cancel(int(line))
 
 
-def _write(stream: IO[bytes], reply: dict[str, Any]) -> None:
-    stream.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-    stream.flush()
+def _write(stream: IO[bytes], reply: WorkerReply | WorkerHello) -> None:
+    stream.write(json.dumps(reply.to_dict(), separators=(",", ":")).encode() + b"\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent(signal.SIGTERM)
 
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
+    replies = claim_stdout()
     worker = Worker(
         in_file=args.in_file,
         out_file=args.out_file,
@@ -318,18 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.cancel_fd >= 0:
         threading.Thread(target=_cancel_loop, args=(worker, args.cancel_fd), daemon=True).start()
-    _write(replies, {"ready": True, "pid": os.getpid(), "providers": worker.providers})
+    _write(replies, WorkerHello(pid=os.getpid(), providers=tuple(worker.providers)))
     requests = sys.stdin.buffer
     while line := requests.readline():
         try:
-            message = json.loads(line)
-        except ValueError:
-            print(f"infer_worker: ignoring a malformed request: {line[:200]!r}", file=sys.stderr)
+            message = parse_worker_request(json.loads(line))
+        except ValueError as exc:  # not JSON, or not a request (ContractError)
+            print(f"infer_worker: ignoring a malformed request ({exc}): {line[:200]!r}", file=sys.stderr)
             continue
         try:
             reply = worker.handle(message)
         except Exception as exc:  # keep serving; the caller decides what an error means
-            reply = {"id": message.get("id", -1), "ok": False, "kind": "error", "error": f"{type(exc).__name__}: {exc}"}
+            reply = WorkerReply.failed(message.id, "error", f"{type(exc).__name__}: {exc}")
         _write(replies, reply)
     return 0
 

@@ -10,7 +10,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
@@ -19,14 +19,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from provider_runtime.contract import (
+    ACTIONS,
+    ContractError,
+    ErrorInfo,
+    ExportInfo,
+    Hyper,
+    InferInfo,
+    ResultDoc,
+    TaskDoc,
+)
 from provider_runtime.data import Splits, cached_splits, rows
 from provider_runtime.onnx_export import export_onnx
 from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, required, user_module
 from provider_runtime.weights import load_into, save_state_dict
 
-__all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "run_bundle"]
+__all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "partition_args", "run_bundle"]
 
-ACTIONS = ("init", "train", "evaluate", "export", "infer")
 TRACEBACK_LINES = 40
 # Rows of the test split used as the export sample when the module has no example_input().
 _EXPORT_SAMPLE_ROWS = 8
@@ -37,71 +46,39 @@ class BundleError(Exception):
     """The task bundle itself is malformed: a server-side fault, not the user's."""
 
 
-@dataclass(frozen=True)
-class Hyper:
-    """Local training settings."""
-
-    local_epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 0.05
-    proximal_mu: float = 0.0
-
-
-@dataclass(frozen=True)
-class Task:
-    """task.json, parsed."""
-
-    action: str
-    module: str
-    partition: PartitionArgs
-    hyper: Hyper
-    seed: int
-    evaluate_after: bool
-    device: str
+Task = TaskDoc
 
 
 def parse_task(raw: Any) -> Task:
-    """Validate a task.json document; numbers may arrive as floats (JSON has one number type)."""
-    if not isinstance(raw, dict):
-        raise BundleError("task.json must hold a JSON object")
-    part = raw.get("partition") or {}
-    hyper = raw.get("hyper") or {}
-    if not isinstance(part, dict) or not isinstance(hyper, dict):
-        raise BundleError("task.json: partition and hyper must be JSON objects")
+    """Validate a task.json document (provider_runtime.contract); numbers may arrive as floats."""
     try:
-        action = str(raw["action"])
-        seed = int(raw.get("seed", 0))
-        task = Task(
-            action=action,
-            module=str(raw.get("module", "task")),
-            partition=PartitionArgs(
-                partition_id=int(part.get("index", 0)),
-                num_partitions=int(part.get("count", 1)),
-                partitioning=str(part.get("scheme", "iid")),
-                alpha=float(part.get("alpha", 0.5)),
-                seed=int(part.get("seed", seed)),
-            ),
-            hyper=Hyper(
-                local_epochs=int(hyper.get("local_epochs", Hyper.local_epochs)),
-                batch_size=int(hyper.get("batch_size", Hyper.batch_size)),
-                learning_rate=float(hyper.get("learning_rate", Hyper.learning_rate)),
-                proximal_mu=float(hyper.get("proximal_mu", Hyper.proximal_mu)),
-            ),
-            seed=seed,
-            evaluate_after=bool(raw.get("evaluate_after", False)),
-            device=str(raw.get("device", "auto")),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BundleError(f"task.json is malformed: {exc!r}") from None
-    if task.action not in ACTIONS:
-        raise BundleError(f"task.json action {task.action!r} is not one of {', '.join(ACTIONS)}")
-    if task.partition.partitioning not in ("iid", "dirichlet"):
-        raise BundleError(f"partition scheme {task.partition.partitioning!r} is not 'iid' or 'dirichlet'")
-    if task.device not in ("auto", "cpu", "cuda"):
-        raise BundleError(f"device {task.device!r} is not 'auto', 'cpu' or 'cuda'")
-    if task.hyper.local_epochs < 0 or task.hyper.batch_size < 1:
-        raise BundleError("hyper.local_epochs must be >= 0 and hyper.batch_size >= 1")
-    return task
+        return TaskDoc.from_dict(raw)
+    except ContractError as exc:
+        raise BundleError(f"task.json: {exc}") from None
+
+
+def partition_args(task: Task) -> PartitionArgs:
+    """The partition as the user's load_data is told it."""
+    part = task.partition
+    return PartitionArgs(
+        partition_id=part.index,
+        num_partitions=part.count,
+        partitioning=part.scheme,
+        alpha=part.alpha,
+        seed=part.seed,
+    )
+
+
+@dataclass
+class _Outcome:
+    """What an action found out, filled in as it runs; becomes result.json's ResultDoc."""
+
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    export: ExportInfo | None = None
+    infer: InferInfo | None = None
+    device: str = "cpu"
 
 
 def configure_threads(default: int | None) -> None:
@@ -125,34 +102,36 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("result.json", "weights.safetensors", "model.onnx", "outputs.npz"):
         (output_dir / stale).unlink(missing_ok=True)
-    result: dict[str, Any] = {
-        "status": "ok",
-        "action": action,
-        "num_examples": 0,
-        "metrics": {},
-        "test_metrics": {},
-        "export": None,
-        "device": "cpu",
-        "seconds": 0.0,
-        "error": None,
-    }
+    outcome = _Outcome()
+    error: ErrorInfo | None = None
+    done_action = action
     bundle_error: BundleError | None = None
     with (output_dir / "log.txt").open("w", encoding="utf-8") as log, _redirected(log):
         try:
             task = _read_task(input_dir, action)
-            result["action"] = task.action
-            _ACTIONS[task.action](task, input_dir, output_dir, result)
+            done_action = task.action
+            _ACTIONS[task.action](task, input_dir, output_dir, outcome)
         except BundleError as exc:
             bundle_error = exc
-            result["status"] = "error"
-            result["error"] = {"type": "BundleError", "message": str(exc), "traceback": ""}
+            error = ErrorInfo(type="BundleError", message=str(exc))
             print(f"bad task bundle: {exc}", file=log)
         except Exception as exc:
-            result["status"] = "error"
-            result["error"] = _describe(exc)
+            error = _describe(exc)
             (output_dir / "weights.safetensors").unlink(missing_ok=True)
             traceback.print_exception(exc, file=log)
-    result["seconds"] = round(time.monotonic() - started, 3)
+    doc = ResultDoc(
+        status="ok" if error is None else "error",
+        action=done_action if done_action in ACTIONS else None,
+        num_examples=outcome.num_examples,
+        metrics=outcome.metrics,
+        test_metrics=outcome.test_metrics,
+        export=outcome.export,
+        infer=outcome.infer,
+        device=outcome.device,
+        seconds=round(time.monotonic() - started, 3),
+        error=error,
+    )
+    result = doc.to_dict()
     _write_json(output_dir / "result.json", result)
     if bundle_error is not None:
         raise bundle_error
@@ -180,9 +159,9 @@ def _redirected(log: TextIO) -> Iterator[None]:
         yield
 
 
-def _describe(exc: BaseException) -> dict[str, str]:
+def _describe(exc: BaseException) -> ErrorInfo:
     lines = "".join(traceback.format_exception(exc)).splitlines()
-    return {"type": type(exc).__name__, "message": str(exc), "traceback": "\n".join(lines[-TRACEBACK_LINES:])}
+    return ErrorInfo(type=type(exc).__name__, message=str(exc), traceback="\n".join(lines[-TRACEBACK_LINES:]))
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -201,54 +180,51 @@ def _json_default(value: object) -> Any:
 # --- actions -----------------------------------------------------------------------------------------------
 
 
-def _init(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+def _init(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
         _seed_everything(task.seed)
         model = _build_model(mod)
         save_state_dict(model.state_dict(), out / "weights.safetensors")
 
 
-def _train(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     device = _device(task.device)
-    result["device"] = device.type
+    result.device = device.type
     with user_module(bundle / "code", task.module) as mod:
         # Each partition draws its own shuffles and dropout masks, reproducibly.
-        seed = task.seed + task.partition.partition_id
+        seed = task.seed + task.partition.index
         _seed_everything(seed)
-        model = _build_model(mod)
-        load_into(model, _weights_path(bundle))
-        splits = cached_splits(bundle, mod, task.partition)
+        model = _loaded_model(mod, bundle)
+        splits = cached_splits(bundle, mod, partition_args(task))
         if splits.train is None:
             raise UserCodeError("load_data() returned no training split")
         model.to(device)
         loss_fn = _loss_fn(mod)
-        result["num_examples"] = len(splits.train)  # type: ignore[arg-type]
-        result["metrics"] = _fit(model, splits.train, loss_fn, mod, task, device, seed)
+        result.num_examples = len(splits.train)  # type: ignore[arg-type]
+        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed)
         if task.evaluate_after:
-            result["test_metrics"] = _evaluate_split(model, splits, loss_fn, mod, device)
+            result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
         save_state_dict(model.state_dict(), out / "weights.safetensors")
 
 
-def _evaluate(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+def _evaluate(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     device = _device(task.device)
-    result["device"] = device.type
+    result.device = device.type
     with user_module(bundle / "code", task.module) as mod:
         _seed_everything(task.seed)
-        model = _build_model(mod)
-        load_into(model, _weights_path(bundle))
-        splits = cached_splits(bundle, mod, task.partition)
+        model = _loaded_model(mod, bundle)
+        splits = cached_splits(bundle, mod, partition_args(task))
         model.to(device)
         if splits.test is None:
             raise UserCodeError("load_data() returned no test split to evaluate on")
-        result["num_examples"] = len(splits.test)  # type: ignore[arg-type]
-        result["metrics"] = _evaluate_split(model, splits, _loss_fn(mod), mod, device)
+        result.num_examples = len(splits.test)  # type: ignore[arg-type]
+        result.metrics = _evaluate_split(model, splits, _loss_fn(mod), mod, device)
 
 
-def _export(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+def _export(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
         _seed_everything(task.seed)
-        model = _build_model(mod)
-        load_into(model, _weights_path(bundle))
+        model = _loaded_model(mod, bundle)
         model.eval()
         example_input = optional(mod, "example_input")
         if example_input is not None:
@@ -256,14 +232,14 @@ def _export(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None
             if not isinstance(sample, torch.Tensor):
                 raise UserCodeError(f"example_input() must return a torch.Tensor, got {type(sample).__name__}")
         else:
-            splits = cached_splits(bundle, mod, task.partition)
+            splits = cached_splits(bundle, mod, partition_args(task))
             if splits.test is None:
                 raise UserCodeError("define example_input() or return a test split: export needs sample rows")
             sample = rows(splits.test, _EXPORT_SAMPLE_ROWS)
-        result["export"] = export_onnx(model, sample, out / "model.onnx")
+        result.export = ExportInfo.from_dict(export_onnx(model, sample, out / "model.onnx"))
 
 
-def _infer(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
+def _infer(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     """One inference shard: model.onnx on data/inputs.npz (positional arrays, names in data/inputs.json).
 
     Outputs go to outputs.npz positionally too, their names in result.json, so that tensor names need not be
@@ -290,12 +266,12 @@ def _infer(task: Task, bundle: Path, out: Path, result: dict[str, Any]) -> None:
     output_names = [o.name for o in session.get_outputs()]
     outputs = session.run(output_names, dict(zip(names, arrays, strict=True)))
     np.savez(out / "outputs.npz", *outputs)
-    result["num_examples"] = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 0
-    result["device"] = "cuda" if session.get_providers()[0] == cuda else "cpu"
-    result["infer"] = {"outputs": output_names, "providers": session.get_providers()}
+    result.num_examples = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 0
+    result.device = "cuda" if session.get_providers()[0] == cuda else "cpu"
+    result.infer = InferInfo(outputs=tuple(output_names), providers=tuple(session.get_providers()))
 
 
-_ACTIONS: dict[str, Callable[[Task, Path, Path, dict[str, Any]], None]] = {
+_ACTIONS: dict[str, Callable[[Task, Path, Path, _Outcome], None]] = {
     "init": _init,
     "train": _train,
     "evaluate": _evaluate,
@@ -334,6 +310,43 @@ def _build_model(mod: ModuleType) -> torch.nn.Module:
     model = required(mod, "model", "model() -> torch.nn.Module")()
     if not isinstance(model, torch.nn.Module):
         raise UserCodeError(f"model() must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+# torch.nn.init's random initialisers, skipped while building a model whose every entry is then loaded.
+_RANDOM_INITS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+)
+
+
+def _loaded_model(mod: ModuleType, bundle: Path) -> torch.nn.Module:
+    """model() with the bundle's weights, without first drawing random ones only to overwrite them.
+
+    Drawing a 17 M-parameter model's initial weights was measured as 7 % of a training task. load_into requires
+    every state_dict entry, so nothing initialised is left unloaded; the global RNG then starts where the seed put
+    it, so dropout masks stay reproducible.
+    """
+    weights = _weights_path(bundle)
+    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
+
+    def skip(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in _RANDOM_INITS:
+            setattr(torch.nn.init, name, skip)
+        model = _build_model(mod)
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+    load_into(model, weights)
     return model
 
 

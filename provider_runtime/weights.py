@@ -45,15 +45,33 @@ def state_dict_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDA
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a state_dict (parameters and buffers) as safetensors."""
-    save_arrays(state_dict_to_arrays(state), path)
+    """Write a state_dict (parameters and buffers) as safetensors, straight from the tensors.
+
+    Only tensors that share storage with another (tied weights) are copied: safetensors stores each on its own.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if tensor.dtype in (torch.bfloat16, torch.complex32) or tensor.dtype.is_complex:
+            raise ValueError(f"state_dict entry {name!r} has dtype {tensor.dtype}, which numpy cannot carry")
+        value = tensor.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen or value.untyped_storage().nbytes() != value.nbytes:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        tensors[name] = value
+    save_file(tensors, str(path))
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:
     """Load a safetensors state_dict into `model`, requiring the exact same names, shapes and dtypes."""
-    import torch
+    from safetensors.torch import load_file as load_tensors
 
-    arrays = load_arrays(path)
+    # Straight into tensors (one read), not through numpy arrays and a copy of each.
+    arrays = load_tensors(str(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
@@ -61,7 +79,7 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
     state: dict[str, torch.Tensor] = {}
     for name, want in expected.items():
-        got = torch.from_numpy(np.array(arrays[name]))
+        got = arrays[name]
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise ValueError(
                 f"weights entry {name!r} is {got.dtype}{list(got.shape)}, the model wants "

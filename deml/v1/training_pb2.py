@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65ml/v1/training.proto\x12\x07\x64\x65ml.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x05\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x06rounds\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07workers\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0clocal_epochs\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nbatch_size\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08strategy\x18\x08 \x01(\t\x12?\n\x10strategy_options\x18\t \x03(\x0b\x32%.deml.v1.JobSpec.StrategyOptionsEntry\x12+\n\x0cpartitioning\x18\n \x01(\x0e\x32\x15.deml.v1.Partitioning\x12\x1c\n\x0f\x64irichlet_alpha\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\x06\x88\x01\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x0e \x01(\x08\x12!\n\x14task_timeout_seconds\x18\x0f \x01(\x01H\x07\x88\x01\x01\x12\x1c\n\x0fmin_fit_workers\x18\x10 \x01(\x05H\x08\x88\x01\x01\x12\x1a\n\rtest_fraction\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\x17\n\nbudget_glm\x18\x12 \x01(\x01H\n\x88\x01\x01\x1a\x36\n\x14StrategyOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_roundsB\n\n\x08_workersB\x0f\n\r_local_epochsB\r\n\x0b_batch_sizeB\x10\n\x0e_learning_rateB\x12\n\x10_dirichlet_alphaB\x07\n\x05_seedB\x17\n\x15_task_timeout_secondsB\x12\n\x10_min_fit_workersB\x10\n\x0e_test_fractionB\r\n\x0b_budget_glm\"d\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x10.deml.v1.JobSpecH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.deml.v1.FileChunkH\x00\x42\t\n\x07payload\":\n\tFileChunk\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.deml.v1.FileKind\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\".\n\x11SubmitJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.deml.v1.Job\"\x95\x02\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x33\n\x07metrics\x18\x02 \x03(\x0b\x32\".deml.v1.RoundSummary.MetricsEntry\x12\x12\n\nworkers_ok\x18\x03 \x01(\x05\x12\x16\n\x0eworkers_failed\x18\x04 \x01(\x05\x12\x14\n\x0cwall_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15\x62ytes_sent_per_worker\x18\x06 \x01(\x03\x12\x30\n\x0c\x63ommitted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd9\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.deml.v1.JobState\x12\x1e\n\x04spec\x18\x03 \x01(\x0b\x32\x10.deml.v1.JobSpec\x12\x18\n\x10rounds_committed\x18\x04 \x01(\x05\x12%\n\x06rounds\x18\x05 \x03(\x0b\x32\x15.deml.v1.RoundSummary\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\t \x01(\t\x12\x15\n\rmodel_version\x18\n \x01(\x05\x12\x1e\n\x11\x62\x61seline_accuracy\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12;\n\x10\x62\x61seline_metrics\x18\x0c \x03(\x0b\x32!.deml.v1.Job.BaselineMetricsEntry\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x14\n\x12_baseline_accuracy\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"+\n\x0eGetJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.deml.v1.Job\"B\n\x0fListJobsRequest\x12 \n\x05state\x18\x01 \x01(\x0e\x32\x11.deml.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.deml.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xaf\x01\n\x10WatchJobResponse\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.deml.v1.EventKind\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.deml.v1.Job\x12$\n\x05round\x18\x03 \x01(\x0b\x32\x15.deml.v1.RoundSummary\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\'\n\x08progress\x18\x05 \x01(\x0b\x32\x15.deml.v1.TaskProgress\":\n\x0cTaskProgress\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x11\x43\x61ncelJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.deml.v1.Job*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*^\n\x0cPartitioning\x12\x1c\n\x18PARTITIONING_UNSPECIFIED\x10\x00\x12\x14\n\x10PARTITIONING_IID\x10\x01\x12\x1a\n\x16PARTITIONING_DIRICHLET\x10\x02*f\n\x08\x46ileKind\x12\x19\n\x15\x46ILE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_KIND_CODE\x10\x01\x12\x12\n\x0e\x46ILE_KIND_DATA\x10\x02\x12\x17\n\x13\x46ILE_KIND_TEST_DATA\x10\x03*~\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_STATE_CHANGED\x10\x01\x12\x1e\n\x1a\x45VENT_KIND_ROUND_COMMITTED\x10\x02\x12\x17\n\x13\x45VENT_KIND_PROGRESS\x10\x03\x32\xda\x02\n\x0fTrainingService\x12\x44\n\tSubmitJob\x12\x19.deml.v1.SubmitJobRequest\x1a\x1a.deml.v1.SubmitJobResponse(\x01\x12\x39\n\x06GetJob\x12\x16.deml.v1.GetJobRequest\x1a\x17.deml.v1.GetJobResponse\x12?\n\x08ListJobs\x12\x18.deml.v1.ListJobsRequest\x1a\x19.deml.v1.ListJobsResponse\x12\x41\n\x08WatchJob\x12\x18.deml.v1.WatchJobRequest\x1a\x19.deml.v1.WatchJobResponse0\x01\x12\x42\n\tCancelJob\x12\x19.deml.v1.CancelJobRequest\x1a\x1a.deml.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x65ml/v1/training.proto\x12\x07\x64\x65ml.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x05\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x06rounds\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07workers\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0clocal_epochs\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nbatch_size\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08strategy\x18\x08 \x01(\t\x12?\n\x10strategy_options\x18\t \x03(\x0b\x32%.deml.v1.JobSpec.StrategyOptionsEntry\x12+\n\x0cpartitioning\x18\n \x01(\x0e\x32\x15.deml.v1.Partitioning\x12\x1c\n\x0f\x64irichlet_alpha\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\x06\x88\x01\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x0e \x01(\x08\x12!\n\x14task_timeout_seconds\x18\x0f \x01(\x01H\x07\x88\x01\x01\x12\x1c\n\x0fmin_fit_workers\x18\x10 \x01(\x05H\x08\x88\x01\x01\x12\x1a\n\rtest_fraction\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\x17\n\nbudget_glm\x18\x12 \x01(\x01H\n\x88\x01\x01\x1a\x36\n\x14StrategyOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_roundsB\n\n\x08_workersB\x0f\n\r_local_epochsB\r\n\x0b_batch_sizeB\x10\n\x0e_learning_rateB\x12\n\x10_dirichlet_alphaB\x07\n\x05_seedB\x17\n\x15_task_timeout_secondsB\x12\n\x10_min_fit_workersB\x10\n\x0e_test_fractionB\r\n\x0b_budget_glm\"d\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x10.deml.v1.JobSpecH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.deml.v1.FileChunkH\x00\x42\t\n\x07payload\":\n\tFileChunk\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.deml.v1.FileKind\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\".\n\x11SubmitJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.deml.v1.Job\"\x95\x02\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x33\n\x07metrics\x18\x02 \x03(\x0b\x32\".deml.v1.RoundSummary.MetricsEntry\x12\x12\n\nworkers_ok\x18\x03 \x01(\x05\x12\x16\n\x0eworkers_failed\x18\x04 \x01(\x05\x12\x14\n\x0cwall_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15\x62ytes_sent_per_worker\x18\x06 \x01(\x03\x12\x30\n\x0c\x63ommitted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.deml.v1.JobState\x12\x1e\n\x04spec\x18\x03 \x01(\x0b\x32\x10.deml.v1.JobSpec\x12\x18\n\x10rounds_committed\x18\x04 \x01(\x05\x12%\n\x06rounds\x18\x05 \x03(\x0b\x32\x15.deml.v1.RoundSummary\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\t \x01(\t\x12\x15\n\rmodel_version\x18\n \x01(\x05\x12\x1e\n\x11\x62\x61seline_accuracy\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12;\n\x10\x62\x61seline_metrics\x18\x0c \x03(\x0b\x32!.deml.v1.Job.BaselineMetricsEntry\x12+\n\x0clatest_round\x18\r \x01(\x0b\x32\x15.deml.v1.RoundSummary\x1a\x36\n\x14\x42\x61selineMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x14\n\x12_baseline_accuracy\"K\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x0crounds_limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x0f\n\r_rounds_limit\"+\n\x0eGetJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.deml.v1.Job\"B\n\x0fListJobsRequest\x12 \n\x05state\x18\x01 \x01(\x0e\x32\x11.deml.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\".\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.deml.v1.Job\"<\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x19\n\x11replay_from_round\x18\x02 \x01(\x05\"\xaf\x01\n\x10WatchJobResponse\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.deml.v1.EventKind\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.deml.v1.Job\x12$\n\x05round\x18\x03 \x01(\x0b\x32\x15.deml.v1.RoundSummary\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\'\n\x08progress\x18\x05 \x01(\x0b\x32\x15.deml.v1.TaskProgress\":\n\x0cTaskProgress\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x11\x43\x61ncelJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.deml.v1.Job\"G\n\x11ListRoundsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_round\x18\x02 \x01(\x05\x12\r\n\x05limit\x18\x03 \x01(\x05\"U\n\x12ListRoundsResponse\x12%\n\x06rounds\x18\x01 \x03(\x0b\x32\x15.deml.v1.RoundSummary\x12\x18\n\x10next_start_round\x18\x02 \x01(\x05*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*^\n\x0cPartitioning\x12\x1c\n\x18PARTITIONING_UNSPECIFIED\x10\x00\x12\x14\n\x10PARTITIONING_IID\x10\x01\x12\x1a\n\x16PARTITIONING_DIRICHLET\x10\x02*f\n\x08\x46ileKind\x12\x19\n\x15\x46ILE_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_KIND_CODE\x10\x01\x12\x12\n\x0e\x46ILE_KIND_DATA\x10\x02\x12\x17\n\x13\x46ILE_KIND_TEST_DATA\x10\x03*~\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_STATE_CHANGED\x10\x01\x12\x1e\n\x1a\x45VENT_KIND_ROUND_COMMITTED\x10\x02\x12\x17\n\x13\x45VENT_KIND_PROGRESS\x10\x03\x32\xa1\x03\n\x0fTrainingService\x12\x44\n\tSubmitJob\x12\x19.deml.v1.SubmitJobRequest\x1a\x1a.deml.v1.SubmitJobResponse(\x01\x12\x39\n\x06GetJob\x12\x16.deml.v1.GetJobRequest\x1a\x17.deml.v1.GetJobResponse\x12?\n\x08ListJobs\x12\x18.deml.v1.ListJobsRequest\x1a\x19.deml.v1.ListJobsResponse\x12\x41\n\x08WatchJob\x12\x18.deml.v1.WatchJobRequest\x1a\x19.deml.v1.WatchJobResponse0\x01\x12\x42\n\tCancelJob\x12\x19.deml.v1.CancelJobRequest\x1a\x1a.deml.v1.CancelJobResponse\x12\x45\n\nListRounds\x12\x1a.deml.v1.ListRoundsRequest\x1a\x1b.deml.v1.ListRoundsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,14 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_JOB_BASELINEMETRICSENTRY']._loaded_options = None
   _globals['_JOB_BASELINEMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2317
-  _globals['_JOBSTATE']._serialized_end=2472
-  _globals['_PARTITIONING']._serialized_start=2474
-  _globals['_PARTITIONING']._serialized_end=2568
-  _globals['_FILEKIND']._serialized_start=2570
-  _globals['_FILEKIND']._serialized_end=2672
-  _globals['_EVENTKIND']._serialized_start=2674
-  _globals['_EVENTKIND']._serialized_end=2800
+  _globals['_JOBSTATE']._serialized_start=2593
+  _globals['_JOBSTATE']._serialized_end=2748
+  _globals['_PARTITIONING']._serialized_start=2750
+  _globals['_PARTITIONING']._serialized_end=2844
+  _globals['_FILEKIND']._serialized_start=2846
+  _globals['_FILEKIND']._serialized_end=2948
+  _globals['_EVENTKIND']._serialized_start=2950
+  _globals['_EVENTKIND']._serialized_end=3076
   _globals['_JOBSPEC']._serialized_start=69
   _globals['_JOBSPEC']._serialized_end=797
   _globals['_JOBSPEC_STRATEGYOPTIONSENTRY']._serialized_start=563
@@ -61,27 +61,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1241
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1287
   _globals['_JOB']._serialized_start=1290
-  _globals['_JOB']._serialized_end=1763
-  _globals['_JOB_BASELINEMETRICSENTRY']._serialized_start=1687
-  _globals['_JOB_BASELINEMETRICSENTRY']._serialized_end=1741
-  _globals['_GETJOBREQUEST']._serialized_start=1765
-  _globals['_GETJOBREQUEST']._serialized_end=1796
-  _globals['_GETJOBRESPONSE']._serialized_start=1798
-  _globals['_GETJOBRESPONSE']._serialized_end=1841
-  _globals['_LISTJOBSREQUEST']._serialized_start=1843
-  _globals['_LISTJOBSREQUEST']._serialized_end=1909
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1911
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1957
-  _globals['_WATCHJOBREQUEST']._serialized_start=1959
-  _globals['_WATCHJOBREQUEST']._serialized_end=1992
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1995
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2170
-  _globals['_TASKPROGRESS']._serialized_start=2172
-  _globals['_TASKPROGRESS']._serialized_end=2230
-  _globals['_CANCELJOBREQUEST']._serialized_start=2232
-  _globals['_CANCELJOBREQUEST']._serialized_end=2266
-  _globals['_CANCELJOBRESPONSE']._serialized_start=2268
-  _globals['_CANCELJOBRESPONSE']._serialized_end=2314
-  _globals['_TRAININGSERVICE']._serialized_start=2803
-  _globals['_TRAININGSERVICE']._serialized_end=3149
+  _globals['_JOB']._serialized_end=1808
+  _globals['_JOB_BASELINEMETRICSENTRY']._serialized_start=1732
+  _globals['_JOB_BASELINEMETRICSENTRY']._serialized_end=1786
+  _globals['_GETJOBREQUEST']._serialized_start=1810
+  _globals['_GETJOBREQUEST']._serialized_end=1885
+  _globals['_GETJOBRESPONSE']._serialized_start=1887
+  _globals['_GETJOBRESPONSE']._serialized_end=1930
+  _globals['_LISTJOBSREQUEST']._serialized_start=1932
+  _globals['_LISTJOBSREQUEST']._serialized_end=1998
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2000
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2046
+  _globals['_WATCHJOBREQUEST']._serialized_start=2048
+  _globals['_WATCHJOBREQUEST']._serialized_end=2108
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2111
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2286
+  _globals['_TASKPROGRESS']._serialized_start=2288
+  _globals['_TASKPROGRESS']._serialized_end=2346
+  _globals['_CANCELJOBREQUEST']._serialized_start=2348
+  _globals['_CANCELJOBREQUEST']._serialized_end=2382
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2384
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2430
+  _globals['_LISTROUNDSREQUEST']._serialized_start=2432
+  _globals['_LISTROUNDSREQUEST']._serialized_end=2503
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=2505
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=2590
+  _globals['_TRAININGSERVICE']._serialized_start=3079
+  _globals['_TRAININGSERVICE']._serialized_end=3496
 # @@protoc_insertion_point(module_scope)

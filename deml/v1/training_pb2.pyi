@@ -432,6 +432,7 @@ class Job(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
     BASELINE_METRICS_FIELD_NUMBER: _builtins.int
+    LATEST_ROUND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     rounds_committed: _builtins.int
@@ -444,13 +445,21 @@ class Job(_message.Message):
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
-    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]: ...
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]:
+        """A window of the committed rounds, oldest first: GetJob's latest ones (GetJobRequest.rounds_limit); empty in
+        ListJobs and WatchJob events. ListRounds reads any range.
+        """
+
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def baseline_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def latest_round(self) -> Global___RoundSummary:
+        """The newest committed round (unset before the first)."""
+
     def __init__(
         self,
         *,
@@ -466,10 +475,11 @@ class Job(_message.Message):
         model_version: _builtins.int = ...,
         baseline_accuracy: _builtins.float | None = ...,
         baseline_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        latest_round: Global___RoundSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "created_at", b"created_at", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "created_at", b"created_at", "latest_round", b"latest_round", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "id", b"id", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "id", b"id", "latest_round", b"latest_round", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__baseline_accuracy: _TypeAlias = _typing.Literal["baseline_accuracy"]  # noqa: Y015
     _WhichOneofArgType__baseline_accuracy: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy"]  # noqa: Y015
@@ -484,17 +494,23 @@ class GetJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUNDS_LIMIT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    rounds_limit: _builtins.int
+    """How many of the latest committed rounds to return in Job.rounds: unset means 100, 0 none, -1 all."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        rounds_limit: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rounds_limit", b"_rounds_limit", "rounds_limit", b"rounds_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rounds_limit", b"_rounds_limit", "job_id", b"job_id", "rounds_limit", b"rounds_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rounds_limit: _TypeAlias = _typing.Literal["rounds_limit"]  # noqa: Y015
+    _WhichOneofArgType__rounds_limit: _TypeAlias = _typing.Literal["_rounds_limit", b"_rounds_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds_limit) -> _WhichOneofReturnType__rounds_limit | None: ...
 
 Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
 
@@ -573,15 +589,19 @@ class WatchJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    REPLAY_FROM_ROUND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    replay_from_round: _builtins.int
+    """Replay committed rounds from this round on (unset or 0: from the first)."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        replay_from_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "replay_from_round", b"replay_from_round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -696,3 +716,58 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class ListRoundsRequest(_message.Message):
+    """ListRoundsRequest asks for the committed rounds of a job from start_round on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    START_ROUND_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    start_round: _builtins.int
+    """First round to return (0 or 1: the first)."""
+    limit: _builtins.int
+    """Most rounds to return (0: the server's page size, 1000)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        start_round: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "limit", b"limit", "start_round", b"start_round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoundsRequest: _TypeAlias = ListRoundsRequest  # noqa: Y015
+
+@_typing.final
+class ListRoundsResponse(_message.Message):
+    """ListRoundsResponse carries the rounds, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    NEXT_START_ROUND_FIELD_NUMBER: _builtins.int
+    next_start_round: _builtins.int
+    """The round to ask for next, or 0 when no committed round follows."""
+    @_builtins.property
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]: ...
+    def __init__(
+        self,
+        *,
+        rounds: _abc.Iterable[Global___RoundSummary] | None = ...,
+        next_start_round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_start_round", b"next_start_round", "rounds", b"rounds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoundsResponse: _TypeAlias = ListRoundsResponse  # noqa: Y015

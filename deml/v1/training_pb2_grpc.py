@@ -60,6 +60,11 @@ class TrainingServiceStub:
                 request_serializer=deml_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=deml_dot_v1_dot_training__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ListRounds = channel.unary_unary(
+                '/deml.v1.TrainingService/ListRounds',
+                request_serializer=deml_dot_v1_dot_training__pb2.ListRoundsRequest.SerializeToString,
+                response_deserializer=deml_dot_v1_dot_training__pb2.ListRoundsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -75,7 +80,7 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """GetJob returns one job with its per-round metrics.
+        """GetJob returns one job with its latest rounds' metrics (ListRounds pages through all of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +102,13 @@ class TrainingServiceServicer:
 
     def CancelJob(self, request, context):
         """CancelJob stops a job between or during rounds; its committed rounds are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRounds(self, request, context):
+        """ListRounds returns a range of a job's committed rounds, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +141,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=deml_dot_v1_dot_training__pb2.CancelJobRequest.FromString,
                     response_serializer=deml_dot_v1_dot_training__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListRounds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRounds,
+                    request_deserializer=deml_dot_v1_dot_training__pb2.ListRoundsRequest.FromString,
+                    response_serializer=deml_dot_v1_dot_training__pb2.ListRoundsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +284,33 @@ class TrainingService:
             '/deml.v1.TrainingService/CancelJob',
             deml_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
             deml_dot_v1_dot_training__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deml.v1.TrainingService/ListRounds',
+            deml_dot_v1_dot_training__pb2.ListRoundsRequest.SerializeToString,
+            deml_dot_v1_dot_training__pb2.ListRoundsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,13 +38,15 @@ class TrainingServiceStub:
     (code package, optional training data, optional test data), in any order.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.GetJobResponse]
-    """GetJob returns one job with its per-round metrics."""
+    """GetJob returns one job with its latest rounds' metrics (ListRounds pages through all of them)."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListJobsRequest, _training_pb2.ListJobsResponse]
     """ListJobs returns jobs, newest first."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_training_pb2.WatchJobRequest, _training_pb2.WatchJobResponse]
     """WatchJob replays what already happened to a job, then streams new events until it ends."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_training_pb2.CancelJobRequest, _training_pb2.CancelJobResponse]
     """CancelJob stops a job between or during rounds; its committed rounds are kept."""
+    ListRounds: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListRoundsRequest, _training_pb2.ListRoundsResponse]
+    """ListRounds returns a range of a job's committed rounds, oldest first."""
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -56,13 +58,15 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     (code package, optional training data, optional test data), in any order.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_training_pb2.GetJobRequest, _training_pb2.GetJobResponse]  # type: ignore[assignment]
-    """GetJob returns one job with its per-round metrics."""
+    """GetJob returns one job with its latest rounds' metrics (ListRounds pages through all of them)."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_training_pb2.ListJobsRequest, _training_pb2.ListJobsResponse]  # type: ignore[assignment]
     """ListJobs returns jobs, newest first."""
     WatchJob: _aio.UnaryStreamMultiCallable[_training_pb2.WatchJobRequest, _training_pb2.WatchJobResponse]  # type: ignore[assignment]
     """WatchJob replays what already happened to a job, then streams new events until it ends."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_training_pb2.CancelJobRequest, _training_pb2.CancelJobResponse]  # type: ignore[assignment]
     """CancelJob stops a job between or during rounds; its committed rounds are kept."""
+    ListRounds: _aio.UnaryUnaryMultiCallable[_training_pb2.ListRoundsRequest, _training_pb2.ListRoundsResponse]  # type: ignore[assignment]
+    """ListRounds returns a range of a job's committed rounds, oldest first."""
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainingService runs federated training jobs: a user's PyTorch task trained in rounds across workers."""
@@ -83,7 +87,7 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _training_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.GetJobResponse, _abc.Awaitable[_training_pb2.GetJobResponse]]:
-        """GetJob returns one job with its per-round metrics."""
+        """GetJob returns one job with its latest rounds' metrics (ListRounds pages through all of them)."""
 
     @_abc_1.abstractmethod
     def ListJobs(
@@ -108,5 +112,13 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.CancelJobResponse, _abc.Awaitable[_training_pb2.CancelJobResponse]]:
         """CancelJob stops a job between or during rounds; its committed rounds are kept."""
+
+    @_abc_1.abstractmethod
+    def ListRounds(
+        self,
+        request: _training_pb2.ListRoundsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ListRoundsResponse, _abc.Awaitable[_training_pb2.ListRoundsResponse]]:
+        """ListRounds returns a range of a job's committed rounds, oldest first."""
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

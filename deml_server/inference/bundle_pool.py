@@ -20,6 +20,7 @@ import numpy as np
 from deml_server.backends.base import Backend, WorkItem
 from deml_server.errors import Unavailable
 from deml_server.inference.pool import Places, ShardFailed, Tensors
+from provider_runtime.contract import ResultDoc, TaskDoc
 
 
 class BundlePool:
@@ -122,7 +123,7 @@ class BundlePool:
     def _write_bundle(dest: Path, model_path: str, inputs: Sequence[tuple[str, np.ndarray]]) -> Path:
         (dest / "code").mkdir(parents=True)
         (dest / "data").mkdir()
-        (dest / "task.json").write_text(json.dumps({"action": "infer", "module": "task", "device": "auto"}))
+        (dest / "task.json").write_text(json.dumps(TaskDoc(action="infer").to_dict()))
         try:
             os.link(model_path, dest / "model.onnx")
         except OSError:
@@ -133,16 +134,16 @@ class BundlePool:
 
     def _read_result(self, out: Path) -> Tensors:
         try:
-            result = json.loads((out / "result.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            result = ResultDoc.from_dict(json.loads((out / "result.json").read_text()))
+        except (OSError, ValueError) as exc:  # unreadable, not JSON, or not a result document (ContractError)
             raise Unavailable(f"an inference shard returned no valid result.json ({exc})") from None
-        if result.get("status") != "ok":
-            error = result.get("error") or {}
-            message = f"{error.get('type', 'Error')}: {error.get('message', '')}" if isinstance(error, dict) else error
+        if not result.ok:
+            error = result.error
+            message = f"{error.type}: {error.message}" if error is not None else "no error given"
             # onnxruntime refusing the inputs is the caller's error; anything else is the provider's.
-            kind = "input" if "INVALID_ARGUMENT" in str(message) or "InvalidArgument" in str(message) else "error"
-            raise ShardFailed(kind, str(message))
-        names = result.get("infer", {}).get("outputs", [])
+            kind = "input" if "INVALID_ARGUMENT" in message or "InvalidArgument" in message else "error"
+            raise ShardFailed(kind, message)
+        names = result.infer.outputs if result.infer is not None else ()
         with np.load(out / "outputs.npz", allow_pickle=False) as npz:
             tensors = [(name, npz[f"arr_{i}"]) for i, name in enumerate(names)]
         self.shards_done += 1

@@ -18,13 +18,12 @@ import importlib.util
 import itertools
 import json
 import logging
-import mmap
 import os
 import shutil
 import sys
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,24 @@ import numpy as np
 
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from deml_server.inference.shm import FileSlice
+from provider_runtime.contract import (
+    ClientFile,
+    ForgetRequest,
+    InputTensor,
+    LoadRequest,
+    OutputTarget,
+    RunRequest,
+    SharedFile,
+    WorkerHello,
+    WorkerReply,
+    WorkerRequest,
+    aligned,
+    remove_orphans,
+)
 from provider_runtime.lifeline import PARENT_ENV
-from provider_runtime.shared_files import reserve
 
 log = logging.getLogger(__name__)
 
-ALIGN = 64
 INITIAL_FILE_BYTES = 1 << 20
 START_TIMEOUT_S = 120.0
 CANCEL_GRACE_S = 30.0
@@ -64,84 +75,21 @@ class ShardFailed(Exception):
         self.message = message
 
 
-def _aligned(offset: int) -> int:
-    return (offset + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _remove_orphans(parent: Path) -> None:
-    """Remove pools' shared files left behind by servers that were killed (their pid no longer runs)."""
-    for folder in parent.glob(f"{DIR_PREFIX}*-*"):
-        pid = folder.name.removeprefix(DIR_PREFIX).split("-", 1)[0]
-        if not pid.isdigit() or _running(int(pid)):
-            continue
-        log.info("removing %s, left by inference pool of process %s", folder, pid)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _shared_dir() -> str:
     """/dev/shm where it exists (RAM, no disk writes), the temporary directory otherwise."""
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
-class SharedFile:
-    """A shared file this side creates, maps and grows; the worker maps it by path."""
+def _create_file(path: Path) -> SharedFile:
+    try:
+        return SharedFile.create(path, INITIAL_FILE_BYTES)
+    except OSError as exc:
+        raise ResourceExhausted(_no_room(path, INITIAL_FILE_BYTES, exc)) from None
 
-    def __init__(self, path: Path, size: int = INITIAL_FILE_BYTES) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.size = 0
-        try:
-            self._reserve([size])
-        except BaseException:
-            os.close(self._fd)
-            path.unlink()
-            raise
-        self.size = size
-        self.map = mmap.mmap(self._fd, size)
 
-    def grow(self, size: int) -> None:
-        """At least `size` bytes (doubling, to grow rarely; exactly `size` when doubling finds no room)."""
-        if size > self.size:
-            self._reserve([max(size, 2 * self.size), size])
-            self._remap()
-
-    def _reserve(self, sizes: list[int]) -> None:
-        try:
-            reserve(self._fd, sizes, self.size)
-        except OSError as exc:
-            raise ResourceExhausted(
-                f"no room for {sizes[-1]} bytes of shared memory in {self.path.parent.parent}: {exc.strerror}"
-            ) from None
-
-    def ensure(self, size: int) -> None:
-        """Cover `size` bytes after the worker grew the file."""
-        if size > self.size:
-            self._remap()
-
-    def _remap(self) -> None:
-        # The old mapping is not closed here: views into it may still be alive; they keep it until dropped.
-        self.size = os.fstat(self._fd).st_size
-        self.map = mmap.mmap(self._fd, self.size)
-
-    def close(self) -> None:
-        """Unmap (best effort), close and remove the file."""
-        with contextlib.suppress(BufferError, ValueError):
-            self.map.close()
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+def _no_room(path: Path, size: int, exc: OSError) -> str:
+    return f"no room for {size} bytes of shared memory in {path.parent.parent}: {exc.strerror or exc}"
 
 
 class Worker:
@@ -161,7 +109,7 @@ class Worker:
         self.outputs = outputs
         self.providers: list[str] = []
         self._cancel_fd = cancel_fd
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[WorkerReply]] = {}
         self._ids = itertools.count(1)
         self.dead = False
         self._released = False
@@ -178,19 +126,22 @@ class Worker:
         line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         if not line:
             raise WorkerDied(f"inference worker {self.slot} exited while starting (code {await self.proc.wait()})")
-        hello = json.loads(line)
-        self.providers = list(hello.get("providers", []))
+        try:
+            hello = WorkerHello.from_dict(json.loads(line))
+        except ValueError as exc:
+            raise WorkerDied(f"inference worker {self.slot} said {line[:200]!r} instead of hello: {exc}") from None
+        self.providers = list(hello.providers)
 
     async def read_replies(self, on_exit: Any) -> None:
         """Resolve pending requests as replies arrive; on EOF fail them all and tell the pool."""
         assert self.proc.stdout is not None
         try:
             while line := await self.proc.stdout.readline():
-                reply = json.loads(line)
-                future = self._pending.pop(int(reply.get("id", -1)), None)
+                reply = WorkerReply.from_dict(json.loads(line))
+                future = self._pending.pop(reply.id, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # ContractError is a ValueError
             log.error("inference worker %d sent an unreadable reply: %s", self.slot, exc)
         finally:
             self.dead = True
@@ -200,15 +151,15 @@ class Worker:
             self._pending.clear()
             on_exit(self)
 
-    def send(self, message: dict[str, Any]) -> tuple[int, asyncio.Future[dict[str, Any]]]:
-        """Write one request line; the future resolves with the reply."""
+    def send(self, make: Callable[[int], WorkerRequest]) -> tuple[int, asyncio.Future[WorkerReply]]:
+        """Write one request line (`make` builds it for its id); the future resolves with the reply."""
         if self.dead or self.proc.stdin is None:
             raise WorkerDied(f"inference worker {self.slot} is not running")
         run_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        message = make(run_id)
+        future: asyncio.Future[WorkerReply] = asyncio.get_running_loop().create_future()
         self._pending[run_id] = future
-        message["id"] = run_id
-        self.proc.stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        self.proc.stdin.write(json.dumps(message.to_dict(), separators=(",", ":")).encode() + b"\n")
         return run_id, future
 
     def cancel(self, run_id: int) -> None:
@@ -216,39 +167,44 @@ class Worker:
         with contextlib.suppress(OSError):
             os.write(self._cancel_fd, f"{run_id}\n".encode())
 
-    def write_inputs(self, inputs: Sequence[tuple[str, np.ndarray]], placed: Places) -> list[list[Any]]:
-        """Copy the arrays into the input file; return their descriptions (name, dtype, shape, offset).
+    def write_inputs(self, inputs: Sequence[tuple[str, np.ndarray]], placed: Places) -> tuple[InputTensor, ...]:
+        """Copy the arrays into the input file; return where each lies.
 
-        Inputs in `placed` are not copied: their descriptions name the client's file the worker reads them from.
+        Inputs in `placed` are not copied: their places name the client's file the worker reads them from.
         """
         offsets = []
         offset = 0
         for name, array in inputs:
             offsets.append(offset)
             if name not in placed:
-                offset = _aligned(offset + array.nbytes)
-        self.inputs.grow(offset)
-        layout: list[list[Any]] = []
+                offset = aligned(offset + array.nbytes)
+        try:
+            buffer = self.inputs.grow(offset)
+        except OSError as exc:
+            raise ResourceExhausted(_no_room(self.inputs.path, offset, exc)) from None
+        layout: list[InputTensor] = []
         for (name, array), start in zip(inputs, offsets, strict=True):
             where = placed.get(name)
             if where is not None:
-                layout.append([name, array.dtype.str, list(array.shape), where.offset, where.path, where.identity])
+                client = ClientFile(where.path, where.identity)
+                layout.append(InputTensor(name, array.dtype.str, tuple(array.shape), where.offset, client))
                 continue
             if array.size:
-                np.ndarray(array.shape, dtype=array.dtype, buffer=self.inputs.map, offset=start)[...] = array
-            layout.append([name, array.dtype.str, list(array.shape), start])
-        return layout
+                np.ndarray(array.shape, dtype=array.dtype, buffer=buffer, offset=start)[...] = array
+            layout.append(InputTensor(name, array.dtype.str, tuple(array.shape), start))
+        return tuple(layout)
 
-    def read_outputs(self, reply: dict[str, Any], outputs_to: Places) -> Tensors:
+    def read_outputs(self, reply: WorkerReply, outputs_to: Places) -> Tensors:
         """Copy the outputs out of the output file (it is reused by the next shard); view those written in place."""
-        self.outputs.ensure(int(reply["out_size"]))
+        buffer = self.outputs.ensure(reply.out_size) if reply.out_size else None
         tensors = []
-        for name, dtype, shape, offset, *in_place in reply["outputs"]:
-            if in_place:
-                tensors.append((name, outputs_to[name].array(np.dtype(dtype), tuple(shape))))
+        for out in reply.outputs:
+            if out.in_client_file:
+                tensors.append((out.name, outputs_to[out.name].array(np.dtype(out.dtype), out.shape)))
                 continue
-            view = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=self.outputs.map, offset=offset)
-            tensors.append((name, np.array(view)))
+            assert buffer is not None, "an output in the output file, but no out_size"
+            view = np.ndarray(out.shape, dtype=np.dtype(out.dtype), buffer=buffer, offset=out.offset)
+            tensors.append((out.name, np.array(view)))
         return tensors
 
     async def stop(self) -> None:
@@ -340,7 +296,8 @@ class WorkerPool:
         """Spawn every worker and wait until each has imported onnxruntime."""
         if not self._closed:
             return
-        _remove_orphans(Path(_shared_dir()))
+        for folder in remove_orphans(Path(_shared_dir()), DIR_PREFIX):
+            log.info("removed %s, left by the inference pool of a server that was killed", folder)
         self._dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=_shared_dir()))
         self._closed = False
         try:
@@ -372,8 +329,12 @@ class WorkerPool:
     async def _spawn(self, slot: int) -> Worker:
         assert self._dir is not None
         tag = f"w{slot}-{next(self._names)}"
-        inputs = SharedFile(self._dir / f"{tag}.in")
-        outputs = SharedFile(self._dir / f"{tag}.out")
+        inputs = _create_file(self._dir / f"{tag}.in")
+        try:
+            outputs = _create_file(self._dir / f"{tag}.out")
+        except BaseException:
+            inputs.close()
+            raise
         cancel_r, cancel_w = os.pipe()
         env = dict(os.environ)
         # The worker asks the kernel to stop it if this server dies (provider_runtime.lifeline).
@@ -499,16 +460,16 @@ class WorkerPool:
         )
 
     async def _forget_on(self, worker: Worker, paths: list[str]) -> None:
-        _, future = worker.send({"forget": paths})
+        _, future = worker.send(lambda rid: ForgetRequest(rid, tuple(paths)))
         await future
 
     async def _load_on(self, worker: Worker, model_path: str) -> list[str]:
         # A load is a tiny request; it may run beside the shard the worker holds (replies are matched by id).
-        _, future = worker.send({"load": model_path})
+        _, future = worker.send(lambda rid: LoadRequest(rid, model_path))
         reply = await future
-        if not reply.get("ok"):
-            raise ShardFailed(str(reply.get("kind")), str(reply.get("error")))
-        return list(reply.get("providers", []))
+        if not reply.ok:
+            raise ShardFailed(reply.kind, reply.error)
+        return list(reply.providers)
 
     async def run(
         self,
@@ -543,17 +504,13 @@ class WorkerPool:
     ) -> Tensors:
         hand_back = True
         try:
-            message: dict[str, Any] = {
-                "model": model_path,
-                "inputs": worker.write_inputs(inputs, placed),
-                "in_size": worker.inputs.size,
-            }
-            if outputs_to:
-                message["outputs_to"] = [
-                    [name, place.path, place.identity, place.offset, place.byte_size]
-                    for name, place in outputs_to.items()
-                ]
-            run_id, future = worker.send(message)
+            layout = worker.write_inputs(inputs, placed)
+            targets = tuple(
+                OutputTarget(name, ClientFile(place.path, place.identity), place.offset, place.byte_size)
+                for name, place in outputs_to.items()
+            )
+            in_size = worker.inputs.size
+            run_id, future = worker.send(lambda rid: RunRequest(rid, model_path, in_size, layout, targets))
             try:
                 reply = await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -564,15 +521,15 @@ class WorkerPool:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
                 raise
-            if not reply.get("ok"):
-                raise ShardFailed(str(reply.get("kind")), str(reply.get("error")))
+            if not reply.ok:
+                raise ShardFailed(reply.kind, reply.error)
             self.shards_done += 1
             return worker.read_outputs(reply, outputs_to)
         finally:
             if hand_back:
                 self._release(worker)
 
-    async def _drain(self, worker: Worker, future: asyncio.Future[dict[str, Any]]) -> None:
+    async def _drain(self, worker: Worker, future: asyncio.Future[WorkerReply]) -> None:
         try:
             await asyncio.wait_for(future, CANCEL_GRACE_S)
         except TimeoutError:

@@ -9,12 +9,14 @@ import grpc
 
 from deml.v1 import training_pb2, training_pb2_grpc
 from deml_server.auth import current_principal
-from deml_server.convert import FILE_KIND_FROM_PB, event_to_pb, job_to_pb, spec_from_pb, state_from_pb
+from deml_server.convert import FILE_KIND_FROM_PB, event_to_pb, job_to_pb, round_to_pb, spec_from_pb, state_from_pb
 from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService
 from deml_server.ownership import scope_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# GetJob's rounds when the request does not say.
+GET_JOB_ROUNDS = 100
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -52,7 +54,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     async def GetJob(self, request: training_pb2.GetJobRequest, context: Context) -> training_pb2.GetJobResponse:
         """One job."""
-        job = self._jobs.get(request.job_id, scope_of(current_principal()))
+        latest = request.rounds_limit if request.HasField("rounds_limit") else GET_JOB_ROUNDS
+        job = self._jobs.get(request.job_id, scope_of(current_principal()), latest_rounds=latest)
         return training_pb2.GetJobResponse(job=job_to_pb(job))
 
     async def ListJobs(self, request: training_pb2.ListJobsRequest, context: Context) -> training_pb2.ListJobsResponse:
@@ -64,7 +67,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self, request: training_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[training_pb2.WatchJobResponse]:
         """Replay, then follow, a job's events."""
-        async for event in self._jobs.watch(request.job_id, scope_of(current_principal())):
+        scope = scope_of(current_principal())
+        async for event in self._jobs.watch(request.job_id, scope, from_round=request.replay_from_round):
             yield event_to_pb(event)
 
     async def CancelJob(
@@ -73,3 +77,14 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         """Cancel a job."""
         job = await self._jobs.cancel(request.job_id, scope_of(current_principal()))
         return training_pb2.CancelJobResponse(job=job_to_pb(job))
+
+    async def ListRounds(
+        self, request: training_pb2.ListRoundsRequest, context: Context
+    ) -> training_pb2.ListRoundsResponse:
+        """A range of a job's committed rounds."""
+        page = self._jobs.rounds(
+            request.job_id, start=request.start_round, limit=request.limit, scope=scope_of(current_principal())
+        )
+        return training_pb2.ListRoundsResponse(
+            rounds=[round_to_pb(r) for r in page.rounds], next_start_round=page.next_start
+        )

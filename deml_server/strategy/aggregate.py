@@ -74,6 +74,45 @@ def weighted_average64(pairs: Sequence[tuple[Weights, int]]) -> dict[str, F64]:
     return out
 
 
+class RunningMean:
+    """An example-weighted mean folded in one result at a time: memory O(model), not O(results x model).
+
+    Gives what weighted_average64 gives for the same results (the same float64 sum, in the order added).
+    """
+
+    def __init__(self, reference: Weights) -> None:
+        self._reference = reference
+        self._sums: dict[str, F64] = {}
+        self.total = 0
+        self.count = 0
+
+    def add(self, weights: Weights, num_examples: int) -> None:
+        """Fold in one result (its layout must match the reference's)."""
+        check_layout(self._reference, weights, what=f"result {self.count}")
+        if num_examples < 0:
+            raise InvalidArgument(f"negative number of examples: {num_examples}")
+        self.count += 1
+        if num_examples == 0:
+            return
+        for name, ref in self._reference.items():
+            acc = self._sums.get(name)
+            if acc is None:
+                acc = self._sums[name] = np.zeros(ref.shape, dtype=np.float64)
+            # In place, without a float64 copy of the update: the product is formed tensor by tensor.
+            acc += np.multiply(weights[name], float(num_examples), dtype=np.float64)
+        self.total += num_examples
+
+    def mean64(self) -> dict[str, F64]:
+        """The mean so far, in float64 (the sums are divided in place: call once, at the end)."""
+        if self.count == 0:
+            raise InvalidArgument("nothing to aggregate: no results")
+        if self.total == 0:
+            raise InvalidArgument("nothing to aggregate: the results hold 0 examples")
+        for acc in self._sums.values():
+            acc /= self.total
+        return self._sums
+
+
 def weighted_average(pairs: Sequence[tuple[Weights, int]]) -> Weights:
     """Average the weights by number of examples, keeping each tensor's dtype."""
     first = pairs[0][0] if pairs else {}

@@ -34,6 +34,9 @@ class Strategy(ABC):
     """Turns the workers' results of one round into the next global weights."""
 
     name: ClassVar[str]
+    # True when aggregate_fit needs only the example-weighted mean of the results: the runner then folds each
+    # result into a running mean as it arrives (memory O(model)) and calls aggregate_mean instead.
+    uses_weighted_mean: ClassVar[bool] = False
 
     def configure_fit(self, server_round: int) -> dict[str, float]:
         """Return extra hyper-parameters sent to every worker this round."""
@@ -42,6 +45,10 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate_fit(self, server_round: int, current: Weights, results: Sequence[FitResult]) -> Weights:
         """Return the new global weights from `current` and the workers' results."""
+
+    def aggregate_mean(self, server_round: int, current: Weights, mean: dict[str, npt.NDArray[np.float64]]) -> Weights:
+        """Return the new global weights from the float64 weighted mean (only when uses_weighted_mean)."""
+        raise NotImplementedError(f"strategy {self.name!r} aggregates the list of results, not their mean")
 
     def aggregate_metrics(self, results: Sequence[FitResult]) -> dict[str, float]:
         """Average each metric over the workers that report it, weighted by their examples."""

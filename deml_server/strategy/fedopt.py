@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from deml_server.strategy.base import FitResult, Strategy, Weights, is_float
 
 class FedOpt(Strategy):
     """Apply a server optimiser with moments m and v to the pseudo-gradient of each round."""
+
+    uses_weighted_mean: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -51,7 +54,12 @@ class FedOpt(Strategy):
         """Step the global weights along m / (sqrt(v) + tau); integer buffers take the plain average."""
         if results:
             check_layout(current, results[0].weights, what=f"result from {results[0].worker!r}")
-        average = weighted_average64([(r.weights, r.num_examples) for r in results])
+        return self.aggregate_mean(
+            server_round, current, weighted_average64([(r.weights, r.num_examples) for r in results])
+        )
+
+    def aggregate_mean(self, server_round: int, current: Weights, average: dict[str, F64]) -> Weights:
+        """Step from `current` along the pseudo-gradient `average - current`."""
         out: Weights = {}
         # Commit the moments only once every tensor has been stepped, so a rejected round changes nothing.
         new_m: dict[str, F64] = {}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from deml_server.bundle import TaskBundle, check_code_package, load_xy, read_result, shard_data, unpack_code
 from deml_server.errors import InvalidArgument
+from provider_runtime.contract import TaskDoc
 
 
 def _zip(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -102,7 +104,8 @@ def test_task_bundle_layout_and_result_parsing(tmp_path: Path) -> None:
     out = bundle.write(tmp_path / "in", code)
     assert (out / "code" / "task.py").exists()
     assert (out / "weights.safetensors").read_bytes() == b"w"
-    doc = bundle.task_json()
+    doc = json.loads((out / "task.json").read_text())
+    assert TaskDoc.from_dict(doc) == bundle.task_doc()
     assert doc["partition"] == {"index": 1, "count": 4, "scheme": "iid", "alpha": 0.5, "seed": 7}
     assert doc["seed"] == 9
     result_dir = tmp_path / "out"
@@ -110,6 +113,29 @@ def test_task_bundle_layout_and_result_parsing(tmp_path: Path) -> None:
     (result_dir / "result.json").write_text('{"status": "ok", "num_examples": 5, "metrics": {"loss": 1}}')
     result = read_result(result_dir)
     assert result.ok and result.num_examples == 5 and result.metrics == {"loss": 1.0}
-    (result_dir / "result.json").write_text('{"nothing": 1}')
-    with pytest.raises(ValueError, match="no valid status"):
+    (result_dir / "result.json").write_text('{"num_examples": 1}')
+    with pytest.raises(ValueError, match="lacks the field 'status'"):
         read_result(result_dir)
+
+
+def test_task_bundles_link_the_jobs_read_only_code_instead_of_copying_it(tmp_path: Path) -> None:
+    # Prepare: a code package unpacked once for the job
+    package = tmp_path / "code.zip"
+    with zipfile.ZipFile(package, "w") as archive:
+        archive.writestr("task.py", "def model(): ...\n")
+        archive.writestr("lib/helpers.py", "X = 1\n")
+    code = tmp_path / "job" / "code"
+    unpack_code(package, code)
+
+    # Execute: two attempts' bundles
+    first = TaskBundle(action="init", module="task").write(tmp_path / "a1", code)
+    second = TaskBundle(action="init", module="task").write(tmp_path / "a2", code)
+
+    # Assert: every bundle's file is the job's file (one inode, no bytes copied), and none can be written
+    for name in ("task.py", "lib/helpers.py"):
+        inodes = {(root / name).stat().st_ino for root in (code, first / "code", second / "code")}
+        assert len(inodes) == 1
+        assert (code / name).stat().st_mode & 0o222 == 0
+    # A new bundle directory each time: what a task adds (e.g. __pycache__) stays in its own bundle
+    (first / "code" / "extra.py").write_text("")
+    assert not (code / "extra.py").exists()

@@ -88,7 +88,21 @@ def test_small_job_trains_registers_and_serves_its_onnx(client: DemlClient, tmp_
     assert [e.round.round for e in events if e.kind == training_pb2.EVENT_KIND_ROUND_COMMITTED] == [1, 2]
     assert events[-1].job.state == training_pb2.JOB_STATE_SUCCEEDED
     assert {"accuracy", "loss", "train_loss"} <= set(job.rounds[-1].metrics)
+    assert job.latest_round == job.rounds[-1] and job.latest_round.round == 2
     assert job.HasField("baseline_accuracy")
+    assert [r.round for r in client.get_job(job.id, rounds=1).rounds] == [2]
+    assert [r.round for r in client.list_rounds(job.id, start=1, limit=1)[0]] == [1]
+    assert client.list_rounds(job.id, start=1, limit=1)[1] == 2
+    assert ([r.round for r in client.list_rounds(job.id, start=2)[0]], client.list_rounds(job.id, start=2)[1]) == (
+        [2],
+        0,
+    )
+    assert [r.round for r in client.iter_rounds(job.id)] == [1, 2]
+    listed = next(j for j in client.list_jobs() if j.id == job.id)
+    assert len(listed.rounds) == 0 and listed.latest_round.round == 2
+    with pytest.raises(DemlClientError) as refused:
+        client.list_rounds(job.id, limit=-1)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     model = client.get_model("small")
     assert (model.version, model.job_id) == (1, job.id)
     assert model.export_max_abs_diff <= 1e-4

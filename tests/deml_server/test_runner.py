@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
 from deml_server.config import ServerConfig
-from deml_server.domain import EventKind, JobState
+from deml_server.domain import EventKind, JobEvent, JobState
 from deml_server.jobs import JobService
 from deml_server.registry import ModelRegistry
 from deml_server.store import JobStore
@@ -106,7 +106,32 @@ async def test_wrongly_shaped_weights_fail_the_round_without_a_quorum(service: J
 async def test_a_quorum_lets_the_round_proceed_and_reports_the_rejection(service: JobService, tmp_path: Path) -> None:
     job_id = await _submit(service, tmp_path, min_fit_workers=1)
     messages = await asyncio.wait_for(_events(service, job_id), timeout=120)
-    job = service.get(job_id)
+    job = service.get(job_id, latest_rounds=-1)
     assert job.state is JobState.SUCCEEDED, job.error
     assert [(r.workers_ok, r.workers_failed) for r in job.rounds] == [(1, 1), (1, 1)]
     assert sum("round 1: worker 1: weights rejected" in m for m in messages) == 1
+
+
+async def test_events_carry_the_committed_round_and_never_the_rounds(service: JobService, tmp_path: Path) -> None:
+    # Prepare
+    job_id = await _submit(service, tmp_path, min_fit_workers=1)
+
+    # Execute: follow the job live, then replay it from round 2 once it ended
+    async def collect(from_round: int = 1) -> list[JobEvent]:
+        return [event async for event in service.watch(job_id, from_round=from_round)]
+
+    live = await asyncio.wait_for(collect(), timeout=120)
+    replayed = await collect(from_round=2)
+    page = service.rounds(job_id, start=1, limit=1)
+
+    # Assert: each committed round arrives once, in its event, with the job as it stood then; no event's job
+    # carries the rounds (an event costs the same at round 1,000 as at round 1)
+    committed = [e for e in live if e.kind is EventKind.ROUND_COMMITTED]
+    assert [e.round.round for e in committed if e.round is not None] == [1, 2]
+    for event in committed:
+        assert event.job.latest_round == event.round
+        assert event.round is not None and event.job.rounds_committed == event.round.round
+    assert all(event.job.rounds == () for event in live + replayed)
+    assert any(e.kind is EventKind.PROGRESS and e.progress is not None for e in live)
+    assert [e.round.round for e in replayed if e.round is not None] == [2]
+    assert [r.round for r in page.rounds] == [1] and page.next_start == 2

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,9 +41,74 @@ def test_job_round_trip_and_checkpoints(tmp_path: Path) -> None:
     assert init is not None and init.round == 0 and init.weights == "b" * 64
     last = store.last_checkpoint("j1")
     assert last is not None and (last.round, last.weights, last.strategy_state) == (2, "e" * 64, "f" * 64)
-    reloaded = store.get_job("j1")
+    reloaded = store.get_job("j1", latest_rounds=-1)
     assert reloaded.rounds_committed == 2
     assert reloaded.rounds[1].metrics == {"accuracy": 0.7}
+    assert reloaded.latest_round == reloaded.rounds[1]
+
+
+def _store_with_rounds(path: Path, rounds: int) -> JobStore:
+    """A store whose job "long" has `rounds` committed rounds, written in one transaction (not one fsync each)."""
+    store = JobStore(path)
+    store.create_job("long", JobSpec(rounds=rounds), JobFiles(code="a" * 64))
+    store.create_job("short", JobSpec(rounds=3), JobFiles(code="a" * 64))
+    store.commit_round("short", _summary(1), "c" * 64, "d" * 64)
+    store.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.executemany(
+            "INSERT INTO rounds (job_id, round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent,"
+            " committed_at, weights, strategy_state) VALUES ('long', ?, ?, 2, 0, 1.5, 100, 0, 'w', 's')",
+            [(n, json.dumps({"accuracy": n / rounds})) for n in range(1, rounds + 1)],
+        )
+    db.close()
+    return JobStore(path)
+
+
+def _vm_steps(store: JobStore, call: Callable[[], object]) -> int:
+    """SQLite virtual-machine steps (in tens) a call takes: work done, not time, so it is deterministic."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store._db.set_progress_handler(count, 10)
+    try:
+        call()
+    finally:
+        store._db.set_progress_handler(None, 10)
+    return steps
+
+
+def test_a_job_with_10000_rounds_is_read_without_its_rounds(tmp_path: Path) -> None:
+    # Prepare
+    store = _store_with_rounds(tmp_path / "db.sqlite3", 10_000)
+
+    # Execute
+    job = store.get_job("long")
+    listed = {j.id: j for j in store.list_jobs()}
+    latest = store.get_job("long", latest_rounds=5)
+    page = store.list_rounds("long", start=9_990, limit=4)
+    steps_long = _vm_steps(store, lambda: store.get_job("long"))
+    steps_short = _vm_steps(store, lambda: store.get_job("short"))
+    steps_list = _vm_steps(store, store.list_jobs)
+    steps_all = _vm_steps(store, lambda: store.get_job("long", latest_rounds=-1))
+
+    # Assert: the summary is there, no round is loaded unless asked for, and reading the job of 10,000 rounds
+    # costs what reading the one of 1 round costs (loading them all costs thousands of times more)
+    assert (job.rounds_committed, job.rounds) == (10_000, ())
+    assert job.latest_round is not None and job.latest_round.round == 10_000
+    assert job.latest_round.metrics == {"accuracy": 1.0}
+    assert listed["long"].rounds == () and listed["long"].rounds_committed == 10_000
+    assert listed["short"].rounds_committed == 1
+    assert [r.round for r in latest.rounds] == [9_996, 9_997, 9_998, 9_999, 10_000]
+    assert [r.round for r in page] == [9_990, 9_991, 9_992, 9_993]
+    # (the newest round is found by a seek in the primary key: a deeper B-tree costs a step or two more)
+    assert 0 < steps_long <= 2 * steps_short
+    assert steps_list <= 4 * steps_short  # two jobs, and the list itself
+    assert steps_all > 1000 * steps_long
 
 
 def test_a_round_cannot_be_committed_twice(tmp_path: Path) -> None:

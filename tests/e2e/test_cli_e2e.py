@@ -37,6 +37,8 @@ def test_digits_federated_matches_baseline_and_serves_onnx(tmp_path: Path) -> No
         report = json.loads(result.stdout)
         listing = json.loads(cli(server.target, "models", "list", "--json").stdout)
         shown = json.loads(cli(server.target, "jobs", "show", report["job_id"], "--json").stdout)
+        latest = json.loads(cli(server.target, "jobs", "show", report["job_id"], "--rounds", "2", "--json").stdout)
+        paged = cli(server.target, "jobs", "show", report["job_id"], "--from-round", "2", "--rounds", "2").stdout
         onnx_path = tmp_path / "digits.onnx"
         cli(server.target, "models", "download", "digits:1", "-o", str(onnx_path))
     finally:
@@ -48,6 +50,9 @@ def test_digits_federated_matches_baseline_and_serves_onnx(tmp_path: Path) -> No
     assert abs(report["final_accuracy"] - report["baseline_accuracy"]) <= 0.01
     assert (report["model_name"], report["model_version"]) == ("digits", 1)
     assert shown["state"] == "SUCCEEDED" and shown["rounds_committed"] == 5
+    assert [r["round"] for r in latest["per_round"]] == [4, 5] and latest["final_accuracy"] == report["final_accuracy"]
+    assert "  round 2:" in paged and "  round 3:" in paged and "  round 4:" not in paged
+    assert "(more rounds: --from-round 4)" in paged
     assert listing[0]["name"] == "digits" and listing[0]["export_max_abs_diff"] <= 1e-4
     # Assert: the downloaded ONNX model reproduces the reported test accuracy with onnxruntime.
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

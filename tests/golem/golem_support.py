@@ -53,7 +53,7 @@ async def run_job(backend: Backend, data_dir: Path, spec: dict[str, Any], task_d
         while not job.state.terminal:
             await asyncio.sleep(0.2)
             job = jobs.get(job.id)
-        return job
+        return jobs.get(job.id, latest_rounds=-1)  # with every round: the tests compare them
     finally:
         await jobs.close()
         await backend.close()

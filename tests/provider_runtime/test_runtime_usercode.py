@@ -66,7 +66,7 @@ def test_parse_task_accepts_float_numbers_and_defaults() -> None:
 
     assert task.hyper.local_epochs == 2
     assert task.hyper.batch_size == 16
-    assert task.partition.num_partitions == 1
+    assert task.partition.count == 1
     assert task.partition.seed == 3
     assert task.device == "auto"
 

@@ -73,3 +73,42 @@ def test_load_into_refuses_mismatched_weights(tmp_path: Path, arrays: dict[str, 
 
     with pytest.raises(ValueError, match=match):
         load_into(torch.nn.Linear(3, 2), path)
+
+
+def test_tied_and_sliced_tensors_are_saved_each_on_its_own(tmp_path: Path) -> None:
+    # Prepare: two layers sharing one weight, and a buffer that is a view into a larger tensor
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+    model[1].weight = model[0].weight
+    big = torch.arange(10.0)
+    state = {**model.state_dict(), "view": big[2:5]}
+    path = tmp_path / "w.safetensors"
+
+    # Execute
+    save_state_dict(state, path)
+
+    # Assert
+    arrays = load_arrays(path)
+    assert set(arrays) == {"0.weight", "1.weight", "view"}
+    np.testing.assert_array_equal(arrays["0.weight"], arrays["1.weight"])
+    np.testing.assert_array_equal(arrays["view"], [2.0, 3.0, 4.0])
+
+
+def test_a_model_built_for_loading_skips_random_init_and_restores_it(tmp_path: Path) -> None:
+    # Prepare: a module whose model() the runtime builds, and the weights of another instance
+    from types import ModuleType
+
+    from provider_runtime.runtime import _loaded_model
+
+    mod = ModuleType("task")
+    mod.model = lambda: torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # type: ignore[attr-defined]
+    source = mod.model()
+    save_state_dict(source.state_dict(), tmp_path / "weights.safetensors")
+    uniform = torch.nn.init.uniform_
+
+    # Execute
+    model = _loaded_model(mod, tmp_path)
+
+    # Assert: exactly the saved weights, and torch's initialisers are torch's again
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value)
+    assert torch.nn.init.uniform_ is uniform and torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"

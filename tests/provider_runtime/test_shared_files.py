@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from provider_runtime.shared_files import reserve
+from provider_runtime.contract import reserve
 
 SHM = Path("/dev/shm")
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="needs /dev/shm")
