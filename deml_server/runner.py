@@ -13,9 +13,9 @@ from pathlib import Path
 
 from deml_server import weights as wio
 from deml_server.artifacts import ArtifactStore
-from deml_server.backends.base import Backend, WorkItem
+from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shard_data, unpack_code
-from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary
+from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary, TaskAttempt, TaskOutcome
 from deml_server.errors import DemlError
 from deml_server.registry import ModelRegistry
 from deml_server.store import JobStore
@@ -147,7 +147,7 @@ class JobRunner:
 
         async def fit(index: int, bundle: TaskBundle) -> tuple[TaskResult | None, str]:
             nonlocal done
-            outcome = await self._attempt(bundle, f"round {server_round} worker {index}")
+            outcome = await self._attempt(bundle, f"round {server_round} worker {index}", server_round=server_round)
             done += 1
             job = self.deps.store.get_job(self.job.id)
             self.deps.publish(JobEvent(EventKind.PROGRESS, job, progress=(server_round, done, len(bundles))))
@@ -164,12 +164,16 @@ class JobRunner:
                 raise JobFailed(f"round {server_round}, worker {i}: the task's code raised an error\n{result.error}")
             if result.num_examples <= 0:
                 problems.append(f"worker {i}: weights rejected: it reported {result.num_examples} training examples")
+                self.deps.store.reject_task_attempt(
+                    self.job.id, server_round, i, f"it reported {result.num_examples} training examples"
+                )
                 continue
             try:
                 update = wio.read(result.directory / "weights.safetensors")
                 validate_update(current, update)
             except DemlError as exc:
                 problems.append(f"worker {i}: weights rejected: {exc.reason}")
+                self.deps.store.reject_task_attempt(self.job.id, server_round, i, exc.reason)
                 continue
             results.append(FitResult(f"partition-{i}", update, result.num_examples, result.metrics))
         for problem in problems:
@@ -184,6 +188,7 @@ class JobRunner:
         evaluation = await self._run_one(
             self._bundle("evaluate", weights=self.deps.artifacts.open_path(new_digest)),
             f"round {server_round} eval",
+            server_round=server_round,
         )
         metrics = {**strategy.aggregate_metrics(results), **(evaluation.test_metrics or evaluation.metrics)}
         assert self._backend is not None
@@ -284,7 +289,7 @@ class JobRunner:
             test_data=self._shards.test if self._shards else None,
         )
 
-    async def _attempt(self, bundle: TaskBundle, label: str) -> tuple[TaskResult | None, str]:
+    async def _attempt(self, bundle: TaskBundle, label: str, server_round: int = 0) -> tuple[TaskResult | None, str]:
         """Run a bundle, retrying infrastructure failures on other workers up to the cap."""
         slug = label.replace(" ", "-")
         failed_on: list[str] = []
@@ -303,18 +308,47 @@ class JobRunner:
             outcome = await self._backend.run(item, avoid=failed_on)
             if outcome.ok:
                 try:
-                    return read_result(item.output), ""
+                    result = read_result(item.output)
                 except (OSError, ValueError) as exc:
                     outcome_error = f"worker {outcome.worker} returned no valid result.json ({exc})"
+                else:
+                    code_ok = TaskOutcome.OK if result.ok else TaskOutcome.CODE_ERROR
+                    self._record_attempt(bundle, server_round, attempt, outcome, code_ok, result.error)
+                    return result, ""
             else:
                 outcome_error = outcome.error
+            self._record_attempt(bundle, server_round, attempt, outcome, TaskOutcome.FAILED, outcome_error)
             failed_on.append(outcome.worker)
             errors.append(outcome_error)
             self._progress(f"{label}: attempt {attempt} failed: {outcome_error}")
         return None, f"{label} failed {len(errors)} times: {errors[-1]}"
 
-    async def _run_one(self, bundle: TaskBundle, label: str) -> TaskResult:
-        result, problem = await self._attempt(bundle, label)
+    def _record_attempt(
+        self,
+        bundle: TaskBundle,
+        server_round: int,
+        attempt: int,
+        outcome: WorkOutcome,
+        how: TaskOutcome,
+        error: str,
+    ) -> None:
+        self.deps.store.add_task_attempt(
+            TaskAttempt(
+                job_id=self.job.id,
+                action=bundle.action,
+                round=server_round,
+                partition=bundle.partition_index,
+                attempt=attempt,
+                worker=outcome.worker,
+                seconds=outcome.seconds,
+                outcome=how,
+                error=error,
+                finished_at=datetime.now(tz=UTC),
+            )
+        )
+
+    async def _run_one(self, bundle: TaskBundle, label: str, server_round: int = 0) -> TaskResult:
+        result, problem = await self._attempt(bundle, label, server_round)
         if result is None:
             raise JobFailed(problem)
         if not result.ok:

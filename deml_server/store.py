@@ -16,7 +16,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deml_server.domain import Job, JobFiles, JobSpec, JobState, ModelRecord, RoundSummary, TensorSpec
+from deml_server.domain import (
+    EventKind,
+    EventRecord,
+    Job,
+    JobFiles,
+    JobSpec,
+    JobState,
+    ModelRecord,
+    RoundSummary,
+    TaskAttempt,
+    TaskOutcome,
+    TensorSpec,
+)
 from deml_server.errors import NotFound
 
 _SCHEMA = """
@@ -60,6 +72,35 @@ CREATE TABLE IF NOT EXISTS models (
 );
 """
 
+# The dashboard's record of what happened: every job event (ids for Server-Sent Events) and every task attempt.
+_HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    progress TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, seq);
+CREATE TABLE IF NOT EXISTS task_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    partition INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT NOT NULL,
+    finished_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_attempts_by_job ON task_attempts (job_id, id);
+"""
+
 
 def _ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, tz=UTC)
@@ -87,6 +128,7 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._db.executescript(_HISTORY_SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -338,6 +380,108 @@ class JobStore:
         with self._tx() as db:
             db.execute("DELETE FROM models WHERE name = ? AND version = ?", (record.name, record.version))
         return record
+
+    # -- history: job events and task attempts ----------------------------------------------------------------
+
+    def add_event(
+        self,
+        job_id: str,
+        kind: EventKind,
+        state: JobState,
+        *,
+        round: int = 0,
+        message: str = "",
+        progress: tuple[int, int, int] | None = None,
+    ) -> EventRecord:
+        """Append one event to the log; its `seq` is larger than every earlier event's."""
+        at = _now()
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO job_events (job_id, kind, state, at, round, message, progress)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind.value, state.value, at, round, message, json.dumps(progress) if progress else None),
+            )
+            seq = cursor.lastrowid
+        assert seq is not None
+        return EventRecord(
+            seq=seq, job_id=job_id, kind=kind, state=state, at=_ts(at), round=round, message=message, progress=progress
+        )
+
+    def events(self, job_id: str | None = None, after: int = 0, limit: int = 0) -> list[EventRecord]:
+        """Logged events with seq > after (of one job, or of all), oldest first; limit > 0 keeps the newest."""
+        sql = "SELECT seq, job_id, kind, state, at, round, message, progress FROM job_events WHERE seq > ?"
+        args: tuple[Any, ...] = (after,)
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args = (after, job_id)
+        if limit > 0:
+            sql = f"SELECT * FROM ({sql} ORDER BY seq DESC LIMIT {int(limit)})"
+        rows = self._query(sql + " ORDER BY seq", args)
+        return [
+            EventRecord(
+                seq=r[0],
+                job_id=r[1],
+                kind=EventKind(r[2]),
+                state=JobState(r[3]),
+                at=_ts(r[4]),
+                round=r[5],
+                message=r[6],
+                progress=tuple(json.loads(r[7])) if r[7] else None,
+            )
+            for r in rows
+        ]
+
+    def add_task_attempt(self, attempt: TaskAttempt) -> None:
+        """Record how one attempt of a task ended."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO task_attempts (job_id, action, round, partition, attempt, worker, seconds, outcome,"
+                " error, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    attempt.job_id,
+                    attempt.action,
+                    attempt.round,
+                    attempt.partition,
+                    attempt.attempt,
+                    attempt.worker,
+                    attempt.seconds,
+                    attempt.outcome.value,
+                    attempt.error,
+                    attempt.finished_at.timestamp(),
+                ),
+            )
+
+    def reject_task_attempt(self, job_id: str, server_round: int, partition: int, reason: str) -> None:
+        """Mark a round's successful training attempt on a partition as rejected (its weights were not used)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE task_attempts SET outcome = ?, error = ? WHERE id = (SELECT MAX(id) FROM task_attempts"
+                " WHERE job_id = ? AND action = 'train' AND round = ? AND partition = ? AND outcome = ?)",
+                (TaskOutcome.REJECTED.value, reason, job_id, server_round, partition, TaskOutcome.OK.value),
+            )
+
+    def task_attempts(self, job_id: str) -> list[TaskAttempt]:
+        """A job's task attempts in the order they finished."""
+        rows = self._query(
+            "SELECT job_id, action, round, partition, attempt, worker, seconds, outcome, error, finished_at"
+            " FROM task_attempts WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [
+            TaskAttempt(
+                job_id=r[0],
+                action=r[1],
+                round=r[2],
+                partition=r[3],
+                attempt=r[4],
+                worker=r[5],
+                seconds=r[6],
+                outcome=TaskOutcome(r[7]),
+                error=r[8],
+                finished_at=_ts(r[9]),
+            )
+            for r in rows
+        ]
 
 
 _MODEL_SELECT = (
