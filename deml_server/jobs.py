@@ -8,7 +8,7 @@ import logging
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from deml_server.artifacts import ArtifactStore, ArtifactWriter
@@ -294,7 +294,7 @@ class JobService:
 
     async def follow(
         self, job_id: str | None, after: int = 0, *, idle: float = 1.0
-    ) -> AsyncIterator[EventRecord | None]:
+    ) -> AsyncGenerator[EventRecord | None]:
         """Logged events after `after` (of one job, or of all), then each new one as it happens, without end.
 
         Yields None after `idle` seconds without an event, so a caller can check that its reader is still there.
