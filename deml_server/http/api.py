@@ -282,7 +282,11 @@ class _Api:
         """Jobs, newest first; ?state= filters, ?limit= caps."""
         limit = _int_param(request.query.get("limit", "0") or "0", "limit")
         jobs = self._s.jobs.list(_state_param(request), limit)
-        return web.json_response({"jobs": [job_json(j, rounds=False) for j in jobs]})
+        # Where a page that shows this list starts its /api/events stream (?after=), to miss nothing and replay nothing.
+        newest = self._s.jobs.events(limit=1)
+        return web.json_response(
+            {"jobs": [job_json(j, rounds=False) for j in jobs], "last_event_seq": newest[-1].seq if newest else 0}
+        )
 
     async def get_job(self, request: web.Request) -> web.Response:
         """One job with its rounds."""
