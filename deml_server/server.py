@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,12 +58,14 @@ class Lifetimes:
         """Close every part, last started first; one that fails to close does not keep the others open."""
         while self._closers:
             name, close = self._closers.pop()
+            started = time.monotonic()
             try:
                 result = close()
                 if inspect.isawaitable(result):
                     await result
             except Exception:
                 log.exception("closing the %s failed", name)
+            log.debug("closed the %s in %.2f s", name, time.monotonic() - started)
 
 
 @dataclass
