@@ -240,9 +240,9 @@ async function jobPage() {
   }
   const redraw = throttle(drawCharts, 250);
 
+  // Rounds come from the event stream only (its replay has every committed one), so each commit adds one point.
   async function loadJob() {
     job = await api("/api/jobs/" + jobId);
-    for (const r of job.rounds) rounds.set(r.round, r);
     renderHead();
     redraw();
   }
@@ -320,9 +320,9 @@ async function jobPage() {
   source.onmessage = ev => {
     const data = JSON.parse(ev.data);
     logEvent(data);
-    if (data.kind === "ROUND_COMMITTED" && data.summary) {
+    if (data.kind === "ROUND_COMMITTED" && data.summary && !rounds.has(data.summary.round)) {
       rounds.set(data.summary.round, data.summary);
-      redraw();
+      drawCharts();
     }
     if (data.kind !== "PROGRESS" || data.progress) refreshTasks();
     if (data.kind !== "PROGRESS" || data.message) refreshJob();
