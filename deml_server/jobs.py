@@ -15,7 +15,17 @@ from deml_server.artifacts import ArtifactStore, ArtifactWriter
 from deml_server.backends import Backend, known_backends
 from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
-from deml_server.domain import EventKind, EventRecord, Job, JobEvent, JobFiles, JobSpec, JobState, TaskAttempt
+from deml_server.domain import (
+    EventKind,
+    EventRecord,
+    Job,
+    JobEvent,
+    JobFiles,
+    JobSpec,
+    JobState,
+    RoundSummary,
+    TaskAttempt,
+)
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from deml_server.registry import ModelRegistry, check_model_name
 from deml_server.runner import JobRunner, RunnerDeps
@@ -281,6 +291,10 @@ class JobService:
         if job_id is not None:
             self._store.get_job(job_id)  # NotFound for an unknown id
         return self._store.events(job_id, after, limit)
+
+    def round_summary(self, job_id: str, server_round: int) -> RoundSummary:
+        """One committed round of a job."""
+        return self._store.round_summary(job_id, server_round)
 
     def task_attempts(self, job_id: str) -> Sequence[TaskAttempt]:
         """How each attempt of each of a job's worker tasks ended."""

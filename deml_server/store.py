@@ -147,6 +147,27 @@ class JobStore:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def _history_tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction for the event log and task attempts, committed without waiting for the disk.
+
+        They are a record for people, not a checkpoint: losing the last few to a power cut is acceptable, and an
+        fsync per event (milliseconds, on the event loop) would slow fast rounds. The next FULL commit (a round's
+        checkpoint) makes them durable too, as it syncs the whole write-ahead log.
+        """
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
@@ -395,7 +416,7 @@ class JobStore:
     ) -> EventRecord:
         """Append one event to the log; its `seq` is larger than every earlier event's."""
         at = _now()
-        with self._tx() as db:
+        with self._history_tx() as db:
             cursor = db.execute(
                 "INSERT INTO job_events (job_id, kind, state, at, round, message, progress)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -431,9 +452,29 @@ class JobStore:
             for r in rows
         ]
 
+    def round_summary(self, job_id: str, server_round: int) -> RoundSummary:
+        """One committed round of a job (without loading the others), or NotFound."""
+        rows = self._query(
+            "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at "
+            "FROM rounds WHERE job_id = ? AND round = ?",
+            (job_id, server_round),
+        )
+        if not rows:
+            raise NotFound(f"job {job_id!r} has no committed round {server_round}")
+        r = rows[0]
+        return RoundSummary(
+            round=r[0],
+            metrics=json.loads(r[1]),
+            workers_ok=r[2],
+            workers_failed=r[3],
+            wall_seconds=r[4],
+            bytes_sent_per_worker=r[5],
+            committed_at=_ts(r[6]),
+        )
+
     def add_task_attempt(self, attempt: TaskAttempt) -> None:
         """Record how one attempt of a task ended."""
-        with self._tx() as db:
+        with self._history_tx() as db:
             db.execute(
                 "INSERT INTO task_attempts (job_id, action, round, partition, attempt, worker, seconds, outcome,"
                 " error, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -453,7 +494,7 @@ class JobStore:
 
     def reject_task_attempt(self, job_id: str, server_round: int, partition: int, reason: str) -> None:
         """Mark a round's successful training attempt on a partition as rejected (its weights were not used)."""
-        with self._tx() as db:
+        with self._history_tx() as db:
             db.execute(
                 "UPDATE task_attempts SET outcome = ?, error = ? WHERE id = (SELECT MAX(id) FROM task_attempts"
                 " WHERE job_id = ? AND action = 'train' AND round = ? AND partition = ? AND outcome = ?)",

@@ -455,7 +455,6 @@ class _Api:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         await response.prepare(request)
-        rounds: dict[tuple[str, int], RoundSummary] = {}
         ticks = 0
         try:
             await response.write(b"retry: 2000\n\n")
@@ -469,20 +468,19 @@ class _Api:
                         if ticks % KEEPALIVE_TICKS == 0:
                             await response.write(b": keep-alive\n\n")
                         continue
-                    summary = self._round_of(record, rounds) if job_id is not None else None
+                    summary = self._round_of(record) if job_id is not None else None
                     await response.write(sse_frame(record, summary))
         except ConnectionResetError:
             pass  # the reader left mid-write; nothing to clean up beyond the follower, which aclosing removed
         return response
 
-    def _round_of(self, record: EventRecord, cache: dict[tuple[str, int], RoundSummary]) -> RoundSummary | None:
+    def _round_of(self, record: EventRecord) -> RoundSummary | None:
         if record.kind is not EventKind.ROUND_COMMITTED or record.round <= 0:
             return None
-        key = (record.job_id, record.round)
-        if key not in cache:
-            for summary in self._s.jobs.get(record.job_id).rounds:
-                cache[(record.job_id, summary.round)] = summary
-        return cache.get(key)
+        try:
+            return self._s.jobs.round_summary(record.job_id, record.round)
+        except NotFound:  # a round event logged by a run that crashed before the round's commit
+            return None
 
 
 def _budget(backend: Any) -> dict[str, float] | None:
