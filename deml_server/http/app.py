@@ -34,6 +34,9 @@ from deml_server.registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# How much of a request body aiohttp buffers before it pauses reading the socket (its default is 256 KiB):
+# inference bodies of many MiB then arrive in fewer, larger reads.
+READ_BUFFER_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,9 @@ class HttpFace:
         self.app = app
         self._host = host
         self._port = port
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=shutdown_timeout, read_bufsize=READ_BUFFER_BYTES
+        )
         self.port = 0
 
     @property
