@@ -9,6 +9,7 @@ import json
 import shutil
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,56 @@ def test_a_job_submitted_from_the_page_runs_to_succeeded(base: str, page: Any) -
     job = api(base, f"/api/jobs/{job_id}")
     assert job["state"] == "SUCCEEDED" and job["rounds_committed"] == 2 and job["spec"]["local_epochs"] == 1
     assert job["model"] == {"name": "digits-form", "version": 1}
+
+
+BROKEN_TASK = """
+import numpy as np
+import torch
+
+
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        raise RuntimeError("this model refuses to train")
+
+
+def model():
+    return Broken()
+
+
+def load_data():
+    x = np.zeros((40, 8), np.float32)
+    y = np.zeros(40, np.int64)
+    return (x[:32], y[:32]), (x[32:], y[32:])
+"""
+
+
+def test_an_uploaded_task_that_fails_shows_its_traceback(base: str, page: Any, tmp_path: Path) -> None:
+    # Prepare: a task zip whose model raises in training
+    archive = tmp_path / "broken.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("task.py", BROKEN_TASK)
+    page.goto(base + "/submit")
+    page.wait_for_selector("#spec-rounds")
+    # Execute: upload it from the form
+    page.check("#source-upload")
+    page.set_input_files("#code", str(archive))
+    page.fill("#spec-name", "broken")
+    page.fill("#spec-rounds", "1")
+    page.fill("#spec-workers", "1")
+    page.click("#submit")
+    page.wait_for_url(f"{base}/jobs/*", timeout=60_000)
+    page.wait_for_selector("#job-state .badge.FAILED", timeout=300_000)
+    page.wait_for_selector("#job-error pre.error")
+    shown = page.inner_text("#job-error pre.error")
+    shot(page, "job-failed")
+    # Assert
+    assert "the task's code raised an error" in shown
+    assert "RuntimeError: this model refuses to train" in shown and "Traceback" in shown
+    assert page.locator("#tasks-body .badge.CODE_ERROR").count() >= 1
 
 
 def test_model_page_try_it_returns_the_argmax_of_onnxruntime(base: str, page: Any, tmp_path: Path) -> None:

@@ -269,7 +269,9 @@ async function jobPage() {
     if (job.error && job.state !== "CANCELLED") {
       const lines = job.error.split("\n");
       const tail = lines.length > 40 ? ["…", ...lines.slice(-40)] : lines;
-      errorBox.replaceChildren(el("div", { class: "card" }, el("h2", {}, "Error"), el("pre", { class: "error" }, tail.join("\n"))));
+      const pre = el("pre", { class: "error" }, tail.join("\n"));
+      errorBox.replaceChildren(el("div", { class: "card" }, el("h2", {}, "Error"), pre));
+      pre.scrollTop = pre.scrollHeight;  // the traceback's last lines are where the user's code failed
     } else if (job.error) {
       errorBox.replaceChildren(el("div", { class: "card muted" }, job.error));
     } else {
