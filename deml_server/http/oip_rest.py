@@ -31,13 +31,14 @@ from deml_server.inference.protocol import (
     server_version,
 )
 from deml_server.inference.signature import oip_datatype
+from deml_server.inference.stats import ModelStats
 
 if TYPE_CHECKING:
     from deml_server.http.app import HttpServices
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Protocol extensions this face serves besides the core (named as Triton names them).
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "statistics"]
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
@@ -207,6 +208,34 @@ def model_metadata(record: ModelRecord, versions: list[int]) -> dict[str, Any]:
     }
 
 
+def _duration(count: int, ns: int) -> dict[str, int]:
+    return {"count": count, "ns": ns}
+
+
+def model_statistics(record: ModelRecord, stats: ModelStats | None) -> dict[str, Any]:
+    """Triton's statistics of one model version (cumulative counts and nanoseconds since the server started)."""
+    stats = stats or ModelStats()
+    done = stats.request_success
+    return {
+        "name": record.name,
+        "version": str(record.version),
+        "last_inference": stats.last_inference_ms,
+        "inference_count": stats.inference_count,
+        "execution_count": stats.exec_count,
+        "inference_stats": {
+            "success": _duration(done, stats.request_ns),
+            "fail": _duration(stats.request_failure, stats.failure_ns),
+            "queue": _duration(done, stats.times.queue_ns),
+            "compute_input": _duration(done, stats.times.input_ns),
+            "compute_infer": _duration(done, stats.times.infer_ns),
+            "compute_output": _duration(done, stats.times.output_ns),
+            "cache_hit": _duration(0, 0),
+            "cache_miss": _duration(0, 0),
+        },
+        "batch_stats": [],
+    }
+
+
 class OipRest:
     """Handlers of the /v2 routes: adapters from HTTP to InferenceGateway, like the gRPC OIP servicer."""
 
@@ -241,6 +270,15 @@ class OipRest:
         record = self._resolve(request)
         return web.json_response(model_metadata(record, self._gateway.versions(record.name)))
 
+    async def statistics(self, request: web.Request) -> web.Response:
+        """Triton's statistics extension: every model, one model's versions, or one version."""
+        name = request.match_info.get("name", "")
+        records = self._gateway.records(name, parse_version(request.match_info.get("version", "")))
+        snapshot = self._gateway.stats.snapshot()
+        return web.json_response(
+            {"model_stats": [model_statistics(r, snapshot.get((r.name, r.version))) for r in records]}
+        )
+
     async def infer(self, request: web.Request) -> web.Response:
         """One batch through the gateway; bad input is 400, an unknown model 404, a body over the limit 413."""
         record = self._resolve(request)
@@ -263,7 +301,9 @@ def add_routes(app: web.Application, services: HttpServices) -> None:
     app.router.add_get("/v2", oip.server_metadata)
     app.router.add_get("/v2/health/live", oip.server_live)
     app.router.add_get("/v2/health/ready", oip.server_ready)
+    app.router.add_get("/v2/models/stats", oip.statistics)
     for base in (model, version):
         app.router.add_get(base, oip.model_metadata)
         app.router.add_get(f"{base}/ready", oip.model_ready)
+        app.router.add_get(f"{base}/stats", oip.statistics)
         app.router.add_post(f"{base}/infer", oip.infer)

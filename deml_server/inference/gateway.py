@@ -120,6 +120,16 @@ class InferenceGateway:
         """The registered version (0 = latest) or NotFound."""
         return self._registry.get(name, version)
 
+    def records(self, name: str = "", version: int = 0) -> list[ModelRecord]:
+        """Registered versions: all of them, every version of a name, or one (NotFound when it does not exist)."""
+        if version:
+            return [self._registry.get(name, version)]
+        if name:
+            return sorted((r for r in self._registry.list(name) if r.name == name), key=lambda r: r.version) or [
+                self._registry.get(name)
+            ]
+        return sorted(self._registry.list(), key=lambda r: (r.name, r.version))
+
     def versions(self, name: str) -> list[int]:
         """Every registered version of a model name, oldest first."""
         return sorted(record.version for record in self._registry.list(name) if record.name == name)
@@ -163,7 +173,7 @@ class InferenceGateway:
         try:
             outputs = await self._predict(record, inputs, placed, outputs_to, shards)
         except Exception:
-            self.stats.failure(record.name, record.version)
+            self.stats.failure(record.name, record.version, started_ns=started)
             raise
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 1

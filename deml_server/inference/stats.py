@@ -41,8 +41,11 @@ class ModelStats:
     inference_count: int = 0
     # Model executions: shards run by workers.
     exec_count: int = 0
-    # Whole requests in the gateway, successful ones only (as Triton counts them).
+    # Whole requests in the gateway: successful ones, failed ones.
     request_ns: int = 0
+    failure_ns: int = 0
+    # When the last request for this version finished (Unix time, milliseconds).
+    last_inference_ms: int = 0
     times: ShardTimes = dataclasses.field(default_factory=ShardTimes)
 
 
@@ -66,12 +69,16 @@ class InferenceStats:
         stats.inference_count += rows
         stats.exec_count += len(shards)
         stats.request_ns += time.perf_counter_ns() - started_ns
+        stats.last_inference_ms = time.time_ns() // 1_000_000
         for times in shards:
             stats.times.add(times)
 
-    def failure(self, name: str, version: int) -> None:
+    def failure(self, name: str, version: int, *, started_ns: int) -> None:
         """A request for this version that failed (bad input, a worker's error)."""
-        self._of(name, version).request_failure += 1
+        stats = self._of(name, version)
+        stats.request_failure += 1
+        stats.failure_ns += time.perf_counter_ns() - started_ns
+        stats.last_inference_ms = time.time_ns() // 1_000_000
 
     def snapshot(self) -> dict[tuple[str, int], ModelStats]:
         """A copy of every model version's counts."""

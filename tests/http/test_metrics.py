@@ -152,3 +152,34 @@ def test_training_metrics_count_jobs_rounds_and_attempts(served, tmp_path) -> No
     assert after[("deml_weights_sent_bytes_total", ())] > 0
     assert after[("deml_weights_received_bytes_total", ())] > 0
     assert ("deml_task_attempts_total", (("outcome", "FAILED"),)) in after
+
+
+def test_triton_statistics_extension_agrees_with_metrics(served) -> None:
+    # Prepare
+    assert rest_infer(served, 2) == 200
+
+    # Execute
+    with urllib.request.urlopen(f"{served.http_url}/v2/models/digits/stats", timeout=30) as answer:
+        stats = json.load(answer)
+    with urllib.request.urlopen(f"{served.http_url}/v2/models/stats", timeout=30) as answer:
+        every = json.load(answer)
+    try:
+        urllib.request.urlopen(f"{served.http_url}/v2/models/no-such-model/stats", timeout=30)
+        unknown = 200
+    except urllib.error.HTTPError as exc:
+        unknown = exc.code
+    _, samples, _ = scrape(served)
+
+    # Assert
+    (model,) = stats["model_stats"]
+    # Every version of every model (the training test registered its own), this one among them
+    assert model in every["model_stats"]
+    assert model["name"] == "digits" and model["version"] == "1"
+    inference = model["inference_stats"]
+    assert inference["success"]["count"] == samples[("nv_inference_request_success_total", DIGITS_V1)]
+    assert inference["fail"]["count"] == samples[("nv_inference_request_failure_total", DIGITS_V1)]
+    assert model["inference_count"] == samples[("nv_inference_count_total", DIGITS_V1)]
+    assert model["execution_count"] == samples[("nv_inference_exec_count_total", DIGITS_V1)]
+    assert inference["success"]["ns"] // 1000 == samples[("nv_inference_request_duration_us_total", DIGITS_V1)]
+    assert inference["compute_infer"]["ns"] > 0 and model["last_inference"] > 0
+    assert unknown == 404

@@ -129,7 +129,7 @@ def test_tritonclient_http_sees_a_triton_compatible_rest_face(served, tmp_path) 
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["server_live"] and report["server_ready"] and report["model_ready"]
     assert report["unknown_model_ready"] is False
-    assert "binary_tensor_data" in report["server_metadata"]["extensions"]
+    assert {"binary_tensor_data", "statistics"} <= set(report["server_metadata"]["extensions"])
     meta = report["metadata"]
     assert meta["name"] == "digits" and meta["versions"] == ["1"]
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("input", "FP32", [-1, 64])]
@@ -144,6 +144,9 @@ def test_tritonclient_http_sees_a_triton_compatible_rest_face(served, tmp_path) 
     np.testing.assert_allclose(as_json, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(unnamed, binary)
     np.testing.assert_array_equal(binary.argmax(axis=1), expected.argmax(axis=1))
+    (stats,) = report["statistics"]["model_stats"]
+    assert stats["name"] == "digits" and stats["inference_count"] >= 3000
+    assert stats["inference_stats"]["success"]["count"] >= 3
     assert report["wrong_dtype"].startswith("400 ")
     assert "expects input: FP32[-1, 64]" in report["wrong_dtype"]
     assert report["unknown_model"].startswith("404 ") and "no-such-model" in report["unknown_model"]

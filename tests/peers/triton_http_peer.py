@@ -53,6 +53,7 @@ def main() -> None:
 
     wrong = triton.InferInput("input", [2, 64], "FP64")
     wrong.set_data_from_numpy(np.zeros((2, 64), np.float64))
+    report["statistics"] = client.get_inference_statistics("digits")
     report["wrong_dtype"] = error_of(lambda: client.infer("digits", [wrong]))
     good = triton.InferInput("input", [2, 64], "FP32")
     good.set_data_from_numpy(x[:2])
