@@ -278,3 +278,23 @@ def test_server_page_shows_workers_and_backend(base: str, page: Any) -> None:
     # Assert
     assert "2 workers" in training and "local" in training
     assert "no budget applies" in budget
+
+
+def test_jobs_page_filters_by_state(base: str, page: Any) -> None:
+    # Prepare: the jobs the tests above ran (succeeded, cancelled, failed), or one of its own when run alone
+    if not api(base, "/api/jobs")["jobs"]:
+        wait_job(base, submit_digits(base, rounds=1))
+    states = {job["state"] for job in api(base, "/api/jobs")["jobs"]}
+    page.goto(base + "/")
+    page.wait_for_selector("#jobs-body tr[data-job-id]")
+    shot(page, "jobs-all")
+    # Execute
+    page.select_option("#state-filter", "SUCCEEDED")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#jobs-body tr[data-job-id]')].every(r => r.dataset.state === 'SUCCEEDED')"
+    )
+    shown = page.eval_on_selector_all("#jobs-body tr[data-job-id]", "rows => rows.map(r => r.dataset.state)")
+    # Assert
+    assert "SUCCEEDED" in states
+    assert shown and set(shown) == {"SUCCEEDED"}
+    assert "state=SUCCEEDED" in page.url
