@@ -125,6 +125,10 @@ class Reader:
                     return
 
 
+def _median_ms(values: list[float]) -> float | None:
+    return 1000 * statistics.median(values) if values else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1000)
@@ -152,6 +156,7 @@ def main() -> None:
     with_stream: list[float] = []
     without: list[float] = []
     lags: list[float] = []
+    lag_by_round: list[tuple[int, float]] = []
     for summary in job["rounds"]:
         end = datetime.fromisoformat(summary["committed_at"]).timestamp()
         start = end - summary["wall_seconds"]
@@ -161,6 +166,7 @@ def main() -> None:
             with_stream.append(summary["wall_seconds"])
             if summary["round"] in reader.received:
                 lags.append(reader.received[summary["round"]] - end)
+                lag_by_round.append((summary["round"], lags[-1]))
         elif not overlaps:
             without.append(summary["wall_seconds"])
     result = {
@@ -173,6 +179,9 @@ def main() -> None:
         "ratio_with_over_without": statistics.median(with_stream) / statistics.median(without),
         "stream_lag_ms_median": 1000 * statistics.median(lags) if lags else None,
         "stream_lag_ms_p95": 1000 * statistics.quantiles(lags, n=20)[-1] if len(lags) > 1 else None,
+        # Whether the stream falls further behind as the job grows: live round events of the first and last thirds.
+        "stream_lag_ms_median_first_third": _median_ms([lag for n, lag in lag_by_round if n <= args.rounds / 3]),
+        "stream_lag_ms_median_last_third": _median_ms([lag for n, lag in lag_by_round if n > 2 * args.rounds / 3]),
         "rounds_delivered_by_stream": len(reader.delivered),
         "rounds_not_delivered": sorted(set(range(1, args.rounds + 1)) - reader.delivered),
         "events_received": reader.events,
