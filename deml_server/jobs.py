@@ -322,7 +322,9 @@ class JobService:
                 yield record
             while True:
                 try:
-                    record = await asyncio.wait_for(queue.get(), idle)
+                    # asyncio.timeout, not wait_for: the stream's own task waits, no task per event (fewer loop hops).
+                    async with asyncio.timeout(idle):
+                        record = await queue.get()
                 except TimeoutError:
                     yield None
                     continue
