@@ -6,15 +6,17 @@ import asyncio
 import io
 import json
 import logging
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.support import SMALL_TASK, ServerThread
+from tests.support import SMALL_TASK, ServerThread, make_config
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -230,3 +232,27 @@ def test_disconnected_sse_client_leaves_no_task_or_error(
     texts = [r.getMessage() for r in caplog.records]
     assert not any("never retrieved" in t or "Traceback" in t for t in texts)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_server_stops_cleanly_with_a_stream_open(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    caplog.set_level(logging.DEBUG)
+    thread = ServerThread(make_config(tmp_path / "server")).start()
+    ended = threading.Event()
+
+    async def hold_stream() -> None:
+        async with aiohttp.ClientSession() as session, session.get(f"{thread.http_url}/api/events") as response:
+            async for _ in response.content:
+                pass  # until the server ends the stream
+        ended.set()
+
+    reader = threading.Thread(target=lambda: asyncio.run(hold_stream()), daemon=True)
+    reader.start()
+    time.sleep(1.0)
+    # Execute
+    thread.stop()
+    reader.join(timeout=10)
+    # Assert: the server ended the stream and stopped without an error
+    assert ended.is_set()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not any("never retrieved" in r.getMessage() for r in caplog.records)
