@@ -428,7 +428,7 @@ class _Api:
                     "threads_per_worker": config.inference_threads,
                     "shared_memory": config.shared_memory,
                 },
-                "budget": _budget(self._s.backend),
+                "budget": backend_budget(self._s.backend),
                 "jobs_by_state": counts,
                 "models": len(self._s.registry.list()),
                 "max_upload_bytes": config.max_upload_bytes,
@@ -483,7 +483,7 @@ class _Api:
             return None
 
 
-def _budget(backend: Any) -> dict[str, float] | None:
+def backend_budget(backend: Any) -> dict[str, float] | None:
     """GLM budget, spent and left, for a backend that has one (the golem backend); None otherwise."""
     left = getattr(backend, "remaining_budget", None)
     total = getattr(getattr(backend, "config", None), "budget_glm", None)
