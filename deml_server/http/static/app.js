@@ -149,6 +149,8 @@ const CHARTS = [
   { id: "chart-bytes", title: "Bytes sent per worker", series: [["@bytes", "bytes"]] },
   { id: "chart-glm", title: "GLM per round", series: [["cost_glm", "GLM"]] },
 ];
+const TASK_ROWS = 300;
+const LOG_ROWS = 1000;
 const COLORS = ["#2f6fdb", "#e07a1f", "#1a8a4a", "#8e44ad"];
 
 function roundValue(round, key) {
@@ -290,11 +292,16 @@ async function jobPage() {
   }
   async function loadTasks() {
     const data = await api("/api/jobs/" + jobId + "/tasks");
-    taskBody.replaceChildren(...data.tasks.map(t => el("tr", {},
+    // A long job has thousands of attempts: the newest few hundred are what a person reads.
+    const shown = data.tasks.slice(-TASK_ROWS);
+    taskBody.replaceChildren(...shown.map(t => el("tr", {},
       el("td", { class: "num" }, t.round || "–"), el("td", {}, t.action), el("td", { class: "num" }, t.action === "train" ? t.partition : "–"),
       el("td", { class: "mono" }, t.worker || "–"), el("td", { class: "num" }, t.attempt), el("td", { class: "num" }, fmtSeconds(t.seconds)),
       el("td", {}, badge(t.outcome)), el("td", { class: "muted" }, t.error ? t.error.split("\n").slice(-1)[0].slice(0, 200) : ""))));
     if (!data.tasks.length) taskBody.append(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No task has finished yet.")));
+    if (data.tasks.length > shown.length) {
+      taskBody.prepend(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "The last " + shown.length + " of " + data.tasks.length + " attempts (all of them: /api/jobs/" + jobId + "/tasks).")));
+    }
   }
   const refreshJob = throttle(() => loadJob().catch(() => {}), 500);
   const refreshTasks = throttle(() => loadTasks().catch(() => {}), 700);
@@ -313,6 +320,7 @@ async function jobPage() {
     const scroll = document.getElementById("log-scroll");
     const atBottom = scroll.scrollTop + scroll.clientHeight >= scroll.scrollHeight - 8;
     logBody.append(el("tr", { "data-seq": data.seq }, el("td", { class: "when" }, fmtTime(data.at)), el("td", {}, badge(data.kind === "ROUND_COMMITTED" ? "ROUND" : data.kind === "STATE_CHANGED" ? data.state : "PROGRESS")), el("td", {}, text)));
+    while (logBody.rows.length > LOG_ROWS) logBody.deleteRow(0);
     if (atBottom) scroll.scrollTop = scroll.scrollHeight;
   }
 
