@@ -1,6 +1,6 @@
 """Dashboard benchmark: does the job page's live stream keep up with a fast job without slowing its rounds?
 
-    python bench/bench_dashboard.py [--rounds 1000] [--window 10] [--out bench/out]
+    python bench/bench_dashboard.py [--rounds 1000] [--window 10] [--browser] [--out bench/out]
 
 One real deml-server (python -m deml_server, one local training worker) runs one tiny job of --rounds rounds (a
 linear model on 8 features, so a round is the server's and the worker's fixed cost and little else). While it
@@ -80,6 +80,46 @@ def submit(base: str, rounds: int) -> str:
     return str(job["id"])
 
 
+class BrowserReader:
+    """The job page itself in chromium (Playwright): open for `window` seconds, away (about:blank) as long.
+
+    It receives what the page's EventSource receives and draws it with uPlot; the page's accuracy chart says how
+    many rounds it drew. Every round counts as delivered when the page, opened after the job ended, draws them all.
+    """
+
+    def __init__(self, url: str, window: float) -> None:
+        self.url = url
+        self.window = window
+        self.connected: list[tuple[float, float]] = []
+        self.received: dict[int, float] = {}
+        self.delivered: set[int] = set()
+        self.events = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import shutil
+
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            while not self.done.is_set():
+                opened = time.time()
+                page.goto(self.url)
+                self.done.wait(self.window)
+                self.connected.append((opened, time.time()))
+                page.goto("about:blank")
+                self.done.wait(self.window)
+            page.goto(self.url)
+            page.wait_for_function("document.querySelector('#chart-accuracy')?.dataset.points > 0", timeout=120_000)
+            page.wait_for_timeout(2000)
+            drawn = int(page.get_attribute("#chart-accuracy", "data-points") or 0)
+            self.delivered = set(range(1, drawn + 1))
+            browser.close()
+
+
 class Reader:
     """Connects to the job's event stream for `window` seconds, leaves for `window` seconds, until stopped."""
 
@@ -134,13 +174,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1000)
     parser.add_argument("--window", type=float, default=10.0, help="seconds connected, then seconds away")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--browser", action="store_true", help="open the job page in chromium instead of a reader")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     server = DemlServer(args.out / "dashboard-server", "--workers", "1", "--inference-workers", "1")
     try:
         server.wait_idle()
         job_id = submit(server.http_url, args.rounds)
-        reader = Reader(f"{server.http_url}/api/jobs/{job_id}/events", args.window)
+        reader: Reader | BrowserReader
+        if args.browser:
+            reader = BrowserReader(f"{server.http_url}/jobs/{job_id}", args.window)
+        else:
+            reader = Reader(f"{server.http_url}/api/jobs/{job_id}/events", args.window)
         reader.thread.start()
         while True:
             job = http_json(f"{server.http_url}/api/jobs/{job_id}")
@@ -148,7 +193,7 @@ def main() -> None:
                 break
             time.sleep(2)
         reader.done.set()
-        reader.thread.join(timeout=2 * args.window + 10)
+        reader.thread.join(timeout=2 * args.window + 180)
     finally:
         server.stop()
     if job["state"] != "SUCCEEDED":
@@ -170,6 +215,7 @@ def main() -> None:
         elif not overlaps:
             without.append(summary["wall_seconds"])
     result = {
+        "reader": "chromium (the job page)" if args.browser else "SSE client",
         "rounds": args.rounds,
         "window_seconds": args.window,
         "rounds_with_stream": len(with_stream),

@@ -289,8 +289,9 @@ class _Api:
         )
 
     async def get_job(self, request: web.Request) -> web.Response:
-        """One job with its rounds."""
-        return web.json_response(job_json(self._s.jobs.get(request.match_info["job_id"])))
+        """One job with its rounds (?rounds=0: without them, for a page that has them from the event stream)."""
+        rounds = request.query.get("rounds", "1") not in ("0", "false")
+        return web.json_response(job_json(self._s.jobs.get(request.match_info["job_id"]), rounds=rounds))
 
     async def tasks(self, request: web.Request) -> web.Response:
         """Every attempt of every worker task of a job."""

@@ -109,7 +109,8 @@ def points(tab: Any, chart: str = "#chart-accuracy") -> int:
 def test_jobs_page_lists_a_running_job_whose_curve_gains_a_point_per_round(base: str, page: Any) -> None:
     # Prepare
     rounds = 8
-    job_id = submit_digits(base, rounds=rounds, baseline=True)
+    # The example's 5 local epochs: rounds slow enough (over 0.25 s) that the page draws each on its own.
+    job_id = submit_digits(base, rounds=rounds, baseline=True, local_epochs=5)
     # Execute: the jobs page shows it running
     page.goto(base + "/")
     page.wait_for_selector(f'tr[data-job-id="{job_id}"][data-state="RUNNING"]', timeout=60_000)

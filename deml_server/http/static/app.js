@@ -240,11 +240,12 @@ async function jobPage() {
     const baseline = job ? job.baseline_metrics : null;
     chartObjs.forEach(c => c.update(list, baseline, job ? job.rounds_total : list.length));
   }
+  // A round's point is drawn as its event arrives; rounds faster than 4 a second share a frame.
   const redraw = throttle(drawCharts, 250);
 
   // Rounds come from the event stream only (its replay has every committed one), so each commit adds one point.
   async function loadJob() {
-    job = await api("/api/jobs/" + jobId);
+    job = await api("/api/jobs/" + jobId + "?rounds=0");
     renderHead();
     redraw();
   }
@@ -303,8 +304,8 @@ async function jobPage() {
       taskBody.prepend(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "The last " + shown.length + " of " + data.tasks.length + " attempts (all of them: /api/jobs/" + jobId + "/tasks).")));
     }
   }
-  const refreshJob = throttle(() => loadJob().catch(() => {}), 500);
-  const refreshTasks = throttle(() => loadTasks().catch(() => {}), 700);
+  const refreshJob = throttle(() => loadJob().catch(() => {}), 1000);
+  const refreshTasks = throttle(() => loadTasks().catch(() => {}), 2000);
 
   function logEvent(data) {
     let text = data.message;
@@ -317,12 +318,18 @@ async function jobPage() {
     } else if (data.progress) {
       text = "round " + data.progress[0] + ": " + data.progress[1] + " of " + data.progress[2] + " worker tasks done";
     }
+    pendingLog.push(el("tr", { "data-seq": data.seq }, el("td", { class: "when" }, fmtTime(data.at)), el("td", {}, badge(data.kind === "ROUND_COMMITTED" ? "ROUND" : data.kind === "STATE_CHANGED" ? data.state : "PROGRESS")), el("td", {}, text)));
+    flushLog();
+  }
+  // Log rows are added in batches (one layout per batch, not per event: a fast job sends dozens a second).
+  const pendingLog = [];
+  const flushLog = throttle(() => {
     const scroll = document.getElementById("log-scroll");
     const atBottom = scroll.scrollTop + scroll.clientHeight >= scroll.scrollHeight - 8;
-    logBody.append(el("tr", { "data-seq": data.seq }, el("td", { class: "when" }, fmtTime(data.at)), el("td", {}, badge(data.kind === "ROUND_COMMITTED" ? "ROUND" : data.kind === "STATE_CHANGED" ? data.state : "PROGRESS")), el("td", {}, text)));
+    logBody.append(...pendingLog.splice(0));
     while (logBody.rows.length > LOG_ROWS) logBody.deleteRow(0);
     if (atBottom) scroll.scrollTop = scroll.scrollHeight;
-  }
+  }, 250);
 
   await loadJob();
   loadTasks();
@@ -332,9 +339,11 @@ async function jobPage() {
     logEvent(data);
     if (data.kind === "ROUND_COMMITTED" && data.summary && !rounds.has(data.summary.round)) {
       rounds.set(data.summary.round, data.summary);
-      drawCharts();
+      redraw();
     }
-    if (data.kind !== "PROGRESS" || data.progress) refreshTasks();
+    // The header and the task table are read again at most every second or two, not per event: a fast job's
+    // page must not cost its server (or its own machine's cores) much.
+    if (data.kind !== "PROGRESS") refreshTasks();
     if (data.kind !== "PROGRESS" || data.message) refreshJob();
   };
 }
