@@ -233,6 +233,7 @@ def test_an_uploaded_task_that_fails_shows_its_traceback(base: str, page: Any, t
     page.wait_for_url(f"{base}/jobs/*", timeout=60_000)
     page.wait_for_selector("#job-state .badge.FAILED", timeout=300_000)
     page.wait_for_selector("#job-error pre.error")
+    page.wait_for_selector("#tasks-body .badge.CODE_ERROR", timeout=30_000)
     shown = page.inner_text("#job-error pre.error")
     shot(page, "job-failed")
     # Assert
