@@ -192,8 +192,11 @@ def main() -> None:
             if job["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
                 break
             time.sleep(2)
-        reader.done.set()
+        if isinstance(reader, BrowserReader):
+            reader.done.set()  # the page opens once more to draw every round
+        # An SSE reader away when the job ended comes back (Last-Event-ID) and reads up to the end by itself.
         reader.thread.join(timeout=2 * args.window + 180)
+        reader.done.set()
     finally:
         server.stop()
     if job["state"] != "SUCCEEDED":
