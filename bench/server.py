@@ -23,7 +23,7 @@ class DemlServer:
         self.spawned = time.perf_counter()
         self.proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "deml_server", "--host", "127.0.0.1", "--port", "0"),
+                *(sys.executable, "-m", "deml_server", "--host", "127.0.0.1", "--port", "0", "--http-port", "0"),
                 *("--data-dir", str(data_dir), *flags),
             ],
             stdout=subprocess.PIPE,
@@ -37,6 +37,14 @@ class DemlServer:
             raise RuntimeError(f"deml-server did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
         self.listening = time.perf_counter()
         self.target = line.strip().rsplit(" ", 1)[-1]
+        # The HTTP face's base URL (no trailing slash), or "" with --no-http.
+        self.http_url = ""
+        if "--no-http" not in flags:
+            line = self.proc.stdout.readline().decode()
+            if "dashboard at" not in line:
+                self.stop()
+                raise RuntimeError(f"deml-server has no HTTP face: {line!r}\n{self.log_path.read_text()[-3000:]}")
+            self.http_url = line.strip().rsplit(" ", 1)[-1].rstrip("/")
 
     def wait_idle(self, timeout: float = 60.0, quiet: float = 0.05) -> float:
         """Wait until the server and its workers use under `quiet` of a core (workers import torch and

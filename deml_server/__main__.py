@@ -21,6 +21,19 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser = argparse.ArgumentParser(prog="deml-server", description="Federated training and sharded inference.")
     parser.add_argument("--host", default=config.host, help="address to bind (default %(default)s: loopback)")
     parser.add_argument("--port", type=int, default=config.port, help="port (0 picks a free one; default %(default)s)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=config.http_port,
+        help="port of the dashboard, /api, the OIP REST face and /metrics, on --host (0 picks a free one;"
+        " default %(default)s)",
+    )
+    parser.add_argument(
+        "--http",
+        action=argparse.BooleanOptionalAction,
+        default=config.http,
+        help="serve HTTP besides gRPC (--no-http: gRPC only)",
+    )
     parser.add_argument("--data-dir", type=Path, default=config.data_dir, help="jobs, models and artifacts")
     parser.add_argument("--workers", type=int, default=config.workers, help="training worker processes")
     parser.add_argument(
@@ -95,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.host = args.host
     config.port = args.port
+    config.http_port = args.http_port
+    config.http = args.http
     config.data_dir = args.data_dir
     config.workers = args.workers
     config.inference_workers = args.inference_workers
@@ -130,8 +145,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT or SIGTERM."""
     server = await start_server(config)
-    # One machine-readable line, so scripts and tests can find the port when they passed --port 0.
+    # Machine-readable lines, so scripts and tests can find the ports when they passed port 0: gRPC first, then
+    # the dashboard's URL when HTTP is on.
     print(f"deml-server listening on {config.host}:{server.port}", flush=True)
+    if server.http is not None:
+        print(f"deml-server dashboard at {server.http.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,10 @@ class ServerConfig:
 
     host: str = field(default_factory=lambda: env_str("DEML_HOST", "127.0.0.1"))
     port: int = field(default_factory=lambda: env_int("DEML_PORT", 50051))
+    # The HTTP face (dashboard, /api, OIP REST, /metrics), on the same host as gRPC; 0 picks a free port.
+    http_port: int = field(default_factory=lambda: env_int("DEML_HTTP_PORT", 8000))
+    # Whether to serve HTTP at all (--no-http turns it off).
+    http: bool = field(default_factory=lambda: env_bool("DEML_HTTP", True))
     data_dir: Path = field(default_factory=lambda: Path(env_str("DEML_DATA_DIR", ".deml")))
     # Training worker processes of the local backend.
     # One per core by default: more processes than cores only share them (measured in BENCHMARKS.md).
@@ -59,6 +63,10 @@ class ServerConfig:
             raise InvalidArgument(f"inference threads must be at least 1 (got {self.inference_threads})")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port must be 0..65535 (got {self.port})")
+        if not 0 <= self.http_port <= 65535:
+            raise InvalidArgument(f"http port must be 0..65535 (got {self.http_port})")
+        if self.http and self.http_port == self.port != 0:
+            raise InvalidArgument(f"the HTTP and gRPC faces cannot share port {self.port}; pick another --http-port")
         if self.max_upload_bytes <= 0:
             raise InvalidArgument(f"max upload bytes must be positive (got {self.max_upload_bytes})")
         if self.max_task_attempts <= 0:

@@ -74,6 +74,14 @@ class RoundsPage:
 
 
 @dataclass(frozen=True)
+class RoundStats:
+    """Figures over all of a job's committed rounds, computed by the store without loading them."""
+
+    best_accuracy: float | None = None
+    cost_glm: float | None = None
+
+
+@dataclass(frozen=True)
 class JobFiles:
     """Content addresses (sha256) of a job's uploaded files in the artifact store."""
 
@@ -145,3 +153,45 @@ class JobEvent:
     message: str = ""
     # (round, tasks done, tasks in the round) while a round's worker tasks finish.
     progress: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """A job event as kept in the store's event log: `seq` orders every job's events (SSE ids)."""
+
+    seq: int
+    job_id: str
+    kind: EventKind
+    state: JobState
+    at: datetime
+    round: int = 0
+    message: str = ""
+    progress: tuple[int, int, int] | None = None
+
+
+class TaskOutcome(enum.Enum):
+    """How one attempt of a worker task ended."""
+
+    OK = "OK"
+    # The worker crashed, timed out or returned no valid result (retried on another worker).
+    FAILED = "FAILED"
+    # The task ran but the user's code raised an error.
+    CODE_ERROR = "CODE_ERROR"
+    # The task returned weights that failed validation (not aggregated).
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True)
+class TaskAttempt:
+    """One attempt of one worker task of a job (train, evaluate, init, baseline, export)."""
+
+    job_id: str
+    action: str
+    round: int
+    partition: int
+    attempt: int
+    worker: str
+    seconds: float
+    outcome: TaskOutcome
+    error: str
+    finished_at: datetime

@@ -6,9 +6,11 @@ from __future__ import annotations
 class DemlError(Exception):
     """Base of every error the domain raises on purpose; `reason` is safe to show to the caller."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, field: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        # The request field the error is about ("" when it is about the whole request), for forms.
+        self.field = field
 
 
 class InvalidArgument(DemlError):

@@ -8,21 +8,33 @@ import logging
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from deml_server.artifacts import ArtifactStore, ArtifactWriter
 from deml_server.backends import Backend, known_backends
 from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
-from deml_server.domain import EventKind, Job, JobEvent, JobFiles, JobSpec, JobState, RoundsPage
+from deml_server.domain import (
+    EventKind,
+    EventRecord,
+    Job,
+    JobEvent,
+    JobFiles,
+    JobSpec,
+    JobState,
+    RoundsPage,
+    RoundStats,
+    RoundSummary,
+    TaskAttempt,
+)
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from deml_server.ownership import Ownership, Scope
 from deml_server.quota import JobQuota
 from deml_server.registry import ModelRegistry, check_model_name
 from deml_server.runner import JobRunner, RunnerDeps
 from deml_server.store import JobStore
-from deml_server.strategy import make_strategy
+from deml_server.strategy import STRATEGIES, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +47,77 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
     """Fill server defaults into what the user set, and reject what cannot run (naming the field)."""
     unknown = set(given) - {f.name for f in dataclasses.fields(JobSpec)}
     if unknown:
-        raise InvalidArgument(f"unknown job settings: {', '.join(sorted(unknown))}")
+        raise InvalidArgument(f"unknown job settings: {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
     values: dict[str, Any] = {"task_timeout_seconds": config.task_timeout_seconds, "backend": config.backend}
-    values.update({k: v for k, v in given.items() if v is not None})
+    values.update({k: _typed(k, v) for k, v in given.items() if v is not None})
     spec = JobSpec(**values)
     for name in ("rounds", "workers", "local_epochs", "batch_size"):
         if getattr(spec, name) <= 0:
-            raise InvalidArgument(f"{name} must be at least 1 (got {getattr(spec, name)})")
+            raise InvalidArgument(f"{name} must be at least 1 (got {getattr(spec, name)})", field=name)
     for name in ("learning_rate", "dirichlet_alpha", "task_timeout_seconds"):
         value = getattr(spec, name)
         if not math.isfinite(value) or value <= 0:
-            raise InvalidArgument(f"{name} must be a positive number (got {value})")
+            raise InvalidArgument(f"{name} must be a positive number (got {value})", field=name)
     if not math.isfinite(spec.budget_glm) or spec.budget_glm < 0:
-        raise InvalidArgument(f"budget_glm must be zero (no cap) or a positive number (got {spec.budget_glm})")
+        raise InvalidArgument(
+            f"budget_glm must be zero (no cap) or a positive number (got {spec.budget_glm})", field="budget_glm"
+        )
     if not 0 < spec.test_fraction < 1:
-        raise InvalidArgument(f"test_fraction must be between 0 and 1 (got {spec.test_fraction})")
+        raise InvalidArgument(
+            f"test_fraction must be between 0 and 1 (got {spec.test_fraction})", field="test_fraction"
+        )
     if not 0 <= spec.min_fit_workers <= spec.workers:
         raise InvalidArgument(
-            f"min_fit_workers must be between 0 and workers={spec.workers} (got {spec.min_fit_workers})"
+            f"min_fit_workers must be between 0 and workers={spec.workers} (got {spec.min_fit_workers})",
+            field="min_fit_workers",
         )
     if spec.partitioning not in ("iid", "dirichlet"):
-        raise InvalidArgument(f"partitioning must be 'iid' or 'dirichlet' (got {spec.partitioning!r})")
+        raise InvalidArgument(
+            f"partitioning must be 'iid' or 'dirichlet' (got {spec.partitioning!r})", field="partitioning"
+        )
     if spec.backend not in known_backends():
-        raise InvalidArgument(f"unknown backend {spec.backend!r}; known: {', '.join(known_backends())}")
-    check_model_name(spec.name)
-    make_strategy(spec.strategy, spec.strategy_options)  # validates the name and options
+        raise InvalidArgument(
+            f"unknown backend {spec.backend!r}; known: {', '.join(known_backends())}", field="backend"
+        )
+    try:
+        check_model_name(spec.name)
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.reason, field="name") from None
+    if spec.strategy.strip().lower() not in (*STRATEGIES, ""):
+        raise InvalidArgument(f"unknown strategy {spec.strategy!r}; known: {', '.join(STRATEGIES)}", field="strategy")
+    try:
+        make_strategy(spec.strategy, spec.strategy_options)  # validates the options
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.reason, field="strategy_options") from None
     return spec
+
+
+_SPEC_TYPES = {f.name: f.type for f in dataclasses.fields(JobSpec)}
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A setting of the type JobSpec declares (JSON from the HTTP face may carry anything), or InvalidArgument."""
+    declared = _SPEC_TYPES.get(name)
+    ok: bool
+    if declared == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif declared == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif declared == "bool":
+        ok = isinstance(value, bool)
+    elif declared == "str":
+        ok = isinstance(value, str)
+    else:  # strategy_options: a mapping checked by the strategy itself
+        ok = isinstance(value, Mapping)
+        value = dict(value) if ok else value
+    if not ok:
+        kind = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+        raise InvalidArgument(
+            f"{name} must be {kind.get(str(declared), 'a mapping of option names to numbers')} (got {value!r})",
+            field=name,
+        )
+    return value
 
 
 class Upload:
@@ -136,6 +193,8 @@ class JobService:
         self._watchers: defaultdict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
         self._quota = JobQuota(max_running=config.max_jobs_per_token, max_queued=config.max_queued_per_token)
         self._ownership = Ownership(store)
+        # Followers of the event log (the dashboard's streams): each queue with the job it follows, None for all.
+        self._followers: dict[asyncio.Queue[EventRecord], str | None] = {}
 
     async def start(self) -> None:
         """Resume every job a previous server left unfinished."""
@@ -250,6 +309,73 @@ class JobService:
     def _publish(self, event: JobEvent) -> None:
         for queue in list(self._watchers.get(event.job.id, ())):
             queue.put_nowait(event)
+        record = self._store.add_event(
+            event.job.id,
+            event.kind,
+            event.job.state,
+            round=event.round.round if event.round is not None else 0,
+            message=event.message,
+            progress=event.progress,
+        )
+        for follower, job_id in list(self._followers.items()):
+            if job_id is None or job_id == record.job_id:
+                follower.put_nowait(record)
+
+    def events(self, job_id: str | None = None, after: int = 0, limit: int = 0) -> Sequence[EventRecord]:
+        """The event log (of one job, or of all) after a sequence number, oldest first."""
+        if job_id is not None:
+            self._store.get_job(job_id)  # NotFound for an unknown id
+        return self._store.events(job_id, after, limit)
+
+    def round_summary(self, job_id: str, server_round: int) -> RoundSummary:
+        """One committed round of a job."""
+        return self._store.round_summary(job_id, server_round)
+
+    def round_stats(self, job_id: str) -> RoundStats:
+        """Best accuracy and cost over all of a job's committed rounds, without loading them."""
+        return self._store.round_stats(job_id)
+
+    def all_rounds(self) -> Sequence[tuple[str, RoundSummary]]:
+        """Every job's committed rounds, with the job's id."""
+        return self._store.all_rounds()
+
+    def task_attempts(self, job_id: str) -> Sequence[TaskAttempt]:
+        """How each attempt of each of a job's worker tasks ended."""
+        self._store.get_job(job_id)
+        return self._store.task_attempts(job_id)
+
+    @property
+    def followers(self) -> int:
+        """How many event-log followers are open (the dashboard's live streams)."""
+        return len(self._followers)
+
+    async def follow(
+        self, job_id: str | None, after: int = 0, *, idle: float = 1.0
+    ) -> AsyncGenerator[EventRecord | None]:
+        """Logged events after `after` (of one job, or of all), then each new one as it happens, without end.
+
+        Yields None after `idle` seconds without an event, so a caller can check that its reader is still there.
+        """
+        queue: asyncio.Queue[EventRecord] = asyncio.Queue()
+        self._followers[queue] = job_id
+        try:
+            last = after
+            for record in self.events(job_id, after):
+                last = record.seq
+                yield record
+            while True:
+                try:
+                    # asyncio.timeout, not wait_for: the stream's own task waits, no task per event (fewer loop hops).
+                    async with asyncio.timeout(idle):
+                        record = await queue.get()
+                except TimeoutError:
+                    yield None
+                    continue
+                if record.seq > last:  # already sent from the log when it arrived during the replay
+                    last = record.seq
+                    yield record
+        finally:
+            self._followers.pop(queue, None)
 
     async def watch(self, job_id: str, scope: Scope = None, from_round: int = 1) -> AsyncIterator[JobEvent]:
         """What already happened to the job (its rounds from `from_round` on), then each new event until it ends."""

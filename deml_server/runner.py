@@ -13,9 +13,9 @@ from pathlib import Path
 
 from deml_server import weights as wio
 from deml_server.artifacts import ArtifactStore
-from deml_server.backends.base import Backend, WorkItem
+from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shard_data, unpack_code
-from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary
+from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary, TaskAttempt, TaskOutcome
 from deml_server.errors import DemlError
 from deml_server.registry import ModelRegistry
 from deml_server.store import JobStore
@@ -46,6 +46,8 @@ class _Fold:
         self.results: list[FitResult] = []
         self.problems: list[tuple[int, str]] = []
         self.user_errors: list[tuple[int, str]] = []
+        # Partitions whose weights were refused, with why (the dashboard's task table marks their attempts).
+        self.rejected: list[tuple[int, str]] = []
         self._waiting: dict[int, FitResult | None] = {}
         self._next = 0
         self._lock = asyncio.Lock()
@@ -58,14 +60,12 @@ class _Fold:
         elif not result.ok:
             self.user_errors.append((index, result.error))
         elif result.num_examples <= 0:
-            self.problems.append(
-                (index, f"worker {index}: weights rejected: it reported {result.num_examples} training examples")
-            )
+            self._reject(index, f"it reported {result.num_examples} training examples")
         else:
             try:
                 update = await asyncio.to_thread(self._read, result)
             except DemlError as exc:
-                self.problems.append((index, f"worker {index}: weights rejected: {exc.reason}"))
+                self._reject(index, exc.reason)
             else:
                 checked = FitResult(f"partition-{index}", update, result.num_examples, result.metrics)
         async with self._lock:
@@ -80,6 +80,10 @@ class _Fold:
                     # Only the metrics are kept: the weights are in the sum.
                     ready = FitResult(ready.worker, {}, ready.num_examples, ready.metrics)
                 self.results.append(ready)
+
+    def _reject(self, index: int, reason: str) -> None:
+        self.rejected.append((index, reason))
+        self.problems.append((index, f"worker {index}: weights rejected: {reason}"))
 
     def _read(self, result: TaskResult) -> Weights:
         update = wio.read(result.directory / "weights.safetensors")
@@ -226,6 +230,8 @@ class JobRunner:
             raise JobFailed(f"round {server_round}, worker {index}: the task's code raised an error\n{error}")
         results = fold.results
         problems = [problem for _, problem in sorted(fold.problems)]
+        for index, reason in sorted(fold.rejected):
+            self.deps.store.reject_task_attempt(self.job.id, server_round, index, reason)
         for problem in problems:
             self._progress(f"round {server_round}: {problem}")
         if len(results) < self.spec.quorum:
@@ -365,15 +371,44 @@ class JobRunner:
             outcome = await self._backend.run(item, avoid=failed_on)
             if outcome.ok:
                 try:
-                    return read_result(item.output), ""
+                    result = read_result(item.output)
                 except (OSError, ValueError) as exc:
                     outcome_error = f"worker {outcome.worker} returned no valid result.json ({exc})"
+                else:
+                    code_ok = TaskOutcome.OK if result.ok else TaskOutcome.CODE_ERROR
+                    self._record_attempt(bundle, server_round, attempt, outcome, code_ok, result.error)
+                    return result, ""
             else:
                 outcome_error = outcome.error
+            self._record_attempt(bundle, server_round, attempt, outcome, TaskOutcome.FAILED, outcome_error)
             failed_on.append(outcome.worker)
             errors.append(outcome_error)
             self._progress(f"{label}: attempt {attempt} failed: {outcome_error}")
         return None, f"{label} failed {len(errors)} times: {errors[-1]}"
+
+    def _record_attempt(
+        self,
+        bundle: TaskBundle,
+        server_round: int,
+        attempt: int,
+        outcome: WorkOutcome,
+        how: TaskOutcome,
+        error: str,
+    ) -> None:
+        self.deps.store.add_task_attempt(
+            TaskAttempt(
+                job_id=self.job.id,
+                action=bundle.action,
+                round=server_round,
+                partition=bundle.partition_index,
+                attempt=attempt,
+                worker=outcome.worker,
+                seconds=outcome.seconds,
+                outcome=how,
+                error=error,
+                finished_at=datetime.now(tz=UTC),
+            )
+        )
 
     async def _run_one(self, bundle: TaskBundle, label: str, *, server_round: int = 0) -> TaskResult:
         result, problem = await self._attempt(bundle, label, server_round=server_round)

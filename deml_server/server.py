@@ -1,9 +1,18 @@
-"""Assembles the server: stores, backend, job service, gRPC services, health and reflection."""
+"""The one builder of a server: every part is built, started in order and closed in reverse, here only.
+
+Order: job store → artifacts and model registry → training backend → inference backend (when separate) →
+inference gateway and its pool → job service (resumes unfinished jobs) → gRPC face → HTTP face. deml-server,
+the tests and the benchmarks all start a server through start_server.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +24,7 @@ from deml.v1 import inference_pb2, models_pb2, models_pb2_grpc, training_pb2, tr
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends import Backend, create_backend
 from deml_server.config import ServerConfig
+from deml_server.http.app import HttpFace, HttpServices, build_app, url_host
 from deml_server.inference import MAX_MESSAGE_BYTES
 from deml_server.inference.bundle_pool import BundlePool
 from deml_server.inference.gateway import InferenceGateway
@@ -30,49 +40,103 @@ from deml_server.store import JobStore
 
 log = logging.getLogger(__name__)
 
+Closer = Callable[[], Awaitable[None] | None]
+
+
+class Lifetimes:
+    """What was started so far, closed in reverse: by stop(), or when a later part fails to start."""
+
+    def __init__(self) -> None:
+        self._closers: list[tuple[str, Closer]] = []
+        # Seconds the faces give calls in flight when they stop.
+        self.grace = 2.0
+
+    def started(self, name: str, close: Closer) -> None:
+        """Record a part that is now running and how to close it."""
+        self._closers.append((name, close))
+
+    async def close_all(self) -> None:
+        """Close every part, last started first; one that fails to close does not keep the others open."""
+        while self._closers:
+            name, close = self._closers.pop()
+            started = time.monotonic()
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("closing the %s failed", name)
+            log.debug("closed the %s in %.2f s", name, time.monotonic() - started)
+
 
 @dataclass
 class DemlServer:
-    """A running server and what it owns; `port` is the bound port (useful with port 0)."""
+    """A running server and every part it owns; `port` and `http_port` are the bound ports (useful with 0)."""
 
     config: ServerConfig
-    grpc_server: grpc.aio.Server
     store: JobStore
+    artifacts: ArtifactStore
+    registry: ModelRegistry
     backend: Backend
-    jobs: JobService
+    inference_backend: Backend | None
     gateway: InferenceGateway
+    jobs: JobService
+    grpc_server: grpc.aio.Server
     port: int
     security: NetworkSecurity
+    http: HttpFace | None
+    lifetimes: Lifetimes = field(repr=False)
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP face's bound port, None with --no-http."""
+        return self.http.port if self.http is not None else None
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop serving, stop runners (jobs stay resumable), stop workers."""
-        await self.grpc_server.stop(grace)
-        await self.jobs.close()
-        await self.gateway.close()
-        await self.backend.close()
-        self.store.close()
-
-
-def _inference_pool(config: ServerConfig, training: Backend) -> BundlePool | None:
-    """None for local onnxruntime workers; else shards as bundles on the named backend (shared with training)."""
-    if config.inference_backend == "local":
-        return None
-    backend = (
-        training if config.inference_backend == config.backend else create_backend(config.inference_backend, config)
-    )
-    return BundlePool(backend, work_dir=config.data_dir / "inference-shards", timeout=config.task_timeout_seconds)
+        """Close every part in reverse order: faces, runners (jobs stay resumable), workers, backends, store."""
+        self.lifetimes.grace = grace
+        await self.lifetimes.close_all()
 
 
 async def start_server(config: ServerConfig) -> DemlServer:
-    """Build and start everything; returns once the port is bound and jobs are resumed."""
+    """Build and start everything; returns once both faces listen and unfinished jobs are resumed."""
     config.validate()
     security = NetworkSecurity.from_config(config)
+    lifetimes = Lifetimes()
+    try:
+        return await _build(config, lifetimes, security)
+    except BaseException:
+        await lifetimes.close_all()
+        raise
+
+
+async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSecurity) -> DemlServer:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(config.data_dir / "deml.sqlite3")
+    lifetimes.started("job store", store.close)
     artifacts = ArtifactStore(config.data_dir / "artifacts")
     registry = ModelRegistry(store, artifacts)
+
     backend = create_backend(config.backend, config)
     await backend.start()
+    lifetimes.started(f"{backend.name} backend", backend.close)
+    inference_backend = await _inference_backend(config, backend, lifetimes)
+
+    pool = None
+    if inference_backend is not None:
+        pool = BundlePool(
+            inference_backend, work_dir=config.data_dir / "inference-shards", timeout=config.task_timeout_seconds
+        )
+    gateway = InferenceGateway(
+        registry,
+        workers=config.inference_workers,
+        threads_per_worker=config.inference_threads,
+        pool=pool,
+        shared_memory=config.shared_memory,
+    )
+    await gateway.start()
+    lifetimes.started("inference gateway", gateway.close)
+
     jobs = JobService(
         config=config,
         store=store,
@@ -81,15 +145,74 @@ async def start_server(config: ServerConfig) -> DemlServer:
         backend=backend,
         backend_factory=lambda name: create_backend(name, config),
     )
-    gateway = InferenceGateway(
-        registry,
-        workers=config.inference_workers,
-        threads_per_worker=config.inference_threads,
-        pool=_inference_pool(config, backend),
-        shared_memory=config.shared_memory,
-    )
-    await gateway.start()
+    await jobs.start()
+    lifetimes.started("job service", jobs.close)
 
+    grpc_server, port = await _start_grpc(config, jobs, registry, artifacts, gateway, security)
+    lifetimes.started("gRPC face", lambda: grpc_server.stop(lifetimes.grace))
+    log.info(
+        "deml-server listening on %s:%d (backend %s, %d workers)", config.host, port, backend.name, backend.capacity
+    )
+
+    http = None
+    if config.http:
+        services = HttpServices(
+            config=config,
+            jobs=jobs,
+            registry=registry,
+            artifacts=artifacts,
+            gateway=gateway,
+            backend=backend,
+            inference_backend=inference_backend,
+            grpc_target=f"{url_host(config.host)}:{port}",
+            started_at=datetime.now(UTC),
+        )
+        http = HttpFace(build_app(services), config.host, config.http_port, shutdown_timeout=lifetimes.grace)
+        lifetimes.started("HTTP face", http.close)
+        await http.start()
+        log.info("dashboard at %s", http.url)
+
+    return DemlServer(
+        config=config,
+        store=store,
+        artifacts=artifacts,
+        registry=registry,
+        backend=backend,
+        inference_backend=inference_backend,
+        gateway=gateway,
+        jobs=jobs,
+        grpc_server=grpc_server,
+        port=port,
+        security=security,
+        http=http,
+        lifetimes=lifetimes,
+    )
+
+
+async def _inference_backend(config: ServerConfig, training: Backend, lifetimes: Lifetimes) -> Backend | None:
+    """The backend inference shards run on as bundles; None for the local onnxruntime workers.
+
+    It is the training backend when both are the same; else one of its own, started and closed here.
+    """
+    if config.inference_backend == "local":
+        return None
+    if config.inference_backend == config.backend:
+        return training
+    backend = create_backend(config.inference_backend, config)
+    await backend.start()
+    lifetimes.started(f"{backend.name} inference backend", backend.close)
+    return backend
+
+
+async def _start_grpc(
+    config: ServerConfig,
+    jobs: JobService,
+    registry: ModelRegistry,
+    artifacts: ArtifactStore,
+    gateway: InferenceGateway,
+    security: NetworkSecurity,
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC face: every servicer, health and reflection; returns the started server and its bound port."""
     server = grpc.aio.server(
         interceptors=[*security.interceptors(), ErrorMappingInterceptor()],
         options=[
@@ -116,21 +239,4 @@ async def start_server(config: ServerConfig) -> DemlServer:
     await server.start()
     for name in ["", *services]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await jobs.start()
-    log.info(
-        "deml-server listening on %s:%d (backend %s, %d workers)",
-        config.host,
-        port,
-        backend.name,
-        backend.capacity,
-    )
-    return DemlServer(
-        config=config,
-        grpc_server=server,
-        store=store,
-        backend=backend,
-        jobs=jobs,
-        gateway=gateway,
-        port=port,
-        security=security,
-    )
+    return server, port

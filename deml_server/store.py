@@ -16,7 +16,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deml_server.domain import Job, JobFiles, JobSpec, JobState, ModelRecord, RoundSummary, TensorSpec
+from deml_server.domain import (
+    EventKind,
+    EventRecord,
+    Job,
+    JobFiles,
+    JobSpec,
+    JobState,
+    ModelRecord,
+    RoundStats,
+    RoundSummary,
+    TaskAttempt,
+    TaskOutcome,
+    TensorSpec,
+)
 from deml_server.errors import NotFound
 
 _SCHEMA = """
@@ -60,6 +73,35 @@ CREATE TABLE IF NOT EXISTS models (
 );
 """
 
+# The dashboard's record of what happened: every job event (ids for Server-Sent Events) and every task attempt.
+_HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,
+    round INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    progress TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, seq);
+CREATE TABLE IF NOT EXISTS task_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    partition INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    error TEXT NOT NULL,
+    finished_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_attempts_by_job ON task_attempts (job_id, id);
+"""
+
 
 def _ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, tz=UTC)
@@ -88,6 +130,7 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         _add_owner_columns(self._db)
+        self._db.executescript(_HISTORY_SCHEMA)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -105,6 +148,27 @@ class JobStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def _history_tx(self) -> Iterator[sqlite3.Connection]:
+        """A transaction for the event log and task attempts, committed without waiting for the disk.
+
+        They are a record for people, not a checkpoint: losing the last few to a power cut is acceptable, and an
+        fsync per event (milliseconds, on the event loop) would slow fast rounds. The next FULL commit (a round's
+        checkpoint) makes them durable too, as it syncs the whole write-ahead log.
+        """
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -150,6 +214,24 @@ class JobStore:
         if limit > 0:
             sql += f" LIMIT {int(limit)}"
         return tuple(_round(r) for r in self._query(sql, (job_id, start)))
+
+    def round_stats(self, job_id: str) -> RoundStats:
+        """Best test accuracy and GLM spent over a job's committed rounds (one SQL aggregate, no rounds loaded)."""
+        rows = self._query(
+            "SELECT MAX(json_extract(metrics, '$.accuracy')), SUM(json_extract(metrics, '$.cost_glm'))"
+            " FROM rounds WHERE job_id = ?",
+            (job_id,),
+        )
+        best, cost = rows[0] if rows else (None, None)
+        return RoundStats(
+            best_accuracy=float(best) if best is not None else None,
+            cost_glm=float(cost) if cost is not None else None,
+        )
+
+    def all_rounds(self) -> list[tuple[str, RoundSummary]]:
+        """Every committed round of every job, with its job's id (for metrics scrapes)."""
+        sql = _ROUND_SELECT.replace("SELECT ", "SELECT job_id, ", 1)
+        return [(r[0], _round(r[1:])) for r in self._query(sql)]
 
     def list_jobs(self, state: JobState | None = None, limit: int = 0) -> list[Job]:
         """Jobs, newest first."""
@@ -364,6 +446,115 @@ class JobStore:
             (name,),
         )
         return {int(version): owner for version, owner in rows}
+
+    # -- history: job events and task attempts ----------------------------------------------------------------
+
+    def add_event(
+        self,
+        job_id: str,
+        kind: EventKind,
+        state: JobState,
+        *,
+        round: int = 0,
+        message: str = "",
+        progress: tuple[int, int, int] | None = None,
+    ) -> EventRecord:
+        """Append one event to the log; its `seq` is larger than every earlier event's."""
+        at = _now()
+        with self._history_tx() as db:
+            cursor = db.execute(
+                "INSERT INTO job_events (job_id, kind, state, at, round, message, progress)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind.value, state.value, at, round, message, json.dumps(progress) if progress else None),
+            )
+            seq = cursor.lastrowid
+        assert seq is not None
+        return EventRecord(
+            seq=seq, job_id=job_id, kind=kind, state=state, at=_ts(at), round=round, message=message, progress=progress
+        )
+
+    def events(self, job_id: str | None = None, after: int = 0, limit: int = 0) -> list[EventRecord]:
+        """Logged events with seq > after (of one job, or of all), oldest first; limit > 0 keeps the newest."""
+        sql = "SELECT seq, job_id, kind, state, at, round, message, progress FROM job_events WHERE seq > ?"
+        args: tuple[Any, ...] = (after,)
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args = (after, job_id)
+        if limit > 0:
+            sql = f"SELECT * FROM ({sql} ORDER BY seq DESC LIMIT {int(limit)})"
+        rows = self._query(sql + " ORDER BY seq", args)
+        return [
+            EventRecord(
+                seq=r[0],
+                job_id=r[1],
+                kind=EventKind(r[2]),
+                state=JobState(r[3]),
+                at=_ts(r[4]),
+                round=r[5],
+                message=r[6],
+                progress=tuple(json.loads(r[7])) if r[7] else None,
+            )
+            for r in rows
+        ]
+
+    def round_summary(self, job_id: str, server_round: int) -> RoundSummary:
+        """One committed round of a job (without loading the others), or NotFound."""
+        rows = self._query(_ROUND_SELECT + " WHERE job_id = ? AND round = ?", (job_id, server_round))
+        if not rows:
+            raise NotFound(f"job {job_id!r} has no committed round {server_round}")
+        return _round(rows[0])
+
+    def add_task_attempt(self, attempt: TaskAttempt) -> None:
+        """Record how one attempt of a task ended."""
+        with self._history_tx() as db:
+            db.execute(
+                "INSERT INTO task_attempts (job_id, action, round, partition, attempt, worker, seconds, outcome,"
+                " error, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    attempt.job_id,
+                    attempt.action,
+                    attempt.round,
+                    attempt.partition,
+                    attempt.attempt,
+                    attempt.worker,
+                    attempt.seconds,
+                    attempt.outcome.value,
+                    attempt.error,
+                    attempt.finished_at.timestamp(),
+                ),
+            )
+
+    def reject_task_attempt(self, job_id: str, server_round: int, partition: int, reason: str) -> None:
+        """Mark a round's successful training attempt on a partition as rejected (its weights were not used)."""
+        with self._history_tx() as db:
+            db.execute(
+                "UPDATE task_attempts SET outcome = ?, error = ? WHERE id = (SELECT MAX(id) FROM task_attempts"
+                " WHERE job_id = ? AND action = 'train' AND round = ? AND partition = ? AND outcome = ?)",
+                (TaskOutcome.REJECTED.value, reason, job_id, server_round, partition, TaskOutcome.OK.value),
+            )
+
+    def task_attempts(self, job_id: str) -> list[TaskAttempt]:
+        """A job's task attempts in the order they finished."""
+        rows = self._query(
+            "SELECT job_id, action, round, partition, attempt, worker, seconds, outcome, error, finished_at"
+            " FROM task_attempts WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [
+            TaskAttempt(
+                job_id=r[0],
+                action=r[1],
+                round=r[2],
+                partition=r[3],
+                attempt=r[4],
+                worker=r[5],
+                seconds=r[6],
+                outcome=TaskOutcome(r[7]),
+                error=r[8],
+                finished_at=_ts(r[9]),
+            )
+            for r in rows
+        ]
 
 
 def _add_owner_columns(db: sqlite3.Connection) -> None:

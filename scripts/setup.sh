@@ -18,4 +18,9 @@ if [ ! -x .tools/node_modules/.bin/buf ]; then
     mkdir -p .tools
     npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
 fi
+# The dashboard's browser tests drive Debian's chromium through Playwright (`playwright install` cannot download
+# browsers here); installed only when missing and we may (root with apt).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 echo "setup done: $(python --version), torch $(python -c 'import torch; print(torch.__version__)'), buf $(.tools/node_modules/.bin/buf --version)"

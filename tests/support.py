@@ -9,13 +9,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deml_server.config import ServerConfig
 from deml_server.server import DemlServer, start_server
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
@@ -74,6 +75,17 @@ class ServerThread:
         assert self.server is not None
         return f"127.0.0.1:{self.server.port}"
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP face's base URL, e.g. http://127.0.0.1:41234 (no trailing slash)."""
+        assert self.server is not None and self.server.http_port is not None, "the server runs without HTTP"
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the server's loop (e.g. to read a domain service)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=120)
+
     def start(self) -> ServerThread:
         self._thread.start()
         self._ready.wait(timeout=60)
@@ -104,32 +116,36 @@ class ServerThread:
 
 
 def make_config(data_dir: Path, **overrides: object) -> ServerConfig:
-    config = ServerConfig(host="127.0.0.1", port=0, data_dir=data_dir, workers=2, inference_workers=1)
+    config = ServerConfig(host="127.0.0.1", port=0, http_port=0, data_dir=data_dir, workers=2, inference_workers=1)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
 
 
 class ServerProcess:
-    """`python -m deml_server` as a child process (for CLI and crash tests)."""
+    """`python -m deml_server` as a child process (for CLI and crash tests), both faces on ports it picks."""
 
     def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
         """`prefix`: a command that execs the server (e.g. in other namespaces), keeping its pid."""
         self.log_path = data_dir.parent / f"{data_dir.name}-server-{time.time_ns()}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
+        command = [*prefix, sys.executable, "-m", "deml_server", "--port", "0", "--http-port", "0"]
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "deml_server", "--port", "0", "--data-dir", str(data_dir), *extra],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            cwd=ROOT,
+            [*command, "--data-dir", str(data_dir), *extra], stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT
         )
+        self.target = self._announced("listening on")
+        # "host:port" of the HTTP face, or "" with --no-http.
+        self.http_url = "" if "--no-http" in extra else self._announced("dashboard at").rstrip("/")
+
+    def _announced(self, what: str) -> str:
+        """The last word of the server's next line on stdout, which must say `what`."""
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
-        if "listening on" not in line:
+        if what not in line:
             self.proc.kill()
             raise RuntimeError(f"deml-server did not start: {line!r}\n{self.log_path.read_text()}")
-        self.target = line.strip().rsplit(" ", 1)[-1]
+        return line.strip().rsplit(" ", 1)[-1]
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""

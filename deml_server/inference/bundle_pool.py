@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from deml_server.backends.base import Backend, WorkItem
 from deml_server.errors import Unavailable
 from deml_server.inference.pool import Places, ShardFailed, Tensors
+from deml_server.inference.stats import ShardTimes
 from provider_runtime.contract import ResultDoc, TaskDoc
 
 
@@ -84,13 +86,16 @@ class BundlePool:
         owner: object,
         placed: Places | None = None,
         outputs_to: Places | None = None,
+        times: ShardTimes | None = None,
     ) -> Tensors:
         """Run one shard as a task; a provider failure is retried on another once, then the call fails.
 
         Shards travel to the provider as files, so inputs in shared memory are read from the arrays given and
-        outputs come back as arrays (the gateway copies them into the client's shared memory).
+        outputs come back as arrays (the gateway copies them into the client's shared memory). The whole task
+        counts as the shard's compute time in `times`.
         """
         del placed, outputs_to
+        started = time.perf_counter_ns()
         if not self._started:
             raise Unavailable("the inference pool is not running")
         root = Path(tempfile.mkdtemp(prefix=f"shard-{next(self._numbers)}-", dir=self._work_dir))
@@ -118,6 +123,8 @@ class BundlePool:
         finally:
             self._in_flight -= 1
             shutil.rmtree(root, ignore_errors=True)
+            if times is not None:
+                times.infer_ns += time.perf_counter_ns() - started
 
     @staticmethod
     def _write_bundle(dest: Path, model_path: str, inputs: Sequence[tuple[str, np.ndarray]]) -> Path:

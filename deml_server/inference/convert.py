@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -11,10 +10,26 @@ from deml.oip import grpc_predict_v2_pb2 as oip_pb2
 from deml.v1 import inference_pb2
 from deml_server.domain import ModelRecord, TensorSpec
 from deml_server.errors import InvalidArgument
+from deml_server.inference.protocol import (
+    PLATFORM,
+    array_from_bytes,
+    array_from_values,
+    output_names,
+    raw_bytes,
+)
 from deml_server.inference.shm import FileSlice, SharedMemoryRegistry
 from deml_server.inference.signature import numpy_dtype, oip_datatype
 
-PLATFORM = "onnxruntime_onnx"
+__all__ = [
+    "array_from_bytes",
+    "arrays_to_tensors",
+    "infer_inputs",
+    "infer_response",
+    "model_metadata",
+    "output_places",
+    "requested_outputs",
+    "tensors_to_arrays",
+]
 
 # InferTensorContents field that carries each datatype when a client sends typed contents.
 _CONTENTS_FIELD = {
@@ -30,33 +45,6 @@ _CONTENTS_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
-
-
-def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r} has a negative dimension in its shape {list(shape)}")
-    return tuple(int(d) for d in shape)
-
-
-def array_from_bytes(
-    name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview, *, shared: bool = False
-) -> np.ndarray:
-    """A view of raw little-endian bytes; InvalidArgument when their length does not match the shape."""
-    dtype = numpy_dtype(datatype)
-    dims = _check_shape(name, shape)
-    expected = math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        where = " (shared_memory_byte_size)" if shared else ""
-        raise InvalidArgument(
-            f"input {name!r} carries {len(data)} bytes{where}, but shape {list(dims)} of {datatype} needs {expected}"
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(dims)
-
-
-def raw_bytes(array: np.ndarray) -> bytes:
-    """An array's elements as row-major little-endian bytes."""
-    little = array.dtype.newbyteorder("<")
-    return np.ascontiguousarray(array, dtype=little).tobytes()
 
 
 # deml.v1 -------------------------------------------------------------------------------------------------------
@@ -101,30 +89,12 @@ def arrays_to_tensors(arrays: Mapping[str, np.ndarray]) -> list[inference_pb2.Te
 # Open Inference Protocol ---------------------------------------------------------------------------------------
 
 
-def parse_version(text: str) -> int:
-    """OIP versions are strings; DeML's are positive integers and "" means the latest."""
-    if not text:
-        return 0
-    if not text.isdigit():
-        raise InvalidArgument(f"model version {text!r} is not a number")
-    return int(text)
-
-
 def _typed_contents(tensor: oip_pb2.ModelInferRequest.InferInputTensor) -> np.ndarray:
-    dtype = numpy_dtype(tensor.datatype)
-    dims = _check_shape(tensor.name, tensor.shape)
     field = _CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
+        numpy_dtype(tensor.datatype)  # names a datatype DeML cannot carry at all
         raise InvalidArgument(f"input {tensor.name!r}: {tensor.datatype} must be sent in raw_input_contents")
-    values = getattr(tensor.contents, field)
-    if len(values) != math.prod(dims):
-        raise InvalidArgument(
-            f"input {tensor.name!r} carries {len(values)} elements, but shape {list(dims)} needs {math.prod(dims)}"
-        )
-    try:
-        return np.asarray(values, dtype=dtype).reshape(dims)
-    except OverflowError:
-        raise InvalidArgument(f"input {tensor.name!r} has values out of range for {tensor.datatype}") from None
+    return array_from_values(tensor.name, tensor.datatype, tensor.shape, list(getattr(tensor.contents, field)))
 
 
 InferTensor = oip_pb2.ModelInferRequest.InferInputTensor | oip_pb2.ModelInferRequest.InferRequestedOutputTensor
@@ -195,15 +165,7 @@ def infer_inputs(
 
 def requested_outputs(request: oip_pb2.ModelInferRequest, record: ModelRecord) -> list[str]:
     """Names of the outputs to return (all of them when the request names none)."""
-    known = [spec.name for spec in record.outputs]
-    wanted = [output.name for output in request.outputs]
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        raise InvalidArgument(
-            f"unknown output {', '.join(map(repr, unknown))}; model {record.name}:{record.version} has"
-            f" {', '.join(map(repr, known))}"
-        )
-    return wanted or known
+    return output_names(record, [output.name for output in request.outputs])
 
 
 def output_places(request: oip_pb2.ModelInferRequest, regions: SharedMemoryRegistry) -> dict[str, FileSlice]:

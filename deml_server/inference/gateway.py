@@ -1,12 +1,14 @@
 """InferenceGateway: check a batch, shard it by rows, run the shards on warm workers, merge in request order.
 
-Both gRPC faces (deml.v1 and the Open Inference Protocol) call this; it knows nothing of protobuf.
+Every face (deml.v1 and the Open Inference Protocol over gRPC, OIP REST over HTTP) calls this; it knows nothing
+of protobuf or JSON, and counts what it serves per model version (InferenceStats, read by /metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,6 +19,7 @@ from deml_server.inference.bundle_pool import BundlePool
 from deml_server.inference.pool import Places, ShardFailed, Tensors, WorkerPool, shard_error
 from deml_server.inference.shm import Region, SharedMemoryRegistry
 from deml_server.inference.signature import batch_rows, bind_inputs, empty_outputs, row_bytes
+from deml_server.inference.stats import InferenceStats, ShardTimes
 from deml_server.registry import ModelRegistry
 
 # Upper bound for one shard's inputs: bounded shards keep the pool fair to other requests and let the copies of
@@ -66,6 +69,7 @@ class InferenceGateway:
         self.pool = pool if pool is not None else WorkerPool(size=workers, threads=threads_per_worker, device=device)
         # Regions of clients' shared memory that requests may name instead of carrying tensor bytes.
         self.shared_memory = SharedMemoryRegistry(enabled=shared_memory)
+        self.stats = InferenceStats()
 
     async def start(self) -> None:
         """Start the worker processes (each imports onnxruntime once)."""
@@ -116,6 +120,16 @@ class InferenceGateway:
         """The registered version (0 = latest) or NotFound."""
         return self._registry.get(name, version)
 
+    def records(self, name: str = "", version: int = 0) -> list[ModelRecord]:
+        """Registered versions: all of them, every version of a name, or one (NotFound when it does not exist)."""
+        if version:
+            return [self._registry.get(name, version)]
+        if name:
+            return sorted((r for r in self._registry.list(name) if r.name == name), key=lambda r: r.version) or [
+                self._registry.get(name)
+            ]
+        return sorted(self._registry.list(), key=lambda r: (r.name, r.version))
+
     def versions(self, name: str) -> list[int]:
         """Every registered version of a model name, oldest first."""
         return sorted(record.version for record in self._registry.list(name) if record.name == name)
@@ -152,7 +166,28 @@ class InferenceGateway:
 
         `placed` says which inputs are views of a client's shared memory (the workers read those in place);
         outputs named in `outputs_to` are written into the client's shared memory, and returned as views of it.
+        Every call counts in `stats`, as a success or a failure of its model version.
         """
+        started = time.perf_counter_ns()
+        shards: list[ShardTimes] = []
+        try:
+            outputs = await self._predict(record, inputs, placed, outputs_to, shards)
+        except Exception:
+            self.stats.failure(record.name, record.version, started_ns=started)
+            raise
+        first = next(iter(inputs.values()), None)
+        rows = int(first.shape[0]) if first is not None and first.ndim else 1
+        self.stats.success(record.name, record.version, rows=rows, shards=shards, started_ns=started)
+        return outputs
+
+    async def _predict(
+        self,
+        record: ModelRecord,
+        inputs: Mapping[str, np.ndarray],
+        placed: Places | None,
+        outputs_to: Places | None,
+        shards_run: list[ShardTimes],
+    ) -> dict[str, np.ndarray]:
         bound = bind_inputs(record, inputs)
         placed = _by_input_name(record, placed or {})
         outputs_to = dict(outputs_to or {})
@@ -181,9 +216,13 @@ class InferenceGateway:
             shards = plan_shards(rows, in_rows, max(1, self.pool.idle), max_bytes)
         try:
             if len(shards) == 1:
-                results = [await self.pool.run(path, bound, owner=owner, placed=placed, outputs_to=outputs_to)]
+                times = ShardTimes()
+                shards_run.append(times)
+                results = [
+                    await self.pool.run(path, bound, owner=owner, placed=placed, outputs_to=outputs_to, times=times)
+                ]
             else:
-                results = await self._run_all(path, bound, shards, owner, placed, outputs_to, out_rows)
+                results = await self._run_all(path, bound, shards, owner, placed, outputs_to, out_rows, shards_run)
         except ShardFailed as exc:
             raise shard_error(exc, label) from None
         return _merge(record, results, outputs_to)
@@ -197,11 +236,14 @@ class InferenceGateway:
         placed: Places,
         outputs_to: Places,
         out_rows: Mapping[str, int | None],
+        shards_run: list[ShardTimes],
     ) -> list[Tensors]:
         size = {name: array.nbytes // len(array) for name, array in bound if name in placed}
 
         async def run(start: int, stop: int) -> Tensors:
             inputs = [(name, array[start:stop]) for name, array in bound]
+            times = ShardTimes()
+            shards_run.append(times)
             return await self.pool.run(
                 path,
                 inputs,
@@ -211,6 +253,7 @@ class InferenceGateway:
                     n: s.part(start * (out_rows[n] or 0), (stop - start) * (out_rows[n] or 0))
                     for n, s in outputs_to.items()
                 },
+                times=times,
             )
 
         tasks = [asyncio.create_task(run(start, stop)) for start, stop in shards]

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from deml_server.inference.shm import FileSlice
+from deml_server.inference.stats import ShardTimes
 from provider_runtime.contract import (
     ClientFile,
     ForgetRequest,
@@ -479,15 +481,20 @@ class WorkerPool:
         owner: object,
         placed: Places | None = None,
         outputs_to: Places | None = None,
+        times: ShardTimes | None = None,
     ) -> Tensors:
         """Run one shard on the next free worker; a worker that dies mid-shard costs one retry elsewhere.
 
-        `placed` inputs are read, and `outputs_to` outputs written, in the client's shared memory.
+        `placed` inputs are read, and `outputs_to` outputs written, in the client's shared memory; `times`, when
+        given, receives where the shard's time went.
         """
+        times = times if times is not None else ShardTimes()
         for attempt in (1, 2):
+            waited = time.perf_counter_ns()
             worker = await self._acquire(owner)
+            times.queue_ns += time.perf_counter_ns() - waited
             try:
-                return await self._run_on(worker, model_path, inputs, placed or {}, outputs_to or {})
+                return await self._run_on(worker, model_path, inputs, placed or {}, outputs_to or {}, times)
             except WorkerDied as exc:
                 if attempt == 2:
                     raise Unavailable(f"inference workers died twice running this request ({exc})") from None
@@ -501,15 +508,19 @@ class WorkerPool:
         inputs: Sequence[tuple[str, np.ndarray]],
         placed: Places,
         outputs_to: Places,
+        times: ShardTimes,
     ) -> Tensors:
         hand_back = True
         try:
+            started = time.perf_counter_ns()
             layout = worker.write_inputs(inputs, placed)
             targets = tuple(
                 OutputTarget(name, ClientFile(place.path, place.identity), place.offset, place.byte_size)
                 for name, place in outputs_to.items()
             )
             in_size = worker.inputs.size
+            sent = time.perf_counter_ns()
+            times.input_ns += sent - started
             run_id, future = worker.send(lambda rid: RunRequest(rid, model_path, in_size, layout, targets))
             try:
                 reply = await asyncio.shield(future)
@@ -521,10 +532,14 @@ class WorkerPool:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
                 raise
+            answered = time.perf_counter_ns()
+            times.infer_ns += answered - sent
             if not reply.ok:
                 raise ShardFailed(reply.kind, reply.error)
             self.shards_done += 1
-            return worker.read_outputs(reply, outputs_to)
+            outputs = worker.read_outputs(reply, outputs_to)
+            times.output_ns += time.perf_counter_ns() - answered
+            return outputs
         finally:
             if hand_back:
                 self._release(worker)

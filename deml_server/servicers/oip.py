@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import metadata
 from typing import Any
 
 import grpc
@@ -15,23 +14,15 @@ from deml_server.inference.convert import (
     infer_response,
     model_metadata,
     output_places,
-    parse_version,
     requested_outputs,
 )
 from deml_server.inference.gateway import InferenceGateway
+from deml_server.inference.protocol import SERVER_NAME, parse_version, server_version
 from deml_server.registry import ModelRegistry
 
 Context = grpc.aio.ServicerContext[Any, Any]
-SERVER_NAME = "deml"
-# Protocol extensions served besides the core (named as Triton names them).
+# Protocol extensions this face serves besides the core (named as Triton names them).
 EXTENSIONS = ["system_shared_memory"]
-
-
-def _server_version() -> str:
-    try:
-        return metadata.version("deml")
-    except metadata.PackageNotFoundError:
-        return "0.1.0"
 
 
 class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
@@ -40,7 +31,7 @@ class OipServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, gateway: InferenceGateway, registry: ModelRegistry) -> None:
         self._gateway = gateway
         self._registry = registry
-        self._version = _server_version()
+        self._version = server_version()
 
     async def ServerLive(self, request: oip_pb2.ServerLiveRequest, context: Context) -> oip_pb2.ServerLiveResponse:
         """The server answers, so it is live."""

@@ -16,12 +16,13 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, model_files: dict[str, Path]) -> Iterator[InferenceServer]:
     """One loopback server per test module with digits, fixed, pair and slow registered, 2 workers."""
-    registry, artifacts, store = make_registry(tmp_path_factory.mktemp("registry"))
+    root = tmp_path_factory.mktemp("registry")
+    registry, artifacts, store = make_registry(root)
     for name, path in model_files.items():
         register(registry, artifacts, name, path)
-    server = InferenceServer(registry, workers=2).start()
+    store.close()
+    server = InferenceServer(root, workers=2).start()
     try:
         yield server
     finally:
         server.stop()
-        store.close()

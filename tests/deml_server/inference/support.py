@@ -1,12 +1,8 @@
-"""Test models and a loopback inference server (gateway + both gRPC faces) running in a background thread."""
+"""Test models and a loopback inference server (the whole server, both gRPC faces) in a background thread."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -17,13 +13,10 @@ from deml_server.artifacts import ArtifactStore
 from deml_server.inference import MAX_MESSAGE_BYTES
 from deml_server.inference.gateway import InferenceGateway
 from deml_server.registry import ModelRegistry
-from deml_server.servicers import inference as inference_servicer
-from deml_server.servicers import oip as oip_servicer
-from deml_server.servicers.interceptor import ErrorMappingInterceptor
 from deml_server.store import JobStore
 from provider_runtime.onnx_export import export_onnx
+from tests.support import ServerThread, make_config
 
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[3]
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -111,66 +104,29 @@ def register(registry: ModelRegistry, artifacts: ArtifactStore, name: str, path:
     return registry.register(name, artifacts.put_file(path)).version
 
 
-class InferenceServer:
-    """grpc.aio server on 127.0.0.1 with InferenceService and GRPCInferenceService over one gateway."""
+class InferenceServer(ServerThread):
+    """The whole server, built by the one builder, on 127.0.0.1 over a data dir whose registry a test filled.
 
-    def __init__(self, registry: ModelRegistry, *, workers: int = 2) -> None:
-        self.registry = registry
-        self.workers = workers
-        self.gateway: InferenceGateway | None = None
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="inference-server", daemon=True)
+    Both gRPC inference faces share its gateway; one training worker and no HTTP face keep it light.
+    """
+
+    def __init__(self, data_dir: Path, *, workers: int = 2) -> None:
+        super().__init__(make_config(data_dir, workers=1, inference_workers=workers, http=False))
 
     @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
 
-    def start(self) -> InferenceServer:
-        self._thread.start()
-        self._ready.wait(timeout=120)
-        if self._error is not None:
-            raise self._error
-        return self
+    @property
+    def gateway(self) -> InferenceGateway:
+        assert self.server is not None
+        return self.server.gateway
 
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        try:
-            self.gateway = InferenceGateway(self.registry, workers=self.workers)
-            await self.gateway.start()
-            server = grpc.aio.server(
-                interceptors=[ErrorMappingInterceptor()],
-                options=[
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ],
-            )
-            inference_servicer.add_to_server(server, self.gateway, self.registry)
-            oip_servicer.add_to_server(server, self.gateway, self.registry)
-            self.port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        await self._stop.wait()
-        await server.stop(grace=0.5)
-        await self.gateway.close()
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the server's loop (e.g. to inspect the pool)."""
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=120)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=60)
+    @property
+    def registry(self) -> ModelRegistry:
+        assert self.server is not None
+        return self.server.registry
 
 
 def channel(target: str) -> grpc.Channel:

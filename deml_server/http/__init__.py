@@ -1,0 +1,1 @@
+"""The HTTP face: dashboard, JSON API, Open Inference Protocol REST and Prometheus metrics, on one aiohttp app."""
