@@ -139,7 +139,9 @@ def test_jobs_page_lists_a_running_job_whose_curve_gains_a_point_per_round(base:
     # Assert
     assert "RUNNING" in row and f"/ {rounds}" in row
     assert seen[0] < rounds, f"all rounds had committed before the page opened: {seen}"
-    assert seen == list(range(seen[0], rounds + 1)), seen  # one more point per committed round, none skipped
+    # The curve grows while the job runs, never loses a point and ends with one per round (two rounds that
+    # commit within one of the page's batched redraws appear in the same frame).
+    assert seen == sorted(set(seen)) and seen[-1] == rounds and len(seen) >= 3, seen
     assert points(page, "#chart-wall") == rounds and points(page, "#chart-loss") == rounds
     assert job["state"] == "SUCCEEDED" and job["baseline_metrics"]["accuracy"] > 0.5
     assert page.locator("#tasks-body tr").count() >= rounds * 2
