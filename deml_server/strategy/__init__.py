@@ -11,13 +11,14 @@ from deml_server.strategy.aggregate import median, trimmed_mean, validate_update
 from deml_server.strategy.base import FitResult, Strategy, Weights
 from deml_server.strategy.fedadam import FedAdam
 from deml_server.strategy.fedavg import FedAvg
+from deml_server.strategy.fedavgm import FedAvgM
 from deml_server.strategy.fedmedian import FedMedian
 from deml_server.strategy.fedprox import FedProx
 from deml_server.strategy.fedtrimmedavg import FedTrimmedAvg
 from deml_server.strategy.fedyogi import FedYogi
 
 _REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, FedAvgM)
 }
 
 STRATEGIES: tuple[str, ...] = tuple(_REGISTRY)
@@ -58,6 +59,7 @@ __all__ = [
     "STRATEGIES",
     "FedAdam",
     "FedAvg",
+    "FedAvgM",
     "FedMedian",
     "FedProx",
     "FedTrimmedAvg",
