@@ -84,6 +84,11 @@ class NetworkSecurity:
         security.log_state()
         return security
 
+    @property
+    def protected(self) -> bool:
+        """True when TLS or tokens are configured."""
+        return self.authority is not None or self.certificates is not None
+
     def log_state(self) -> None:
         """One line on what protects the port; a warning when something is missing and --insecure allowed it."""
         tls = "off"

@@ -155,7 +155,10 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
     )
 
     http = None
-    if config.http:
+    if config.http and security.protected:
+        # Until the HTTP side checks tokens and serves TLS, a protected server does not open it at all.
+        log.warning("HTTP face off: it does not check tokens or serve TLS yet (only gRPC is served)")
+    elif config.http:
         services = HttpServices(
             config=config,
             jobs=jobs,
