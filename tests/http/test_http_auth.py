@@ -318,3 +318,29 @@ def test_https_with_the_test_ca_works_and_plain_http_fails(shared: Served) -> No
 
     with pytest.raises(aiohttp.ClientError):
         asyncio.run(plain_http())
+
+
+async def _reload(thread: ServerThread) -> None:
+    assert thread.server is not None
+    thread.server.security.reload()
+
+
+def test_sighup_reload_gives_new_https_connections_the_new_certificate(tmp_path: Path) -> None:
+    # Prepare: a TLS server, then its certificate files replaced by ones from another CA
+    first = make_pki(tmp_path / "pki")
+    first_ca = tmp_path / "first-ca.pem"
+    first_ca.write_bytes(first.ca.read_bytes())
+    thread = ServerThread(make_config(tmp_path / "server", workers=1, tls_cert=first.cert, tls_key=first.key)).start()
+    try:
+        served = Served(thread, first)
+        assert served.call("GET", "/v2/health/ready").status == 200
+        second = make_pki(tmp_path / "pki", name="DeML second test CA")
+        # Execute: what SIGHUP calls
+        thread.call(_reload(thread))
+        # Assert: the new CA is needed now, the old one no longer verifies the server
+        assert served.call("GET", "/v2/health/ready").status == 200
+        stale = Served(thread, Pki(first_ca, second.cert, second.key, second.client_cert, second.client_key))
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            stale.call("GET", "/v2/health/ready")
+    finally:
+        thread.stop()
