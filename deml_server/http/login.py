@@ -100,6 +100,10 @@ class _Login:
 
     async def submit(self, request: web.Request) -> web.Response:
         """Check the token; on success set the cookie and go to the dashboard (or the page that sent here)."""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            # Another site's form may not log this browser in (under a token of the other site's choosing).
+            return _page(403, "the login form must be sent from this server's own page")
         body = await request.content.read(MAX_LOGIN_BYTES + 1)
         if len(body) > MAX_LOGIN_BYTES:
             return _page(413, f"the login form is larger than {MAX_LOGIN_BYTES} bytes")

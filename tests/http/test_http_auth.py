@@ -223,6 +223,11 @@ def test_the_login_form_sets_an_httponly_cookie_and_the_dashboard_then_loads(sha
     # An open redirect is not offered: `next` stays on this site.
     offsite = shared.call("POST", "/login", data={"token": TRAIN, "next": "//evil.example/"})
     assert offsite.headers["Location"] == "/"
+    # Another site's page may not log this browser in.
+    forged = shared.call("POST", "/login", data={"token": TRAIN}, headers={"Origin": "https://evil.example"})
+    assert forged.status == 403 and COOKIE not in forged.cookies
+    same_site = shared.call("POST", "/login", data={"token": TRAIN}, headers={"Origin": shared.base})
+    assert same_site.status == 303 and COOKIE in same_site.cookies
     logout = shared.call("POST", "/logout", headers=with_cookie)
     assert logout.status == 303 and logout.cookies[COOKIE].value == ""
 
