@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.deml_server.inference.support import export_mlp
-from tests.support import SMALL_TASK, ServerThread, make_config
+from tests.support import SMALL_TASK, ServerProcess, ServerThread, make_config
 from tests.tls_support import Pki, make_pki
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -349,3 +349,27 @@ def test_sighup_reload_gives_new_https_connections_the_new_certificate(tmp_path:
             stale.call("GET", "/v2/health/ready")
     finally:
         thread.stop()
+
+
+def test_deml_server_announces_https_and_takes_the_flags(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    flags = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--auth-tokens", str(token_file(tmp_path / "t"))]
+    process = ServerProcess(tmp_path / "server", "--workers", "1", *flags, "--metrics-open")
+    try:
+        assert process.http_url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(pki.ca))
+
+        async def get(path: str, headers: dict[str, str]) -> int:
+            timeout = aiohttp.ClientTimeout(total=60)  # a safety net against a hang, not an assertion
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(process.http_url + path, headers=headers, ssl=context) as response,
+            ):
+                return response.status
+
+        assert asyncio.run(get("/api/jobs", {})) == 401
+        assert asyncio.run(get("/api/jobs", {"Authorization": f"Bearer {TRAIN}"})) == 200
+        assert asyncio.run(get("/metrics", {})) == 200
+    finally:
+        process.stop()
+    assert TRAIN not in process.log_path.read_text() and ADMIN not in process.log_path.read_text()
