@@ -52,6 +52,8 @@ class ServerConfig:
     insecure: bool = field(default_factory=lambda: env_bool("DEML_INSECURE", False))
     max_jobs_per_token: int = field(default_factory=lambda: env_int("DEML_MAX_JOBS_PER_TOKEN", 4))
     max_queued_per_token: int = field(default_factory=lambda: env_int("DEML_MAX_QUEUED_PER_TOKEN", 16))
+    # Serve /metrics without a token even when --auth-tokens is given (else it needs an admin token).
+    metrics_open: bool = field(default_factory=lambda: env_bool("DEML_METRICS_OPEN", False))
 
     def validate(self) -> ServerConfig:
         """Fail fast, naming the setting that is wrong."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,8 @@ class NetworkSecurity:
     authority: Authority | None = None
     certificates: CertificateSource | None = None
     insecure: bool = False
+    # The HTTP face's TLS context, made on first use from the same files; SIGHUP loads them into it again.
+    _ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> NetworkSecurity:
@@ -83,11 +86,6 @@ class NetworkSecurity:
         security = cls(host=config.host, authority=authority, certificates=certificates, insecure=config.insecure)
         security.log_state()
         return security
-
-    @property
-    def protected(self) -> bool:
-        """True when TLS or tokens are configured."""
-        return self.authority is not None or self.certificates is not None
 
     def log_state(self) -> None:
         """One line on what protects the port; a warning when something is missing and --insecure allowed it."""
@@ -117,12 +115,45 @@ class NetworkSecurity:
             return server.add_insecure_port(address)
         return server.add_secure_port(address, self.certificates.credentials())
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The HTTP face's TLS context from the same files as gRPC's; None without TLS.
+
+        Client certificates are required with --tls-client-ca. The same object every call, so a reload reaches
+        the listening site.
+        """
+        if self.certificates is None:
+            return None
+        if self._ssl_context is None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._load(context)
+            if self.certificates.files.client_ca is not None:
+                context.verify_mode = ssl.CERT_REQUIRED
+            self._ssl_context = context
+        return self._ssl_context
+
+    def _load(self, context: ssl.SSLContext) -> None:
+        assert self.certificates is not None
+        files = self.certificates.files
+        try:
+            context.load_cert_chain(files.cert, files.key)
+            if files.client_ca is not None:
+                context.load_verify_locations(cafile=files.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidArgument(
+                f"cannot load the TLS files for the HTTP face ({files.cert}, {files.key}"
+                f"{', ' + str(files.client_ca) if files.client_ca is not None else ''}): {exc}"
+            ) from None
+
     def reload(self, *_: Any) -> None:
         """Re-read the token file and the certificates (SIGHUP); what fails to load keeps its old value."""
         if self.authority is not None:
             self.authority.reload()
-        if self.certificates is not None:
-            self.certificates.reload()
+        if self.certificates is not None and self.certificates.reload() and self._ssl_context is not None:
+            # New HTTPS connections get the new chain; ones already open keep theirs.
+            try:
+                self._load(self._ssl_context)
+            except InvalidArgument as exc:
+                log.error("HTTPS certificate not reloaded, the previous one stays in use: %s", exc.reason)
 
 
 def add_flags(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
@@ -150,6 +181,13 @@ def add_flags(parser: argparse.ArgumentParser, config: ServerConfig) -> None:
         help="allow a non-loopback --host without TLS and tokens (a warning at every start)",
     )
     group.add_argument(
+        "--metrics-open",
+        action="store_true",
+        default=config.metrics_open,
+        help="serve the HTTP face's /metrics without a token (else it needs an admin token when --auth-tokens is"
+        " given) (DEML_METRICS_OPEN)",
+    )
+    group.add_argument(
         "--max-jobs-per-token",
         type=int,
         default=config.max_jobs_per_token,
@@ -171,6 +209,7 @@ def apply_flags(args: argparse.Namespace, config: ServerConfig) -> None:
         "tls_client_ca",
         "auth_tokens",
         "insecure",
+        "metrics_open",
         "max_jobs_per_token",
         "max_queued_per_token",
     ):

@@ -155,10 +155,7 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
     )
 
     http = None
-    if config.http and security.protected:
-        # Until the HTTP side checks tokens and serves TLS, a protected server does not open it at all.
-        log.warning("HTTP face off: it does not check tokens or serve TLS yet (only gRPC is served)")
-    elif config.http:
+    if config.http:
         services = HttpServices(
             config=config,
             jobs=jobs,
@@ -169,8 +166,16 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
             inference_backend=inference_backend,
             grpc_target=f"{url_host(config.host)}:{port}",
             started_at=datetime.now(UTC),
+            authority=security.authority,
+            tls=security.certificates is not None,
         )
-        http = HttpFace(build_app(services), config.host, config.http_port, shutdown_timeout=lifetimes.grace)
+        http = HttpFace(
+            build_app(services),
+            config.host,
+            config.http_port,
+            shutdown_timeout=lifetimes.grace,
+            ssl_context=security.ssl_context(),
+        )
         lifetimes.started("HTTP face", http.close)
         await http.start()
         log.info("dashboard at %s", http.url)

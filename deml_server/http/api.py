@@ -35,7 +35,9 @@ from deml_server.domain import (
     TaskAttempt,
 )
 from deml_server.errors import InvalidArgument, NotFound
+from deml_server.http.login import owner, scope
 from deml_server.jobs import FILE_KINDS
+from deml_server.ownership import Scope
 from deml_server.strategy import STRATEGIES, strategy_options
 
 if TYPE_CHECKING:
@@ -283,7 +285,7 @@ class _Api:
     async def list_jobs(self, request: web.Request) -> web.Response:
         """Jobs, newest first; ?state= filters, ?limit= caps."""
         limit = _int_param(request.query.get("limit", "0") or "0", "limit")
-        jobs = self._s.jobs.list(_state_param(request), limit)
+        jobs = self._s.jobs.list(_state_param(request), limit, scope(request))
         # Where a page that shows this list starts its /api/events stream (?after=), to miss nothing and replay nothing.
         newest = self._s.jobs.events(limit=1)
         return web.json_response(
@@ -293,23 +295,26 @@ class _Api:
     async def get_job(self, request: web.Request) -> web.Response:
         """One job with its rounds (?rounds=0: without them, for a page that has them from the event stream)."""
         rounds = request.query.get("rounds", "1") not in ("0", "false")
-        job = self._s.jobs.get(request.match_info["job_id"], latest_rounds=-1 if rounds else 0)
+        job = self._s.jobs.get(request.match_info["job_id"], scope(request), latest_rounds=-1 if rounds else 0)
         return web.json_response(self._job_json(job, rounds=rounds))
 
     async def tasks(self, request: web.Request) -> web.Response:
         """Every attempt of every worker task of a job."""
-        attempts = self._s.jobs.task_attempts(request.match_info["job_id"])
+        job_id = request.match_info["job_id"]
+        self._s.jobs.get(job_id, scope(request))  # another token's job is a 404, as a missing one
+        attempts = self._s.jobs.task_attempts(job_id)
         return web.json_response({"tasks": [task_json(a) for a in attempts]})
 
     async def cancel(self, request: web.Request) -> web.Response:
         """Cancel a running job."""
-        return web.json_response(self._job_json(await self._s.jobs.cancel(request.match_info["job_id"]), rounds=False))
+        job = await self._s.jobs.cancel(request.match_info["job_id"], scope(request))
+        return web.json_response(self._job_json(job, rounds=False))
 
     async def submit(self, request: web.Request) -> web.Response:
         """Start a job: multipart (spec, example or code, data, test_data) or JSON {"spec": {...}, "example": ...}."""
         try:
             given, files = await self._receive(request)
-            job = await self._s.jobs.submit(given, files)
+            job = await self._s.jobs.submit(given, files, owner=owner(request))
         except InvalidArgument as exc:
             return field_error(exc)
         return web.json_response(self._job_json(job, rounds=False), status=201)
@@ -401,7 +406,7 @@ class _Api:
 
     async def download_model(self, request: web.Request) -> web.FileResponse:
         """The ONNX file."""
-        record = self._s.registry.get(request.match_info["name"], _version(request))
+        record = self._s.registry.get(request.match_info["name"], _version(request), scope=scope(request))
         return web.FileResponse(
             self._s.registry.path(record),
             headers={
@@ -413,7 +418,7 @@ class _Api:
     async def server_info(self, request: web.Request) -> web.Response:
         """Workers, backends, budget and counts, for the server page."""
         config = self._s.config
-        jobs = self._s.jobs.list()
+        jobs = self._s.jobs.list(scope=scope(request))
         counts = {state.value: 0 for state in JobState}
         for job in jobs:
             counts[job.state.value] += 1
@@ -446,20 +451,23 @@ class _Api:
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """One job's events: the log after Last-Event-ID, then each new one."""
         job_id = request.match_info["job_id"]
-        self._s.jobs.get(job_id)  # an unknown id is a 404 before the stream starts
-        return await self._stream(request, job_id)
+        self._s.jobs.get(job_id, scope(request))  # an unknown id (or another token's) is a 404 before the stream
+        return await self._stream(request, job_id, None)
 
     async def all_events(self, request: web.Request) -> web.StreamResponse:
-        """Every job's events (the jobs page's stream)."""
-        return await self._stream(request, None)
+        """Every job's events the caller may see (the jobs page's stream)."""
+        return await self._stream(request, None, scope(request))
 
-    async def _stream(self, request: web.Request, job_id: str | None) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job_id: str | None, only: Scope) -> web.StreamResponse:
+        """The events of `job_id` (or of every job), with `only` a token's scope: just that token's jobs'."""
         after = _last_event_id(request)
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
         await response.prepare(request)
         ticks = 0
+        # Whether each job seen so far is the caller's (a job's owner never changes).
+        visible: dict[str, bool] = {}
         try:
             await response.write(b"retry: 2000\n\n")
             async with contextlib.aclosing(self._s.jobs.follow(job_id, after, idle=STREAM_TICK_SECONDS)) as events:
@@ -472,11 +480,23 @@ class _Api:
                         if ticks % KEEPALIVE_TICKS == 0:
                             await response.write(b": keep-alive\n\n")
                         continue
+                    if only is not None:
+                        if record.job_id not in visible:
+                            visible[record.job_id] = self._in_scope(record.job_id, only)
+                        if not visible[record.job_id]:
+                            continue
                     summary = self._round_of(record) if job_id is not None else None
                     await response.write(sse_frame(record, summary))
         except ConnectionResetError:
             pass  # the reader left mid-write; nothing to clean up beyond the follower, which aclosing removed
         return response
+
+    def _in_scope(self, job_id: str, only: Scope) -> bool:
+        try:
+            self._s.jobs.get(job_id, only)
+        except NotFound:
+            return False
+        return True
 
     def _round_of(self, record: EventRecord) -> RoundSummary | None:
         if record.kind is not EventKind.ROUND_COMMITTED or record.round <= 0:

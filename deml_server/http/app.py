@@ -8,6 +8,7 @@ them in one interceptor.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ from datetime import datetime
 from aiohttp import web
 
 from deml_server.artifacts import ArtifactStore
+from deml_server.auth import Authority, PermissionDenied, Role, Unauthenticated, set_current_principal
 from deml_server.backends import Backend
 from deml_server.config import ServerConfig
 from deml_server.errors import (
@@ -26,7 +28,7 @@ from deml_server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from deml_server.http import api, dashboard, metrics, oip_rest
+from deml_server.http import api, dashboard, login, metrics, oip_rest
 from deml_server.inference.gateway import InferenceGateway
 from deml_server.jobs import JobService
 from deml_server.registry import ModelRegistry
@@ -55,6 +57,9 @@ class HttpServices:
     # The gRPC face's address as clients reach it, e.g. "127.0.0.1:50051".
     grpc_target: str
     started_at: datetime
+    # The token check (None without --auth-tokens: every caller is admin) and whether the face serves HTTPS.
+    authority: Authority | None = None
+    tls: bool = False
 
 
 SERVICES = web.AppKey("services", HttpServices)
@@ -62,6 +67,8 @@ SERVICES = web.AppKey("services", HttpServices)
 # HTTP status of each domain error (the nearest mapped base class wins); the gRPC face maps the same classes.
 STATUS_OF: dict[type[DemlError], int] = {
     InvalidArgument: 400,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
     NotFound: 404,
     AlreadyExists: 409,
     FailedPrecondition: 409,
@@ -103,7 +110,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except DemlError as exc:
-        return error_response(http_status(exc), exc.reason)
+        response = error_response(http_status(exc), exc.reason)
+        if response.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="deml"'
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -113,13 +123,69 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, f"internal error in {request.method} {request.path}; see the server log")
 
 
+# Routes (by their canonical path) anyone may call without a token: the health probes, the login form, assets.
+OPEN_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready", "/login", "/logout", "/static"})
+# Model metadata under /api/: a predict token may read it, as it may call ListModels/GetModel over gRPC.
+MODEL_METADATA_ROUTES = frozenset({"/api/models", "/api/models/{name}", "/api/models/{name}/versions/{version}"})
+DASHBOARD_PAGES = frozenset({"/", "/jobs/{job_id}", "/submit", "/models", "/server"})
+
+
+def required_role(canonical: str | None, *, metrics_open: bool) -> Role | None:
+    """The least role a route needs (None: open), by its canonical path; None for `canonical` is no such route.
+
+    predict: OIP REST /v2 and model metadata; train: also /api/ and the dashboard pages; admin: everything else,
+    /metrics included unless --metrics-open. A path that matches no route needs a valid token of any role (it
+    then answers 404 or 405), so an unknown path tells a caller without a token nothing.
+    """
+    if canonical is None:
+        return Role.PREDICT
+    if canonical in OPEN_ROUTES:
+        return None
+    if canonical == "/metrics":
+        return None if metrics_open else Role.ADMIN
+    if canonical == "/v2" or canonical.startswith("/v2/") or canonical in MODEL_METADATA_ROUTES:
+        return Role.PREDICT
+    if canonical.startswith("/api/") or canonical in DASHBOARD_PAGES:
+        return Role.TRAIN
+    return Role.ADMIN
+
+
+def route_of(request: web.Request) -> str | None:
+    """The canonical path of the route a request matched (`/api/jobs/{job_id}`, `/static`), None if none."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The single place where the caller of every HTTP request is checked.
+    """The single place where the caller of every HTTP request is checked (when the server has tokens).
 
-    It lets every request through today. The security issue (#14) puts tokens and roles here, for the
-    dashboard, /api, /v2 and /metrics alike, raising a DemlError subclass that error_middleware maps.
+    The token comes from `Authorization: Bearer TOKEN` or the login cookie. No or an unknown token: 401 (a browser
+    asking for a page is sent to /login instead); a role that may not: 403; both raised as the DemlError
+    subclasses error_middleware maps, with the same messages as the gRPC side. The caller is recorded for the
+    handlers (deml_server.http.login.scope) and bound as the current principal.
     """
+    services = request.app[SERVICES]
+    authority = services.authority
+    if authority is None:
+        return await handler(request)
+    needed = required_role(route_of(request), metrics_open=services.config.metrics_open)
+    if needed is None:
+        return await handler(request)
+    try:
+        header = login.credentials(request)
+        if header is None:
+            raise Unauthenticated(
+                "missing `Authorization: Bearer TOKEN` header or login cookie (this server requires a token;"
+                " in a browser, log in at /login)"
+            )
+        principal = authority.require(header, needed, f"{request.method} {request.path}")
+    except Unauthenticated:
+        if login.is_page_request(request):
+            raise login.login_redirect(request) from None
+        raise
+    request[login.PRINCIPAL] = principal
+    set_current_principal(principal)
     return await handler(request)
 
 
@@ -134,6 +200,7 @@ def build_app(services: HttpServices) -> web.Application:
     metrics.add_routes(app, services)
     api.add_routes(app, services)
     dashboard.add_routes(app, services)
+    login.add_routes(app, services)
     return app
 
 
@@ -145,8 +212,18 @@ def url_host(host: str) -> str:
 class HttpFace:
     """The aiohttp server of an application, on the event loop that runs grpc.aio."""
 
-    def __init__(self, app: web.Application, host: str, port: int, *, shutdown_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        shutdown_timeout: float = 2.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """`ssl_context`: serve HTTPS with it (kept by the site, so certificates loaded into it later take effect)."""
         self.app = app
+        self._ssl_context = ssl_context
         self._host = host
         self._port = port
         self._runner = web.AppRunner(
@@ -156,13 +233,14 @@ class HttpFace:
 
     @property
     def url(self) -> str:
-        """Where the dashboard is, e.g. http://127.0.0.1:8000/."""
-        return f"http://{url_host(self._host)}:{self.port}/"
+        """Where the dashboard is, e.g. http://127.0.0.1:8000/ (https:// with TLS)."""
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{url_host(self._host)}:{self.port}/"
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port (useful with port 0)."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self.port

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from deml_server.http.login import scope
+
 if TYPE_CHECKING:
     from deml_server.http.app import HttpServices
 
@@ -72,7 +74,7 @@ class _Pages:
     async def job(self, request: web.Request) -> web.Response:
         """One job: curves, tasks, events, error, cancel."""
         job_id = request.match_info["job_id"]
-        job = self._s.jobs.get(job_id)  # an unknown id is a 404
+        job = self._s.jobs.get(job_id, scope(request))  # an unknown id (or another token's job) is a 404
         return render("job", f"Job {job.spec.name} {job.id}", data={"job-id": job.id})
 
     async def submit(self, request: web.Request) -> web.Response:
