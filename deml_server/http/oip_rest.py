@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Protocol extensions this face serves besides the core (named as Triton names them).
 EXTENSIONS = ["binary_tensor_data", "statistics"]
+# Bodies from this size on are read into one buffer by read_body; smaller ones the way aiohttp reads them.
+_ONE_BUFFER_MIN = 64 << 10
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
@@ -86,10 +88,10 @@ async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
 
     aiohttp's `request.read()` grows a bytearray chunk by chunk and then copies it into bytes; for a 16 MiB
     body those copies were a third of the time spent reading it. Without a Content-Length (chunked
-    encoding) aiohttp reads the body; a body over `limit` is 413 either way, as aiohttp answers it.
+    encoding) or for a small body aiohttp reads it; a body over `limit` is 413 either way, as aiohttp answers it.
     """
     length = request.content_length
-    if length is None or not request.can_read_body:
+    if length is None or length < _ONE_BUFFER_MIN or not request.can_read_body:
         return await request.read()
     if length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
