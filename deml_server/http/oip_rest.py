@@ -27,7 +27,6 @@ from deml_server.inference.protocol import (
     array_from_values,
     output_names,
     parse_version,
-    raw_bytes,
     server_version,
 )
 from deml_server.inference.signature import oip_datatype
@@ -39,6 +38,8 @@ if TYPE_CHECKING:
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # Protocol extensions this face serves besides the core (named as Triton names them).
 EXTENSIONS = ["binary_tensor_data", "statistics"]
+# Bodies from this size on are read into one buffer by read_body; smaller ones the way aiohttp reads them.
+_ONE_BUFFER_MIN = 64 << 10
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
@@ -82,8 +83,37 @@ def _no_shared_memory(parameters: Mapping[str, Any], what: str) -> None:
         raise InvalidArgument(f"{what}: system shared memory is served on the gRPC face only; send the tensor here")
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
-    """The JSON header and the binary tensor bytes after it."""
+async def read_body(request: web.Request, limit: int) -> bytes | bytearray:
+    """The request body, copied once into one buffer when its length is known (inputs are views of it).
+
+    aiohttp's `request.read()` grows a bytearray chunk by chunk and then copies it into bytes; for a 16 MiB
+    body they were about half the time spent reading it (34 -> 15 ms). Without a Content-Length (chunked
+    encoding) or for a small body aiohttp reads it; a body over `limit` is 413 either way, as aiohttp answers it.
+    """
+    length = request.content_length
+    if length is None or length < _ONE_BUFFER_MIN or not request.can_read_body:
+        return await request.read()
+    if length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+    body = bytearray(length)
+    view = memoryview(body)
+    # Let the body's buffer fill up to the whole request before reading pauses (as request.read() does), rather
+    # than waking this handler every 128 KiB.
+    request.content.set_read_chunk_size(length)
+    received = 0
+    while received < length:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        view[received : received + len(chunk)] = chunk
+        received += len(chunk)
+    if received != length:
+        raise InvalidArgument(f"the request body ended after {received} of its Content-Length {length} bytes")
+    return body
+
+
+def split_body(body: bytes | bytearray, header_length: str | None) -> tuple[bytes | bytearray, memoryview]:
+    """The JSON header and the binary tensor bytes after it (a view of the body, not a copy)."""
     if header_length is None:
         return body, memoryview(b"")
     if not header_length.isdigit() or int(header_length) > len(body):
@@ -94,7 +124,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return body[:length], memoryview(body)[length:]
 
 
-def parse_json(header: bytes) -> dict[str, Any]:
+def parse_json(header: bytes | bytearray) -> dict[str, Any]:
     """The JSON object of a request."""
     try:
         value = json.loads(header)
@@ -103,7 +133,7 @@ def parse_json(header: bytes) -> dict[str, Any]:
     return _object(value, "the request body")
 
 
-def parse_infer_request(header: bytes, binary: memoryview) -> InferRequest:
+def parse_infer_request(header: bytes | bytearray, binary: memoryview) -> InferRequest:
     """Inputs as arrays (from JSON data or binary bytes) and the outputs asked for."""
     body = parse_json(header)
     inputs_json = body.get("inputs")
@@ -169,14 +199,13 @@ def infer_response(record: ModelRecord, request: InferRequest, outputs: Mapping[
     binary = {output.name: output.binary for output in request.outputs}
     names = output_names(record, [output.name for output in request.outputs])
     tensors = []
-    chunks = []
+    chunks: list[np.ndarray] = []
     for name in names:
         array = outputs[name]
         tensor: dict[str, Any] = {"name": name, "datatype": oip_datatype(array.dtype), "shape": list(array.shape)}
         if binary.get(name, request.binary_by_default):
-            chunk = raw_bytes(array)
-            tensor["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
+            tensor["parameters"] = {"binary_data_size": array.nbytes}
+            chunks.append(array)
         else:
             tensor["data"] = array.reshape(-1).tolist()
         tensors.append(tensor)
@@ -187,10 +216,22 @@ def infer_response(record: ModelRecord, request: InferRequest, outputs: Mapping[
     if not chunks:
         return web.Response(body=header, content_type="application/json")
     return web.Response(
-        body=b"".join([header, *chunks]),
+        body=join_binary(header, chunks),
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(len(header))},
     )
+
+
+def join_binary(header: bytes, arrays: list[np.ndarray]) -> bytearray:
+    """The JSON header and each array's row-major little-endian bytes in one buffer, each array copied once."""
+    body = bytearray(len(header) + sum(array.nbytes for array in arrays))
+    body[: len(header)] = header
+    offset = len(header)
+    for array in arrays:
+        if array.size:
+            np.copyto(np.ndarray(array.shape, array.dtype.newbyteorder("<"), body, offset), array)
+        offset += array.nbytes
+    return body
 
 
 def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
@@ -242,6 +283,8 @@ class OipRest:
     def __init__(self, services: HttpServices) -> None:
         self._gateway = services.gateway
         self._version = server_version()
+        # The largest request body, as the application's client_max_size.
+        self._limit = services.config.max_upload_bytes
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         """Name, version and the protocol extensions served."""
@@ -282,7 +325,7 @@ class OipRest:
     async def infer(self, request: web.Request) -> web.Response:
         """One batch through the gateway; bad input is 400, an unknown model 404, a body over the limit 413."""
         record = self._resolve(request)
-        body = await request.read()
+        body = await read_body(request, self._limit)
         header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         parsed = parse_infer_request(header, binary)
         output_names(record, [output.name for output in parsed.outputs])
