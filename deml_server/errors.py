@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
 
 class DemlError(Exception):
     """Base of every error the domain raises on purpose; `reason` is safe to show to the caller."""
@@ -35,3 +40,11 @@ class ResourceExhausted(DemlError):
 
 class Unavailable(DemlError):
     """A backend or worker pool cannot take work right now."""
+
+
+def mapped(exc: DemlError, table: Mapping[type[DemlError], _T], default: _T) -> _T:
+    """What `table` says for an error's nearest mapped class (each face keeps its own table of status codes)."""
+    for cls in type(exc).__mro__:
+        if cls in table:
+            return table[cls]
+    return default

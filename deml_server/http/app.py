@@ -27,6 +27,7 @@ from deml_server.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    mapped,
 )
 from deml_server.http import api, dashboard, login, metrics, oip_rest
 from deml_server.inference.gateway import InferenceGateway
@@ -80,10 +81,7 @@ STATUS_OF: dict[type[DemlError], int] = {
 
 def http_status(exc: DemlError) -> int:
     """The status for a domain error."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return 500
+    return mapped(exc, STATUS_OF, 500)
 
 
 def error_response(status: int, message: str) -> web.Response:

@@ -17,6 +17,7 @@ from deml_server.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    mapped,
 )
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,7 @@ STATUS_OF: dict[type[DemlError], grpc.StatusCode] = {
 
 def status_of(exc: DemlError) -> grpc.StatusCode:
     """The status code for a domain error (its nearest mapped base class)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.UNKNOWN
+    return mapped(exc, STATUS_OF, grpc.StatusCode.UNKNOWN)
 
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
