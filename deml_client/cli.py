@@ -124,6 +124,7 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
         "seed": args.seed,
         "name": args.name,
         "task_timeout_seconds": args.task_timeout,
+        "compression": args.compression,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if args.baseline:
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--name", help="model name (default: the task directory's name)")
     train.add_argument("--task-timeout", type=float, help="seconds one worker task may take")
+    train.add_argument(
+        "--compression", choices=["none", "fp16", "bf16", "int8"], help="how workers send updates (default none)"
+    )
     train.add_argument("--data", help=".npz with x, y: sharded across workers by the server")
     train.add_argument("--test-data", help=".npz with x, y used as the test split")
     train.add_argument("--baseline", action="store_true", help="also train centrally on one worker and compare")

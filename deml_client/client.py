@@ -41,6 +41,7 @@ _SPEC_KEYS = {
     "min_fit_workers",
     "test_fraction",
     "budget_glm",
+    "compression",
 }
 
 

@@ -166,6 +166,7 @@ class TaskBundle:
     weights: Path | None = None
     train_data: Path | None = None
     test_data: Path | None = None
+    compression: str = "none"
 
     def task_doc(self) -> TaskDoc:
         """The task.json document (ContractError names a setting the worker would refuse)."""
@@ -182,6 +183,7 @@ class TaskBundle:
             hyper=Hyper.from_dict(self.hyper),
             seed=self.task_seed,
             evaluate_after=self.evaluate_after,
+            compression=self.compression,
         )
 
     def write(self, dest: Path, code_dir: Path) -> Path:

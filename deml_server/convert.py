@@ -66,7 +66,7 @@ def _timestamp(value: datetime) -> Timestamp:
 def spec_from_pb(msg: training_pb2.JobSpec) -> dict[str, Any]:
     """The settings the user actually set; resolve_spec fills in the rest."""
     given: dict[str, Any] = {}
-    for name in ("name", "module", "strategy", "backend"):
+    for name in ("name", "module", "strategy", "backend", "compression"):
         if getattr(msg, name):
             given[name] = getattr(msg, name)
     for name in _OPTIONAL_SPEC_FIELDS:
@@ -107,6 +107,7 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         min_fit_workers=spec.min_fit_workers,
         test_fraction=spec.test_fraction,
         budget_glm=spec.budget_glm,
+        compression=spec.compression,
     )
 
 

@@ -45,6 +45,8 @@ class JobSpec:
     test_fraction: float = 0.2
     # Most this job may spend on a paid backend (0: no cap of its own, the server's budget still applies).
     budget_glm: float = 0.0
+    # How workers send their updates back: none, fp16, bf16 or int8 (provider_runtime.compression).
+    compression: str = "none"
 
     @property
     def quorum(self) -> int:

@@ -35,6 +35,7 @@ from deml_server.registry import ModelRegistry, check_model_name
 from deml_server.runner import JobRunner, RunnerDeps
 from deml_server.store import JobStore
 from deml_server.strategy import STRATEGIES, make_strategy
+from provider_runtime.contract import COMPRESSIONS
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
     if spec.partitioning not in ("iid", "dirichlet"):
         raise InvalidArgument(
             f"partitioning must be 'iid' or 'dirichlet' (got {spec.partitioning!r})", field="partitioning"
+        )
+    if spec.compression not in COMPRESSIONS:
+        raise InvalidArgument(
+            f"compression must be one of {', '.join(COMPRESSIONS)} (got {spec.compression!r})", field="compression"
         )
     if spec.backend not in known_backends():
         raise InvalidArgument(

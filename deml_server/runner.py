@@ -40,8 +40,12 @@ class _Fold:
     before their predecessors wait for them.
     """
 
-    def __init__(self, current: Weights, running_mean: bool) -> None:
+    def __init__(self, current: Weights, running_mean: bool, compression: str = "none") -> None:
         self.current = current
+        self.compression = compression
+        # Weights files the workers sent and their bytes, for the round's bytes_received_per_worker metric.
+        self.files_read = 0
+        self.bytes_received = 0
         self.mean = RunningMean(current) if running_mean else None
         self.results: list[FitResult] = []
         self.problems: list[tuple[int, str]] = []
@@ -86,7 +90,10 @@ class _Fold:
         self.problems.append((index, f"worker {index}: weights rejected: {reason}"))
 
     def _read(self, result: TaskResult) -> Weights:
-        update = wio.read(result.directory / "weights.safetensors")
+        path = result.directory / "weights.safetensors"
+        update = wio.read_update(path, self.current, self.compression)
+        self.files_read += 1
+        self.bytes_received += path.stat().st_size
         validate_update(self.current, update)
         return update
 
@@ -209,10 +216,11 @@ class JobRunner:
                 hyper=hyper,
                 train=self._shards.train[i] if self._shards else None,
                 task_seed=self.spec.seed + 1000 * server_round + i,
+                compression=self.spec.compression,
             )
             for i in range(self.spec.workers)
         ]
-        fold = _Fold(current, strategy.uses_weighted_mean)
+        fold = _Fold(current, strategy.uses_weighted_mean, self.spec.compression)
         done = 0
 
         async def fit(index: int, bundle: TaskBundle) -> None:
@@ -247,6 +255,7 @@ class JobRunner:
             server_round=server_round,
         )
         metrics = {**strategy.aggregate_metrics(results), **(evaluation.test_metrics or evaluation.metrics)}
+        metrics["bytes_received_per_worker"] = fold.bytes_received / max(fold.files_read, 1)
         assert self._backend is not None
         cost = self._backend.spent(self.job.id, server_round)
         if cost is not None:
@@ -329,6 +338,7 @@ class JobRunner:
         train: Path | None = None,
         evaluate_after: bool = False,
         task_seed: int | None = None,
+        compression: str = "none",
     ) -> TaskBundle:
         return TaskBundle(
             action=action,
@@ -344,6 +354,7 @@ class JobRunner:
             weights=weights,
             train_data=train,
             test_data=self._shards.test if self._shards else None,
+            compression=compression,
         )
 
     async def _attempt(

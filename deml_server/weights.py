@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.numpy import save
 
 from deml_server.errors import InvalidArgument
+from provider_runtime import compression as codec
 
 Weights = dict[str, np.ndarray]
 
@@ -47,6 +48,11 @@ def to_bytes(weights: Weights) -> bytes:
 
 def from_bytes(data: bytes, what: str = "weights") -> Weights:
     """Parse safetensors bytes; the arrays are read-only views into `data`, in the order they were written."""
+    return parse(data, what)[0]
+
+
+def parse(data: bytes, what: str = "weights") -> tuple[Weights, dict[str, str]]:
+    """from_bytes, and the file's `__metadata__` (string to string, as safetensors defines it)."""
     if len(data) < 8:
         raise InvalidArgument(f"{what} are not a valid safetensors file: {len(data)} bytes, no header")
     (size,) = struct.unpack("<Q", data[:8])
@@ -61,15 +67,23 @@ def from_bytes(data: bytes, what: str = "weights") -> Weights:
     start = 8 + size
     body = len(data) - start
     entries = []
+    metadata: dict[str, str] = {}
     for name, info in header.items():
         if name == "__metadata__":
+            metadata = _metadata(info, what)
             continue
         entries.append((name, *_entry(name, info, body, what)))
     arrays: Weights = {}
     for name, dtype, shape, begin, _ in sorted(entries, key=lambda e: e[3]):
         count = math.prod(shape)
         arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
-    return arrays
+    return arrays, metadata
+
+
+def _metadata(info: object, what: str) -> dict[str, str]:
+    if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
+        raise InvalidArgument(f"{what}: __metadata__ is not a mapping of text to text")
+    return dict(info)
 
 
 def _entry(name: str, info: object, body: int, what: str) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
@@ -94,8 +108,29 @@ def _entry(name: str, info: object, body: int, what: str) -> tuple[np.dtype[Any]
 
 def read(path: Path) -> Weights:
     """Read a safetensors file (once; the tensors are views into what was read), in the order it was written."""
+    return from_bytes(_read_bytes(path), what=path.name)
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise InvalidArgument(f"{path.name} cannot be read: {exc.strerror}") from None
-    return from_bytes(data, what=path.name)
+
+
+def read_update(path: Path, base: Weights, compression: str) -> Weights:
+    """A worker's trained weights: whole, or a compressed delta from `base` decoded (provider_runtime.compression).
+
+    An update is accepted whole or in the job's own encoding; anything else is refused by name. The result still
+    has to pass validate_update, as uncompressed weights do.
+    """
+    weights, metadata = parse(_read_bytes(path), what=path.name)
+    sent = metadata.get(codec.SCHEME_KEY, "none")
+    if sent == "none":
+        return weights
+    if sent != compression:
+        raise InvalidArgument(f"{path.name} is compressed as {sent!r}, but the job asks for {compression!r}")
+    try:
+        return codec.decode(weights, metadata, base)
+    except codec.CompressionError as exc:
+        raise InvalidArgument(f"{path.name}: {exc}") from None

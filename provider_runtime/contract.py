@@ -25,6 +25,7 @@ from typing import IO, Any, Literal, TypeVar, cast
 __all__ = [
     "ACTIONS",
     "ALIGN",
+    "COMPRESSIONS",
     "DEVICES",
     "FAILURE_KINDS",
     "SCHEMES",
@@ -58,6 +59,8 @@ __all__ = [
 ACTIONS = ("init", "train", "evaluate", "export", "infer")
 SCHEMES = ("iid", "dirichlet")
 DEVICES = ("auto", "cpu", "cuda")
+# The update encodings of provider_runtime.compression.
+COMPRESSIONS = ("none", "fp16", "bf16", "int8")
 STATUSES = ("ok", "error")
 # Why an inference worker refused a request: the model cannot be opened, onnxruntime rejected the inputs (or a
 # client's shared memory was unusable), no room for the outputs in shared memory, the run was cancelled, other.
@@ -240,10 +243,13 @@ class TaskDoc:
     seed: int = 0
     evaluate_after: bool = False
     device: str = "auto"
+    # How a train task sends its weights back (provider_runtime.compression): "none" sends them whole.
+    compression: str = "none"
 
     def __post_init__(self) -> None:
         _one_of(self.action, ACTIONS, "task.action")
         _one_of(self.device, DEVICES, "task.device")
+        _one_of(self.compression, COMPRESSIONS, "task.compression")
         if not self.module.isidentifier():
             raise ContractError(f"task.module {self.module!r} is not a Python identifier")
 
@@ -257,13 +263,16 @@ class TaskDoc:
             "seed": self.seed,
             "evaluate_after": self.evaluate_after,
             "device": self.device,
+            "compression": self.compression,
         }
 
     @classmethod
     def from_dict(cls, value: object) -> TaskDoc:
         """Parse and check task.json."""
         raw = _object(value, "task")
-        _no_extra(raw, ("action", "module", "partition", "hyper", "seed", "evaluate_after", "device"), "task")
+        _no_extra(
+            raw, ("action", "module", "partition", "hyper", "seed", "evaluate_after", "device", "compression"), "task"
+        )
         seed = _get(raw, "seed", "task", _int, 0)
         return cls(
             action=_need(raw, "action", "task", _str),
@@ -273,6 +282,7 @@ class TaskDoc:
             seed=seed,
             evaluate_after=_get(raw, "evaluate_after", "task", _bool, False),
             device=_get(raw, "device", "task", _str, "auto"),
+            compression=_get(raw, "compression", "task", _str, "none"),
         )
 
 

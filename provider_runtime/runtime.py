@@ -9,6 +9,7 @@ import os
 import random
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from provider_runtime import compression
 from provider_runtime.contract import (
     ACTIONS,
     ContractError,
@@ -29,10 +31,10 @@ from provider_runtime.contract import (
     ResultDoc,
     TaskDoc,
 )
-from provider_runtime.data import Splits, cached_splits, rows
+from provider_runtime.data import Splits, cached_splits, partition_key, rows
 from provider_runtime.onnx_export import export_onnx
 from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, required, user_module
-from provider_runtime.weights import load_into, save_state_dict
+from provider_runtime.weights import load_arrays, load_into, save_arrays, save_state_dict, state_dict_to_arrays
 
 __all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "partition_args", "run_bundle"]
 
@@ -204,7 +206,27 @@ def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
         result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed)
         if task.evaluate_after:
             result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
-        save_state_dict(model.state_dict(), out / "weights.safetensors")
+        if task.compression == "none":
+            save_state_dict(model.state_dict(), out / "weights.safetensors")
+        else:
+            _save_compressed(model, task, bundle, partition_key(bundle, mod, partition_args(task)), out)
+
+
+# Error-feedback residuals of the partitions this warm worker trained, as their data cache is kept (data.py).
+_RESIDUALS_KEPT = 4
+_residuals: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
+
+
+def _save_compressed(model: torch.nn.Module, task: Task, bundle: Path, key: tuple[Any, ...], out: Path) -> None:
+    """The update as a delta from the bundle's weights in the task's encoding, carrying the rounding residual."""
+    key = (*key, task.compression)
+    trained = state_dict_to_arrays(model.state_dict())
+    encoded = compression.encode(trained, load_arrays(_weights_path(bundle)), task.compression, _residuals.get(key))
+    save_arrays(encoded.arrays, out / "weights.safetensors", encoded.metadata)
+    _residuals[key] = encoded.residual
+    _residuals.move_to_end(key)
+    while len(_residuals) > _RESIDUALS_KEPT:
+        _residuals.popitem(last=False)
 
 
 def _evaluate(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:

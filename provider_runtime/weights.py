@@ -20,10 +20,13 @@ if TYPE_CHECKING:
 __all__ = ["load_arrays", "load_into", "save_arrays", "save_state_dict", "state_dict_to_arrays"]
 
 
-def save_arrays(arrays: Mapping[str, npt.NDArray[np.generic]], path: Path) -> None:
+def save_arrays(
+    arrays: Mapping[str, npt.NDArray[np.generic]], path: Path, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write named arrays as one safetensors file (C-contiguous copies, so views and slices are safe)."""
     # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm's num_batches_tracked) into shape (1,).
-    save_file({name: np.asarray(a, order="C") for name, a in arrays.items()}, str(path))
+    tensors = {name: np.asarray(a, order="C") for name, a in arrays.items()}
+    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
 
 
 def load_arrays(path: Path) -> dict[str, npt.NDArray[np.generic]]:

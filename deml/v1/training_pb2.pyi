@@ -154,6 +154,7 @@ class JobSpec(_message.Message):
     MIN_FIT_WORKERS_FIELD_NUMBER: _builtins.int
     TEST_FRACTION_FIELD_NUMBER: _builtins.int
     BUDGET_GLM_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name under which the trained model is registered (default: "model")."""
     module: _builtins.str
@@ -181,6 +182,10 @@ class JobSpec(_message.Message):
     """Fraction of uploaded data held out as the test split when no test data is uploaded."""
     budget_glm: _builtins.float
     """Most the job may spend on a paid backend (Golem), in GLM; a job over it is refused or stopped."""
+    compression: _builtins.str
+    """How workers send their updates: "none" (default, full fp32 weights), "fp16", "bf16" or "int8" (a delta from
+    the round's weights, quantised, with error feedback kept on the worker).
+    """
     @_builtins.property
     def strategy_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -204,10 +209,11 @@ class JobSpec(_message.Message):
         min_fit_workers: _builtins.int | None = ...,
         test_fraction: _builtins.float | None = ...,
         budget_glm: _builtins.float | None = ...,
+        compression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015

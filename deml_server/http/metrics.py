@@ -103,13 +103,16 @@ class TrainingCollector:
             sum_value=sum(r.wall_seconds for r in rounds),
         )
         sent = sum(r.bytes_sent_per_worker * (r.workers_ok + r.workers_failed) for r in rounds)
-        received = sum(r.bytes_sent_per_worker * r.workers_ok for r in rounds)
+        # A round with compressed updates records what the workers sent back; before that an update was a model's size.
+        received = sum(
+            r.metrics.get("bytes_received_per_worker", r.bytes_sent_per_worker) * r.workers_ok for r in rounds
+        )
         yield CounterMetricFamily(
             "deml_weights_sent_bytes", "Bytes of global weights sent to training tasks", value=sent
         )
         yield CounterMetricFamily(
             "deml_weights_received_bytes",
-            "Bytes of weights received from training tasks that returned an update (one model's size each)",
+            "Bytes of weights received from training tasks that returned an update",
             value=received,
         )
 

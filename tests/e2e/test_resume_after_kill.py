@@ -1,4 +1,7 @@
-"""kill -9 of the server during round 3 of a 6-round job; a restarted server finishes it without redoing rounds."""
+"""kill -9 of the server during round 3 of a 6-round job; a restarted server finishes it without redoing rounds.
+
+With compressed updates too: the workers' error-feedback residuals die with them, the committed rounds do not.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ from tests.support import EXAMPLES, ServerProcess
 pytestmark = pytest.mark.slow
 
 
-def test_job_resumes_after_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_job_resumes_after_sigkill(tmp_path: Path, compression: str) -> None:
     data_dir = tmp_path / "server"
     first = ServerProcess(data_dir, "--workers", "2")
     try:
         with DemlClient(first.target) as client:
             job = client.submit_job(
-                EXAMPLES / "digits", {"name": "digits", "rounds": 6, "workers": 2, "local_epochs": 1}
+                EXAMPLES / "digits",
+                {"name": "digits", "rounds": 6, "workers": 2, "local_epochs": 1, "compression": compression},
             )
             committed: dict[int, float] = {}
             for event in client.watch_job(job.id):
@@ -38,6 +43,7 @@ def test_job_resumes_after_sigkill(tmp_path: Path) -> None:
     finally:
         second.stop()
     assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert final.spec.compression == compression
     assert [r.round for r in final.rounds] == [1, 2, 3, 4, 5, 6]
     # Rounds 1-2 are the very rows committed before the crash, and the second server never started them.
     assert {r.round: r.committed_at.ToNanoseconds() for r in final.rounds[:2]} == committed

@@ -146,7 +146,7 @@ const CHARTS = [
   { id: "chart-loss", title: "Test loss", series: [["loss", "loss"]], baseline: "loss" },
   { id: "chart-train", title: "Train metrics", series: [["train_loss", "train loss"], ["train_accuracy", "train accuracy"]] },
   { id: "chart-wall", title: "Round wall time (s)", series: [["@wall", "seconds"]] },
-  { id: "chart-bytes", title: "Bytes sent per worker", series: [["@bytes", "bytes"]] },
+  { id: "chart-bytes", title: "Bytes per worker", series: [["@bytes", "sent"], ["bytes_received_per_worker", "received"]] },
   { id: "chart-glm", title: "GLM per round", series: [["cost_glm", "GLM"]] },
 ];
 const TASK_ROWS = 300;

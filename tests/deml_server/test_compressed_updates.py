@@ -1,0 +1,151 @@
+"""Jobs with compressed updates, on real worker processes: fewer bytes back, and a bad update refused by name.
+
+`RewritingBackend` is a stand-in for a misbehaving provider (nothing real here sends malformed updates): it runs
+every task on the real local backend, then rewrites partition 1's compressed update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+from collections.abc import AsyncIterator, Callable, Collection
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from deml_server.artifacts import ArtifactStore
+from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
+from deml_server.config import ServerConfig
+from deml_server.domain import JobState
+from deml_server.jobs import JobService
+from deml_server.registry import ModelRegistry
+from deml_server.store import JobStore
+
+# Big enough that the first layer's weight (8 x 64 = 512 values) and the second's (64 x 64) are compressed.
+TASK = """
+import numpy as np
+import torch
+
+def model():
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)
+    )
+
+def load_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+    return (x[:240], y[:240]), (x[240:], y[240:])
+"""
+
+Rewrite = Callable[[dict[str, np.ndarray]], None]
+
+
+class RewritingBackend(Backend):
+    name = "rewriting"
+
+    def __init__(self, inner: LocalBackend) -> None:
+        self.inner = inner
+        self.rewrite: Rewrite | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
+        outcome = await self.inner.run(item, avoid=avoid)
+        if self.rewrite is not None and item.action == "train" and item.partition == 1:
+            path = item.output / "weights.safetensors"
+            with safe_open(str(path), "np") as f:
+                metadata = f.metadata()
+                arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            self.rewrite(arrays)
+            save_file(arrays, str(path), metadata=metadata)
+        return outcome
+
+
+@pytest.fixture
+async def made(tmp_path: Path) -> AsyncIterator[tuple[JobService, RewritingBackend]]:
+    config = ServerConfig(data_dir=tmp_path, workers=2, backend="local")
+    store = JobStore(tmp_path / "db.sqlite3")
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    backend = RewritingBackend(LocalBackend(workers=2, work_dir=tmp_path / "workers"))
+    await backend.start()
+    jobs = JobService(
+        config=config, store=store, artifacts=artifacts, registry=ModelRegistry(store, artifacts), backend=backend
+    )
+    await jobs.start()
+    try:
+        yield jobs, backend
+    finally:
+        await jobs.close()
+        await backend.close()
+        store.close()
+
+
+async def _run(jobs: JobService, **spec: object) -> str:
+    upload = jobs.begin_upload()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("task.py", TASK)
+    upload.add("code", buffer.getvalue())
+    job = await jobs.submit({"name": "small", "rounds": 2, "workers": 2, **spec}, upload.finish())
+    async for _ in jobs.watch(job.id):
+        pass
+    return job.id
+
+
+async def test_int8_and_fp16_updates_cost_a_fraction_of_the_bytes_and_train(
+    made: tuple[JobService, RewritingBackend],
+) -> None:
+    # Execute: the same job three ways
+    jobs, _ = made
+    received: dict[str, float] = {}
+    for scheme in ("none", "fp16", "int8"):
+        job_id = await asyncio.wait_for(_run(jobs, compression=scheme), timeout=180)
+        job = jobs.get(job_id, latest_rounds=-1)
+        assert job.state is JobState.SUCCEEDED, job.error
+        assert job.spec.compression == scheme
+        assert [r.workers_ok for r in job.rounds] == [2, 2]
+        received[scheme] = job.rounds[-1].metrics["bytes_received_per_worker"]
+        assert np.isfinite(job.rounds[-1].metrics["accuracy"])
+
+    # Assert: of 4,931 parameters 4,608 are in the two compressed matrices; the rest (biases, the last layer) and
+    # the file's header travel as they are, so the ratios are above the 0.5 / 0.25 of a big model
+    assert received["fp16"] / received["none"] < 0.6
+    assert received["int8"] / received["none"] < 0.4
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "reason"),
+    [
+        (lambda a: a.__setitem__("2.weight::scale", np.array(np.nan, np.float32)), "holds NaN or Inf"),
+        (lambda a: a.__setitem__("2.weight", np.zeros((32, 128), np.int8)), "has shape [32, 128]"),
+    ],
+)
+async def test_a_bad_compressed_update_is_rejected_like_a_full_one(
+    made: tuple[JobService, RewritingBackend], rewrite: Rewrite, reason: str
+) -> None:
+    # Prepare
+    jobs, backend = made
+    backend.rewrite = rewrite
+
+    # Execute
+    job_id = await asyncio.wait_for(_run(jobs, compression="int8", rounds=1, min_fit_workers=1), timeout=120)
+
+    # Assert: the round went on with the quorum, and partition 1's attempt is marked rejected with the reason
+    job = jobs.get(job_id, latest_rounds=-1)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert [(r.workers_ok, r.workers_failed) for r in job.rounds] == [(1, 1)]
+    rejected = [a for a in jobs.task_attempts(job_id) if a.partition == 1 and a.action == "train"]
+    assert rejected and reason in rejected[-1].error, rejected

@@ -1,0 +1,162 @@
+"""Compressed updates (provider_runtime.compression): exact encodings, error feedback, and refusals by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from provider_runtime.compression import (
+    DELTA_KEY,
+    EXACT_BELOW,
+    SCALE_SUFFIX,
+    SCHEME_KEY,
+    CompressionError,
+    decode,
+    encode,
+)
+
+BIG = (4, 64)  # 256 elements: compressed
+
+
+def _base() -> dict[str, np.ndarray]:
+    return {
+        "w": np.zeros(BIG, np.float32),
+        "b": np.zeros(16, np.float32),
+        "count": np.array(7, np.int64),
+    }
+
+
+def test_fp16_sends_the_delta_rounded_to_half_and_small_and_integer_tensors_exactly() -> None:
+    base = _base()
+    base["w"][:] = 1.0
+    trained = {"w": base["w"] + np.float32(0.1), "b": np.full(16, 0.123456789, np.float32), "count": np.array(9)}
+
+    encoded = encode(trained, base, "fp16")
+
+    assert encoded.arrays["w"].dtype == np.float16
+    assert encoded.arrays["w"][0, 0] == np.float16(0.0999755859375)
+    np.testing.assert_array_equal(encoded.arrays["b"], trained["b"])
+    assert encoded.arrays["count"] == 9 and encoded.arrays["count"].dtype == np.int64
+    assert encoded.metadata == {SCHEME_KEY: "fp16", DELTA_KEY: json.dumps(["w"])}
+    full = decode(encoded.arrays, encoded.metadata, base)
+    assert full["w"].dtype == np.float32
+    assert full["w"][0, 0] == np.float32(1.0) + np.float32(0.0999755859375)
+    # What rounding dropped from the fp32 delta is the residual, exactly
+    delta = trained["w"][0, 0] - np.float32(1.0)
+    assert encoded.residual["w"][0, 0] == delta - np.float32(np.float16(delta))
+
+
+def test_bf16_rounds_to_nearest_even_on_the_dropped_bits() -> None:
+    base = _base()
+    trained = dict(base)
+    w = np.zeros(BIG, np.float32)
+    # 1 + 2^-8 is exactly halfway between two bf16 values (1 and 1 + 2^-7): ties go to the even one, 1.0;
+    # 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to the even one, 1 + 2^-6.
+    w[0, :3] = [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-12]
+    trained["w"] = w
+
+    encoded = encode(trained, base, "bf16")
+
+    assert encoded.arrays["w"].dtype == np.uint16
+    restored = decode(encoded.arrays, encoded.metadata, base)["w"][0, :3]
+    assert restored.tolist() == [1.0, 1 + 2**-6, 1 + 2**-7]
+
+
+def test_int8_scales_each_output_channel_of_a_kernel_and_restores_exact_multiples() -> None:
+    base = {"k": np.zeros((4, 2, 4, 8), np.float32)}
+    k = np.zeros((4, 2, 4, 8), np.float32)
+    k[0, 0, 0, :3] = [1.27, -0.635, 0.0]  # channel 0: scale 0.01
+    k[1, 0, 0, :2] = [-2.54, 0.5]  # channel 1: scale 0.02, 0.5 -> 25
+
+    encoded = encode({"k": k}, base, "int8")
+
+    scale = encoded.arrays["k" + SCALE_SUFFIX]
+    assert scale.shape == (4,) and scale.dtype == np.float32
+    np.testing.assert_allclose(scale[:2], [0.01, 0.02], rtol=1e-6)
+    assert scale[2] == 1.0 and scale[3] == 1.0  # all-zero channels
+    q = encoded.arrays["k"]
+    assert q.dtype == np.int8
+    assert q[0, 0, 0, :3].tolist() == [127, -64, 0]  # -0.635 / 0.01 = -63.5 -> round half to even: -64
+    assert q[1, 0, 0, :2].tolist() == [-127, 25]
+    full = decode(encoded.arrays, encoded.metadata, base)["k"]
+    np.testing.assert_allclose(full[1, 0, 0, :2], [-2.54, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(EXACT_BELOW,), (16, EXACT_BELOW // 16)])
+def test_int8_on_a_vector_or_matrix_uses_one_scale_for_the_tensor(shape: tuple[int, ...]) -> None:
+    base = {"v": np.zeros(shape, np.float32)}
+    trained = {"v": np.linspace(-1, 2, EXACT_BELOW, dtype=np.float32).reshape(shape)}
+
+    encoded = encode(trained, base, "int8")
+
+    assert encoded.arrays["v" + SCALE_SUFFIX].shape == ()
+    assert encoded.arrays["v"].max() == 127 and encoded.arrays["v"].min() == -64
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "bf16", "int8"])
+def test_error_feedback_keeps_the_sum_of_restored_deltas_within_one_rounding_of_the_truth(scheme: str) -> None:
+    # The same small delta every round: without feedback each round loses the same rounding error; with it the
+    # sum of what the server restored plus the worker's residual equals the sum of the true deltas.
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=BIG).astype(np.float32)}
+    step = (rng.normal(size=BIG) * 1e-3).astype(np.float32)
+    residual = None
+    restored_sum = np.zeros(BIG, np.float64)
+    plain_sum = np.zeros(BIG, np.float64)
+    rounds = 20
+    for _ in range(rounds):
+        encoded = encode({"w": base["w"] + step}, base, scheme, residual)
+        restored_sum += decode(encoded.arrays, encoded.metadata, base)["w"].astype(np.float64) - base["w"]
+        residual = encoded.residual
+        plain = encode({"w": base["w"] + step}, base, scheme)
+        plain_sum += decode(plain.arrays, plain.metadata, base)["w"].astype(np.float64) - base["w"]
+
+    truth = rounds * step.astype(np.float64)
+    assert residual is not None
+    np.testing.assert_allclose(restored_sum + residual["w"], truth, atol=1e-5)
+    feedback_error = np.abs(restored_sum - truth).max()
+    plain_error = np.abs(plain_sum - truth).max()
+    assert feedback_error < plain_error / 5
+
+
+def test_decode_names_what_is_wrong() -> None:
+    base = _base()
+    trained = {**base, "w": np.ones(BIG, np.float32)}
+    good = encode(trained, base, "int8")
+
+    def broken(**changes: object) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        arrays = dict(good.arrays)
+        metadata = dict(good.metadata)
+        for key, value in changes.items():
+            if key == "meta":
+                metadata.update(value)  # type: ignore[arg-type]
+            elif value is None:
+                del arrays[key.replace("__", SCALE_SUFFIX)]
+            else:
+                arrays[key.replace("__", SCALE_SUFFIX)] = value  # type: ignore[assignment]
+        return arrays, metadata
+
+    cases = {
+        "has no ::scale entry": broken(w__=None),
+        "expected float32[]": broken(w__=np.ones(3, np.float32)),
+        "int8 sends int8": broken(w=np.ones(BIG, np.float32)),
+        "has shape [2, 128]": broken(w=np.ones((2, 128), np.int8)),
+        "the model does not: extra": broken(extra=np.ones(2, np.float32)),
+        "lacks tensors: b": broken(b=None),
+        "unknown compression 'zip'": broken(meta={SCHEME_KEY: "zip"}),
+        "is not JSON": broken(meta={DELTA_KEY: "["}),
+        "only floating tensors": broken(meta={DELTA_KEY: '["w", "count"]'}),
+    }
+    for expected, (arrays, metadata) in cases.items():
+        with pytest.raises(CompressionError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            decode(arrays, metadata, base)
+
+
+def test_encode_refuses_none_and_mismatched_tensors() -> None:
+    base = _base()
+    with pytest.raises(CompressionError, match="one of fp16, bf16, int8"):
+        encode(base, base, "none")
+    with pytest.raises(CompressionError, match="do not name the same tensors"):
+        encode({"w": base["w"]}, base, "fp16")
