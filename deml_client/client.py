@@ -41,6 +41,9 @@ _SPEC_KEYS = {
     "min_fit_workers",
     "test_fraction",
     "budget_glm",
+    "fraction_fit",
+    "min_fit",
+    "round_deadline_seconds",
 }
 
 
