@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Collection
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from deml.v1 import training_pb2
 from deml_client.client import zip_task_dir
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
 from deml_server.config import ServerConfig
-from deml_server.domain import EventKind, JobState, TaskOutcome
+from deml_server.convert import round_to_pb, spec_from_pb, spec_to_pb
+from deml_server.domain import EventKind, JobState, RoundSummary, TaskOutcome
 from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService, resolve_spec
 from deml_server.registry import ModelRegistry
@@ -201,3 +204,18 @@ async def test_a_straggler_past_the_round_deadline_is_dropped_and_the_quorum_com
     note = f"round 1: partition 1 on {late[0].worker} late, dropped"
     assert note in messages, messages
     assert json.dumps(list(job.rounds[0].sampled)) == "[0, 1, 2]"
+
+
+def test_the_policy_travels_in_the_contract() -> None:
+    # Prepare
+    given = training_pb2.JobSpec(workers=20, fraction_fit=0.25, min_fit=3, round_deadline_seconds=60.0)
+    summary = RoundSummary(1, {}, 4, 0, 1.0, 10, datetime.now(tz=UTC), sampled=(1, 5, 9, 12, 17), late=(9,))
+    # Execute
+    settings = spec_from_pb(given)
+    spec = resolve_spec(settings, _config())
+    back = spec_to_pb(spec)
+    message = round_to_pb(summary)
+    # Assert
+    assert settings == {"workers": 20, "fraction_fit": 0.25, "min_fit": 3, "round_deadline_seconds": 60.0}
+    assert (back.fraction_fit, back.min_fit, back.round_deadline_seconds) == (0.25, 3, 60.0)
+    assert list(message.sampled_partitions) == [1, 5, 9, 12, 17] and list(message.late_partitions) == [9]

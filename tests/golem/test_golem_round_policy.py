@@ -44,12 +44,13 @@ def task_attempts(data_dir: Path, job_id: str) -> list[tuple[str, int, int, str,
 async def test_a_straggler_past_the_round_deadline_is_dropped_and_the_round_commits_with_the_quorum(
     tmp_path: Path,
 ) -> None:
-    # Prepare: three providers; provider 2 starts every training task 300 s late. The round waits 30 s and
-    # needs 2 of its 3 partitions.
+    # Prepare: three providers; provider 2 starts every training task 300 s late. The round waits 90 s (each
+    # stand-in task starts a fresh python3 that imports torch: tens of seconds on a loaded machine) and needs 2 of
+    # its 3 partitions.
     slow = Fault(provider=2, script=0, kind="slow", seconds=300, action="train")
     standin = StandInGolem(tmp_path / "vms", providers=3, faults=[slow])
     backend = backend_for(tmp_path, standin, max_workers=3)
-    spec = {**SPEC, "workers": 3, "min_fit_workers": 2, "round_deadline_seconds": 30.0}
+    spec = {**SPEC, "workers": 3, "min_fit_workers": 2, "round_deadline_seconds": 90.0}
     # Execute
     job = await run_job(backend, tmp_path / "server", spec)
     # Assert: the round committed the two results that arrived; the straggler's partition is recorded as late,
@@ -57,7 +58,7 @@ async def test_a_straggler_past_the_round_deadline_is_dropped_and_the_round_comm
     assert job.state == JobState.SUCCEEDED, job.error
     (summary,) = job.rounds
     assert summary.workers_ok == 2 and len(summary.late) == 1 and summary.sampled == (0, 1, 2)
-    assert summary.wall_seconds < 120
+    assert summary.wall_seconds < 240
     late = [a for a in task_attempts(tmp_path / "server", job.id) if a[4] is TaskOutcome.LATE]
     assert [(a[1], a[2]) for a in late] == [(1, summary.late[0])]
     assert late[0][3] == "golem:standin-2@0xstandin0"
@@ -87,7 +88,7 @@ async def test_rejected_weights_count_against_the_provider_whose_block_outlives_
     poison = Fault(provider=0, script=0, kind="nan", action="train")
     standin = StandInGolem(tmp_path / "vms", providers=2, faults=[poison])
     backend = backend_for(tmp_path, standin, max_provider_failures=1)
-    spec = {**SPEC, "rounds": 2, "workers": 2, "min_fit_workers": 1}
+    spec = {**SPEC, "workers": 2, "min_fit_workers": 1}
     # Execute: a job, then a new backend and stand-in (a restarted server) on the same data directory
     job = await run_job(backend, tmp_path / "server", spec)
     after = StandInGolem(tmp_path / "vms-after", providers=2)
@@ -96,7 +97,7 @@ async def test_rejected_weights_count_against_the_provider_whose_block_outlives_
     # Assert: round 1 went on with the quorum; the rejection counted against provider 0, which was then blocked,
     # recorded in the store, and never given work after the restart
     assert job.state == JobState.SUCCEEDED, job.error
-    assert [r.workers_ok for r in job.rounds] == [1, 2]
+    assert [(r.workers_ok, r.workers_failed) for r in job.rounds] == [(1, 1)]
     rejected = [a for a in task_attempts(tmp_path / "server", job.id) if a[4] is TaskOutcome.REJECTED]
     assert [(a[1], a[3]) for a in rejected] == [(1, "golem:standin-0@0xstandin0")]
     assert [f.kind for f in backend.providers.failures["0xstandin00"]] == [FailureKind.REJECTED_WEIGHTS]
