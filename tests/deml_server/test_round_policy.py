@@ -190,14 +190,15 @@ async def test_twenty_partitions_at_fraction_a_quarter_train_five_a_round(servic
 @pytest.mark.slow
 @pytest.mark.parametrize("service", ["straggler"], indirect=True)
 async def test_a_straggler_past_the_round_deadline_is_dropped_and_the_quorum_commits(service: JobService) -> None:
-    # Prepare: partition 1's round-1 result comes 600 s late; the round waits 20 s and needs 2 of 3 results
+    # Prepare: partition 1's round-1 result comes 600 s late; the round waits 60 s (a loaded CI machine may take
+    # tens of seconds for a fresh worker's first task) and needs 2 of 3 results
     # Execute
-    job_id, messages = await _run(service, rounds=2, workers=3, min_fit_workers=2, round_deadline_seconds=20.0)
+    job_id, messages = await _run(service, rounds=2, workers=3, min_fit_workers=2, round_deadline_seconds=60.0)
     # Assert: round 1 committed the two that arrived, reported the late one with its worker; round 2 had all three
     job = service.get(job_id, latest_rounds=-1)
     assert job.state is JobState.SUCCEEDED, job.error
     assert [(r.workers_ok, r.late) for r in job.rounds] == [(2, (1,)), (3, ())]
-    assert job.rounds[0].wall_seconds < 120
+    assert job.rounds[0].wall_seconds < 180
     late = [a for a in service.task_attempts(job_id) if a.outcome is TaskOutcome.LATE]
     assert [(a.round, a.partition) for a in late] == [(1, 1)]
     assert late[0].worker.startswith("local-"), late[0]
