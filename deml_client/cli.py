@@ -29,7 +29,14 @@ def state_name(state: int) -> str:
 def job_to_dict(job: training_pb2.Job) -> dict[str, Any]:
     """The JSON shape every command prints for a job."""
     rounds: list[dict[str, Any]] = [
-        {"round": r.round, "metrics": dict(r.metrics), "wall_seconds": r.wall_seconds, "workers_ok": r.workers_ok}
+        {
+            "round": r.round,
+            "metrics": dict(r.metrics),
+            "wall_seconds": r.wall_seconds,
+            "workers_ok": r.workers_ok,
+            "sampled": list(r.sampled_partitions),
+            "late": list(r.late_partitions),
+        }
         for r in job.rounds
     ]
     final = dict(job.latest_round.metrics) if job.HasField("latest_round") else {}
@@ -125,6 +132,10 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
         "name": args.name,
         "task_timeout_seconds": args.task_timeout,
         "compression": args.compression,
+        "fraction_fit": args.fraction_fit,
+        "min_fit": args.min_fit,
+        "min_fit_workers": args.min_fit_workers,
+        "round_deadline_seconds": args.round_deadline,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if args.baseline:
@@ -249,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--compression", choices=["none", "fp16", "bf16", "int8"], help="how workers send updates (default none)"
     )
+    train.add_argument("--fraction-fit", type=float, help="share of the partitions trained each round (Flower's)")
+    train.add_argument("--min-fit", type=int, help="fewest partitions trained each round")
+    train.add_argument("--min-fit-workers", type=int, help="quorum: fewest usable results a round needs")
+    train.add_argument("--round-deadline", type=float, help="seconds a round waits; late tasks are then dropped")
     train.add_argument("--data", help=".npz with x, y: sharded across workers by the server")
     train.add_argument("--test-data", help=".npz with x, y used as the test split")
     train.add_argument("--baseline", action="store_true", help="also train centrally on one worker and compare")

@@ -42,6 +42,9 @@ _SPEC_KEYS = {
     "test_fraction",
     "budget_glm",
     "compression",
+    "fraction_fit",
+    "min_fit",
+    "round_deadline_seconds",
 }
 
 

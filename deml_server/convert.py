@@ -54,6 +54,9 @@ _OPTIONAL_SPEC_FIELDS = (
     "min_fit_workers",
     "test_fraction",
     "budget_glm",
+    "fraction_fit",
+    "min_fit",
+    "round_deadline_seconds",
 )
 
 
@@ -108,6 +111,9 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         test_fraction=spec.test_fraction,
         budget_glm=spec.budget_glm,
         compression=spec.compression,
+        fraction_fit=spec.fraction_fit,
+        min_fit=spec.min_fit,
+        round_deadline_seconds=spec.round_deadline_seconds,
     )
 
 
@@ -121,6 +127,8 @@ def round_to_pb(summary: RoundSummary) -> training_pb2.RoundSummary:
         wall_seconds=summary.wall_seconds,
         bytes_sent_per_worker=summary.bytes_sent_per_worker,
         committed_at=_timestamp(summary.committed_at),
+        sampled_partitions=summary.sampled,
+        late_partitions=summary.late,
     )
 
 

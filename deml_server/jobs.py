@@ -16,6 +16,7 @@ from deml_server.backends import Backend, known_backends
 from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
 from deml_server.domain import (
+    BlockedProvider,
     EventKind,
     EventRecord,
     Job,
@@ -67,11 +68,7 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
         raise InvalidArgument(
             f"test_fraction must be between 0 and 1 (got {spec.test_fraction})", field="test_fraction"
         )
-    if not 0 <= spec.min_fit_workers <= spec.workers:
-        raise InvalidArgument(
-            f"min_fit_workers must be between 0 and workers={spec.workers} (got {spec.min_fit_workers})",
-            field="min_fit_workers",
-        )
+    _check_round_policy(spec)
     if spec.partitioning not in ("iid", "dirichlet"):
         raise InvalidArgument(
             f"partitioning must be 'iid' or 'dirichlet' (got {spec.partitioning!r})", field="partitioning"
@@ -95,6 +92,35 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
     except InvalidArgument as exc:
         raise InvalidArgument(exc.reason, field="strategy_options") from None
     return spec
+
+
+def _check_round_policy(spec: JobSpec) -> None:
+    """Client sampling, the quorum and the round deadline (docs/golem.md, "Round policy")."""
+    if not math.isfinite(spec.fraction_fit) or not 0 < spec.fraction_fit <= 1:
+        raise InvalidArgument(
+            f"fraction_fit must be above 0 and at most 1 (got {spec.fraction_fit})", field="fraction_fit"
+        )
+    if not 0 <= spec.min_fit <= spec.workers:
+        raise InvalidArgument(
+            f"min_fit must be between 0 and workers={spec.workers} (got {spec.min_fit})", field="min_fit"
+        )
+    sampled = spec.sample_size
+    if not 0 <= spec.min_fit_workers <= sampled:
+        where = (
+            f"workers={spec.workers}"
+            if sampled == spec.workers
+            else f"the {sampled} partitions sampled per round (workers={spec.workers}, "
+            f"fraction_fit={spec.fraction_fit:g}, min_fit={spec.min_fit})"
+        )
+        raise InvalidArgument(
+            f"min_fit_workers must be between 0 and {where} (got {spec.min_fit_workers})", field="min_fit_workers"
+        )
+    if not math.isfinite(spec.round_deadline_seconds) or spec.round_deadline_seconds < 0:
+        raise InvalidArgument(
+            f"round_deadline_seconds must be zero (no deadline) or a positive number of seconds "
+            f"(got {spec.round_deadline_seconds})",
+            field="round_deadline_seconds",
+        )
 
 
 _SPEC_TYPES = {f.name: f.type for f in dataclasses.fields(JobSpec)}
@@ -343,6 +369,10 @@ class JobService:
     def all_rounds(self) -> Sequence[tuple[str, RoundSummary]]:
         """Every job's committed rounds, with the job's id."""
         return self._store.all_rounds()
+
+    def blocked_providers(self) -> Sequence[BlockedProvider]:
+        """Providers no backend of this server gives work to any more (kept across restarts), newest first."""
+        return self._store.blocked_providers()
 
     def task_attempts(self, job_id: str) -> Sequence[TaskAttempt]:
         """How each attempt of each of a job's worker tasks ended."""

@@ -6,8 +6,8 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shar
 from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary, TaskAttempt, TaskOutcome
 from deml_server.errors import DemlError
 from deml_server.registry import ModelRegistry
+from deml_server.sampling import sample_partitions
 from deml_server.store import JobStore
 from deml_server.strategy import make_strategy
 from deml_server.strategy.aggregate import RunningMean, validate_update
@@ -40,7 +41,7 @@ class _Fold:
     before their predecessors wait for them.
     """
 
-    def __init__(self, current: Weights, running_mean: bool, compression: str = "none") -> None:
+    def __init__(self, current: Weights, running_mean: bool, order: Sequence[int], compression: str = "none") -> None:
         self.current = current
         self.compression = compression
         # Weights files the workers sent and their bytes, for the round's bytes_received_per_worker metric.
@@ -52,6 +53,8 @@ class _Fold:
         self.user_errors: list[tuple[int, str]] = []
         # Partitions whose weights were refused, with why (the dashboard's task table marks their attempts).
         self.rejected: list[tuple[int, str]] = []
+        # The round's sampled partitions, in the order they are folded in.
+        self._order = tuple(order)
         self._waiting: dict[int, FitResult | None] = {}
         self._next = 0
         self._lock = asyncio.Lock()
@@ -74,16 +77,26 @@ class _Fold:
                 checked = FitResult(f"partition-{index}", update, result.num_examples, result.metrics)
         async with self._lock:
             self._waiting[index] = checked
-            while self._next in self._waiting:
-                ready = self._waiting.pop(self._next)
-                self._next += 1
-                if ready is None:
-                    continue
-                if self.mean is not None:
-                    await asyncio.to_thread(self.mean.add, ready.weights, ready.num_examples)
-                    # Only the metrics are kept: the weights are in the sum.
-                    ready = FitResult(ready.worker, {}, ready.num_examples, ready.metrics)
-                self.results.append(ready)
+            await self._drain()
+
+    async def skip(self, indices: Collection[int]) -> None:
+        """Give up on partitions that will not arrive (dropped at the round deadline): fold in those after them."""
+        async with self._lock:
+            for index in indices:
+                self._waiting.setdefault(index, None)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._next < len(self._order) and self._order[self._next] in self._waiting:
+            ready = self._waiting.pop(self._order[self._next])
+            self._next += 1
+            if ready is None:
+                continue
+            if self.mean is not None:
+                await asyncio.to_thread(self.mean.add, ready.weights, ready.num_examples)
+                # Only the metrics are kept: the weights are in the sum.
+                ready = FitResult(ready.worker, {}, ready.num_examples, ready.metrics)
+            self.results.append(ready)
 
     def _reject(self, index: int, reason: str) -> None:
         self.rejected.append((index, reason))
@@ -102,6 +115,33 @@ class _Fold:
         if self.mean is not None:
             return strategy.aggregate_mean(server_round, self.current, self.mean.mean64())
         return strategy.aggregate_fit(server_round, self.current, self.results)
+
+
+@dataclass
+class _RoundFits:
+    """Where a round's partitions ran: the worker each was last handed to, and which arrived or were late."""
+
+    workers: dict[int, str] = field(default_factory=dict)
+    attempts: dict[int, int] = field(default_factory=dict)
+    arrived: set[int] = field(default_factory=set)
+    late: set[int] = field(default_factory=set)
+
+    def assign(self, index: int, worker: str) -> None:
+        self.workers[index] = worker
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+
+    def late_notes(self) -> list[str]:
+        """'partition 7 on WORKER late, dropped' for each late partition."""
+        return [
+            f"partition {index} on {self.workers.get(index) or 'no worker yet'} late, dropped"
+            for index in sorted(self.late)
+        ]
+
+
+def _sample_note(sample: Sequence[int], partitions: int) -> str:
+    if len(sample) == partitions:
+        return ""
+    return f" with {len(sample)} of {partitions} partitions: {', '.join(map(str, sample))}"
 
 
 @dataclass(frozen=True)
@@ -203,13 +243,16 @@ class JobRunner:
 
     async def _round(self, server_round: int, weights_digest: str, strategy: Strategy) -> str:
         started = time.monotonic()
-        self._progress(f"round {server_round}/{self.spec.rounds} started")
+        sample = sample_partitions(
+            self.spec.workers, self.spec.sample_size, seed=self.spec.seed, server_round=server_round
+        )
+        self._progress(f"round {server_round}/{self.spec.rounds} started{_sample_note(sample, self.spec.workers)}")
         weights_path = self.deps.artifacts.open_path(weights_digest)
         # Reading, checking and averaging weights is numpy work of seconds for big models: never on the event loop.
         current = await asyncio.to_thread(wio.read, weights_path)
         hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
-        bundles = [
-            self._bundle(
+        bundles = {
+            i: self._bundle(
                 "train",
                 index=i,
                 weights=weights_path,
@@ -218,34 +261,24 @@ class JobRunner:
                 task_seed=self.spec.seed + 1000 * server_round + i,
                 compression=self.spec.compression,
             )
-            for i in range(self.spec.workers)
-        ]
-        fold = _Fold(current, strategy.uses_weighted_mean, self.spec.compression)
-        done = 0
-
-        async def fit(index: int, bundle: TaskBundle) -> None:
-            nonlocal done
-            result, problem = await self._attempt(
-                bundle, f"round {server_round} worker {index}", server_round=server_round, partition=index
-            )
-            done += 1
-            self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
-            await fold.arrive(index, result, problem)
-
-        await asyncio.gather(*(fit(i, b) for i, b in enumerate(bundles)))
+            for i in sample
+        }
+        fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression)
+        fits = _RoundFits()
+        await self._fit_all(server_round, bundles, fold, fits)
         if fold.user_errors:
             index, error = min(fold.user_errors)
             raise JobFailed(f"round {server_round}, worker {index}: the task's code raised an error\n{error}")
         results = fold.results
         problems = [problem for _, problem in sorted(fold.problems)]
-        for index, reason in sorted(fold.rejected):
-            self.deps.store.reject_task_attempt(self.job.id, server_round, index, reason)
+        self._report_rejected(server_round, fold, fits)
         for problem in problems:
             self._progress(f"round {server_round}: {problem}")
         if len(results) < self.spec.quorum:
+            late = f"; {len(fits.late)} late at the round deadline" if fits.late else ""
             raise JobFailed(
-                f"round {server_round}: {len(results)} of {self.spec.workers} workers returned usable weights, "
-                f"fewer than the {self.spec.quorum} needed: " + "; ".join(problems)
+                f"round {server_round}: {len(results)} of {len(sample)} sampled partitions returned usable weights"
+                f"{late}, fewer than the {self.spec.quorum} needed: " + "; ".join([*problems, *fits.late_notes()])
             )
         aggregated = await asyncio.to_thread(fold.aggregate, strategy, server_round)
         new_digest = await asyncio.to_thread(lambda: self.deps.artifacts.put_bytes(wio.to_bytes(aggregated)))
@@ -269,6 +302,8 @@ class JobRunner:
             wall_seconds=time.monotonic() - started,
             bytes_sent_per_worker=weights_path.stat().st_size,
             committed_at=datetime.now(tz=UTC),
+            sampled=sample,
+            late=tuple(sorted(fits.late)),
         )
         self.job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
         self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
@@ -276,6 +311,79 @@ class JobRunner:
         await asyncio.to_thread(shutil.rmtree, self.dir / "tasks", ignore_errors=True)
         self._check_job_budget(server_round)
         return new_digest
+
+    async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: _Fold, fits: _RoundFits) -> None:
+        """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest."""
+        done = 0
+
+        async def fit(index: int, bundle: TaskBundle) -> None:
+            nonlocal done
+            result, problem = await self._attempt(
+                bundle,
+                f"round {server_round} worker {index}",
+                server_round=server_round,
+                partition=index,
+                assigned=lambda worker: fits.assign(index, worker),
+            )
+            # Past this line the partition counts as arrived: the deadline no longer cancels it.
+            fits.arrived.add(index)
+            done += 1
+            self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
+            await fold.arrive(index, result, problem)
+
+        tasks = {
+            index: asyncio.create_task(fit(index, bundle), name=f"job-{self.job.id}-r{server_round}-p{index}")
+            for index, bundle in bundles.items()
+        }
+        try:
+            deadline = self.spec.round_deadline_seconds or None
+            _, running = await asyncio.wait(tasks.values(), timeout=deadline)
+            if running:
+                late = [i for i, task in tasks.items() if not task.done() and i not in fits.arrived]
+                for index in late:
+                    tasks[index].cancel()
+                await asyncio.wait(tasks.values())
+                await self._drop_late(server_round, late, fold, fits)
+            for task in tasks.values():
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    async def _drop_late(self, server_round: int, late: list[int], fold: _Fold, fits: _RoundFits) -> None:
+        """Record the partitions still running at the round deadline as late, and fold in what waited on them."""
+        fits.late.update(late)
+        await fold.skip(late)
+        for index in sorted(late):
+            worker = fits.workers.get(index, "")
+            error = f"still running at the round deadline of {self.spec.round_deadline_seconds:g} s; dropped"
+            self.deps.store.add_task_attempt(
+                TaskAttempt(
+                    job_id=self.job.id,
+                    action="train",
+                    round=server_round,
+                    partition=index,
+                    attempt=max(1, fits.attempts.get(index, 0)),
+                    worker=worker,
+                    seconds=self.spec.round_deadline_seconds,
+                    outcome=TaskOutcome.LATE,
+                    error=error,
+                    finished_at=datetime.now(tz=UTC),
+                )
+            )
+        for note in fits.late_notes():
+            self._progress(f"round {server_round}: {note}")
+
+    def _report_rejected(self, server_round: int, fold: _Fold, fits: _RoundFits) -> None:
+        """Mark rejected weights in the task table and count them against the worker that produced them."""
+        assert self._backend is not None
+        for index, reason in sorted(fold.rejected):
+            self.deps.store.reject_task_attempt(self.job.id, server_round, index, reason)
+            worker = fits.workers.get(index)
+            if worker:
+                self._backend.report_rejected(worker, f"weights rejected: {reason}")
 
     def _check_job_budget(self, server_round: int) -> None:
         assert self._backend is not None
@@ -358,7 +466,13 @@ class JobRunner:
         )
 
     async def _attempt(
-        self, bundle: TaskBundle, label: str, *, server_round: int = 0, partition: int | None = None
+        self,
+        bundle: TaskBundle,
+        label: str,
+        *,
+        server_round: int = 0,
+        partition: int | None = None,
+        assigned: Callable[[str], None] | None = None,
     ) -> tuple[TaskResult | None, str]:
         """Run a bundle, retrying infrastructure failures on other workers up to the cap."""
         slug = label.replace(" ", "-")
@@ -376,6 +490,7 @@ class JobRunner:
                 server_round=server_round,
                 partition=partition,
                 progress=lambda message: self._progress(f"{label}: {message}"),
+                on_assigned=assigned,
             )
             item.output.mkdir(parents=True, exist_ok=True)
             assert self._backend is not None

@@ -117,7 +117,7 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
     artifacts = ArtifactStore(config.data_dir / "artifacts")
     registry = ModelRegistry(store, artifacts)
 
-    backend = create_backend(config.backend, config)
+    backend = _with_blocklist(create_backend(config.backend, config), store)
     await backend.start()
     lifetimes.started(f"{backend.name} backend", backend.close)
     inference_backend = await _inference_backend(config, backend, lifetimes)
@@ -143,7 +143,7 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
         artifacts=artifacts,
         registry=registry,
         backend=backend,
-        backend_factory=lambda name: create_backend(name, config),
+        backend_factory=lambda name: _with_blocklist(create_backend(name, config), store),
     )
     await jobs.start()
     lifetimes.started("job service", jobs.close)
@@ -195,6 +195,12 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
         http=http,
         lifetimes=lifetimes,
     )
+
+
+def _with_blocklist(backend: Backend, store: JobStore) -> Backend:
+    """A backend that keeps its blocked providers in the store (and refuses those a previous run blocked)."""
+    backend.use_blocklist(store)
+    return backend
 
 
 async def _inference_backend(config: ServerConfig, training: Backend, lifetimes: Lifetimes) -> Backend | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deml_server.domain import (
+    BlockedProvider,
     EventKind,
     EventRecord,
     Job,
@@ -102,6 +103,19 @@ CREATE TABLE IF NOT EXISTS task_attempts (
 CREATE INDEX IF NOT EXISTS task_attempts_by_job ON task_attempts (job_id, id);
 """
 
+# Providers the server gives no more work to, whatever job: kept across restarts (issue 11).
+_BLOCKLIST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocked_providers (
+    backend TEXT NOT NULL,
+    provider_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    failures INTEGER NOT NULL,
+    blocked_at REAL NOT NULL,
+    PRIMARY KEY (backend, provider_id)
+);
+"""
+
 
 def _ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, tz=UTC)
@@ -131,6 +145,8 @@ class JobStore:
         self._db.executescript(_SCHEMA)
         _add_owner_columns(self._db)
         self._db.executescript(_HISTORY_SCHEMA)
+        self._db.executescript(_BLOCKLIST_SCHEMA)
+        _add_round_policy_column(self._db)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -293,7 +309,7 @@ class JobStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO rounds (job_id, round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent,"
-                " committed_at, weights, strategy_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " committed_at, weights, strategy_state, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     summary.round,
@@ -305,6 +321,7 @@ class JobStore:
                     summary.committed_at.timestamp(),
                     weights,
                     strategy_state,
+                    json.dumps({"sampled": list(summary.sampled), "late": list(summary.late)}),
                 ),
             )
             db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (_now(), job_id))
@@ -533,6 +550,29 @@ class JobStore:
                 (TaskOutcome.REJECTED.value, reason, job_id, server_round, partition, TaskOutcome.OK.value),
             )
 
+    def block_provider(self, entry: BlockedProvider) -> None:
+        """Record a provider as blocked (again: the newest reason and count replace the old)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO blocked_providers (backend, provider_id, name, reason, failures, blocked_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    entry.backend,
+                    entry.provider_id,
+                    entry.name,
+                    entry.reason,
+                    entry.failures,
+                    entry.blocked_at.timestamp(),
+                ),
+            )
+
+    def blocked_providers(self, backend: str | None = None) -> list[BlockedProvider]:
+        """Blocked providers (of one backend), newest first."""
+        sql = "SELECT backend, provider_id, name, reason, failures, blocked_at FROM blocked_providers"
+        if backend is None:
+            return [_blocked(r) for r in self._query(sql + " ORDER BY blocked_at DESC")]
+        return [_blocked(r) for r in self._query(sql + " WHERE backend = ? ORDER BY blocked_at DESC", (backend,))]
+
     def task_attempts(self, job_id: str) -> list[TaskAttempt]:
         """A job's task attempts in the order they finished."""
         rows = self._query(
@@ -557,6 +597,10 @@ class JobStore:
         ]
 
 
+def _blocked(r: tuple[Any, ...]) -> BlockedProvider:
+    return BlockedProvider(backend=r[0], provider_id=r[1], name=r[2], reason=r[3], failures=r[4], blocked_at=_ts(r[5]))
+
+
 def _add_owner_columns(db: sqlite3.Connection) -> None:
     """Add the nullable owner columns to a database made before they existed."""
     for table in ("jobs", "models"):
@@ -568,10 +612,20 @@ def _add_owner_columns(db: sqlite3.Connection) -> None:
 _JOB_SELECT = (
     "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline FROM jobs"
 )
-_ROUND_SELECT = "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at FROM rounds"
+_ROUND_SELECT = (
+    "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at, policy FROM rounds"
+)
+
+
+def _add_round_policy_column(db: sqlite3.Connection) -> None:
+    """Add the rounds' policy column (sampled and late partitions, JSON) to a database made before it existed."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
+    if "policy" not in columns:
+        db.execute("ALTER TABLE rounds ADD COLUMN policy TEXT")
 
 
 def _round(r: tuple[Any, ...]) -> RoundSummary:
+    policy = json.loads(r[7]) if r[7] else {}
     return RoundSummary(
         round=r[0],
         metrics=json.loads(r[1]),
@@ -580,6 +634,8 @@ def _round(r: tuple[Any, ...]) -> RoundSummary:
         wall_seconds=r[4],
         bytes_sent_per_worker=r[5],
         committed_at=_ts(r[6]),
+        sampled=tuple(policy.get("sampled", ())),
+        late=tuple(policy.get("late", ())),
     )
 
 

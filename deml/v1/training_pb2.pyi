@@ -155,6 +155,9 @@ class JobSpec(_message.Message):
     TEST_FRACTION_FIELD_NUMBER: _builtins.int
     BUDGET_GLM_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
+    FRACTION_FIT_FIELD_NUMBER: _builtins.int
+    MIN_FIT_FIELD_NUMBER: _builtins.int
+    ROUND_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name under which the trained model is registered (default: "model")."""
     module: _builtins.str
@@ -186,6 +189,16 @@ class JobSpec(_message.Message):
     """How workers send their updates: "none" (default, full fp32 weights), "fp16", "bf16" or "int8" (a delta from
     the round's weights, quantised, with error feedback kept on the worker).
     """
+    fraction_fit: _builtins.float
+    """Client sampling as in Flower's FedAvg: each round trains max(min_fit, ceil(fraction_fit x workers)) of the
+    `workers` partitions, drawn from the seed and the round number (default 1.0: every partition).
+    """
+    min_fit: _builtins.int
+    """Fewest partitions sampled per round (Flower's min_fit_clients; default 0)."""
+    round_deadline_seconds: _builtins.float
+    """Seconds a round waits for its sampled partitions (default 0: no deadline). At the deadline the round
+    aggregates what arrived when at least min_fit_workers results are usable; tasks still running are dropped.
+    """
     @_builtins.property
     def strategy_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -210,10 +223,13 @@ class JobSpec(_message.Message):
         test_fraction: _builtins.float | None = ...,
         budget_glm: _builtins.float | None = ...,
         compression: _builtins.str = ...,
+        fraction_fit: _builtins.float | None = ...,
+        min_fit: _builtins.int | None = ...,
+        round_deadline_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -221,12 +237,18 @@ class JobSpec(_message.Message):
     _WhichOneofArgType__budget_glm: _TypeAlias = _typing.Literal["_budget_glm", b"_budget_glm"]  # noqa: Y015
     _WhichOneofReturnType__dirichlet_alpha: _TypeAlias = _typing.Literal["dirichlet_alpha"]  # noqa: Y015
     _WhichOneofArgType__dirichlet_alpha: _TypeAlias = _typing.Literal["_dirichlet_alpha", b"_dirichlet_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__fraction_fit: _TypeAlias = _typing.Literal["fraction_fit"]  # noqa: Y015
+    _WhichOneofArgType__fraction_fit: _TypeAlias = _typing.Literal["_fraction_fit", b"_fraction_fit"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
     _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__min_fit: _TypeAlias = _typing.Literal["min_fit"]  # noqa: Y015
+    _WhichOneofArgType__min_fit: _TypeAlias = _typing.Literal["_min_fit", b"_min_fit"]  # noqa: Y015
     _WhichOneofReturnType__min_fit_workers: _TypeAlias = _typing.Literal["min_fit_workers"]  # noqa: Y015
     _WhichOneofArgType__min_fit_workers: _TypeAlias = _typing.Literal["_min_fit_workers", b"_min_fit_workers"]  # noqa: Y015
+    _WhichOneofReturnType__round_deadline_seconds: _TypeAlias = _typing.Literal["round_deadline_seconds"]  # noqa: Y015
+    _WhichOneofArgType__round_deadline_seconds: _TypeAlias = _typing.Literal["_round_deadline_seconds", b"_round_deadline_seconds"]  # noqa: Y015
     _WhichOneofReturnType__rounds: _TypeAlias = _typing.Literal["rounds"]  # noqa: Y015
     _WhichOneofArgType__rounds: _TypeAlias = _typing.Literal["_rounds", b"_rounds"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
@@ -244,11 +266,17 @@ class JobSpec(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dirichlet_alpha) -> _WhichOneofReturnType__dirichlet_alpha | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fraction_fit) -> _WhichOneofReturnType__fraction_fit | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fit) -> _WhichOneofReturnType__min_fit | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fit_workers) -> _WhichOneofReturnType__min_fit_workers | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__round_deadline_seconds) -> _WhichOneofReturnType__round_deadline_seconds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds) -> _WhichOneofReturnType__rounds | None: ...
     @_typing.overload
@@ -369,6 +397,8 @@ class RoundSummary(_message.Message):
     WALL_SECONDS_FIELD_NUMBER: _builtins.int
     BYTES_SENT_PER_WORKER_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
+    SAMPLED_PARTITIONS_FIELD_NUMBER: _builtins.int
+    LATE_PARTITIONS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     workers_ok: _builtins.int
     workers_failed: _builtins.int
@@ -381,6 +411,14 @@ class RoundSummary(_message.Message):
 
     @_builtins.property
     def committed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def sampled_partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The partitions this round trained (its sample, ascending)."""
+
+    @_builtins.property
+    def late_partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sampled partitions still running at the round deadline, dropped from the aggregate."""
+
     def __init__(
         self,
         *,
@@ -391,10 +429,12 @@ class RoundSummary(_message.Message):
         wall_seconds: _builtins.float = ...,
         bytes_sent_per_worker: _builtins.int = ...,
         committed_at: _timestamp_pb2.Timestamp | None = ...,
+        sampled_partitions: _abc.Iterable[_builtins.int] | None = ...,
+        late_partitions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent_per_worker", b"bytes_sent_per_worker", "committed_at", b"committed_at", "metrics", b"metrics", "round", b"round", "wall_seconds", b"wall_seconds", "workers_failed", b"workers_failed", "workers_ok", b"workers_ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent_per_worker", b"bytes_sent_per_worker", "committed_at", b"committed_at", "late_partitions", b"late_partitions", "metrics", b"metrics", "round", b"round", "sampled_partitions", b"sampled_partitions", "wall_seconds", b"wall_seconds", "workers_failed", b"workers_failed", "workers_ok", b"workers_ok"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -169,6 +169,7 @@ class LocalBackend(Backend):
     async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
         """Run one item on one warm worker within its deadline."""
         worker = await self._acquire(avoid)
+        item.assigned(worker.name)
         started = time.monotonic()
         try:
             await asyncio.wait_for(worker.call(item), timeout=item.timeout)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import BodyPartReader, web
 
 from deml_server.domain import (
+    BlockedProvider,
     EventKind,
     EventRecord,
     Job,
@@ -69,6 +70,7 @@ def add_routes(app: web.Application, services: HttpServices) -> None:
     app.router.add_get("/api/models/{name}/versions/{version}", api.get_model)
     app.router.add_get("/api/models/{name}/versions/{version}/download", api.download_model)
     app.router.add_get("/api/server", api.server_info)
+    app.router.add_get("/api/providers/blocked", api.blocked_providers)
 
 
 # -- JSON shapes -----------------------------------------------------------------------------------------------
@@ -92,6 +94,8 @@ def round_json(summary: RoundSummary) -> dict[str, Any]:
         "wall_seconds": summary.wall_seconds,
         "bytes_sent_per_worker": summary.bytes_sent_per_worker,
         "committed_at": _iso(summary.committed_at),
+        "sampled": list(summary.sampled),
+        "late": list(summary.late),
     }
 
 
@@ -134,6 +138,18 @@ def task_json(attempt: TaskAttempt) -> dict[str, Any]:
         "outcome": attempt.outcome.value,
         "error": attempt.error,
         "finished_at": _iso(attempt.finished_at),
+    }
+
+
+def blocked_json(entry: BlockedProvider) -> dict[str, Any]:
+    """One blocked provider."""
+    return {
+        "backend": entry.backend,
+        "provider_id": entry.provider_id,
+        "name": entry.name,
+        "reason": entry.reason,
+        "failures": entry.failures,
+        "blocked_at": _iso(entry.blocked_at),
     }
 
 
@@ -445,6 +461,10 @@ class _Api:
                 "live_streams": self._s.jobs.followers,
             }
         )
+
+    async def blocked_providers(self, request: web.Request) -> web.Response:
+        """Providers blocked after repeated failures, with why and when (admin only)."""
+        return web.json_response({"providers": [blocked_json(e) for e in self._s.jobs.blocked_providers()]})
 
     # -- Server-Sent Events ---------------------------------------------------------------------------------------
 
