@@ -19,7 +19,12 @@ from deml_server.server import start_server
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     """Flags override the environment's defaults."""
     config = ServerConfig()
-    parser = argparse.ArgumentParser(prog="deml-server", description="Federated training and sharded inference.")
+    parser = argparse.ArgumentParser(
+        prog="deml-server",
+        description="Federated training and sharded inference.",
+        epilog="maintenance: `deml-server check --data-dir DIR` verifies a data directory; `deml-server backup"
+        " --data-dir DIR DEST` copies it consistently while the server runs (see --help of each)",
+    )
     parser.add_argument("--host", default=config.host, help="address to bind (default %(default)s: loopback)")
     parser.add_argument("--port", type=int, default=config.port, help="port (0 picks a free one; default %(default)s)")
     parser.add_argument(
