@@ -29,6 +29,7 @@ from deml_server.domain import (
     RoundSummary,
     TaskAttempt,
 )
+from deml_server.drain import Drain
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from deml_server.ownership import Ownership, Scope
 from deml_server.quota import JobQuota
@@ -203,8 +204,11 @@ class JobService:
         registry: ModelRegistry,
         backend: Backend,
         backend_factory: Callable[[str], Backend] | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._config = config
+        # Shutdown: refuse new jobs, stop each runner once its round in flight is committed.
+        self._drain = drain or Drain()
         self._store = store
         self._artifacts = artifacts
         self._deps = RunnerDeps(
@@ -244,6 +248,18 @@ class JobService:
         extra = [b for name, b in self._backends.items() if name != self._config.backend]
         await asyncio.gather(*(b.close() for b in extra), return_exceptions=True)
 
+    async def finish_rounds(self) -> bool:
+        """Shutdown (the drain has begun): let each runner commit its round in flight, within the drain's grace.
+
+        Queued jobs stop now; a running one stops right after its next commit (see _publish). Whatever is still
+        running when the grace ends is stopped by close(). Every job not done resumes at the next start from its
+        last committed round. Returns whether every runner stopped in time.
+        """
+        for job_id, task in list(self._tasks.items()):
+            if self._store.get_job(job_id).state is JobState.PENDING:
+                task.cancel()
+        return await self._drain.wait(list(self._tasks.values()))
+
     async def _backend_for(self, name: str) -> Backend:
         """The backend a job asked for; one other than the server's is created and started on first use."""
         async with self._backend_lock:
@@ -260,10 +276,12 @@ class JobService:
 
     def begin_upload(self) -> Upload:
         """Start receiving a submission's files."""
+        self._drain.check()
         return Upload(self._artifacts, self._config.max_upload_bytes)
 
     async def submit(self, given: Mapping[str, Any], files: JobFiles, owner: str | None = None) -> Job:
         """Validate a submission and start its job (`owner`: the submitting token's hash, for its limits)."""
+        self._drain.check()
         spec = resolve_spec(given, self._config)
         backend = await self._backend_for(spec.backend)
         if spec.budget_glm > 0:
@@ -351,6 +369,11 @@ class JobService:
         for follower, job_id in list(self._followers.items()):
             if job_id is None or job_id == record.job_id:
                 follower.put_nowait(record)
+        if self._drain.active and event.kind is EventKind.ROUND_COMMITTED:
+            # Shutting down: the round is committed, its runner stops here (it resumes at the next start).
+            task = self._tasks.get(event.job.id)
+            if task is not None:
+                task.cancel()
 
     def events(self, job_id: str | None = None, after: int = 0, limit: int = 0) -> Sequence[EventRecord]:
         """The event log (of one job, or of all) after a sequence number, oldest first."""

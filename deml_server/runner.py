@@ -17,6 +17,7 @@ from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shard_data, unpack_code
 from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary, TaskAttempt, TaskOutcome
 from deml_server.errors import DemlError
+from deml_server.maintenance import last_intact_checkpoint
 from deml_server.registry import ModelRegistry
 from deml_server.sampling import sample_partitions
 from deml_server.store import JobStore
@@ -203,7 +204,11 @@ class JobRunner:
         self._backend = await self.deps.backend_for(self.spec.backend)
         # Sharding a large upload is seconds of numpy work: keep it off the event loop that serves gRPC.
         await asyncio.to_thread(self._prepare)
-        checkpoint = self.deps.store.last_checkpoint(self.job.id)
+        # The newest committed round whose artifacts still hash to their names (damaged ones are reported).
+        store, artifacts = self.deps.store, self.deps.artifacts
+        checkpoint, damaged = await asyncio.to_thread(last_intact_checkpoint, store, artifacts, self.job.id)
+        for problem in damaged:
+            self._progress(problem)
         if checkpoint is None:
             init = await self._run_one(self._bundle("init"), "init")
             digest = self.deps.artifacts.put_file(init.directory / "weights.safetensors")

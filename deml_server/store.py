@@ -340,6 +340,24 @@ class JobStore:
             return Checkpoint(round=0, weights=init[0][0], strategy_state=None)
         return None
 
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """Every committed round's artifacts, newest first, then the initial weights (round 0) when set."""
+        rows = self._query(
+            "SELECT round, weights, strategy_state FROM rounds WHERE job_id = ? ORDER BY round DESC", (job_id,)
+        )
+        found = [Checkpoint(round=r[0], weights=r[1], strategy_state=r[2]) for r in rows]
+        init = self._query("SELECT init_weights FROM jobs WHERE id = ?", (job_id,))
+        if init and init[0][0]:
+            found.append(Checkpoint(round=0, weights=init[0][0], strategy_state=None))
+        return found
+
+    def discard_rounds_after(self, job_id: str, server_round: int) -> int:
+        """Remove a job's committed rounds after `server_round` (their checkpoints were found damaged); how many."""
+        with self._tx() as db:
+            removed = db.execute("DELETE FROM rounds WHERE job_id = ? AND round > ?", (job_id, server_round)).rowcount
+            db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (_now(), job_id))
+        return int(removed)
+
     def initial_weights(self, job_id: str) -> str:
         """The round-0 weights' artifact address (set once the init task ran)."""
         rows = self._query("SELECT init_weights FROM jobs WHERE id = ?", (job_id,))

@@ -137,6 +137,9 @@ class LocalBackend(Backend):
             stderr=log_file,
             env=env,
             cwd=self._work_dir,
+            # Its own session: a Ctrl-C or SIGTERM sent to the server's process group must not kill the round
+            # in flight (the server's graceful shutdown lets it finish, then ends the workers itself).
+            start_new_session=True,
         )
         worker = _Worker(slot, self._generation, proc, log_file)
         self._all.add(worker)
