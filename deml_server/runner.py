@@ -221,6 +221,13 @@ class JobRunner:
                 await asyncio.sleep(delay)
         return write(*args)
 
+    def _history(self, write: Callable[..., object], *args: object) -> None:
+        """A write to the job's history (task attempts): a record for people, skipped when the store is busy."""
+        try:
+            write(*args)
+        except StoreBusy as exc:
+            log.warning("job %s: a task attempt was not recorded: %s", self.job.id, exc.reason)
+
     def _remove_partial_files(self) -> None:
         """After running out of space: drop the round's task files (committed rounds live in the artifact store)."""
         shutil.rmtree(self.dir / "tasks", ignore_errors=True)
@@ -238,7 +245,7 @@ class JobRunner:
         if checkpoint is None:
             init = await self._run_one(self._bundle("init"), "init")
             digest = self.deps.artifacts.put_file(init.directory / "weights.safetensors")
-            self.deps.store.set_initial_weights(self.job.id, digest)
+            await self._write(self.deps.store.set_initial_weights, self.job.id, digest)
             checkpoint = self.deps.store.last_checkpoint(self.job.id)
             assert checkpoint is not None
         else:
@@ -333,7 +340,7 @@ class JobRunner:
         results = fold.results
         problems = [problem for _, problem in sorted(fold.problems)]
         for index, reason in sorted(fold.rejected):
-            self.deps.store.reject_task_attempt(self.job.id, server_round, index, reason)
+            self._history(self.deps.store.reject_task_attempt, self.job.id, server_round, index, reason)
         for problem in problems:
             self._progress(f"round {server_round}: {problem}")
         if len(results) < self.spec.quorum:
@@ -403,7 +410,7 @@ class JobRunner:
             task_seed=self.spec.seed,
         )
         result = await self._run_one(bundle, "baseline")
-        self.job = self.deps.store.set_baseline(self.job.id, result.test_metrics)
+        self.job = await self._write(self.deps.store.set_baseline, self.job.id, result.test_metrics)
         self._progress(f"baseline: {result.test_metrics}")
 
     async def _export(self, weights_digest: str) -> None:
@@ -412,11 +419,14 @@ class JobRunner:
             record = existing[0]
         else:
             self._progress("exporting to ONNX")
-            bundle = self._bundle("export", weights=self.deps.artifacts.open_path(weights_digest))
+            weights = self.deps.artifacts.open_path(weights_digest)
+            # The worker writes the ONNX file (about the weights' size) and the artifact store keeps a copy.
+            diskspace.require(self.deps.jobs_dir.parent, 2 * weights.stat().st_size, "exporting the model to ONNX")
+            bundle = self._bundle("export", weights=weights)
             result = await self._run_one(bundle, "export")
             digest = self.deps.artifacts.put_file(result.directory / "model.onnx")
-            record = self.deps.registry.register(self.spec.name, digest, job_id=self.job.id)
-        self.deps.store.set_model(self.job.id, record.name, record.version)
+            record = await self._write(lambda: self.deps.registry.register(self.spec.name, digest, job_id=self.job.id))
+        await self._write(self.deps.store.set_model, self.job.id, record.name, record.version)
         self._progress(f"registered model {record.name}:{record.version}")
 
     # -- tasks ----------------------------------------------------------------------------------------------
@@ -498,7 +508,8 @@ class JobRunner:
         how: TaskOutcome,
         error: str,
     ) -> None:
-        self.deps.store.add_task_attempt(
+        self._history(
+            self.deps.store.add_task_attempt,
             TaskAttempt(
                 job_id=self.job.id,
                 action=bundle.action,
@@ -510,7 +521,7 @@ class JobRunner:
                 outcome=how,
                 error=error,
                 finished_at=datetime.now(tz=UTC),
-            )
+            ),
         )
 
     async def _run_one(self, bundle: TaskBundle, label: str, *, server_round: int = 0) -> TaskResult:
