@@ -314,9 +314,12 @@ class JobService:
         if job.state is not JobState.FAILED:
             raise FailedPrecondition(f"job {job_id} is {job.state.value}; only a failed job can be resumed")
         if job.failure_cause is FailureCause.USER_CODE:
+            # The error's first line says where, its last line (a traceback's end) what.
+            lines = job.error.strip().splitlines() or [""]
+            said = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
             raise FailedPrecondition(
                 f"job {job_id} failed because of its own code or data, which resuming would run again unchanged: "
-                f"fix the task and submit a new job (the error was: {job.error.splitlines()[0] if job.error else ''})"
+                f"fix the task and submit a new job (the error was: {said})"
             )
         if job_id in self._tasks:
             raise FailedPrecondition(f"job {job_id} is still stopping; try again in a moment")
