@@ -4,6 +4,8 @@ no partial file left, and the job resumable with ResumeJob once space is freed."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,8 +121,23 @@ def test_sharding_without_space_fails_the_job_which_resumes_once_freed(server: D
     _assert_disk_full(failed.error, server.data_dir)
     assert "sharding" in failed.error
     assert not list((server.data_dir / "jobs" / job.id / "shards").glob("*"))
+    shown = subprocess.run(
+        [sys.executable, "-m", "deml_client", "--server", server.process.target, "jobs", "show", job.id],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"failure cause: DISK (resume it: deml-client jobs resume {job.id})" in shown.stdout
+    # Freed, then resumed with the CLI, which follows the job to its end.
     server.free_space()
-    done = _resume(server.client, job.id)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "deml_client", "--server", server.process.target, "jobs", "resume", job.id, "--watch"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "SUCCEEDED" in resumed.stdout, resumed.stdout + resumed.stderr
+    done = server.client.get_job(job.id, rounds=-1)
     assert done.state == training_pb2.JOB_STATE_SUCCEEDED, done.error
     assert [r.round for r in done.rounds] == [1, 2]
 
