@@ -56,6 +56,11 @@ def require(data_dir: Path, needed: int, what: str) -> None:
         raise disk_full(data_dir, what, needed + margin_bytes(), free)
 
 
+def low(data_dir: Path) -> bool:
+    """Whether less than the margin is free on the data directory's disk."""
+    return free_bytes(data_dir) < margin_bytes()
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether an error means the disk ran out of space (a file write, or SQLite's SQLITE_FULL)."""
     if isinstance(exc, DiskFull):

@@ -168,11 +168,20 @@ class JobRunner:
 
     def _failure(self, exc: Exception) -> tuple[str, FailureCause]:
         """What the user sees of an exception that ended the job, and its cause."""
+        data_dir = self.deps.jobs_dir.parent
         if diskspace.is_disk_full(exc):
             self._remove_partial_files()
-            error = diskspace.as_disk_full(self.deps.jobs_dir.parent, exc, "the job")
+            error = diskspace.as_disk_full(data_dir, exc, "the job")
             log.warning("job %s failed: %s", self.job.id, error.reason)
             return error.reason, FailureCause.DISK
+        if isinstance(exc, JobFailed) and exc.cause is FailureCause.USER_CODE and diskspace.low(data_dir):
+            # A task that "raised" while the disk is full most likely could not write its output there: a local
+            # worker writes into the data directory. Resumable, once space is freed.
+            self._remove_partial_files()
+            full = diskspace.disk_full(data_dir, "a task", None, diskspace.free_bytes(data_dir))
+            message = f"{full.reason} (the task said: {exc})"
+            log.warning("job %s failed: %s", self.job.id, message)
+            return message, FailureCause.DISK
         if isinstance(exc, JobFailed):
             log.warning("job %s failed: %s", self.job.id, exc)
             return str(exc), exc.cause
