@@ -7,6 +7,7 @@ to its name is reported as DamagedArtifact, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -118,9 +119,14 @@ class ArtifactStore:
     def put_chunks(self, chunks: Iterable[bytes]) -> str:
         """Store a stream of chunks; return the digest of the whole."""
         writer = self.writer()
-        for chunk in chunks:
-            writer.write(chunk)
-        return writer.commit()
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+            return writer.commit()
+        except BaseException:
+            # A write that failed (a full disk) leaves no partial file behind.
+            writer.abort()
+            raise
 
     def put_file(self, source: Path) -> str:
         """Copy a file in; return its digest."""
@@ -173,6 +179,8 @@ class ArtifactWriter:
         return digest
 
     def abort(self) -> None:
-        """Drop what was written."""
-        self._fh.close()
+        """Drop what was written (also after a failed write or commit)."""
+        # Closing flushes the buffer, which fails again on a full disk; the file goes anyway.
+        with contextlib.suppress(OSError):
+            self._fh.close()
         self._tmp_path.unlink(missing_ok=True)

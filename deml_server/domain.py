@@ -23,6 +23,30 @@ class JobState(enum.Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+class FailureCause(enum.Enum):
+    """Why a job failed: its own code (resuming cannot help) or the infrastructure (it can resume)."""
+
+    # Not failed, or failed before causes were recorded.
+    UNSPECIFIED = ""
+    # The user's code raised an error (or produced unusable output): fix the code and submit again.
+    USER_CODE = "USER_CODE"
+    # The data directory's disk ran out of space.
+    DISK = "DISK"
+    # Workers or providers failed (too few usable results, a backend that would not start).
+    BACKEND = "BACKEND"
+    # The job's or the server's budget on a paid backend was spent.
+    BUDGET = "BUDGET"
+    # The job database could not be written (locked for too long).
+    DATABASE = "DATABASE"
+    # A bug in the server.
+    INTERNAL = "INTERNAL"
+
+    @property
+    def resumable(self) -> bool:
+        """Whether resuming the job from its last committed round can succeed."""
+        return self is not FailureCause.USER_CODE
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What the user asked for, with server defaults already filled in."""
@@ -127,6 +151,8 @@ class Job:
     baseline_metrics: dict[str, float] = field(default_factory=dict)
     rounds_committed: int = 0
     latest_round: RoundSummary | None = None
+    # Set when the job failed: whether it can be resumed (ResumeJob) depends on it.
+    failure_cause: FailureCause = FailureCause.UNSPECIFIED
 
 
 @dataclass(frozen=True)

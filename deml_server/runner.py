@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import time
@@ -10,13 +11,24 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
+from deml_server import diskspace
 from deml_server import weights as wio
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shard_data, unpack_code
-from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary, TaskAttempt, TaskOutcome
-from deml_server.errors import DemlError
+from deml_server.domain import (
+    EventKind,
+    FailureCause,
+    Job,
+    JobEvent,
+    JobState,
+    RoundSummary,
+    TaskAttempt,
+    TaskOutcome,
+)
+from deml_server.errors import DemlError, FailedPrecondition, InvalidArgument, ResourceExhausted, StoreBusy, Unavailable
 from deml_server.maintenance import last_intact_checkpoint
 from deml_server.registry import ModelRegistry
 from deml_server.sampling import sample_partitions
@@ -27,9 +39,18 @@ from deml_server.strategy.base import FitResult, Strategy, Weights
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
+# A store write that fails because the database is busy is tried again after these pauses (seconds), then given up.
+WRITE_RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0, 4.0)
+
 
 class JobFailed(Exception):
-    """The job cannot go on; the message is what the user sees."""
+    """The job cannot go on; the message is what the user sees, `cause` says whether resuming can help."""
+
+    def __init__(self, message: str, cause: FailureCause = FailureCause.BACKEND) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class _Fold:
@@ -168,32 +189,105 @@ class JobRunner:
         self.dir = deps.jobs_dir / job.id
         self._shards: Shards | None = None
         self._backend: Backend | None = None
+        self._ended = False
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run to the end; a failure or cancellation is recorded in the store, never raised."""
+        """Run to the end; a failure or cancellation is recorded in the store, never raised.
+
+        Whatever ends the run (any exception, including one raised while recording the failure), watchers get
+        a terminal event: `ended` is True once they have.
+        """
         try:
-            self._set_state(JobState.RUNNING)
+            await self._write(self._set_state, JobState.RUNNING)
             await self._run()
-        except JobFailed as exc:
-            log.warning("job %s failed: %s", self.job.id, exc)
-            self._set_state(JobState.FAILED, str(exc))
-        except DemlError as exc:
-            log.warning("job %s failed: %s", self.job.id, exc.reason)
-            self._set_state(JobState.FAILED, exc.reason)
         except asyncio.CancelledError:
             log.info("job %s runner stopped", self.job.id)
             raise
         except Exception as exc:
-            log.exception("job %s failed unexpectedly", self.job.id)
-            self._set_state(JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            message, cause = self._failure(exc)
+            await self._fail(message, cause)
 
-    def _set_state(self, state: JobState, error: str = "") -> None:
-        job = self.deps.store.set_state(self.job.id, state, error)
+    @property
+    def ended(self) -> bool:
+        """Whether this runner recorded (or at least announced) an end of the job."""
+        return self._ended
+
+    def _failure(self, exc: Exception) -> tuple[str, FailureCause]:
+        """What the user sees of an exception that ended the job, and its cause."""
+        data_dir = self.deps.jobs_dir.parent
+        if diskspace.is_disk_full(exc):
+            self._remove_partial_files()
+            error = diskspace.as_disk_full(data_dir, exc, "the job")
+            log.warning("job %s failed: %s", self.job.id, error.reason)
+            return error.reason, FailureCause.DISK
+        if isinstance(exc, JobFailed) and exc.cause is FailureCause.USER_CODE and diskspace.low(data_dir):
+            # A task that "raised" while the disk is full most likely could not write its output there: a local
+            # worker writes into the data directory. Resumable, once space is freed.
+            self._remove_partial_files()
+            full = diskspace.disk_full(data_dir, "a task", None, diskspace.free_bytes(data_dir))
+            message = f"{full.reason} (the task said: {exc})"
+            log.warning("job %s failed: %s", self.job.id, message)
+            return message, FailureCause.DISK
+        if isinstance(exc, JobFailed):
+            log.warning("job %s failed: %s", self.job.id, exc)
+            return str(exc), exc.cause
+        if isinstance(exc, DemlError):
+            log.warning("job %s failed: %s", self.job.id, exc.reason)
+            return exc.reason, _cause_of(exc)
+        log.exception("job %s failed unexpectedly", self.job.id, exc_info=exc)
+        return f"internal error: {type(exc).__name__}: {exc}", FailureCause.INTERNAL
+
+    async def _fail(self, message: str, cause: FailureCause) -> None:
+        """Record the failure (retrying a busy store); if it cannot be recorded, still tell the watchers."""
+        try:
+            await self._write(self._set_state, JobState.FAILED, message, cause)
+        except Exception:
+            log.exception("job %s: its failure could not be recorded; it resumes at the next start", self.job.id)
+        if not self._ended:
+            self._announce_end(JobState.FAILED, message, cause)
+
+    def _announce_end(self, state: JobState, message: str, cause: FailureCause = FailureCause.UNSPECIFIED) -> None:
+        """Tell watchers the job ended even though the store could not say so."""
+        self._ended = True
+        job = dataclasses.replace(self.job, state=state, error=message, failure_cause=cause)
+        try:
+            self.deps.publish(JobEvent(EventKind.STATE_CHANGED, job, message=message))
+        except Exception:
+            log.exception("job %s: the end of the job could not be announced", self.job.id)
+
+    def _set_state(self, state: JobState, error: str = "", cause: FailureCause = FailureCause.UNSPECIFIED) -> None:
+        job = self.deps.store.set_state(self.job.id, state, error, cause)
         if job is not None:
             self.job = job
+            if state.terminal:
+                self._ended = True
             self.deps.publish(JobEvent(EventKind.STATE_CHANGED, job, message=error))
+        elif state.terminal:
+            # Already ended (cancelled meanwhile): whoever ended it told the watchers.
+            self._ended = True
+
+    async def _write(self, write: Callable[..., _T], *args: object) -> _T:
+        """A store write, tried again with growing pauses while the database is busy (bounded)."""
+        for delay in WRITE_RETRY_DELAYS:
+            try:
+                return write(*args)
+            except StoreBusy as exc:
+                log.warning("job %s: %s; retrying in %.1f s", self.job.id, exc.reason, delay)
+                await asyncio.sleep(delay)
+        return write(*args)
+
+    def _history(self, write: Callable[..., object], *args: object) -> None:
+        """A write to the job's history (task attempts): a record for people, skipped when the store is busy."""
+        try:
+            write(*args)
+        except StoreBusy as exc:
+            log.warning("job %s: a task attempt was not recorded: %s", self.job.id, exc.reason)
+
+    def _remove_partial_files(self) -> None:
+        """After running out of space: drop the round's task files (committed rounds live in the artifact store)."""
+        shutil.rmtree(self.dir / "tasks", ignore_errors=True)
 
     def _progress(self, message: str) -> None:
         log.info("job %s: %s", self.job.id, message)
@@ -212,7 +306,7 @@ class JobRunner:
         if checkpoint is None:
             init = await self._run_one(self._bundle("init"), "init")
             digest = self.deps.artifacts.put_file(init.directory / "weights.safetensors")
-            self.deps.store.set_initial_weights(self.job.id, digest)
+            await self._write(self.deps.store.set_initial_weights, self.job.id, digest)
             checkpoint = self.deps.store.last_checkpoint(self.job.id)
             assert checkpoint is not None
         else:
@@ -226,23 +320,43 @@ class JobRunner:
         if self.spec.baseline and not self.deps.store.get_job(self.job.id).baseline_metrics:
             await self._baseline()
         await self._export(weights_digest)
-        self._set_state(JobState.SUCCEEDED)
+        await self._write(self._set_state, JobState.SUCCEEDED)
 
     def _prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         unpack_code(self.deps.artifacts.open_path(self.job.files.code), self.dir / "code")
         if self.job.files.data:
+            data = self.deps.artifacts.open_path(self.job.files.data)
             test = self.deps.artifacts.open_path(self.job.files.test_data) if self.job.files.test_data else None
-            self._shards = shard_data(
-                self.deps.artifacts.open_path(self.job.files.data),
-                test,
-                self.dir / "shards",
-                count=self.spec.workers,
-                scheme=self.spec.partitioning,
-                alpha=self.spec.dirichlet_alpha,
-                seed=self.spec.seed,
-                test_fraction=self.spec.test_fraction,
-            )
+            shards = self.dir / "shards"
+            self._require_space_for_shards(data, test, shards)
+            try:
+                self._shards = shard_data(
+                    data,
+                    test,
+                    shards,
+                    count=self.spec.workers,
+                    scheme=self.spec.partitioning,
+                    alpha=self.spec.dirichlet_alpha,
+                    seed=self.spec.seed,
+                    test_fraction=self.spec.test_fraction,
+                )
+            except OSError as exc:
+                if diskspace.is_disk_full(exc):
+                    shutil.rmtree(shards, ignore_errors=True)
+                raise
+
+    def _require_space_for_shards(self, data: Path, test: Path | None, shards: Path) -> None:
+        """Shards take about twice the data (the partitions plus the whole training split) and the test split."""
+        needed = 2 * data.stat().st_size + (test.stat().st_size if test is not None else 0)
+        # A resumed job rewrites its shards in place: what they already take is not needed again.
+        existing = sum(f.stat().st_size for f in shards.glob("*.npz")) if shards.exists() else 0
+        diskspace.require(self.deps.jobs_dir.parent, max(0, needed - existing), "sharding the training data")
+
+    def _require_space_for_round(self, server_round: int, weights: Path) -> None:
+        """A round writes each worker's weights, the aggregate and the strategy's state (up to twice the model)."""
+        needed = (self.spec.workers + 3) * weights.stat().st_size
+        diskspace.require(self.deps.jobs_dir.parent, needed, f"round {server_round}'s weights and checkpoint")
 
     # -- one round ------------------------------------------------------------------------------------------
 
@@ -253,6 +367,7 @@ class JobRunner:
         )
         self._progress(f"round {server_round}/{self.spec.rounds} started{_sample_note(sample, self.spec.workers)}")
         weights_path = self.deps.artifacts.open_path(weights_digest)
+        self._require_space_for_round(server_round, weights_path)
         # Reading, checking and averaging weights is numpy work of seconds for big models: never on the event loop.
         current = await asyncio.to_thread(wio.read, weights_path)
         hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
@@ -273,7 +388,10 @@ class JobRunner:
         await self._fit_all(server_round, bundles, fold, fits)
         if fold.user_errors:
             index, error = min(fold.user_errors)
-            raise JobFailed(f"round {server_round}, worker {index}: the task's code raised an error\n{error}")
+            raise JobFailed(
+                f"round {server_round}, worker {index}: the task's code raised an error\n{error}",
+                FailureCause.USER_CODE,
+            )
         results = fold.results
         problems = [problem for _, problem in sorted(fold.problems)]
         self._report_rejected(server_round, fold, fits)
@@ -310,7 +428,7 @@ class JobRunner:
             sampled=sample,
             late=tuple(sorted(fits.late)),
         )
-        self.job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
+        self.job = await self._write(self.deps.store.commit_round, self.job.id, summary, new_digest, state_digest)
         self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
         # Unlinking a round's result files (a model's size each) is disk work: off the event loop too.
         await asyncio.to_thread(shutil.rmtree, self.dir / "tasks", ignore_errors=True)
@@ -385,7 +503,7 @@ class JobRunner:
         """Mark rejected weights in the task table and count them against the worker that produced them."""
         assert self._backend is not None
         for index, reason in sorted(fold.rejected):
-            self.deps.store.reject_task_attempt(self.job.id, server_round, index, reason)
+            self._history(self.deps.store.reject_task_attempt, self.job.id, server_round, index, reason)
             worker = fits.workers.get(index)
             if worker:
                 self._backend.report_rejected(worker, f"weights rejected: {reason}")
@@ -396,7 +514,8 @@ class JobRunner:
         if self.spec.budget_glm > 0 and spent is not None and spent >= self.spec.budget_glm:
             raise JobFailed(
                 f"the job's budget of {self.spec.budget_glm:g} GLM is spent ({spent:.6f} GLM) after round "
-                f"{server_round}; rounds 1-{server_round} are kept"
+                f"{server_round}; rounds 1-{server_round} are kept",
+                FailureCause.BUDGET,
             )
 
     def _hyper(self) -> dict[str, float]:
@@ -422,7 +541,7 @@ class JobRunner:
             task_seed=self.spec.seed,
         )
         result = await self._run_one(bundle, "baseline")
-        self.job = self.deps.store.set_baseline(self.job.id, result.test_metrics)
+        self.job = await self._write(self.deps.store.set_baseline, self.job.id, result.test_metrics)
         self._progress(f"baseline: {result.test_metrics}")
 
     async def _export(self, weights_digest: str) -> None:
@@ -431,11 +550,14 @@ class JobRunner:
             record = existing[0]
         else:
             self._progress("exporting to ONNX")
-            bundle = self._bundle("export", weights=self.deps.artifacts.open_path(weights_digest))
+            weights = self.deps.artifacts.open_path(weights_digest)
+            # The worker writes the ONNX file (about the weights' size) and the artifact store keeps a copy.
+            diskspace.require(self.deps.jobs_dir.parent, 2 * weights.stat().st_size, "exporting the model to ONNX")
+            bundle = self._bundle("export", weights=weights)
             result = await self._run_one(bundle, "export")
             digest = self.deps.artifacts.put_file(result.directory / "model.onnx")
-            record = self.deps.registry.register(self.spec.name, digest, job_id=self.job.id)
-        self.deps.store.set_model(self.job.id, record.name, record.version)
+            record = await self._write(lambda: self.deps.registry.register(self.spec.name, digest, job_id=self.job.id))
+        await self._write(self.deps.store.set_model, self.job.id, record.name, record.version)
         self._progress(f"registered model {record.name}:{record.version}")
 
     # -- tasks ----------------------------------------------------------------------------------------------
@@ -526,7 +648,8 @@ class JobRunner:
         how: TaskOutcome,
         error: str,
     ) -> None:
-        self.deps.store.add_task_attempt(
+        self._history(
+            self.deps.store.add_task_attempt,
             TaskAttempt(
                 job_id=self.job.id,
                 action=bundle.action,
@@ -538,7 +661,7 @@ class JobRunner:
                 outcome=how,
                 error=error,
                 finished_at=datetime.now(tz=UTC),
-            )
+            ),
         )
 
     async def _run_one(self, bundle: TaskBundle, label: str, *, server_round: int = 0) -> TaskResult:
@@ -546,5 +669,19 @@ class JobRunner:
         if result is None:
             raise JobFailed(problem)
         if not result.ok:
-            raise JobFailed(f"{label}: the task's code raised an error\n{result.error}")
+            raise JobFailed(f"{label}: the task's code raised an error\n{result.error}", FailureCause.USER_CODE)
         return result
+
+
+def _cause_of(exc: DemlError) -> FailureCause:
+    """The cause of a domain error that ended a job."""
+    if isinstance(exc, InvalidArgument):
+        # The submission itself cannot run (e.g. too few rows to hold out a test split): resuming cannot help.
+        return FailureCause.USER_CODE
+    if isinstance(exc, StoreBusy):
+        return FailureCause.DATABASE
+    if isinstance(exc, ResourceExhausted):
+        return FailureCause.BUDGET
+    if isinstance(exc, Unavailable | FailedPrecondition):
+        return FailureCause.BACKEND
+    return FailureCause.INTERNAL

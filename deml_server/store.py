@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deml_server.diskspace import disk_full, free_bytes
 from deml_server.domain import (
     BlockedProvider,
     EventKind,
     EventRecord,
+    FailureCause,
     Job,
     JobFiles,
     JobSpec,
@@ -31,7 +33,8 @@ from deml_server.domain import (
     TaskOutcome,
     TensorSpec,
 )
-from deml_server.errors import NotFound
+from deml_server.envvars import env_float
+from deml_server.errors import NotFound, StoreBusy
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -134,19 +137,32 @@ class Checkpoint:
     strategy_state: str | None
 
 
-class JobStore:
-    """Thread-safe access to the SQLite database (one connection, serialised)."""
+DEFAULT_BUSY_TIMEOUT = 5.0
 
-    def __init__(self, path: Path) -> None:
+
+class JobStore:
+    """Thread-safe access to the SQLite database (one connection, serialised).
+
+    A database locked by another process (a backup tool, an operator's sqlite3 shell) is waited for up to
+    `busy_timeout` seconds (`DEML_DB_BUSY_TIMEOUT`); longer, and the call fails with StoreBusy (UNAVAILABLE), a
+    full disk with DiskFull, never an unexplained internal error.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout: float | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        _add_owner_columns(self._db)
-        self._db.executescript(_HISTORY_SCHEMA)
-        self._db.executescript(_BLOCKLIST_SCHEMA)
-        _add_round_policy_column(self._db)
+        self.path = path
+        timeout = env_float("DEML_DB_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT) if busy_timeout is None else busy_timeout
+        self.busy_timeout = timeout
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
+        with _mapped_errors(path, timeout):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            _add_owner_columns(self._db)
+            _add_failure_cause_column(self._db)
+            self._db.executescript(_HISTORY_SCHEMA)
+            self._db.executescript(_BLOCKLIST_SCHEMA)
+            _add_round_policy_column(self._db)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -156,7 +172,7 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._transaction() as db:
+        with self._lock, _mapped_errors(self.path, self.busy_timeout), self._transaction() as db:
             yield db
 
     @contextmanager
@@ -165,10 +181,12 @@ class JobStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A COMMIT that failed (disk full, busy) leaves the transaction open: roll it back too.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     @contextmanager
     def _history_tx(self) -> Iterator[sqlite3.Connection]:
@@ -178,7 +196,7 @@ class JobStore:
         fsync per event (milliseconds, on the event loop) would slow fast rounds. The next FULL commit (a round's
         checkpoint) makes them durable too, as it syncs the whole write-ahead log.
         """
-        with self._lock:
+        with self._lock, _mapped_errors(self.path, self.busy_timeout):
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 with self._transaction() as db:
@@ -187,7 +205,7 @@ class JobStore:
                 self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
+        with self._lock, _mapped_errors(self.path, self.busy_timeout):
             return self._db.execute(sql, args).fetchall()
 
     # -- jobs -----------------------------------------------------------------------------------------------
@@ -261,6 +279,15 @@ class JobStore:
             sql += f" LIMIT {int(limit)}"
         return [self._job(row) for row in self._query(sql, args)]
 
+    def reopen(self, job_id: str) -> Job | None:
+        """Move a FAILED job back to PENDING, clearing its error and cause (to resume it); None if not FAILED."""
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = ?, error = '', failure_cause = '', updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.PENDING.value, _now(), job_id, JobState.FAILED.value),
+            ).rowcount
+        return self.get_job(job_id) if changed else None
+
     def unfinished_jobs(self) -> list[Job]:
         """Jobs a restarted server must resume, oldest first."""
         rows = self._query(
@@ -269,16 +296,19 @@ class JobStore:
         )
         return [self._job(row) for row in rows]
 
-    def set_state(self, job_id: str, state: JobState, error: str = "") -> Job | None:
-        """Move an unfinished job to a state (recording why, for FAILED/CANCELLED).
+    def set_state(
+        self, job_id: str, state: JobState, error: str = "", cause: FailureCause = FailureCause.UNSPECIFIED
+    ) -> Job | None:
+        """Move an unfinished job to a state (recording why, for FAILED/CANCELLED, and a FAILED job's cause).
 
         Returns None, changing nothing, when the job already ended: a job cancelled while its last round
         was finishing stays cancelled.
         """
         with self._tx() as db:
             changed = db.execute(
-                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN (?, ?)",
-                (state.value, error, _now(), job_id, JobState.PENDING.value, JobState.RUNNING.value),
+                "UPDATE jobs SET state = ?, error = ?, failure_cause = ?, updated_at = ? WHERE id = ?"
+                " AND state IN (?, ?)",
+                (state.value, error, cause.value, _now(), job_id, JobState.PENDING.value, JobState.RUNNING.value),
             ).rowcount
         return self.get_job(job_id) if changed else None
 
@@ -386,6 +416,7 @@ class JobStore:
             # Rounds are committed in order from 1, so the newest one's number is how many there are.
             rounds_committed=latest.round if latest is not None else 0,
             latest_round=latest,
+            failure_cause=FailureCause(row[10] or ""),
         )
 
     # -- models ---------------------------------------------------------------------------------------------
@@ -627,8 +658,33 @@ def _add_owner_columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
 
 
+def _add_failure_cause_column(db: sqlite3.Connection) -> None:
+    """Add the failure cause column to a database made before it existed ('' for jobs failed before)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "failure_cause" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN failure_cause TEXT NOT NULL DEFAULT ''")
+
+
+@contextmanager
+def _mapped_errors(path: Path, busy_timeout: float) -> Iterator[None]:
+    """SQLite's busy and full errors as the domain errors a caller can act on (by SQLite's error code)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        # The primary code (the low byte): SQLITE_BUSY_SNAPSHOT and the like are busy too.
+        code = getattr(exc, "sqlite_errorcode", -1) & 0xFF
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise StoreBusy(
+                f"the job database {path} is locked by another process (waited {busy_timeout:g} s); try again"
+            ) from exc
+        if code == sqlite3.SQLITE_FULL:
+            raise disk_full(path.parent, "writing to the job database", None, free_bytes(path.parent)) from exc
+        raise
+
+
 _JOB_SELECT = (
-    "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline FROM jobs"
+    "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline,"
+    " failure_cause FROM jobs"
 )
 _ROUND_SELECT = (
     "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at, policy FROM rounds"

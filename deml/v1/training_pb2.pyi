@@ -44,6 +44,46 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _FailureCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailureCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILURE_CAUSE_UNSPECIFIED: _FailureCause.ValueType  # 0
+    """Not failed, or failed before causes were recorded."""
+    FAILURE_CAUSE_USER_CODE: _FailureCause.ValueType  # 1
+    """The task's own code or data raised an error: fix the task and submit a new job (not resumable)."""
+    FAILURE_CAUSE_DISK: _FailureCause.ValueType  # 2
+    """The data directory's disk ran out of space."""
+    FAILURE_CAUSE_BACKEND: _FailureCause.ValueType  # 3
+    """Workers or providers failed, or a backend would not start."""
+    FAILURE_CAUSE_BUDGET: _FailureCause.ValueType  # 4
+    """The job's or the server's budget on a paid backend was spent."""
+    FAILURE_CAUSE_DATABASE: _FailureCause.ValueType  # 5
+    """The job database could not be written (locked by another process for too long)."""
+    FAILURE_CAUSE_INTERNAL: _FailureCause.ValueType  # 6
+    """A bug in the server."""
+
+class FailureCause(_FailureCause, metaclass=_FailureCauseEnumTypeWrapper):
+    """FailureCause says why a job failed, and so whether ResumeJob can help."""
+
+FAILURE_CAUSE_UNSPECIFIED: FailureCause.ValueType  # 0
+"""Not failed, or failed before causes were recorded."""
+FAILURE_CAUSE_USER_CODE: FailureCause.ValueType  # 1
+"""The task's own code or data raised an error: fix the task and submit a new job (not resumable)."""
+FAILURE_CAUSE_DISK: FailureCause.ValueType  # 2
+"""The data directory's disk ran out of space."""
+FAILURE_CAUSE_BACKEND: FailureCause.ValueType  # 3
+"""Workers or providers failed, or a backend would not start."""
+FAILURE_CAUSE_BUDGET: FailureCause.ValueType  # 4
+"""The job's or the server's budget on a paid backend was spent."""
+FAILURE_CAUSE_DATABASE: FailureCause.ValueType  # 5
+"""The job database could not be written (locked by another process for too long)."""
+FAILURE_CAUSE_INTERNAL: FailureCause.ValueType  # 6
+"""A bug in the server."""
+Global___FailureCause: _TypeAlias = FailureCause  # noqa: Y015
+
 class _Partitioning:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -479,6 +519,7 @@ class Job(_message.Message):
     BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
     BASELINE_METRICS_FIELD_NUMBER: _builtins.int
     LATEST_ROUND_FIELD_NUMBER: _builtins.int
+    FAILURE_CAUSE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     rounds_committed: _builtins.int
@@ -488,6 +529,8 @@ class Job(_message.Message):
     """Set once the ONNX model is registered."""
     model_version: _builtins.int
     baseline_accuracy: _builtins.float
+    failure_cause: Global___FailureCause.ValueType
+    """Why the job failed (JOB_STATE_FAILED only): whether ResumeJob can restart it."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -522,10 +565,11 @@ class Job(_message.Message):
         baseline_accuracy: _builtins.float | None = ...,
         baseline_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         latest_round: Global___RoundSummary | None = ...,
+        failure_cause: Global___FailureCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "created_at", b"created_at", "latest_round", b"latest_round", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "id", b"id", "latest_round", b"latest_round", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "failure_cause", b"failure_cause", "id", b"id", "latest_round", b"latest_round", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__baseline_accuracy: _TypeAlias = _typing.Literal["baseline_accuracy"]  # noqa: Y015
     _WhichOneofArgType__baseline_accuracy: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy"]  # noqa: Y015
@@ -762,6 +806,49 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class ResumeJobRequest(_message.Message):
+    """ResumeJobRequest names a failed job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobRequest: _TypeAlias = ResumeJobRequest  # noqa: Y015
+
+@_typing.final
+class ResumeJobResponse(_message.Message):
+    """ResumeJobResponse carries the job, pending again, as it resumes from its last committed round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job: ...
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobResponse: _TypeAlias = ResumeJobResponse  # noqa: Y015
 
 @_typing.final
 class ListRoundsRequest(_message.Message):

@@ -62,6 +62,7 @@ def add_routes(app: web.Application, services: HttpServices) -> None:
     app.router.add_get("/api/jobs/{job_id}/tasks", api.tasks)
     app.router.add_get("/api/jobs/{job_id}/events", api.job_events)
     app.router.add_post("/api/jobs/{job_id}/cancel", api.cancel)
+    app.router.add_post("/api/jobs/{job_id}/resume", api.resume)
     app.router.add_get("/api/events", api.all_events)
     app.router.add_get("/api/examples", api.examples)
     app.router.add_get("/api/spec", api.spec_form)
@@ -118,6 +119,8 @@ def job_json(job: Job, stats: RoundStats, *, rounds: bool = True) -> dict[str, A
         "backend": job.spec.backend,
         "cost_glm": stats.cost_glm,
         "error": job.error,
+        # USER_CODE, DISK, BACKEND, BUDGET, DATABASE or INTERNAL for a failed job (POST .../resume unless USER_CODE).
+        "failure_cause": job.failure_cause.value or None,
         "model": {"name": job.model_name, "version": job.model_version} if job.model_version else None,
         "baseline_metrics": job.baseline_metrics,
     }
@@ -324,6 +327,11 @@ class _Api:
     async def cancel(self, request: web.Request) -> web.Response:
         """Cancel a running job."""
         job = await self._s.jobs.cancel(request.match_info["job_id"], scope(request))
+        return web.json_response(self._job_json(job, rounds=False))
+
+    async def resume(self, request: web.Request) -> web.Response:
+        """Resume a job that failed for a reason outside its code."""
+        job = await self._s.jobs.resume(request.match_info["job_id"], scope(request))
         return web.json_response(self._job_json(job, rounds=False))
 
     async def submit(self, request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from deml_server.config import ServerConfig
 from deml_server.errors import (
     AlreadyExists,
     DemlError,
+    DiskFull,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -75,6 +76,8 @@ STATUS_OF: dict[type[DemlError], int] = {
     FailedPrecondition: 409,
     # Every limit DeML names this way is a size or an amount: an upload, shared memory, a budget.
     ResourceExhausted: 413,
+    # The server's own disk, not the request, is short of space: WebDAV's Insufficient Storage.
+    DiskFull: 507,
     Unavailable: 503,
 }
 
