@@ -29,7 +29,14 @@ def state_name(state: int) -> str:
 def job_to_dict(job: training_pb2.Job) -> dict[str, Any]:
     """The JSON shape every command prints for a job."""
     rounds: list[dict[str, Any]] = [
-        {"round": r.round, "metrics": dict(r.metrics), "wall_seconds": r.wall_seconds, "workers_ok": r.workers_ok}
+        {
+            "round": r.round,
+            "metrics": dict(r.metrics),
+            "wall_seconds": r.wall_seconds,
+            "workers_ok": r.workers_ok,
+            "sampled": list(r.sampled_partitions),
+            "late": list(r.late_partitions),
+        }
         for r in job.rounds
     ]
     final = dict(job.latest_round.metrics) if job.HasField("latest_round") else {}
@@ -45,8 +52,16 @@ def job_to_dict(job: training_pb2.Job) -> dict[str, Any]:
         "model_name": job.model_name or None,
         "model_version": job.model_version or None,
         "error": job.error,
+        "failure_cause": _cause_name(job.failure_cause),
         "spec": MessageToDict(job.spec, preserving_proto_field_name=True),
     }
+
+
+def _cause_name(cause: int) -> str | None:
+    """USER_CODE, DISK, ... for a failed job's cause; None when unset."""
+    if cause == training_pb2.FAILURE_CAUSE_UNSPECIFIED:
+        return None
+    return training_pb2.FailureCause.Name(cause).removeprefix("FAILURE_CAUSE_")  # type: ignore[arg-type]
 
 
 def model_to_dict(model: models_pb2.Model) -> dict[str, Any]:
@@ -104,6 +119,10 @@ def _summary(job: training_pb2.Job) -> str:
         lines.append(f"model: {info['model_name']}:{info['model_version']}")
     if job.error:
         lines.append(f"error: {job.error}")
+    if info["failure_cause"] is not None:
+        resumable = job.failure_cause != training_pb2.FAILURE_CAUSE_USER_CODE
+        hint = f" (resume it: deml-client jobs resume {job.id})" if resumable else " (fix the task and submit again)"
+        lines.append(f"failure cause: {info['failure_cause']}{hint}")
     return "\n".join(lines)
 
 
@@ -125,6 +144,10 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
         "name": args.name,
         "task_timeout_seconds": args.task_timeout,
         "compression": args.compression,
+        "fraction_fit": args.fraction_fit,
+        "min_fit": args.min_fit,
+        "min_fit_workers": args.min_fit_workers,
+        "round_deadline_seconds": args.round_deadline,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if args.baseline:
@@ -146,7 +169,7 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(client: DemlClient, args: argparse.Namespace) -> int:
-    """Jobs list|show|watch|cancel."""
+    """Jobs list|show|watch|cancel|resume."""
     if args.jobs_cmd == "list":
         jobs = client.list_jobs(limit=args.limit)
         if args.json:
@@ -170,6 +193,10 @@ def cmd_jobs(client: DemlClient, args: argparse.Namespace) -> int:
         return 0
     elif args.jobs_cmd == "watch":
         job = follow(client, client.get_job(args.job_id), quiet=args.json)
+    elif args.jobs_cmd == "resume":
+        job = client.resume_job(args.job_id)
+        if args.watch:
+            job = follow(client, job, quiet=args.json)
     else:
         job = client.cancel_job(args.job_id)
     if args.json:
@@ -249,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--compression", choices=["none", "fp16", "bf16", "int8"], help="how workers send updates (default none)"
     )
+    train.add_argument("--fraction-fit", type=float, help="share of the partitions trained each round (Flower's)")
+    train.add_argument("--min-fit", type=int, help="fewest partitions trained each round")
+    train.add_argument("--min-fit-workers", type=int, help="quorum: fewest usable results a round needs")
+    train.add_argument("--round-deadline", type=float, help="seconds a round waits; late tasks are then dropped")
     train.add_argument("--data", help=".npz with x, y: sharded across workers by the server")
     train.add_argument("--test-data", help=".npz with x, y used as the test split")
     train.add_argument("--baseline", action="store_true", help="also train centrally on one worker and compare")
@@ -256,15 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print one JSON object at the end")
     train.set_defaults(handler=cmd_train)
 
-    jobs = sub.add_parser("jobs", help="list, show, watch or cancel jobs")
+    jobs = sub.add_parser("jobs", help="list, show, watch, cancel or resume jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_cmd", required=True)
     jobs_list = jobs_sub.add_parser("list")
     jobs_list.add_argument("--limit", type=int, default=0)
     jobs_list.add_argument("--json", action="store_true")
-    for name in ("show", "watch", "cancel"):
+    for name in ("show", "watch", "cancel", "resume"):
         p = jobs_sub.add_parser(name)
         p.add_argument("job_id")
         p.add_argument("--json", action="store_true")
+        if name == "resume":
+            p.add_argument("--watch", action="store_true", help="follow the resumed job until it ends")
         if name == "show":
             p.add_argument("--rounds", type=int, default=20, help="how many rounds to show (-1: all; default 20)")
             p.add_argument("--from-round", type=int, help="show --rounds rounds from this one on (to page)")

@@ -42,6 +42,9 @@ _SPEC_KEYS = {
     "test_fraction",
     "budget_glm",
     "compression",
+    "fraction_fit",
+    "min_fit",
+    "round_deadline_seconds",
 }
 
 
@@ -256,6 +259,13 @@ class DemlClient:
         for _ in self.watch_job(job_id):
             pass
         return self.get_job(job_id)
+
+    def resume_job(self, job_id: str) -> training_pb2.Job:
+        """Resume a job that failed for a reason outside its code, from its last committed round."""
+        response: training_pb2.ResumeJobResponse = _call(
+            self._training.ResumeJob, training_pb2.ResumeJobRequest(job_id=job_id)
+        )
+        return response.job
 
     def cancel_job(self, job_id: str) -> training_pb2.Job:
         """Cancel a job."""

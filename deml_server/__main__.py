@@ -1,4 +1,4 @@
-"""deml-server: the command that runs the DeML server."""
+"""deml-server: the command that runs the DeML server, and its maintenance subcommands (check, backup)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,19 @@ from pathlib import Path
 from deml_server import security
 from deml_server.config import ServerConfig
 from deml_server.errors import DemlError
+from deml_server.maintenance import run_backup, run_check
 from deml_server.server import start_server
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     """Flags override the environment's defaults."""
     config = ServerConfig()
-    parser = argparse.ArgumentParser(prog="deml-server", description="Federated training and sharded inference.")
+    parser = argparse.ArgumentParser(
+        prog="deml-server",
+        description="Federated training and sharded inference.",
+        epilog="maintenance: `deml-server check --data-dir DIR` verifies a data directory; `deml-server backup"
+        " --data-dir DIR DEST` copies it consistently while the server runs (see --help of each)",
+    )
     parser.add_argument("--host", default=config.host, help="address to bind (default %(default)s: loopback)")
     parser.add_argument("--port", type=int, default=config.port, help="port (0 picks a free one; default %(default)s)")
     parser.add_argument(
@@ -57,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     parser.add_argument("--max-upload-bytes", type=int, default=config.max_upload_bytes)
     parser.add_argument("--task-timeout", type=float, default=config.task_timeout_seconds, help="seconds per task")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=config.shutdown_grace_seconds,
+        help="seconds SIGTERM/SIGINT gives the rounds and predictions in flight before stopping anyway (jobs resume"
+        " from their last committed round at the next start; env DEML_SHUTDOWN_GRACE; default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO")
     golem = parser.add_argument_group("golem backend (defaults from YAGNA_* and DEML_GOLEM_* variables)")
     golem.add_argument("--yagna-api-url", default=config.golem.api_url, help="yagna REST API (app key: YAGNA_APPKEY)")
@@ -119,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.shared_memory = args.shared_memory
     config.max_upload_bytes = args.max_upload_bytes
     config.task_timeout_seconds = args.task_timeout
+    config.shutdown_grace_seconds = args.shutdown_grace
     config.golem.api_url = args.yagna_api_url
     config.golem.subnet = args.golem_subnet
     config.golem.payment_driver = args.golem_payment_driver
@@ -143,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGINT or SIGTERM."""
+    """Run until SIGINT or SIGTERM, then shut down gracefully (a second signal stops waiting for work in flight)."""
     server = await start_server(config)
     # Machine-readable lines, so scripts and tests can find the ports when they passed port 0: gRPC first, then
     # the dashboard's URL when HTTP is on.
@@ -151,18 +165,54 @@ async def serve(config: ServerConfig) -> None:
     if server.http is not None:
         print(f"deml-server dashboard at {server.http.url}", flush=True)
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.drain.cut_short()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, server.security.reload)
     await stop.wait()
-    await server.stop()
+    await server.shutdown(config.shutdown_grace_seconds)
+
+
+SUBCOMMANDS = ("check", "backup")
+
+
+def maintenance(argv: list[str]) -> int:
+    """`deml-server check|backup ...`: verify or copy a data directory; the exit status says whether all is intact."""
+    parser = argparse.ArgumentParser(prog="deml-server", description="Maintenance of a DeML data directory.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    default_dir = ServerConfig().data_dir
+    check = commands.add_parser(
+        "check",
+        help="verify the database (PRAGMA integrity_check) and every artifact against its sha256; exit 1 if"
+        " anything is damaged or missing",
+    )
+    check.add_argument("--data-dir", type=Path, default=default_dir, help="the server's data directory")
+    backup = commands.add_parser(
+        "backup",
+        help="copy the database (SQLite online backup; the server may be running) and the artifacts it names,"
+        " each verified while copied; exit 1 if the copy is incomplete",
+    )
+    backup.add_argument("--data-dir", type=Path, default=default_dir, help="the server's data directory")
+    backup.add_argument("dest", type=Path, help="a new or empty directory for the copy (a data directory itself)")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return run_check(args.data_dir)
+    return run_backup(args.data_dir, args.dest)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `deml-server`."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        config = parse_args(argv)
+        if args and args[0] in SUBCOMMANDS:
+            raise SystemExit(maintenance(args))
+        config = parse_args(args)
         asyncio.run(serve(config))
     except DemlError as exc:
         print(f"deml-server: {exc.reason}", file=sys.stderr)

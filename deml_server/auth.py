@@ -97,7 +97,7 @@ def _table() -> dict[str, Role]:
     inference = inference_pb2.DESCRIPTOR
     oip = oip_pb2.DESCRIPTOR
     table: dict[str, Role] = {}
-    for method in ("SubmitJob", "GetJob", "ListJobs", "WatchJob", "CancelJob", "ListRounds"):
+    for method in ("SubmitJob", "GetJob", "ListJobs", "WatchJob", "CancelJob", "ListRounds", "ResumeJob"):
         table[_path(training, "TrainingService", method)] = Role.TRAIN
     for method in ("ListModels", "GetModel"):
         table[_path(models, "ModelService", method)] = Role.PREDICT

@@ -44,6 +44,8 @@ class ServerConfig:
     torch_threads: int = field(default_factory=lambda: env_int("DEML_TORCH_THREADS", 1))
     # Settings of the golem backend (used only with --backend golem); see docs/golem.md.
     golem: GolemConfig = field(default_factory=GolemConfig)
+    # Seconds a SIGTERM/SIGINT gives the rounds and predictions in flight before the server stops anyway.
+    shutdown_grace_seconds: float = field(default_factory=lambda: env_float("DEML_SHUTDOWN_GRACE", 30.0))
     # Network security (deml_server.security): TLS files, the token file, the per-token job limits (0: none).
     tls_cert: Path | None = field(default_factory=lambda: env_path("DEML_TLS_CERT"))
     tls_key: Path | None = field(default_factory=lambda: env_path("DEML_TLS_KEY"))
@@ -71,6 +73,8 @@ class ServerConfig:
             raise InvalidArgument(f"the HTTP and gRPC faces cannot share port {self.port}; pick another --http-port")
         if self.max_upload_bytes <= 0:
             raise InvalidArgument(f"max upload bytes must be positive (got {self.max_upload_bytes})")
+        if not self.shutdown_grace_seconds >= 0:
+            raise InvalidArgument(f"shutdown grace must be zero or more seconds (got {self.shutdown_grace_seconds})")
         if self.max_task_attempts <= 0:
             raise InvalidArgument(f"max task attempts must be at least 1 (got {self.max_task_attempts})")
         return self

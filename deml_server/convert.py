@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from deml.v1 import models_pb2, training_pb2
 from deml_server.domain import (
     EventKind,
+    FailureCause,
     Job,
     JobEvent,
     JobSpec,
@@ -54,6 +55,9 @@ _OPTIONAL_SPEC_FIELDS = (
     "min_fit_workers",
     "test_fraction",
     "budget_glm",
+    "fraction_fit",
+    "min_fit",
+    "round_deadline_seconds",
 )
 
 
@@ -108,6 +112,9 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         test_fraction=spec.test_fraction,
         budget_glm=spec.budget_glm,
         compression=spec.compression,
+        fraction_fit=spec.fraction_fit,
+        min_fit=spec.min_fit,
+        round_deadline_seconds=spec.round_deadline_seconds,
     )
 
 
@@ -121,7 +128,20 @@ def round_to_pb(summary: RoundSummary) -> training_pb2.RoundSummary:
         wall_seconds=summary.wall_seconds,
         bytes_sent_per_worker=summary.bytes_sent_per_worker,
         committed_at=_timestamp(summary.committed_at),
+        sampled_partitions=summary.sampled,
+        late_partitions=summary.late,
     )
+
+
+_CAUSE_TO_PB = {
+    FailureCause.UNSPECIFIED: training_pb2.FAILURE_CAUSE_UNSPECIFIED,
+    FailureCause.USER_CODE: training_pb2.FAILURE_CAUSE_USER_CODE,
+    FailureCause.DISK: training_pb2.FAILURE_CAUSE_DISK,
+    FailureCause.BACKEND: training_pb2.FAILURE_CAUSE_BACKEND,
+    FailureCause.BUDGET: training_pb2.FAILURE_CAUSE_BUDGET,
+    FailureCause.DATABASE: training_pb2.FAILURE_CAUSE_DATABASE,
+    FailureCause.INTERNAL: training_pb2.FAILURE_CAUSE_INTERNAL,
+}
 
 
 def job_to_pb(job: Job) -> training_pb2.Job:
@@ -138,6 +158,7 @@ def job_to_pb(job: Job) -> training_pb2.Job:
         model_name=job.model_name,
         model_version=job.model_version,
         baseline_metrics=job.baseline_metrics,
+        failure_cause=_CAUSE_TO_PB[job.failure_cause],
     )
     if job.latest_round is not None:
         msg.latest_round.CopyFrom(round_to_pb(job.latest_round))

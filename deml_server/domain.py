@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -20,6 +21,30 @@ class JobState(enum.Enum):
     def terminal(self) -> bool:
         """True once the job will change no more."""
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class FailureCause(enum.Enum):
+    """Why a job failed: its own code (resuming cannot help) or the infrastructure (it can resume)."""
+
+    # Not failed, or failed before causes were recorded.
+    UNSPECIFIED = ""
+    # The user's code raised an error (or produced unusable output): fix the code and submit again.
+    USER_CODE = "USER_CODE"
+    # The data directory's disk ran out of space.
+    DISK = "DISK"
+    # Workers or providers failed (too few usable results, a backend that would not start).
+    BACKEND = "BACKEND"
+    # The job's or the server's budget on a paid backend was spent.
+    BUDGET = "BUDGET"
+    # The job database could not be written (locked for too long).
+    DATABASE = "DATABASE"
+    # A bug in the server.
+    INTERNAL = "INTERNAL"
+
+    @property
+    def resumable(self) -> bool:
+        """Whether resuming the job from its last committed round can succeed."""
+        return self is not FailureCause.USER_CODE
 
 
 @dataclass(frozen=True)
@@ -47,11 +72,23 @@ class JobSpec:
     budget_glm: float = 0.0
     # How workers send their updates back: none, fp16, bf16 or int8 (provider_runtime.compression).
     compression: str = "none"
+    # Client sampling as Flower's FedAvg does it: each round trains max(min_fit, ceil(fraction_fit x workers))
+    # of the `workers` partitions, drawn from the job's seed and the round number (1.0: every partition).
+    fraction_fit: float = 1.0
+    min_fit: int = 0
+    # Seconds a round waits for its sampled partitions (0: no deadline, only each task's timeout). At the
+    # deadline the round aggregates what arrived if the quorum is met; the tasks still running are dropped.
+    round_deadline_seconds: float = 0.0
+
+    @property
+    def sample_size(self) -> int:
+        """Partitions trained per round."""
+        return min(self.workers, max(self.min_fit, math.ceil(self.fraction_fit * self.workers - 1e-9)))
 
     @property
     def quorum(self) -> int:
-        """Fewest successful workers a round needs."""
-        return self.min_fit_workers or self.workers
+        """Fewest usable results a round needs (default: every sampled partition)."""
+        return self.min_fit_workers or self.sample_size
 
 
 @dataclass(frozen=True)
@@ -65,6 +102,9 @@ class RoundSummary:
     wall_seconds: float
     bytes_sent_per_worker: int
     committed_at: datetime
+    # The partitions this round trained (its sample), and those of them dropped at the round deadline.
+    sampled: tuple[int, ...] = ()
+    late: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +151,8 @@ class Job:
     baseline_metrics: dict[str, float] = field(default_factory=dict)
     rounds_committed: int = 0
     latest_round: RoundSummary | None = None
+    # Set when the job failed: whether it can be resumed (ResumeJob) depends on it.
+    failure_cause: FailureCause = FailureCause.UNSPECIFIED
 
 
 @dataclass(frozen=True)
@@ -181,6 +223,8 @@ class TaskOutcome(enum.Enum):
     CODE_ERROR = "CODE_ERROR"
     # The task returned weights that failed validation (not aggregated).
     REJECTED = "REJECTED"
+    # The task was still running at the round deadline and was dropped (the round went on without it).
+    LATE = "LATE"
 
 
 @dataclass(frozen=True)
@@ -197,3 +241,15 @@ class TaskAttempt:
     outcome: TaskOutcome
     error: str
     finished_at: datetime
+
+
+@dataclass(frozen=True)
+class BlockedProvider:
+    """A provider the server no longer gives work to (kept in the store across restarts)."""
+
+    backend: str
+    provider_id: str
+    name: str
+    reason: str
+    failures: int
+    blocked_at: datetime

@@ -38,8 +38,16 @@ class ResourceExhausted(DemlError):
     """A configured limit (upload size, budget) would be exceeded."""
 
 
+class DiskFull(ResourceExhausted):
+    """The disk holding the data directory has too little free space for what a request or job must write."""
+
+
 class Unavailable(DemlError):
     """A backend or worker pool cannot take work right now."""
+
+
+class StoreBusy(Unavailable):
+    """The job database is locked by another writer for longer than the server waits; retrying later works."""
 
 
 def mapped(exc: DemlError, table: Mapping[type[DemlError], _T], default: _T) -> _T:

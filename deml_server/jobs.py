@@ -9,15 +9,19 @@ import math
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from deml_server import diskspace
 from deml_server.artifacts import ArtifactStore, ArtifactWriter
 from deml_server.backends import Backend, known_backends
 from deml_server.bundle import check_code_package, load_xy
 from deml_server.config import ServerConfig
 from deml_server.domain import (
+    BlockedProvider,
     EventKind,
     EventRecord,
+    FailureCause,
     Job,
     JobEvent,
     JobFiles,
@@ -28,7 +32,8 @@ from deml_server.domain import (
     RoundSummary,
     TaskAttempt,
 )
-from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from deml_server.drain import Drain
+from deml_server.errors import DemlError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from deml_server.ownership import Ownership, Scope
 from deml_server.quota import JobQuota
 from deml_server.registry import ModelRegistry, check_model_name
@@ -42,6 +47,8 @@ log = logging.getLogger(__name__)
 FILE_KINDS = ("code", "data", "test_data")
 WATCH_PAGE_ROUNDS = 500
 LIST_ROUNDS_PAGE = 1000
+# How often a quiet WatchJob stream checks that its job still has a runner (a stream always ends).
+WATCH_CHECK_SECONDS = 5.0
 
 
 def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
@@ -67,11 +74,7 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
         raise InvalidArgument(
             f"test_fraction must be between 0 and 1 (got {spec.test_fraction})", field="test_fraction"
         )
-    if not 0 <= spec.min_fit_workers <= spec.workers:
-        raise InvalidArgument(
-            f"min_fit_workers must be between 0 and workers={spec.workers} (got {spec.min_fit_workers})",
-            field="min_fit_workers",
-        )
+    _check_round_policy(spec)
     if spec.partitioning not in ("iid", "dirichlet"):
         raise InvalidArgument(
             f"partitioning must be 'iid' or 'dirichlet' (got {spec.partitioning!r})", field="partitioning"
@@ -95,6 +98,35 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
     except InvalidArgument as exc:
         raise InvalidArgument(exc.reason, field="strategy_options") from None
     return spec
+
+
+def _check_round_policy(spec: JobSpec) -> None:
+    """Client sampling, the quorum and the round deadline (docs/golem.md, "Round policy")."""
+    if not math.isfinite(spec.fraction_fit) or not 0 < spec.fraction_fit <= 1:
+        raise InvalidArgument(
+            f"fraction_fit must be above 0 and at most 1 (got {spec.fraction_fit})", field="fraction_fit"
+        )
+    if not 0 <= spec.min_fit <= spec.workers:
+        raise InvalidArgument(
+            f"min_fit must be between 0 and workers={spec.workers} (got {spec.min_fit})", field="min_fit"
+        )
+    sampled = spec.sample_size
+    if not 0 <= spec.min_fit_workers <= sampled:
+        where = (
+            f"workers={spec.workers}"
+            if sampled == spec.workers
+            else f"the {sampled} partitions sampled per round (workers={spec.workers}, "
+            f"fraction_fit={spec.fraction_fit:g}, min_fit={spec.min_fit})"
+        )
+        raise InvalidArgument(
+            f"min_fit_workers must be between 0 and {where} (got {spec.min_fit_workers})", field="min_fit_workers"
+        )
+    if not math.isfinite(spec.round_deadline_seconds) or spec.round_deadline_seconds < 0:
+        raise InvalidArgument(
+            f"round_deadline_seconds must be zero (no deadline) or a positive number of seconds "
+            f"(got {spec.round_deadline_seconds})",
+            field="round_deadline_seconds",
+        )
 
 
 _SPEC_TYPES = {f.name: f.type for f in dataclasses.fields(JobSpec)}
@@ -128,9 +160,11 @@ def _typed(name: str, value: Any) -> Any:
 class Upload:
     """The files of one submission as they stream in, bounded by the server's upload limit."""
 
-    def __init__(self, artifacts: ArtifactStore, limit: int) -> None:
+    def __init__(self, artifacts: ArtifactStore, limit: int, data_dir: Path | None = None) -> None:
         self._artifacts = artifacts
         self._limit = limit
+        # Where free space is checked (the artifact store's disk when not given).
+        self._data_dir = data_dir or artifacts.root
         self._writers: dict[str, ArtifactWriter] = {}
         self.total = 0
 
@@ -144,18 +178,34 @@ class Upload:
             raise ResourceExhausted(
                 f"the upload is larger than this server's limit of {self._limit} bytes (DEML_MAX_UPLOAD_BYTES)"
             )
-        writer = self._writers.get(kind)
-        if writer is None:
-            writer = self._writers[kind] = self._artifacts.writer()
-        writer.write(data)
+        try:
+            # One statvfs per chunk (microseconds): the upload is refused before it fills the disk.
+            diskspace.require(self._data_dir, len(data), f"receiving the upload ({self.total} bytes so far)")
+            writer = self._writers.get(kind)
+            if writer is None:
+                writer = self._writers[kind] = self._artifacts.writer()
+            writer.write(data)
+        except (OSError, DemlError) as exc:
+            self.abort()
+            if diskspace.is_disk_full(exc):
+                raise diskspace.as_disk_full(self._data_dir, exc, "receiving the upload") from None
+            raise
 
     def finish(self) -> JobFiles:
         """Commit the files; the code package is required."""
         if "code" not in self._writers:
             self.abort()
             raise InvalidArgument("the submission has no code package")
-        digests = {kind: writer.commit() for kind, writer in self._writers.items()}
-        self._writers.clear()
+        digests: dict[str, str] = {}
+        try:
+            for kind, writer in list(self._writers.items()):
+                digests[kind] = writer.commit()
+                del self._writers[kind]
+        except OSError as exc:
+            self.abort()
+            if diskspace.is_disk_full(exc):
+                raise diskspace.as_disk_full(self._data_dir, exc, "storing the upload") from None
+            raise
         return JobFiles(code=digests["code"], data=digests.get("data"), test_data=digests.get("test_data"))
 
     def abort(self) -> None:
@@ -177,8 +227,11 @@ class JobService:
         registry: ModelRegistry,
         backend: Backend,
         backend_factory: Callable[[str], Backend] | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._config = config
+        # Shutdown: refuse new jobs, stop each runner once its round in flight is committed.
+        self._drain = drain or Drain()
         self._store = store
         self._artifacts = artifacts
         self._deps = RunnerDeps(
@@ -202,7 +255,12 @@ class JobService:
         self._followers: dict[asyncio.Queue[EventRecord], str | None] = {}
 
     async def start(self) -> None:
-        """Resume every job a previous server left unfinished."""
+        """Resume every job a previous server left unfinished.
+
+        This is also the reconciliation of jobs whose end could not be recorded (a store write that failed after
+        its retries): still marked RUNNING or PENDING with no runner, they are resumed here, from their last
+        committed round.
+        """
         for job in self._store.unfinished_jobs():
             log.info("resuming job %s (%d rounds committed)", job.id, job.rounds_committed)
             owner = self._store.job_owner(job.id)
@@ -217,6 +275,18 @@ class JobService:
         await asyncio.gather(*tasks, return_exceptions=True)
         extra = [b for name, b in self._backends.items() if name != self._config.backend]
         await asyncio.gather(*(b.close() for b in extra), return_exceptions=True)
+
+    async def finish_rounds(self) -> bool:
+        """Shutdown (the drain has begun): let each runner commit its round in flight, within the drain's grace.
+
+        Queued jobs stop now; a running one stops right after its next commit (see _publish). Whatever is still
+        running when the grace ends is stopped by close(). Every job not done resumes at the next start from its
+        last committed round. Returns whether every runner stopped in time.
+        """
+        for job_id, task in list(self._tasks.items()):
+            if self._store.get_job(job_id).state is JobState.PENDING:
+                task.cancel()
+        return await self._drain.wait(list(self._tasks.values()))
 
     async def _backend_for(self, name: str) -> Backend:
         """The backend a job asked for; one other than the server's is created and started on first use."""
@@ -233,11 +303,14 @@ class JobService:
             return backend
 
     def begin_upload(self) -> Upload:
-        """Start receiving a submission's files."""
-        return Upload(self._artifacts, self._config.max_upload_bytes)
+        """Start receiving a submission's files (refused when shutting down or when the data disk is full)."""
+        self._drain.check()
+        diskspace.require(self._config.data_dir, 0, "accepting an upload")
+        return Upload(self._artifacts, self._config.max_upload_bytes, self._config.data_dir)
 
     async def submit(self, given: Mapping[str, Any], files: JobFiles, owner: str | None = None) -> Job:
         """Validate a submission and start its job (`owner`: the submitting token's hash, for its limits)."""
+        self._drain.check()
         spec = resolve_spec(given, self._config)
         backend = await self._backend_for(spec.backend)
         if spec.budget_glm > 0:
@@ -268,7 +341,53 @@ class JobService:
         runner = JobRunner(job, self._deps)
         task = asyncio.create_task(self._quota.run(owner, runner.run()), name=f"job-{job.id}")
         self._tasks[job.id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+        task.add_done_callback(lambda done: self._runner_done(job.id, runner, done))
+
+    def _runner_done(self, job_id: str, runner: JobRunner, task: asyncio.Task[None]) -> None:
+        """A runner's task ended: its exception is retrieved and logged, and its watchers are never left waiting."""
+        if self._tasks.get(job_id) is task:
+            del self._tasks[job_id]
+        if task.cancelled():
+            return  # cancelled by CancelJob (which told the watchers) or by close (the job resumes at the next start)
+        exc = task.exception()
+        if exc is not None:
+            log.error("job %s: its runner ended with an error", job_id, exc_info=exc)
+        if not runner.ended:
+            message = "the job's runner stopped without recording an end; it resumes when the server restarts"
+            self._publish(JobEvent(EventKind.STATE_CHANGED, runner.job, message=message))
+
+    async def resume(self, job_id: str, scope: Scope = None) -> Job:
+        """Resume a job that failed for a reason outside its code, from its last committed round."""
+        self._ownership.check_job(job_id, scope)
+        self._drain.check()
+        job = self._store.get_job(job_id)
+        if job.state is not JobState.FAILED:
+            raise FailedPrecondition(f"job {job_id} is {job.state.value}; only a failed job can be resumed")
+        if job.failure_cause is FailureCause.USER_CODE:
+            # The error's first line says where, its last line (a traceback's end) what.
+            lines = job.error.strip().splitlines() or [""]
+            said = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
+            raise FailedPrecondition(
+                f"job {job_id} failed because of its own code or data, which resuming would run again unchanged: "
+                f"fix the task and submit a new job (the error was: {said})"
+            )
+        if job_id in self._tasks:
+            raise FailedPrecondition(f"job {job_id} is still stopping; try again in a moment")
+        owner = self._store.job_owner(job_id)
+        self._quota.admit(owner)
+        try:
+            reopened = self._store.reopen(job_id)
+        except BaseException:
+            self._quota.release(owner)
+            raise
+        if reopened is None:  # resumed by another call meanwhile
+            self._quota.release(owner)
+            raise FailedPrecondition(f"job {job_id} is no longer failed; it was resumed already")
+        log.info("job %s resumed after round %d (it failed: %s)", job_id, reopened.rounds_committed, job.error)
+        message = f"resumed after round {reopened.rounds_committed}"
+        self._publish(JobEvent(EventKind.STATE_CHANGED, reopened, message=message))
+        self._launch(reopened, owner)
+        return reopened
 
     def get(self, job_id: str, scope: Scope = None, latest_rounds: int = 0) -> Job:
         """One job, with its `latest_rounds` newest committed rounds (-1: all); with a `scope`, only that token's."""
@@ -314,17 +433,27 @@ class JobService:
     def _publish(self, event: JobEvent) -> None:
         for queue in list(self._watchers.get(event.job.id, ())):
             queue.put_nowait(event)
-        record = self._store.add_event(
-            event.job.id,
-            event.kind,
-            event.job.state,
-            round=event.round.round if event.round is not None else 0,
-            message=event.message,
-            progress=event.progress,
-        )
+        try:
+            record = self._store.add_event(
+                event.job.id,
+                event.kind,
+                event.job.state,
+                round=event.round.round if event.round is not None else 0,
+                message=event.message,
+                progress=event.progress,
+            )
+        except DemlError as exc:
+            # The watchers have it; only the dashboard's log misses it (a busy database, a full disk).
+            log.warning("job %s: an event was not logged: %s", event.job.id, exc.reason)
+            return
         for follower, job_id in list(self._followers.items()):
             if job_id is None or job_id == record.job_id:
                 follower.put_nowait(record)
+        if self._drain.active and event.kind is EventKind.ROUND_COMMITTED:
+            # Shutting down: the round is committed, its runner stops here (it resumes at the next start).
+            task = self._tasks.get(event.job.id)
+            if task is not None:
+                task.cancel()
 
     def events(self, job_id: str | None = None, after: int = 0, limit: int = 0) -> Sequence[EventRecord]:
         """The event log (of one job, or of all) after a sequence number, oldest first."""
@@ -343,6 +472,10 @@ class JobService:
     def all_rounds(self) -> Sequence[tuple[str, RoundSummary]]:
         """Every job's committed rounds, with the job's id."""
         return self._store.all_rounds()
+
+    def blocked_providers(self) -> Sequence[BlockedProvider]:
+        """Providers no backend of this server gives work to any more (kept across restarts), newest first."""
+        return self._store.blocked_providers()
 
     def task_attempts(self, job_id: str) -> Sequence[TaskAttempt]:
         """How each attempt of each of a job's worker tasks ended."""
@@ -382,6 +515,16 @@ class JobService:
         finally:
             self._followers.pop(queue, None)
 
+    def _orphaned(self, job_id: str) -> JobEvent | None:
+        """The last event for a watcher of a job that no runner drives any more (None while one does)."""
+        if job_id in self._tasks:
+            return None
+        job = self._store.get_job(job_id)
+        if job.state.terminal:
+            return JobEvent(EventKind.STATE_CHANGED, job, message=job.error)
+        message = "no runner drives this job now (its end could not be recorded); it resumes when the server restarts"
+        return JobEvent(EventKind.STATE_CHANGED, job, message=message)
+
     async def watch(self, job_id: str, scope: Scope = None, from_round: int = 1) -> AsyncIterator[JobEvent]:
         """What already happened to the job (its rounds from `from_round` on), then each new event until it ends."""
         self._ownership.check_job(job_id, scope)
@@ -402,7 +545,15 @@ class JobService:
             if job.state.terminal:
                 return
             while True:
-                event = await queue.get()
+                try:
+                    async with asyncio.timeout(WATCH_CHECK_SECONDS):
+                        event = await queue.get()
+                except TimeoutError:
+                    orphan = self._orphaned(job_id)
+                    if orphan is not None:
+                        yield orphan
+                        return
+                    continue
                 if event.round is not None:
                     if event.round.round <= replayed:
                         continue

@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
+from deml_server import diskspace
 from deml_server import weights as wio
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shard_data, unpack_code
-from deml_server.domain import EventKind, Job, JobEvent, JobState, RoundSummary, TaskAttempt, TaskOutcome
-from deml_server.errors import DemlError
+from deml_server.domain import (
+    EventKind,
+    FailureCause,
+    Job,
+    JobEvent,
+    JobState,
+    RoundSummary,
+    TaskAttempt,
+    TaskOutcome,
+)
+from deml_server.errors import DemlError, FailedPrecondition, InvalidArgument, ResourceExhausted, StoreBusy, Unavailable
+from deml_server.maintenance import last_intact_checkpoint
 from deml_server.registry import ModelRegistry
+from deml_server.sampling import sample_partitions
 from deml_server.store import JobStore
 from deml_server.strategy import make_strategy
 from deml_server.strategy.aggregate import RunningMean, validate_update
@@ -25,9 +39,18 @@ from deml_server.strategy.base import FitResult, Strategy, Weights
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
+# A store write that fails because the database is busy is tried again after these pauses (seconds), then given up.
+WRITE_RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0, 4.0)
+
 
 class JobFailed(Exception):
-    """The job cannot go on; the message is what the user sees."""
+    """The job cannot go on; the message is what the user sees, `cause` says whether resuming can help."""
+
+    def __init__(self, message: str, cause: FailureCause = FailureCause.BACKEND) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class _Fold:
@@ -40,7 +63,7 @@ class _Fold:
     before their predecessors wait for them.
     """
 
-    def __init__(self, current: Weights, running_mean: bool, compression: str = "none") -> None:
+    def __init__(self, current: Weights, running_mean: bool, order: Sequence[int], compression: str = "none") -> None:
         self.current = current
         self.compression = compression
         # Weights files the workers sent and their bytes, for the round's bytes_received_per_worker metric.
@@ -52,6 +75,8 @@ class _Fold:
         self.user_errors: list[tuple[int, str]] = []
         # Partitions whose weights were refused, with why (the dashboard's task table marks their attempts).
         self.rejected: list[tuple[int, str]] = []
+        # The round's sampled partitions, in the order they are folded in.
+        self._order = tuple(order)
         self._waiting: dict[int, FitResult | None] = {}
         self._next = 0
         self._lock = asyncio.Lock()
@@ -74,16 +99,26 @@ class _Fold:
                 checked = FitResult(f"partition-{index}", update, result.num_examples, result.metrics)
         async with self._lock:
             self._waiting[index] = checked
-            while self._next in self._waiting:
-                ready = self._waiting.pop(self._next)
-                self._next += 1
-                if ready is None:
-                    continue
-                if self.mean is not None:
-                    await asyncio.to_thread(self.mean.add, ready.weights, ready.num_examples)
-                    # Only the metrics are kept: the weights are in the sum.
-                    ready = FitResult(ready.worker, {}, ready.num_examples, ready.metrics)
-                self.results.append(ready)
+            await self._drain()
+
+    async def skip(self, indices: Collection[int]) -> None:
+        """Give up on partitions that will not arrive (dropped at the round deadline): fold in those after them."""
+        async with self._lock:
+            for index in indices:
+                self._waiting.setdefault(index, None)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._next < len(self._order) and self._order[self._next] in self._waiting:
+            ready = self._waiting.pop(self._order[self._next])
+            self._next += 1
+            if ready is None:
+                continue
+            if self.mean is not None:
+                await asyncio.to_thread(self.mean.add, ready.weights, ready.num_examples)
+                # Only the metrics are kept: the weights are in the sum.
+                ready = FitResult(ready.worker, {}, ready.num_examples, ready.metrics)
+            self.results.append(ready)
 
     def _reject(self, index: int, reason: str) -> None:
         self.rejected.append((index, reason))
@@ -102,6 +137,33 @@ class _Fold:
         if self.mean is not None:
             return strategy.aggregate_mean(server_round, self.current, self.mean.mean64())
         return strategy.aggregate_fit(server_round, self.current, self.results)
+
+
+@dataclass
+class _RoundFits:
+    """Where a round's partitions ran: the worker each was last handed to, and which arrived or were late."""
+
+    workers: dict[int, str] = field(default_factory=dict)
+    attempts: dict[int, int] = field(default_factory=dict)
+    arrived: set[int] = field(default_factory=set)
+    late: set[int] = field(default_factory=set)
+
+    def assign(self, index: int, worker: str) -> None:
+        self.workers[index] = worker
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+
+    def late_notes(self) -> list[str]:
+        """'partition 7 on WORKER late, dropped' for each late partition."""
+        return [
+            f"partition {index} on {self.workers.get(index) or 'no worker yet'} late, dropped"
+            for index in sorted(self.late)
+        ]
+
+
+def _sample_note(sample: Sequence[int], partitions: int) -> str:
+    if len(sample) == partitions:
+        return ""
+    return f" with {len(sample)} of {partitions} partitions: {', '.join(map(str, sample))}"
 
 
 @dataclass(frozen=True)
@@ -127,32 +189,105 @@ class JobRunner:
         self.dir = deps.jobs_dir / job.id
         self._shards: Shards | None = None
         self._backend: Backend | None = None
+        self._ended = False
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run to the end; a failure or cancellation is recorded in the store, never raised."""
+        """Run to the end; a failure or cancellation is recorded in the store, never raised.
+
+        Whatever ends the run (any exception, including one raised while recording the failure), watchers get
+        a terminal event: `ended` is True once they have.
+        """
         try:
-            self._set_state(JobState.RUNNING)
+            await self._write(self._set_state, JobState.RUNNING)
             await self._run()
-        except JobFailed as exc:
-            log.warning("job %s failed: %s", self.job.id, exc)
-            self._set_state(JobState.FAILED, str(exc))
-        except DemlError as exc:
-            log.warning("job %s failed: %s", self.job.id, exc.reason)
-            self._set_state(JobState.FAILED, exc.reason)
         except asyncio.CancelledError:
             log.info("job %s runner stopped", self.job.id)
             raise
         except Exception as exc:
-            log.exception("job %s failed unexpectedly", self.job.id)
-            self._set_state(JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            message, cause = self._failure(exc)
+            await self._fail(message, cause)
 
-    def _set_state(self, state: JobState, error: str = "") -> None:
-        job = self.deps.store.set_state(self.job.id, state, error)
+    @property
+    def ended(self) -> bool:
+        """Whether this runner recorded (or at least announced) an end of the job."""
+        return self._ended
+
+    def _failure(self, exc: Exception) -> tuple[str, FailureCause]:
+        """What the user sees of an exception that ended the job, and its cause."""
+        data_dir = self.deps.jobs_dir.parent
+        if diskspace.is_disk_full(exc):
+            self._remove_partial_files()
+            error = diskspace.as_disk_full(data_dir, exc, "the job")
+            log.warning("job %s failed: %s", self.job.id, error.reason)
+            return error.reason, FailureCause.DISK
+        if isinstance(exc, JobFailed) and exc.cause is FailureCause.USER_CODE and diskspace.low(data_dir):
+            # A task that "raised" while the disk is full most likely could not write its output there: a local
+            # worker writes into the data directory. Resumable, once space is freed.
+            self._remove_partial_files()
+            full = diskspace.disk_full(data_dir, "a task", None, diskspace.free_bytes(data_dir))
+            message = f"{full.reason} (the task said: {exc})"
+            log.warning("job %s failed: %s", self.job.id, message)
+            return message, FailureCause.DISK
+        if isinstance(exc, JobFailed):
+            log.warning("job %s failed: %s", self.job.id, exc)
+            return str(exc), exc.cause
+        if isinstance(exc, DemlError):
+            log.warning("job %s failed: %s", self.job.id, exc.reason)
+            return exc.reason, _cause_of(exc)
+        log.exception("job %s failed unexpectedly", self.job.id, exc_info=exc)
+        return f"internal error: {type(exc).__name__}: {exc}", FailureCause.INTERNAL
+
+    async def _fail(self, message: str, cause: FailureCause) -> None:
+        """Record the failure (retrying a busy store); if it cannot be recorded, still tell the watchers."""
+        try:
+            await self._write(self._set_state, JobState.FAILED, message, cause)
+        except Exception:
+            log.exception("job %s: its failure could not be recorded; it resumes at the next start", self.job.id)
+        if not self._ended:
+            self._announce_end(JobState.FAILED, message, cause)
+
+    def _announce_end(self, state: JobState, message: str, cause: FailureCause = FailureCause.UNSPECIFIED) -> None:
+        """Tell watchers the job ended even though the store could not say so."""
+        self._ended = True
+        job = dataclasses.replace(self.job, state=state, error=message, failure_cause=cause)
+        try:
+            self.deps.publish(JobEvent(EventKind.STATE_CHANGED, job, message=message))
+        except Exception:
+            log.exception("job %s: the end of the job could not be announced", self.job.id)
+
+    def _set_state(self, state: JobState, error: str = "", cause: FailureCause = FailureCause.UNSPECIFIED) -> None:
+        job = self.deps.store.set_state(self.job.id, state, error, cause)
         if job is not None:
             self.job = job
+            if state.terminal:
+                self._ended = True
             self.deps.publish(JobEvent(EventKind.STATE_CHANGED, job, message=error))
+        elif state.terminal:
+            # Already ended (cancelled meanwhile): whoever ended it told the watchers.
+            self._ended = True
+
+    async def _write(self, write: Callable[..., _T], *args: object) -> _T:
+        """A store write, tried again with growing pauses while the database is busy (bounded)."""
+        for delay in WRITE_RETRY_DELAYS:
+            try:
+                return write(*args)
+            except StoreBusy as exc:
+                log.warning("job %s: %s; retrying in %.1f s", self.job.id, exc.reason, delay)
+                await asyncio.sleep(delay)
+        return write(*args)
+
+    def _history(self, write: Callable[..., object], *args: object) -> None:
+        """A write to the job's history (task attempts): a record for people, skipped when the store is busy."""
+        try:
+            write(*args)
+        except StoreBusy as exc:
+            log.warning("job %s: a task attempt was not recorded: %s", self.job.id, exc.reason)
+
+    def _remove_partial_files(self) -> None:
+        """After running out of space: drop the round's task files (committed rounds live in the artifact store)."""
+        shutil.rmtree(self.dir / "tasks", ignore_errors=True)
 
     def _progress(self, message: str) -> None:
         log.info("job %s: %s", self.job.id, message)
@@ -163,11 +298,15 @@ class JobRunner:
         self._backend = await self.deps.backend_for(self.spec.backend)
         # Sharding a large upload is seconds of numpy work: keep it off the event loop that serves gRPC.
         await asyncio.to_thread(self._prepare)
-        checkpoint = self.deps.store.last_checkpoint(self.job.id)
+        # The newest committed round whose artifacts still hash to their names (damaged ones are reported).
+        store, artifacts = self.deps.store, self.deps.artifacts
+        checkpoint, damaged = await asyncio.to_thread(last_intact_checkpoint, store, artifacts, self.job.id)
+        for problem in damaged:
+            self._progress(problem)
         if checkpoint is None:
             init = await self._run_one(self._bundle("init"), "init")
             digest = self.deps.artifacts.put_file(init.directory / "weights.safetensors")
-            self.deps.store.set_initial_weights(self.job.id, digest)
+            await self._write(self.deps.store.set_initial_weights, self.job.id, digest)
             checkpoint = self.deps.store.last_checkpoint(self.job.id)
             assert checkpoint is not None
         else:
@@ -181,35 +320,59 @@ class JobRunner:
         if self.spec.baseline and not self.deps.store.get_job(self.job.id).baseline_metrics:
             await self._baseline()
         await self._export(weights_digest)
-        self._set_state(JobState.SUCCEEDED)
+        await self._write(self._set_state, JobState.SUCCEEDED)
 
     def _prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         unpack_code(self.deps.artifacts.open_path(self.job.files.code), self.dir / "code")
         if self.job.files.data:
+            data = self.deps.artifacts.open_path(self.job.files.data)
             test = self.deps.artifacts.open_path(self.job.files.test_data) if self.job.files.test_data else None
-            self._shards = shard_data(
-                self.deps.artifacts.open_path(self.job.files.data),
-                test,
-                self.dir / "shards",
-                count=self.spec.workers,
-                scheme=self.spec.partitioning,
-                alpha=self.spec.dirichlet_alpha,
-                seed=self.spec.seed,
-                test_fraction=self.spec.test_fraction,
-            )
+            shards = self.dir / "shards"
+            self._require_space_for_shards(data, test, shards)
+            try:
+                self._shards = shard_data(
+                    data,
+                    test,
+                    shards,
+                    count=self.spec.workers,
+                    scheme=self.spec.partitioning,
+                    alpha=self.spec.dirichlet_alpha,
+                    seed=self.spec.seed,
+                    test_fraction=self.spec.test_fraction,
+                )
+            except OSError as exc:
+                if diskspace.is_disk_full(exc):
+                    shutil.rmtree(shards, ignore_errors=True)
+                raise
+
+    def _require_space_for_shards(self, data: Path, test: Path | None, shards: Path) -> None:
+        """Shards take about twice the data (the partitions plus the whole training split) and the test split."""
+        needed = 2 * data.stat().st_size + (test.stat().st_size if test is not None else 0)
+        # A resumed job rewrites its shards in place: what they already take is not needed again.
+        existing = sum(f.stat().st_size for f in shards.glob("*.npz")) if shards.exists() else 0
+        diskspace.require(self.deps.jobs_dir.parent, max(0, needed - existing), "sharding the training data")
+
+    def _require_space_for_round(self, server_round: int, weights: Path) -> None:
+        """A round writes each worker's weights, the aggregate and the strategy's state (up to twice the model)."""
+        needed = (self.spec.workers + 3) * weights.stat().st_size
+        diskspace.require(self.deps.jobs_dir.parent, needed, f"round {server_round}'s weights and checkpoint")
 
     # -- one round ------------------------------------------------------------------------------------------
 
     async def _round(self, server_round: int, weights_digest: str, strategy: Strategy) -> str:
         started = time.monotonic()
-        self._progress(f"round {server_round}/{self.spec.rounds} started")
+        sample = sample_partitions(
+            self.spec.workers, self.spec.sample_size, seed=self.spec.seed, server_round=server_round
+        )
+        self._progress(f"round {server_round}/{self.spec.rounds} started{_sample_note(sample, self.spec.workers)}")
         weights_path = self.deps.artifacts.open_path(weights_digest)
+        self._require_space_for_round(server_round, weights_path)
         # Reading, checking and averaging weights is numpy work of seconds for big models: never on the event loop.
         current = await asyncio.to_thread(wio.read, weights_path)
         hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
-        bundles = [
-            self._bundle(
+        bundles = {
+            i: self._bundle(
                 "train",
                 index=i,
                 weights=weights_path,
@@ -218,34 +381,27 @@ class JobRunner:
                 task_seed=self.spec.seed + 1000 * server_round + i,
                 compression=self.spec.compression,
             )
-            for i in range(self.spec.workers)
-        ]
-        fold = _Fold(current, strategy.uses_weighted_mean, self.spec.compression)
-        done = 0
-
-        async def fit(index: int, bundle: TaskBundle) -> None:
-            nonlocal done
-            result, problem = await self._attempt(
-                bundle, f"round {server_round} worker {index}", server_round=server_round, partition=index
-            )
-            done += 1
-            self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
-            await fold.arrive(index, result, problem)
-
-        await asyncio.gather(*(fit(i, b) for i, b in enumerate(bundles)))
+            for i in sample
+        }
+        fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression)
+        fits = _RoundFits()
+        await self._fit_all(server_round, bundles, fold, fits)
         if fold.user_errors:
             index, error = min(fold.user_errors)
-            raise JobFailed(f"round {server_round}, worker {index}: the task's code raised an error\n{error}")
+            raise JobFailed(
+                f"round {server_round}, worker {index}: the task's code raised an error\n{error}",
+                FailureCause.USER_CODE,
+            )
         results = fold.results
         problems = [problem for _, problem in sorted(fold.problems)]
-        for index, reason in sorted(fold.rejected):
-            self.deps.store.reject_task_attempt(self.job.id, server_round, index, reason)
+        self._report_rejected(server_round, fold, fits)
         for problem in problems:
             self._progress(f"round {server_round}: {problem}")
         if len(results) < self.spec.quorum:
+            late = f"; {len(fits.late)} late at the round deadline" if fits.late else ""
             raise JobFailed(
-                f"round {server_round}: {len(results)} of {self.spec.workers} workers returned usable weights, "
-                f"fewer than the {self.spec.quorum} needed: " + "; ".join(problems)
+                f"round {server_round}: {len(results)} of {len(sample)} sampled partitions returned usable weights"
+                f"{late}, fewer than the {self.spec.quorum} needed: " + "; ".join([*problems, *fits.late_notes()])
             )
         aggregated = await asyncio.to_thread(fold.aggregate, strategy, server_round)
         new_digest = await asyncio.to_thread(lambda: self.deps.artifacts.put_bytes(wio.to_bytes(aggregated)))
@@ -269,13 +425,88 @@ class JobRunner:
             wall_seconds=time.monotonic() - started,
             bytes_sent_per_worker=weights_path.stat().st_size,
             committed_at=datetime.now(tz=UTC),
+            sampled=sample,
+            late=tuple(sorted(fits.late)),
         )
-        self.job = self.deps.store.commit_round(self.job.id, summary, new_digest, state_digest)
+        self.job = await self._write(self.deps.store.commit_round, self.job.id, summary, new_digest, state_digest)
         self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
         # Unlinking a round's result files (a model's size each) is disk work: off the event loop too.
         await asyncio.to_thread(shutil.rmtree, self.dir / "tasks", ignore_errors=True)
         self._check_job_budget(server_round)
         return new_digest
+
+    async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: _Fold, fits: _RoundFits) -> None:
+        """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest."""
+        done = 0
+
+        async def fit(index: int, bundle: TaskBundle) -> None:
+            nonlocal done
+            result, problem = await self._attempt(
+                bundle,
+                f"round {server_round} worker {index}",
+                server_round=server_round,
+                partition=index,
+                assigned=lambda worker: fits.assign(index, worker),
+            )
+            # Past this line the partition counts as arrived: the deadline no longer cancels it.
+            fits.arrived.add(index)
+            done += 1
+            self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
+            await fold.arrive(index, result, problem)
+
+        tasks = {
+            index: asyncio.create_task(fit(index, bundle), name=f"job-{self.job.id}-r{server_round}-p{index}")
+            for index, bundle in bundles.items()
+        }
+        try:
+            deadline = self.spec.round_deadline_seconds or None
+            _, running = await asyncio.wait(tasks.values(), timeout=deadline)
+            if running:
+                late = [i for i, task in tasks.items() if not task.done() and i not in fits.arrived]
+                for index in late:
+                    tasks[index].cancel()
+                await asyncio.wait(tasks.values())
+                await self._drop_late(server_round, late, fold, fits)
+            for task in tasks.values():
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    async def _drop_late(self, server_round: int, late: list[int], fold: _Fold, fits: _RoundFits) -> None:
+        """Record the partitions still running at the round deadline as late, and fold in what waited on them."""
+        fits.late.update(late)
+        await fold.skip(late)
+        for index in sorted(late):
+            worker = fits.workers.get(index, "")
+            error = f"still running at the round deadline of {self.spec.round_deadline_seconds:g} s; dropped"
+            self.deps.store.add_task_attempt(
+                TaskAttempt(
+                    job_id=self.job.id,
+                    action="train",
+                    round=server_round,
+                    partition=index,
+                    attempt=max(1, fits.attempts.get(index, 0)),
+                    worker=worker,
+                    seconds=self.spec.round_deadline_seconds,
+                    outcome=TaskOutcome.LATE,
+                    error=error,
+                    finished_at=datetime.now(tz=UTC),
+                )
+            )
+        for note in fits.late_notes():
+            self._progress(f"round {server_round}: {note}")
+
+    def _report_rejected(self, server_round: int, fold: _Fold, fits: _RoundFits) -> None:
+        """Mark rejected weights in the task table and count them against the worker that produced them."""
+        assert self._backend is not None
+        for index, reason in sorted(fold.rejected):
+            self._history(self.deps.store.reject_task_attempt, self.job.id, server_round, index, reason)
+            worker = fits.workers.get(index)
+            if worker:
+                self._backend.report_rejected(worker, f"weights rejected: {reason}")
 
     def _check_job_budget(self, server_round: int) -> None:
         assert self._backend is not None
@@ -283,7 +514,8 @@ class JobRunner:
         if self.spec.budget_glm > 0 and spent is not None and spent >= self.spec.budget_glm:
             raise JobFailed(
                 f"the job's budget of {self.spec.budget_glm:g} GLM is spent ({spent:.6f} GLM) after round "
-                f"{server_round}; rounds 1-{server_round} are kept"
+                f"{server_round}; rounds 1-{server_round} are kept",
+                FailureCause.BUDGET,
             )
 
     def _hyper(self) -> dict[str, float]:
@@ -309,7 +541,7 @@ class JobRunner:
             task_seed=self.spec.seed,
         )
         result = await self._run_one(bundle, "baseline")
-        self.job = self.deps.store.set_baseline(self.job.id, result.test_metrics)
+        self.job = await self._write(self.deps.store.set_baseline, self.job.id, result.test_metrics)
         self._progress(f"baseline: {result.test_metrics}")
 
     async def _export(self, weights_digest: str) -> None:
@@ -318,11 +550,14 @@ class JobRunner:
             record = existing[0]
         else:
             self._progress("exporting to ONNX")
-            bundle = self._bundle("export", weights=self.deps.artifacts.open_path(weights_digest))
+            weights = self.deps.artifacts.open_path(weights_digest)
+            # The worker writes the ONNX file (about the weights' size) and the artifact store keeps a copy.
+            diskspace.require(self.deps.jobs_dir.parent, 2 * weights.stat().st_size, "exporting the model to ONNX")
+            bundle = self._bundle("export", weights=weights)
             result = await self._run_one(bundle, "export")
             digest = self.deps.artifacts.put_file(result.directory / "model.onnx")
-            record = self.deps.registry.register(self.spec.name, digest, job_id=self.job.id)
-        self.deps.store.set_model(self.job.id, record.name, record.version)
+            record = await self._write(lambda: self.deps.registry.register(self.spec.name, digest, job_id=self.job.id))
+        await self._write(self.deps.store.set_model, self.job.id, record.name, record.version)
         self._progress(f"registered model {record.name}:{record.version}")
 
     # -- tasks ----------------------------------------------------------------------------------------------
@@ -358,7 +593,13 @@ class JobRunner:
         )
 
     async def _attempt(
-        self, bundle: TaskBundle, label: str, *, server_round: int = 0, partition: int | None = None
+        self,
+        bundle: TaskBundle,
+        label: str,
+        *,
+        server_round: int = 0,
+        partition: int | None = None,
+        assigned: Callable[[str], None] | None = None,
     ) -> tuple[TaskResult | None, str]:
         """Run a bundle, retrying infrastructure failures on other workers up to the cap."""
         slug = label.replace(" ", "-")
@@ -376,6 +617,7 @@ class JobRunner:
                 server_round=server_round,
                 partition=partition,
                 progress=lambda message: self._progress(f"{label}: {message}"),
+                on_assigned=assigned,
             )
             item.output.mkdir(parents=True, exist_ok=True)
             assert self._backend is not None
@@ -406,7 +648,8 @@ class JobRunner:
         how: TaskOutcome,
         error: str,
     ) -> None:
-        self.deps.store.add_task_attempt(
+        self._history(
+            self.deps.store.add_task_attempt,
             TaskAttempt(
                 job_id=self.job.id,
                 action=bundle.action,
@@ -418,7 +661,7 @@ class JobRunner:
                 outcome=how,
                 error=error,
                 finished_at=datetime.now(tz=UTC),
-            )
+            ),
         )
 
     async def _run_one(self, bundle: TaskBundle, label: str, *, server_round: int = 0) -> TaskResult:
@@ -426,5 +669,19 @@ class JobRunner:
         if result is None:
             raise JobFailed(problem)
         if not result.ok:
-            raise JobFailed(f"{label}: the task's code raised an error\n{result.error}")
+            raise JobFailed(f"{label}: the task's code raised an error\n{result.error}", FailureCause.USER_CODE)
         return result
+
+
+def _cause_of(exc: DemlError) -> FailureCause:
+    """The cause of a domain error that ended a job."""
+    if isinstance(exc, InvalidArgument):
+        # The submission itself cannot run (e.g. too few rows to hold out a test split): resuming cannot help.
+        return FailureCause.USER_CODE
+    if isinstance(exc, StoreBusy):
+        return FailureCause.DATABASE
+    if isinstance(exc, ResourceExhausted):
+        return FailureCause.BUDGET
+    if isinstance(exc, Unavailable | FailedPrecondition):
+        return FailureCause.BACKEND
+    return FailureCause.INTERNAL

@@ -7,6 +7,7 @@ the tests and the benchmarks all start a server through start_server.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -24,6 +25,7 @@ from deml.v1 import inference_pb2, models_pb2, models_pb2_grpc, training_pb2, tr
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends import Backend, create_backend
 from deml_server.config import ServerConfig
+from deml_server.drain import Drain
 from deml_server.http.app import HttpFace, HttpServices, build_app, url_host
 from deml_server.inference import MAX_MESSAGE_BYTES
 from deml_server.inference.bundle_pool import BundlePool
@@ -39,6 +41,9 @@ from deml_server.servicers.training import TrainingServicer
 from deml_server.store import JobStore
 
 log = logging.getLogger(__name__)
+
+# Seconds the faces give calls still open when they close after a graceful shutdown's drain (watch streams, reads).
+FACE_CLOSE_GRACE = 1.0
 
 Closer = Callable[[], Awaitable[None] | None]
 
@@ -86,6 +91,8 @@ class DemlServer:
     security: NetworkSecurity
     http: HttpFace | None
     lifetimes: Lifetimes = field(repr=False)
+    drain: Drain = field(repr=False, default_factory=Drain)
+    health: AsyncHealthServicer | None = field(repr=False, default=None)
 
     @property
     def http_port(self) -> int | None:
@@ -96,6 +103,29 @@ class DemlServer:
         """Close every part in reverse order: faces, runners (jobs stay resumable), workers, backends, store."""
         self.lifetimes.grace = grace
         await self.lifetimes.close_all()
+
+    async def shutdown(self, grace: float) -> None:
+        """The graceful stop (SIGTERM): refuse new jobs and predictions, give work in flight `grace` seconds, stop.
+
+        Health turns NOT_SERVING and both faces answer new submissions and predictions UNAVAILABLE (HTTP 503)
+        saying the server is shutting down; reads go on. Each running job commits its round in flight and stops
+        there; predictions in flight finish. What is not done when the grace ends (or at a second signal: see
+        Drain.cut_short) is stopped; every unfinished job resumes from its last committed round at the next start.
+        Then every part closes as in stop(), workers included.
+        """
+        started = time.monotonic()
+        self.drain.begin(grace)
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        log.info("shutting down: no new jobs or predictions; up to %g s for the work in flight", grace)
+        rounds, requests = await asyncio.gather(self.jobs.finish_rounds(), self.gateway.finish_requests())
+        log.info(
+            "shutdown: rounds in flight %s, predictions in flight %s after %.1f s; closing",
+            "committed" if rounds else "stopped at the last committed round",
+            "finished" if requests else "cut off",
+            time.monotonic() - started,
+        )
+        await self.stop(grace=FACE_CLOSE_GRACE)
 
 
 async def start_server(config: ServerConfig) -> DemlServer:
@@ -112,12 +142,13 @@ async def start_server(config: ServerConfig) -> DemlServer:
 
 async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSecurity) -> DemlServer:
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    drain = Drain()
     store = JobStore(config.data_dir / "deml.sqlite3")
     lifetimes.started("job store", store.close)
     artifacts = ArtifactStore(config.data_dir / "artifacts")
     registry = ModelRegistry(store, artifacts)
 
-    backend = create_backend(config.backend, config)
+    backend = _with_blocklist(create_backend(config.backend, config), store)
     await backend.start()
     lifetimes.started(f"{backend.name} backend", backend.close)
     inference_backend = await _inference_backend(config, backend, lifetimes)
@@ -133,6 +164,7 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
         threads_per_worker=config.inference_threads,
         pool=pool,
         shared_memory=config.shared_memory,
+        drain=drain,
     )
     await gateway.start()
     lifetimes.started("inference gateway", gateway.close)
@@ -143,12 +175,13 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
         artifacts=artifacts,
         registry=registry,
         backend=backend,
-        backend_factory=lambda name: create_backend(name, config),
+        backend_factory=lambda name: _with_blocklist(create_backend(name, config), store),
+        drain=drain,
     )
     await jobs.start()
     lifetimes.started("job service", jobs.close)
 
-    grpc_server, port = await _start_grpc(config, jobs, registry, artifacts, gateway, security)
+    grpc_server, port, health_servicer = await _start_grpc(config, jobs, registry, artifacts, gateway, security)
     lifetimes.started("gRPC face", lambda: grpc_server.stop(lifetimes.grace))
     log.info(
         "deml-server listening on %s:%d (backend %s, %d workers)", config.host, port, backend.name, backend.capacity
@@ -194,7 +227,15 @@ async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSe
         security=security,
         http=http,
         lifetimes=lifetimes,
+        drain=drain,
+        health=health_servicer,
     )
+
+
+def _with_blocklist(backend: Backend, store: JobStore) -> Backend:
+    """A backend that keeps its blocked providers in the store (and refuses those a previous run blocked)."""
+    backend.use_blocklist(store)
+    return backend
 
 
 async def _inference_backend(config: ServerConfig, training: Backend, lifetimes: Lifetimes) -> Backend | None:
@@ -219,8 +260,8 @@ async def _start_grpc(
     artifacts: ArtifactStore,
     gateway: InferenceGateway,
     security: NetworkSecurity,
-) -> tuple[grpc.aio.Server, int]:
-    """The gRPC face: every servicer, health and reflection; returns the started server and its bound port."""
+) -> tuple[grpc.aio.Server, int, AsyncHealthServicer]:
+    """The gRPC face: every servicer, health and reflection; returns the started server, its port, its health."""
     server = grpc.aio.server(
         interceptors=[*security.interceptors(), ErrorMappingInterceptor()],
         options=[
@@ -247,4 +288,4 @@ async def _start_grpc(
     await server.start()
     for name in ["", *services]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return server, port, health_servicer

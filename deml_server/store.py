@@ -16,9 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deml_server.diskspace import disk_full, free_bytes
 from deml_server.domain import (
+    BlockedProvider,
     EventKind,
     EventRecord,
+    FailureCause,
     Job,
     JobFiles,
     JobSpec,
@@ -30,7 +33,8 @@ from deml_server.domain import (
     TaskOutcome,
     TensorSpec,
 )
-from deml_server.errors import NotFound
+from deml_server.envvars import env_float
+from deml_server.errors import NotFound, StoreBusy
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -102,6 +106,19 @@ CREATE TABLE IF NOT EXISTS task_attempts (
 CREATE INDEX IF NOT EXISTS task_attempts_by_job ON task_attempts (job_id, id);
 """
 
+# Providers the server gives no more work to, whatever job: kept across restarts (issue 11).
+_BLOCKLIST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocked_providers (
+    backend TEXT NOT NULL,
+    provider_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    failures INTEGER NOT NULL,
+    blocked_at REAL NOT NULL,
+    PRIMARY KEY (backend, provider_id)
+);
+"""
+
 
 def _ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, tz=UTC)
@@ -120,17 +137,32 @@ class Checkpoint:
     strategy_state: str | None
 
 
-class JobStore:
-    """Thread-safe access to the SQLite database (one connection, serialised)."""
+DEFAULT_BUSY_TIMEOUT = 5.0
 
-    def __init__(self, path: Path) -> None:
+
+class JobStore:
+    """Thread-safe access to the SQLite database (one connection, serialised).
+
+    A database locked by another process (a backup tool, an operator's sqlite3 shell) is waited for up to
+    `busy_timeout` seconds (`DEML_DB_BUSY_TIMEOUT`); longer, and the call fails with StoreBusy (UNAVAILABLE), a
+    full disk with DiskFull, never an unexplained internal error.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout: float | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        _add_owner_columns(self._db)
-        self._db.executescript(_HISTORY_SCHEMA)
+        self.path = path
+        timeout = env_float("DEML_DB_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT) if busy_timeout is None else busy_timeout
+        self.busy_timeout = timeout
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=timeout)
+        with _mapped_errors(path, timeout):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            _add_owner_columns(self._db)
+            _add_failure_cause_column(self._db)
+            self._db.executescript(_HISTORY_SCHEMA)
+            self._db.executescript(_BLOCKLIST_SCHEMA)
+            _add_round_policy_column(self._db)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -140,7 +172,7 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._transaction() as db:
+        with self._lock, _mapped_errors(self.path, self.busy_timeout), self._transaction() as db:
             yield db
 
     @contextmanager
@@ -149,10 +181,12 @@ class JobStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A COMMIT that failed (disk full, busy) leaves the transaction open: roll it back too.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     @contextmanager
     def _history_tx(self) -> Iterator[sqlite3.Connection]:
@@ -162,7 +196,7 @@ class JobStore:
         fsync per event (milliseconds, on the event loop) would slow fast rounds. The next FULL commit (a round's
         checkpoint) makes them durable too, as it syncs the whole write-ahead log.
         """
-        with self._lock:
+        with self._lock, _mapped_errors(self.path, self.busy_timeout):
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 with self._transaction() as db:
@@ -171,7 +205,7 @@ class JobStore:
                 self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
+        with self._lock, _mapped_errors(self.path, self.busy_timeout):
             return self._db.execute(sql, args).fetchall()
 
     # -- jobs -----------------------------------------------------------------------------------------------
@@ -245,6 +279,15 @@ class JobStore:
             sql += f" LIMIT {int(limit)}"
         return [self._job(row) for row in self._query(sql, args)]
 
+    def reopen(self, job_id: str) -> Job | None:
+        """Move a FAILED job back to PENDING, clearing its error and cause (to resume it); None if not FAILED."""
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = ?, error = '', failure_cause = '', updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.PENDING.value, _now(), job_id, JobState.FAILED.value),
+            ).rowcount
+        return self.get_job(job_id) if changed else None
+
     def unfinished_jobs(self) -> list[Job]:
         """Jobs a restarted server must resume, oldest first."""
         rows = self._query(
@@ -253,16 +296,19 @@ class JobStore:
         )
         return [self._job(row) for row in rows]
 
-    def set_state(self, job_id: str, state: JobState, error: str = "") -> Job | None:
-        """Move an unfinished job to a state (recording why, for FAILED/CANCELLED).
+    def set_state(
+        self, job_id: str, state: JobState, error: str = "", cause: FailureCause = FailureCause.UNSPECIFIED
+    ) -> Job | None:
+        """Move an unfinished job to a state (recording why, for FAILED/CANCELLED, and a FAILED job's cause).
 
         Returns None, changing nothing, when the job already ended: a job cancelled while its last round
         was finishing stays cancelled.
         """
         with self._tx() as db:
             changed = db.execute(
-                "UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ? AND state IN (?, ?)",
-                (state.value, error, _now(), job_id, JobState.PENDING.value, JobState.RUNNING.value),
+                "UPDATE jobs SET state = ?, error = ?, failure_cause = ?, updated_at = ? WHERE id = ?"
+                " AND state IN (?, ?)",
+                (state.value, error, cause.value, _now(), job_id, JobState.PENDING.value, JobState.RUNNING.value),
             ).rowcount
         return self.get_job(job_id) if changed else None
 
@@ -293,7 +339,7 @@ class JobStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO rounds (job_id, round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent,"
-                " committed_at, weights, strategy_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " committed_at, weights, strategy_state, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     summary.round,
@@ -305,6 +351,7 @@ class JobStore:
                     summary.committed_at.timestamp(),
                     weights,
                     strategy_state,
+                    json.dumps({"sampled": list(summary.sampled), "late": list(summary.late)}),
                 ),
             )
             db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (_now(), job_id))
@@ -322,6 +369,24 @@ class JobStore:
         if init and init[0][0]:
             return Checkpoint(round=0, weights=init[0][0], strategy_state=None)
         return None
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """Every committed round's artifacts, newest first, then the initial weights (round 0) when set."""
+        rows = self._query(
+            "SELECT round, weights, strategy_state FROM rounds WHERE job_id = ? ORDER BY round DESC", (job_id,)
+        )
+        found = [Checkpoint(round=r[0], weights=r[1], strategy_state=r[2]) for r in rows]
+        init = self._query("SELECT init_weights FROM jobs WHERE id = ?", (job_id,))
+        if init and init[0][0]:
+            found.append(Checkpoint(round=0, weights=init[0][0], strategy_state=None))
+        return found
+
+    def discard_rounds_after(self, job_id: str, server_round: int) -> int:
+        """Remove a job's committed rounds after `server_round` (their checkpoints were found damaged); how many."""
+        with self._tx() as db:
+            removed = db.execute("DELETE FROM rounds WHERE job_id = ? AND round > ?", (job_id, server_round)).rowcount
+            db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (_now(), job_id))
+        return int(removed)
 
     def initial_weights(self, job_id: str) -> str:
         """The round-0 weights' artifact address (set once the init task ran)."""
@@ -351,6 +416,7 @@ class JobStore:
             # Rounds are committed in order from 1, so the newest one's number is how many there are.
             rounds_committed=latest.round if latest is not None else 0,
             latest_round=latest,
+            failure_cause=FailureCause(row[10] or ""),
         )
 
     # -- models ---------------------------------------------------------------------------------------------
@@ -533,6 +599,29 @@ class JobStore:
                 (TaskOutcome.REJECTED.value, reason, job_id, server_round, partition, TaskOutcome.OK.value),
             )
 
+    def block_provider(self, entry: BlockedProvider) -> None:
+        """Record a provider as blocked (again: the newest reason and count replace the old)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO blocked_providers (backend, provider_id, name, reason, failures, blocked_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    entry.backend,
+                    entry.provider_id,
+                    entry.name,
+                    entry.reason,
+                    entry.failures,
+                    entry.blocked_at.timestamp(),
+                ),
+            )
+
+    def blocked_providers(self, backend: str | None = None) -> list[BlockedProvider]:
+        """Blocked providers (of one backend), newest first."""
+        sql = "SELECT backend, provider_id, name, reason, failures, blocked_at FROM blocked_providers"
+        if backend is None:
+            return [_blocked(r) for r in self._query(sql + " ORDER BY blocked_at DESC")]
+        return [_blocked(r) for r in self._query(sql + " WHERE backend = ? ORDER BY blocked_at DESC", (backend,))]
+
     def task_attempts(self, job_id: str) -> list[TaskAttempt]:
         """A job's task attempts in the order they finished."""
         rows = self._query(
@@ -557,6 +646,10 @@ class JobStore:
         ]
 
 
+def _blocked(r: tuple[Any, ...]) -> BlockedProvider:
+    return BlockedProvider(backend=r[0], provider_id=r[1], name=r[2], reason=r[3], failures=r[4], blocked_at=_ts(r[5]))
+
+
 def _add_owner_columns(db: sqlite3.Connection) -> None:
     """Add the nullable owner columns to a database made before they existed."""
     for table in ("jobs", "models"):
@@ -565,13 +658,48 @@ def _add_owner_columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
 
 
+def _add_failure_cause_column(db: sqlite3.Connection) -> None:
+    """Add the failure cause column to a database made before it existed ('' for jobs failed before)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "failure_cause" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN failure_cause TEXT NOT NULL DEFAULT ''")
+
+
+@contextmanager
+def _mapped_errors(path: Path, busy_timeout: float) -> Iterator[None]:
+    """SQLite's busy and full errors as the domain errors a caller can act on (by SQLite's error code)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        # The primary code (the low byte): SQLITE_BUSY_SNAPSHOT and the like are busy too.
+        code = getattr(exc, "sqlite_errorcode", -1) & 0xFF
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise StoreBusy(
+                f"the job database {path} is locked by another process (waited {busy_timeout:g} s); try again"
+            ) from exc
+        if code == sqlite3.SQLITE_FULL:
+            raise disk_full(path.parent, "writing to the job database", None, free_bytes(path.parent)) from exc
+        raise
+
+
 _JOB_SELECT = (
-    "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline FROM jobs"
+    "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline,"
+    " failure_cause FROM jobs"
 )
-_ROUND_SELECT = "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at FROM rounds"
+_ROUND_SELECT = (
+    "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at, policy FROM rounds"
+)
+
+
+def _add_round_policy_column(db: sqlite3.Connection) -> None:
+    """Add the rounds' policy column (sampled and late partitions, JSON) to a database made before it existed."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
+    if "policy" not in columns:
+        db.execute("ALTER TABLE rounds ADD COLUMN policy TEXT")
 
 
 def _round(r: tuple[Any, ...]) -> RoundSummary:
+    policy = json.loads(r[7]) if r[7] else {}
     return RoundSummary(
         round=r[0],
         metrics=json.loads(r[1]),
@@ -580,6 +708,8 @@ def _round(r: tuple[Any, ...]) -> RoundSummary:
         wall_seconds=r[4],
         bytes_sent_per_worker=r[5],
         committed_at=_ts(r[6]),
+        sampled=tuple(policy.get("sampled", ())),
+        late=tuple(policy.get("late", ())),
     )
 
 

@@ -44,6 +44,46 @@ JOB_STATE_FAILED: JobState.ValueType  # 4
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _FailureCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailureCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILURE_CAUSE_UNSPECIFIED: _FailureCause.ValueType  # 0
+    """Not failed, or failed before causes were recorded."""
+    FAILURE_CAUSE_USER_CODE: _FailureCause.ValueType  # 1
+    """The task's own code or data raised an error: fix the task and submit a new job (not resumable)."""
+    FAILURE_CAUSE_DISK: _FailureCause.ValueType  # 2
+    """The data directory's disk ran out of space."""
+    FAILURE_CAUSE_BACKEND: _FailureCause.ValueType  # 3
+    """Workers or providers failed, or a backend would not start."""
+    FAILURE_CAUSE_BUDGET: _FailureCause.ValueType  # 4
+    """The job's or the server's budget on a paid backend was spent."""
+    FAILURE_CAUSE_DATABASE: _FailureCause.ValueType  # 5
+    """The job database could not be written (locked by another process for too long)."""
+    FAILURE_CAUSE_INTERNAL: _FailureCause.ValueType  # 6
+    """A bug in the server."""
+
+class FailureCause(_FailureCause, metaclass=_FailureCauseEnumTypeWrapper):
+    """FailureCause says why a job failed, and so whether ResumeJob can help."""
+
+FAILURE_CAUSE_UNSPECIFIED: FailureCause.ValueType  # 0
+"""Not failed, or failed before causes were recorded."""
+FAILURE_CAUSE_USER_CODE: FailureCause.ValueType  # 1
+"""The task's own code or data raised an error: fix the task and submit a new job (not resumable)."""
+FAILURE_CAUSE_DISK: FailureCause.ValueType  # 2
+"""The data directory's disk ran out of space."""
+FAILURE_CAUSE_BACKEND: FailureCause.ValueType  # 3
+"""Workers or providers failed, or a backend would not start."""
+FAILURE_CAUSE_BUDGET: FailureCause.ValueType  # 4
+"""The job's or the server's budget on a paid backend was spent."""
+FAILURE_CAUSE_DATABASE: FailureCause.ValueType  # 5
+"""The job database could not be written (locked by another process for too long)."""
+FAILURE_CAUSE_INTERNAL: FailureCause.ValueType  # 6
+"""A bug in the server."""
+Global___FailureCause: _TypeAlias = FailureCause  # noqa: Y015
+
 class _Partitioning:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -155,6 +195,9 @@ class JobSpec(_message.Message):
     TEST_FRACTION_FIELD_NUMBER: _builtins.int
     BUDGET_GLM_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
+    FRACTION_FIT_FIELD_NUMBER: _builtins.int
+    MIN_FIT_FIELD_NUMBER: _builtins.int
+    ROUND_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name under which the trained model is registered (default: "model")."""
     module: _builtins.str
@@ -186,6 +229,16 @@ class JobSpec(_message.Message):
     """How workers send their updates: "none" (default, full fp32 weights), "fp16", "bf16" or "int8" (a delta from
     the round's weights, quantised, with error feedback kept on the worker).
     """
+    fraction_fit: _builtins.float
+    """Client sampling as in Flower's FedAvg: each round trains max(min_fit, ceil(fraction_fit x workers)) of the
+    `workers` partitions, drawn from the seed and the round number (default 1.0: every partition).
+    """
+    min_fit: _builtins.int
+    """Fewest partitions sampled per round (Flower's min_fit_clients; default 0)."""
+    round_deadline_seconds: _builtins.float
+    """Seconds a round waits for its sampled partitions (default 0: no deadline). At the deadline the round
+    aggregates what arrived when at least min_fit_workers results are usable; tasks still running are dropped.
+    """
     @_builtins.property
     def strategy_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -210,10 +263,13 @@ class JobSpec(_message.Message):
         test_fraction: _builtins.float | None = ...,
         budget_glm: _builtins.float | None = ...,
         compression: _builtins.str = ...,
+        fraction_fit: _builtins.float | None = ...,
+        min_fit: _builtins.int | None = ...,
+        round_deadline_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -221,12 +277,18 @@ class JobSpec(_message.Message):
     _WhichOneofArgType__budget_glm: _TypeAlias = _typing.Literal["_budget_glm", b"_budget_glm"]  # noqa: Y015
     _WhichOneofReturnType__dirichlet_alpha: _TypeAlias = _typing.Literal["dirichlet_alpha"]  # noqa: Y015
     _WhichOneofArgType__dirichlet_alpha: _TypeAlias = _typing.Literal["_dirichlet_alpha", b"_dirichlet_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__fraction_fit: _TypeAlias = _typing.Literal["fraction_fit"]  # noqa: Y015
+    _WhichOneofArgType__fraction_fit: _TypeAlias = _typing.Literal["_fraction_fit", b"_fraction_fit"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
     _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__min_fit: _TypeAlias = _typing.Literal["min_fit"]  # noqa: Y015
+    _WhichOneofArgType__min_fit: _TypeAlias = _typing.Literal["_min_fit", b"_min_fit"]  # noqa: Y015
     _WhichOneofReturnType__min_fit_workers: _TypeAlias = _typing.Literal["min_fit_workers"]  # noqa: Y015
     _WhichOneofArgType__min_fit_workers: _TypeAlias = _typing.Literal["_min_fit_workers", b"_min_fit_workers"]  # noqa: Y015
+    _WhichOneofReturnType__round_deadline_seconds: _TypeAlias = _typing.Literal["round_deadline_seconds"]  # noqa: Y015
+    _WhichOneofArgType__round_deadline_seconds: _TypeAlias = _typing.Literal["_round_deadline_seconds", b"_round_deadline_seconds"]  # noqa: Y015
     _WhichOneofReturnType__rounds: _TypeAlias = _typing.Literal["rounds"]  # noqa: Y015
     _WhichOneofArgType__rounds: _TypeAlias = _typing.Literal["_rounds", b"_rounds"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
@@ -244,11 +306,17 @@ class JobSpec(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dirichlet_alpha) -> _WhichOneofReturnType__dirichlet_alpha | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fraction_fit) -> _WhichOneofReturnType__fraction_fit | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fit) -> _WhichOneofReturnType__min_fit | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fit_workers) -> _WhichOneofReturnType__min_fit_workers | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__round_deadline_seconds) -> _WhichOneofReturnType__round_deadline_seconds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds) -> _WhichOneofReturnType__rounds | None: ...
     @_typing.overload
@@ -369,6 +437,8 @@ class RoundSummary(_message.Message):
     WALL_SECONDS_FIELD_NUMBER: _builtins.int
     BYTES_SENT_PER_WORKER_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
+    SAMPLED_PARTITIONS_FIELD_NUMBER: _builtins.int
+    LATE_PARTITIONS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     workers_ok: _builtins.int
     workers_failed: _builtins.int
@@ -381,6 +451,14 @@ class RoundSummary(_message.Message):
 
     @_builtins.property
     def committed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def sampled_partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The partitions this round trained (its sample, ascending)."""
+
+    @_builtins.property
+    def late_partitions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sampled partitions still running at the round deadline, dropped from the aggregate."""
+
     def __init__(
         self,
         *,
@@ -391,10 +469,12 @@ class RoundSummary(_message.Message):
         wall_seconds: _builtins.float = ...,
         bytes_sent_per_worker: _builtins.int = ...,
         committed_at: _timestamp_pb2.Timestamp | None = ...,
+        sampled_partitions: _abc.Iterable[_builtins.int] | None = ...,
+        late_partitions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent_per_worker", b"bytes_sent_per_worker", "committed_at", b"committed_at", "metrics", b"metrics", "round", b"round", "wall_seconds", b"wall_seconds", "workers_failed", b"workers_failed", "workers_ok", b"workers_ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_sent_per_worker", b"bytes_sent_per_worker", "committed_at", b"committed_at", "late_partitions", b"late_partitions", "metrics", b"metrics", "round", b"round", "sampled_partitions", b"sampled_partitions", "wall_seconds", b"wall_seconds", "workers_failed", b"workers_failed", "workers_ok", b"workers_ok"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -439,6 +519,7 @@ class Job(_message.Message):
     BASELINE_ACCURACY_FIELD_NUMBER: _builtins.int
     BASELINE_METRICS_FIELD_NUMBER: _builtins.int
     LATEST_ROUND_FIELD_NUMBER: _builtins.int
+    FAILURE_CAUSE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     rounds_committed: _builtins.int
@@ -448,6 +529,8 @@ class Job(_message.Message):
     """Set once the ONNX model is registered."""
     model_version: _builtins.int
     baseline_accuracy: _builtins.float
+    failure_cause: Global___FailureCause.ValueType
+    """Why the job failed (JOB_STATE_FAILED only): whether ResumeJob can restart it."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -482,10 +565,11 @@ class Job(_message.Message):
         baseline_accuracy: _builtins.float | None = ...,
         baseline_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         latest_round: Global___RoundSummary | None = ...,
+        failure_cause: Global___FailureCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "created_at", b"created_at", "latest_round", b"latest_round", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "id", b"id", "latest_round", b"latest_round", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "failure_cause", b"failure_cause", "id", b"id", "latest_round", b"latest_round", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__baseline_accuracy: _TypeAlias = _typing.Literal["baseline_accuracy"]  # noqa: Y015
     _WhichOneofArgType__baseline_accuracy: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy"]  # noqa: Y015
@@ -722,6 +806,49 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class ResumeJobRequest(_message.Message):
+    """ResumeJobRequest names a failed job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobRequest: _TypeAlias = ResumeJobRequest  # noqa: Y015
+
+@_typing.final
+class ResumeJobResponse(_message.Message):
+    """ResumeJobResponse carries the job, pending again, as it resumes from its last committed round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job: ...
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeJobResponse: _TypeAlias = ResumeJobResponse  # noqa: Y015
 
 @_typing.final
 class ListRoundsRequest(_message.Message):

@@ -65,6 +65,11 @@ class TrainingServiceStub:
                 request_serializer=deml_dot_v1_dot_training__pb2.ListRoundsRequest.SerializeToString,
                 response_deserializer=deml_dot_v1_dot_training__pb2.ListRoundsResponse.FromString,
                 _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/deml.v1.TrainingService/ResumeJob',
+                request_serializer=deml_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=deml_dot_v1_dot_training__pb2.ResumeJobResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -114,6 +119,14 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeJob(self, request, context):
+        """ResumeJob restarts a job that failed for a reason outside its code (disk, backend, budget, a server bug)
+        from its last committed round; a job failed by its own code is refused with FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListRounds,
                     request_deserializer=deml_dot_v1_dot_training__pb2.ListRoundsRequest.FromString,
                     response_serializer=deml_dot_v1_dot_training__pb2.ListRoundsResponse.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=deml_dot_v1_dot_training__pb2.ResumeJobRequest.FromString,
+                    response_serializer=deml_dot_v1_dot_training__pb2.ResumeJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class TrainingService:
             '/deml.v1.TrainingService/ListRounds',
             deml_dot_v1_dot_training__pb2.ListRoundsRequest.SerializeToString,
             deml_dot_v1_dot_training__pb2.ListRoundsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deml.v1.TrainingService/ResumeJob',
+            deml_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+            deml_dot_v1_dot_training__pb2.ResumeJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class TrainingServiceStub:
     """CancelJob stops a job between or during rounds; its committed rounds are kept."""
     ListRounds: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListRoundsRequest, _training_pb2.ListRoundsResponse]
     """ListRounds returns a range of a job's committed rounds, oldest first."""
+    ResumeJob: _grpc.UnaryUnaryMultiCallable[_training_pb2.ResumeJobRequest, _training_pb2.ResumeJobResponse]
+    """ResumeJob restarts a job that failed for a reason outside its code (disk, backend, budget, a server bug)
+    from its last committed round; a job failed by its own code is refused with FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -67,6 +71,10 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """CancelJob stops a job between or during rounds; its committed rounds are kept."""
     ListRounds: _aio.UnaryUnaryMultiCallable[_training_pb2.ListRoundsRequest, _training_pb2.ListRoundsResponse]  # type: ignore[assignment]
     """ListRounds returns a range of a job's committed rounds, oldest first."""
+    ResumeJob: _aio.UnaryUnaryMultiCallable[_training_pb2.ResumeJobRequest, _training_pb2.ResumeJobResponse]  # type: ignore[assignment]
+    """ResumeJob restarts a job that failed for a reason outside its code (disk, backend, budget, a server bug)
+    from its last committed round; a job failed by its own code is refused with FAILED_PRECONDITION.
+    """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainingService runs federated training jobs: a user's PyTorch task trained in rounds across workers."""
@@ -120,5 +128,15 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.ListRoundsResponse, _abc.Awaitable[_training_pb2.ListRoundsResponse]]:
         """ListRounds returns a range of a job's committed rounds, oldest first."""
+
+    @_abc_1.abstractmethod
+    def ResumeJob(
+        self,
+        request: _training_pb2.ResumeJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ResumeJobResponse, _abc.Awaitable[_training_pb2.ResumeJobResponse]]:
+        """ResumeJob restarts a job that failed for a reason outside its code (disk, backend, budget, a server bug)
+        from its last committed round; a job failed by its own code is refused with FAILED_PRECONDITION.
+        """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

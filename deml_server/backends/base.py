@@ -7,7 +7,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
+
+from deml_server.domain import BlockedProvider
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,9 @@ class WorkItem:
     """One task: a task bundle directory in, a result bundle directory out, within a deadline.
 
     `label` is for people (logs, errors); `job_id`, `server_round` and `partition` are what code keys on.
-    `progress`, when given, receives short messages about where the item stands (e.g. a provider deploying).
+    `progress`, when given, receives short messages about where the item stands (e.g. a provider deploying);
+    `on_assigned`, the name of the worker the item is handed to (the same name its outcome will carry), so that
+    whoever waits knows where an item that never returns was running.
     """
 
     label: str
@@ -27,11 +31,17 @@ class WorkItem:
     server_round: int = 0  # the training round (its fits and its evaluation); 0 outside rounds
     partition: int | None = None
     progress: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    on_assigned: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
     def report(self, message: str) -> None:
         """Pass a progress message on to whoever asked for one."""
         if self.progress is not None:
             self.progress(message)
+
+    def assigned(self, worker: str) -> None:
+        """Tell whoever asked which worker now runs the item."""
+        if self.on_assigned is not None:
+            self.on_assigned(worker)
 
 
 class FailureKind(enum.Enum):
@@ -43,6 +53,7 @@ class FailureKind(enum.Enum):
     DEPLOY_FAILED = "deploy_failed"  # the provider never got the VM image running
     REFUSED = "refused"  # the backend would not hand the item out (retry cap, unreadable bundle)
     ABANDONED = "abandoned"  # the backend stopped waiting (shut down, no worker left)
+    REJECTED_WEIGHTS = "rejected_weights"  # the result's weights failed the runner's checks (reported afterwards)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,18 @@ class WorkOutcome:
     error: str = ""
     seconds: float = 0.0
     failure: FailureKind | None = None
+
+
+class ProviderBlocklist(Protocol):
+    """Where blocked providers are kept across restarts (the job store)."""
+
+    def blocked_providers(self, backend: str | None = None) -> list[BlockedProvider]:
+        """Every blocked provider (of one backend)."""
+        ...
+
+    def block_provider(self, entry: BlockedProvider) -> None:
+        """Record a provider as blocked."""
+        ...
 
 
 class Backend(ABC):
@@ -93,4 +116,16 @@ class Backend(ABC):
 
     def check_budget(self, needed: float) -> None:
         """Raise ResourceExhausted when `needed` more cannot be afforded; free backends accept anything."""
+        return None
+
+    def report_rejected(self, worker: str, reason: str) -> None:
+        """The runner refused weights that `worker` returned (non-finite, wrong shape): count it against it.
+
+        Backends that rent workers from others (golem) count it as a failure of the provider; local workers are
+        the server's own, so nothing happens.
+        """
+        return None
+
+    def use_blocklist(self, blocklist: ProviderBlocklist) -> None:
+        """Keep blocked providers in `blocklist` (called before start); backends without providers ignore it."""
         return None

@@ -137,6 +137,9 @@ class LocalBackend(Backend):
             stderr=log_file,
             env=env,
             cwd=self._work_dir,
+            # Its own session: a Ctrl-C or SIGTERM sent to the server's process group must not kill the round
+            # in flight (the server's graceful shutdown lets it finish, then ends the workers itself).
+            start_new_session=True,
         )
         worker = _Worker(slot, self._generation, proc, log_file)
         self._all.add(worker)
@@ -169,6 +172,7 @@ class LocalBackend(Backend):
     async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
         """Run one item on one warm worker within its deadline."""
         worker = await self._acquire(avoid)
+        item.assigned(worker.name)
         started = time.monotonic()
         try:
             await asyncio.wait_for(worker.call(item), timeout=item.timeout)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import BodyPartReader, web
 
 from deml_server.domain import (
+    BlockedProvider,
     EventKind,
     EventRecord,
     Job,
@@ -61,6 +62,7 @@ def add_routes(app: web.Application, services: HttpServices) -> None:
     app.router.add_get("/api/jobs/{job_id}/tasks", api.tasks)
     app.router.add_get("/api/jobs/{job_id}/events", api.job_events)
     app.router.add_post("/api/jobs/{job_id}/cancel", api.cancel)
+    app.router.add_post("/api/jobs/{job_id}/resume", api.resume)
     app.router.add_get("/api/events", api.all_events)
     app.router.add_get("/api/examples", api.examples)
     app.router.add_get("/api/spec", api.spec_form)
@@ -69,6 +71,7 @@ def add_routes(app: web.Application, services: HttpServices) -> None:
     app.router.add_get("/api/models/{name}/versions/{version}", api.get_model)
     app.router.add_get("/api/models/{name}/versions/{version}/download", api.download_model)
     app.router.add_get("/api/server", api.server_info)
+    app.router.add_get("/api/providers/blocked", api.blocked_providers)
 
 
 # -- JSON shapes -----------------------------------------------------------------------------------------------
@@ -92,6 +95,8 @@ def round_json(summary: RoundSummary) -> dict[str, Any]:
         "wall_seconds": summary.wall_seconds,
         "bytes_sent_per_worker": summary.bytes_sent_per_worker,
         "committed_at": _iso(summary.committed_at),
+        "sampled": list(summary.sampled),
+        "late": list(summary.late),
     }
 
 
@@ -114,6 +119,8 @@ def job_json(job: Job, stats: RoundStats, *, rounds: bool = True) -> dict[str, A
         "backend": job.spec.backend,
         "cost_glm": stats.cost_glm,
         "error": job.error,
+        # USER_CODE, DISK, BACKEND, BUDGET, DATABASE or INTERNAL for a failed job (POST .../resume unless USER_CODE).
+        "failure_cause": job.failure_cause.value or None,
         "model": {"name": job.model_name, "version": job.model_version} if job.model_version else None,
         "baseline_metrics": job.baseline_metrics,
     }
@@ -134,6 +141,18 @@ def task_json(attempt: TaskAttempt) -> dict[str, Any]:
         "outcome": attempt.outcome.value,
         "error": attempt.error,
         "finished_at": _iso(attempt.finished_at),
+    }
+
+
+def blocked_json(entry: BlockedProvider) -> dict[str, Any]:
+    """One blocked provider."""
+    return {
+        "backend": entry.backend,
+        "provider_id": entry.provider_id,
+        "name": entry.name,
+        "reason": entry.reason,
+        "failures": entry.failures,
+        "blocked_at": _iso(entry.blocked_at),
     }
 
 
@@ -310,6 +329,11 @@ class _Api:
         job = await self._s.jobs.cancel(request.match_info["job_id"], scope(request))
         return web.json_response(self._job_json(job, rounds=False))
 
+    async def resume(self, request: web.Request) -> web.Response:
+        """Resume a job that failed for a reason outside its code."""
+        job = await self._s.jobs.resume(request.match_info["job_id"], scope(request))
+        return web.json_response(self._job_json(job, rounds=False))
+
     async def submit(self, request: web.Request) -> web.Response:
         """Start a job: multipart (spec, example or code, data, test_data) or JSON {"spec": {...}, "example": ...}."""
         try:
@@ -445,6 +469,10 @@ class _Api:
                 "live_streams": self._s.jobs.followers,
             }
         )
+
+    async def blocked_providers(self, request: web.Request) -> web.Response:
+        """Providers blocked after repeated failures, with why and when (admin only)."""
+        return web.json_response({"providers": [blocked_json(e) for e in self._s.jobs.blocked_providers()]})
 
     # -- Server-Sent Events ---------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from deml_server.config import ServerConfig
 from deml_server.errors import (
     AlreadyExists,
     DemlError,
+    DiskFull,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -75,6 +76,8 @@ STATUS_OF: dict[type[DemlError], int] = {
     FailedPrecondition: 409,
     # Every limit DeML names this way is a size or an amount: an upload, shared memory, a budget.
     ResourceExhausted: 413,
+    # The server's own disk, not the request, is short of space: WebDAV's Insufficient Storage.
+    DiskFull: 507,
     Unavailable: 503,
 }
 
@@ -126,6 +129,8 @@ OPEN_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready", "/login", "/logo
 # Model metadata under /api/: a predict token may read it, as it may call ListModels/GetModel over gRPC.
 MODEL_METADATA_ROUTES = frozenset({"/api/models", "/api/models/{name}", "/api/models/{name}/versions/{version}"})
 DASHBOARD_PAGES = frozenset({"/", "/jobs/{job_id}", "/submit", "/models", "/server"})
+# Under /api/ but for admins only: which providers the server refuses names them and says why.
+ADMIN_API_ROUTES = frozenset({"/api/providers/blocked"})
 
 
 def required_role(canonical: str | None, *, metrics_open: bool) -> Role | None:
@@ -143,6 +148,8 @@ def required_role(canonical: str | None, *, metrics_open: bool) -> Role | None:
         return None if metrics_open else Role.ADMIN
     if canonical == "/v2" or canonical.startswith("/v2/") or canonical in MODEL_METADATA_ROUTES:
         return Role.PREDICT
+    if canonical in ADMIN_API_ROUTES:
+        return Role.ADMIN
     if canonical.startswith("/api/") or canonical in DASHBOARD_PAGES:
         return Role.TRAIN
     return Role.ADMIN

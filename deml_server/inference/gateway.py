@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from deml_server.domain import ModelRecord
+from deml_server.drain import Drain
 from deml_server.errors import DemlError, InvalidArgument, Unavailable
 from deml_server.inference.bundle_pool import BundlePool
 from deml_server.inference.pool import Places, ShardFailed, Tensors, WorkerPool, shard_error
@@ -63,8 +64,14 @@ class InferenceGateway:
         device: str = "auto",
         pool: WorkerPool | BundlePool | None = None,
         shared_memory: bool = True,
+        drain: Drain | None = None,
     ) -> None:
         self._registry = registry
+        # Shutdown refuses new predictions; the ones in flight (counted here) finish first.
+        self._drain = drain or Drain()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         # Local worker processes by default; a BundlePool runs shards on a training backend (Golem) instead.
         self.pool = pool if pool is not None else WorkerPool(size=workers, threads=threads_per_worker, device=device)
         # Regions of clients' shared memory that requests may name instead of carrying tensor bytes.
@@ -74,6 +81,14 @@ class InferenceGateway:
     async def start(self) -> None:
         """Start the worker processes (each imports onnxruntime once)."""
         await self.pool.start()
+
+    async def finish_requests(self) -> bool:
+        """Shutdown (the drain has begun): wait for the predictions in flight, within the drain's grace."""
+        idle = asyncio.ensure_future(self._idle.wait())
+        try:
+            return await self._drain.wait([idle])
+        finally:
+            idle.cancel()
 
     async def close(self) -> None:
         """Stop the worker processes and forget the shared-memory regions."""
@@ -102,8 +117,8 @@ class InferenceGateway:
 
     @property
     def server_ready(self) -> bool:
-        """At least one worker is running."""
-        return self.pool.started and self.pool.alive > 0
+        """At least one worker is running (and the server is not shutting down)."""
+        return self.pool.started and self.pool.alive > 0 and not self._drain.active
 
     def ready(self, name: str, version: int = 0) -> bool:
         """Whether the model version exists and workers are running to serve it."""
@@ -168,13 +183,20 @@ class InferenceGateway:
         outputs named in `outputs_to` are written into the client's shared memory, and returned as views of it.
         Every call counts in `stats`, as a success or a failure of its model version.
         """
+        self._drain.check()
         started = time.perf_counter_ns()
         shards: list[ShardTimes] = []
+        self._in_flight += 1
+        self._idle.clear()
         try:
             outputs = await self._predict(record, inputs, placed, outputs_to, shards)
         except Exception:
             self.stats.failure(record.name, record.version, started_ns=started)
             raise
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
         self.stats.success(record.name, record.version, rows=rows, shards=shards, started_ns=started)

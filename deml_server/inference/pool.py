@@ -367,6 +367,9 @@ class WorkerPool:
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(cancel_r,),
                 env=env,
+                # Its own session: a signal to the server's process group (Ctrl-C) must not cut predictions in
+                # flight; the server ends its workers itself when it stops.
+                start_new_session=True,
             )
         except BaseException:
             os.close(cancel_w)

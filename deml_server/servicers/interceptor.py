@@ -12,6 +12,7 @@ import grpc
 from deml_server.errors import (
     AlreadyExists,
     DemlError,
+    DiskFull,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -28,6 +29,7 @@ STATUS_OF: dict[type[DemlError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

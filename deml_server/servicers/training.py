@@ -78,6 +78,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         job = await self._jobs.cancel(request.job_id, scope_of(current_principal()))
         return training_pb2.CancelJobResponse(job=job_to_pb(job))
 
+    async def ResumeJob(
+        self, request: training_pb2.ResumeJobRequest, context: Context
+    ) -> training_pb2.ResumeJobResponse:
+        """Resume a failed job."""
+        job = await self._jobs.resume(request.job_id, scope_of(current_principal()))
+        return training_pb2.ResumeJobResponse(job=job_to_pb(job))
+
     async def ListRounds(
         self, request: training_pb2.ListRoundsRequest, context: Context
     ) -> training_pb2.ListRoundsResponse:

@@ -332,6 +332,7 @@ def test_a_train_token_sees_only_its_own_jobs_and_models(shared: Secured, tmp_pa
             "get": lambda: other.get_job(job.id),
             "watch": lambda: list(other.watch_job(job.id)),
             "cancel": lambda: other.cancel_job(job.id),
+            "resume": lambda: other.resume_job(job.id),
             "missing": lambda: other.get_job("000000000000"),
             "download job model": lambda: other.download_model("owned-job", 1, tmp_path / "x.onnx"),
             "download latest": lambda: other.download_model("owned-upload", 0, tmp_path / "y.onnx"),
@@ -347,7 +348,7 @@ def test_a_train_token_sees_only_its_own_jobs_and_models(shared: Secured, tmp_pa
         metadata = predict.get_model("owned-job", 1)
     # Assert: NOT_FOUND worded as for an id that does not exist
     assert own_jobs == [job.id] and listed == []
-    for label in ("get", "watch", "cancel", "missing", "download job model", "download latest", "delete"):
+    for label in ("get", "watch", "cancel", "resume", "missing", "download job model", "download latest", "delete"):
         assert refusals[label].code == grpc.StatusCode.NOT_FOUND, (label, refusals[label])
     assert refusals["get"].message == f"no job with id {job.id!r}"
     assert refusals["cancel"].message == refusals["get"].message

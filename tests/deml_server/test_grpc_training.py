@@ -24,7 +24,7 @@ def test_health_reflection_and_unknown_ids(client: DemlClient) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     services = set(ProtoReflectionDescriptorDatabase(client.channel).get_services())
     assert {"deml.v1.TrainingService", "deml.v1.ModelService", "grpc.health.v1.Health"} <= services
-    for call in (client.get_job, client.cancel_job):
+    for call in (client.get_job, client.cancel_job, client.resume_job):
         with pytest.raises(DemlClientError) as err:
             call("nope")
         assert err.value.code == grpc.StatusCode.NOT_FOUND and "no job with id 'nope'" in err.value.message

@@ -42,6 +42,7 @@ async def run_job(backend: Backend, data_dir: Path, spec: dict[str, Any], task_d
     store = JobStore(data_dir / "deml.sqlite3")
     artifacts = ArtifactStore(data_dir / "artifacts")
     config = ServerConfig(host="127.0.0.1", port=0, data_dir=data_dir, workers=2, inference_workers=1)
+    backend.use_blocklist(store)  # as the server's builder does: blocked providers outlive the server
     await backend.start()
     jobs = JobService(
         config=config, store=store, artifacts=artifacts, registry=ModelRegistry(store, artifacts), backend=backend

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import shutil
 import sys
+import tarfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,6 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+from safetensors.numpy import load, save
 from yapapi import events
 from yapapi.executor._smartq import SmartQueue
 from yapapi.executor.task import Task, TaskStatus
@@ -39,7 +43,11 @@ class Fault:
 
     provider: int
     script: int
-    kind: str  # "exit" (command fails), "timeout" (batch timeout), "crash" (activity breaks)
+    # "exit" (command fails), "timeout" (batch timeout), "crash" (activity breaks), "slow" (starts `seconds`
+    # late: a straggler), "nan" (returns weights full of NaN, as a broken or malicious provider would)
+    kind: str
+    seconds: float = 0.0
+    action: str = ""  # only scripts that run this provider_runtime action ("train"); "" for any
 
 
 @dataclass
@@ -225,6 +233,8 @@ class StandInGolem:
                 self._counts[index] = self._counts.get(index, 0) + 1
                 count = self._counts[index]
                 fault = next((f for f in self.faults if f.provider == index and f.script in (0, count)), None)
+                if fault is not None and fault.action and not _runs_action(script, fault.action):
+                    fault = None
             try:
                 await self._execute(ctx, script, fault)
             except (CommandExecutionError, BatchTimeoutError, ConnectionError) as exc:
@@ -283,6 +293,8 @@ class StandInGolem:
             args = ["/bin/sh", "-c", "echo 'stand-in: injected failure' >&2; exit 3"]
         if fault is not None and fault.kind == "timeout":
             args = ["/bin/sh", "-c", "sleep 30"]
+        if fault is not None and fault.kind == "slow":
+            await asyncio.sleep(fault.seconds)
         env = dict(os.environ)
         # The image has provider_runtime installed and python3 on PATH; here they come from this checkout.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -315,6 +327,28 @@ class StandInGolem:
         self.runs.append((ctx.id, action, f"exit {proc.returncode}"))
         if proc.returncode != 0:
             raise CommandExecutionError(repr(command), f"exit code {proc.returncode}", err.decode(errors="replace"))
+        if fault is not None and fault.kind == "nan":
+            _poison_weights(ctx.vm_path("/golem/output/result.tar.gz"))
         command._result.set_result(
             SimpleNamespace(success=True, message="", stdout=out.decode(errors="replace"), stderr=err.decode())
         )
+
+
+def _runs_action(script: Script, action: str) -> bool:
+    """Whether a task script runs `python3 -m provider_runtime ACTION`."""
+    return any(
+        isinstance(c, Run) and f"provider_runtime {action} " in " ".join((c.cmd, *c.args)) for c in script._commands
+    )
+
+
+def _poison_weights(archive: Path) -> None:
+    """Rewrite a result bundle so that its weights are all NaN (names, shapes and dtypes kept)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    name = next(n for n in members if n.endswith("weights.safetensors"))
+    members[name] = save({k: np.full_like(v, np.nan) for k, v in load(members[name]).items()})
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

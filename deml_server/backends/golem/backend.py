@@ -37,7 +37,7 @@ from yapapi.ctx import CaptureContext
 from yapapi.executor.task import Task
 from yapapi.rest.activity import BatchTimeoutError, CommandExecutionError
 
-from deml_server.backends.base import Backend, FailureKind, WorkItem, WorkOutcome
+from deml_server.backends.base import Backend, FailureKind, ProviderBlocklist, WorkItem, WorkOutcome
 from deml_server.backends.golem.ledger import CostLedger, TaskKey
 from deml_server.backends.golem.market import real_golem
 from deml_server.backends.golem.messages import see, short, start_error
@@ -189,6 +189,10 @@ class GolemBackend(Backend):
         self._sessions: list[_Session] = []
         self._numbers = itertools.count(1)
         self._closed = False
+        # Provider label (what outcomes carry) -> provider id (what the book counts), for reports made later.
+        self._provider_ids: dict[str, str] = {}
+        # Providers whose weights the runner rejected: their worker ends its agreement at its next task.
+        self._condemned: set[str] = set()
 
     @property
     def capacity(self) -> int:
@@ -219,6 +223,19 @@ class GolemBackend(Backend):
     def check_budget(self, needed: float) -> None:
         """A new job whose budget exceeds what is left of the server's is refused."""
         self.ensure_budget(needed)
+
+    def use_blocklist(self, blocklist: ProviderBlocklist) -> None:
+        """Persist blocked providers in `blocklist` and refuse those it lists (before the first agreement)."""
+        self.providers.use_store(blocklist)
+
+    def report_rejected(self, worker: str, reason: str) -> None:
+        """Weights from `worker` (a provider label) were rejected: a failure of that provider, which is dropped."""
+        provider_id = self._provider_ids.get(worker)
+        if provider_id is None:
+            return
+        blocked = self.providers.record(provider_id, FailureKind.REJECTED_WEIGHTS, reason, name=worker)
+        self._condemned.add(worker)
+        log.warning("golem: %s returned rejected weights (%s)%s", worker, reason, "; blocked" if blocked else "")
 
     async def start(self) -> None:
         """Check the configuration (a GPU demand on a testnet is refused here); yagna is contacted later."""
@@ -501,6 +518,7 @@ class GolemBackend(Backend):
         """
         provider = provider_label(ctx)
         provider_id = str(getattr(ctx, "provider_id", "") or provider)
+        self._provider_ids[provider] = provider_id
         session.workers_started += 1
         began = time.monotonic()
         session.deploying[provider] = began
@@ -538,6 +556,12 @@ class GolemBackend(Backend):
                 if pending.future.done():
                     task.accept_result(None)  # cancelled or abandoned while it waited: nothing to run
                     continue
+                if provider in self._condemned:
+                    # Its last weights were rejected: hand this item to another provider and end the agreement.
+                    self._condemned.discard(provider)
+                    task.reject_result(f"{provider} returned rejected weights", retry=True)
+                    session.last_failure = f"{provider} returned rejected weights"
+                    raise ProviderDropped(session.last_failure)
                 if provider in pending.avoid and any(
                     p not in pending.avoid for p in (*session.ready, *session.deploying)
                 ):
@@ -552,6 +576,7 @@ class GolemBackend(Backend):
                     continue
                 pending.started.set()
                 item = pending.item
+                item.assigned(provider)
                 began = time.monotonic()
                 try:
                     script, download = self._script(ctx, item, cached)
@@ -605,7 +630,7 @@ class GolemBackend(Backend):
         yapapi then terminates the agreement (a worker that returned would have its agreement re-used first),
         and a blocked provider gets no new one.
         """
-        blocked = self.providers.record(provider_id, kind, error)
+        blocked = self.providers.record(provider_id, kind, error, name=provider)
         first_line = error.splitlines()[0] if error else kind.value
         session.last_failure = first_line
         log.warning("golem: dropping %s after %s%s", provider, first_line, "; blocked" if blocked else "")

@@ -362,7 +362,10 @@ const SPEC_FIELDS = [
   ["partitioning", "partitioning", "Partitioning", ""],
   ["dirichlet_alpha", "float", "Dirichlet α", "non-IID skew (partitioning = dirichlet)"],
   ["seed", "int", "Seed", ""],
-  ["min_fit_workers", "int", "Min. fit workers", "quorum; 0 = all workers"],
+  ["min_fit_workers", "int", "Min. fit workers", "quorum; 0 = every sampled partition"],
+  ["fraction_fit", "float", "Fraction fit", "share of partitions trained per round (1 = all)"],
+  ["min_fit", "int", "Min. fit", "fewest partitions sampled per round"],
+  ["round_deadline_seconds", "float", "Round deadline (s)", "0 = none; late tasks dropped if the quorum is met"],
   ["test_fraction", "float", "Test fraction", "held out when data has no test split"],
   ["task_timeout_seconds", "float", "Task timeout (s)", ""],
   ["budget_glm", "float", "Budget (GLM)", "0 = no cap of its own"],
@@ -631,7 +634,22 @@ async function serverPage() {
       el("div", { class: "card tile" }, el("h2", {}, "Models"), el("div", { class: "big" }, plural(info.models, "model version")), el("a", { href: "/models" }, "see models")),
       el("div", { class: "card tile" }, el("h2", {}, "Endpoints"),
         kv([["gRPC", el("span", { class: "mono" }, info.grpc_target)], ["OIP REST", el("a", { href: "/v2" }, "/v2")], ["metrics", el("a", { href: "/metrics" }, "/metrics")],
-          ["upload limit", fmtBytes(info.max_upload_bytes)], ["live streams", info.live_streams]]))));
+          ["upload limit", fmtBytes(info.max_upload_bytes)], ["live streams", info.live_streams]]))),
+    await blockedProviders());
+}
+
+// Providers the server refuses after repeated failures (admin only: other roles see no section).
+async function blockedProviders() {
+  let body;
+  try { body = await api("/api/providers/blocked"); } catch (err) { return el("span", {}); }
+  const rows = body.providers.map(p => el("tr", {},
+    el("td", { class: "mono" }, p.name), el("td", {}, p.backend), el("td", { class: "num" }, p.failures),
+    el("td", {}, p.reason), el("td", {}, fmtAge(p.blocked_at))));
+  return el("div", { class: "card", id: "blocked-providers" }, el("h2", {}, "Blocked providers"),
+    rows.length
+      ? el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Provider"), el("th", {}, "Backend"),
+          el("th", { class: "num" }, "Failures"), el("th", {}, "Reason"), el("th", {}, "Blocked"))), el("tbody", {}, ...rows))
+      : el("p", { class: "muted" }, "None: every provider may get work."));
 }
 
 const PAGES = { jobs: jobsPage, job: jobPage, submit: submitPage, models: modelsPage, server: serverPage };
