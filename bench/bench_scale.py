@@ -187,36 +187,39 @@ def bench_size(out: Path, hidden: int, rounds: int, repeats: int) -> dict[str, A
     }
 
 
-def _rss_bytes(pid: int) -> int:
-    """Resident set size of one process (not its children), from /proc."""
+def _rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of one process (not its children), from /proc; RssAnon leaves out mapped files' pages."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/{pid}/status has no VmRSS")
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
 def aggregation_memory(out: Path, hidden: int, partitions: int, rounds: int, compression: str) -> dict[str, Any]:
     """The server process's resident memory while it aggregates `partitions` updates of the width-`hidden` MLP.
 
     Sampled every 20 ms from /proc while one job runs (the workers are other processes and not counted); reported
-    as the peak above the idle server, in model sizes (fp32 bytes of the weights).
+    as the peak above the idle server, in model sizes (fp32 bytes of the weights): VmRSS, and RssAnon (without the
+    pages of memory-mapped artifacts, which the kernel may drop and re-read at will).
     """
     import threading
 
     task_dir = write_task(out / f"task-{hidden}", hidden)
     server = DemlServer(out / f"deml-mem-{hidden}", "--workers", str(POOL), "--inference-workers", "1", "--no-http")
-    peak = 0
+    peak, peak_anon = 0, 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_anon
         while not stop.is_set():
             peak = max(peak, _rss_bytes(server.proc.pid))
+            peak_anon = max(peak_anon, _rss_bytes(server.proc.pid, "RssAnon"))
             time.sleep(0.02)
 
     try:
         server.wait_idle()
         idle = _rss_bytes(server.proc.pid)
+        idle_anon = _rss_bytes(server.proc.pid, "RssAnon")
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         settings = {**SETTINGS, "workers": partitions, "compression": compression}
@@ -235,6 +238,7 @@ def aggregation_memory(out: Path, hidden: int, partitions: int, rounds: int, com
         "idle_rss_bytes": idle,
         "peak_rss_bytes": peak,
         "peak_over_idle_in_models": (peak - idle) / model_bytes,
+        "peak_anon_over_idle_in_models": (peak_anon - idle_anon) / model_bytes,
         "bytes_sent_per_worker": run["bytes_sent_per_worker"],
     }
 
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{f['parameters'] / 1e6:.1f} M parameters, {f['partitions']} partitions, {f['compression']}: server"
                 f" peak {f['peak_rss_bytes'] / 2**20:.0f} MiB, idle {f['idle_rss_bytes'] / 2**20:.0f} MiB:"
                 f" {f['peak_over_idle_in_models']:.2f} model sizes above idle"
+                f" ({f['peak_anon_over_idle_in_models']:.2f} without mapped files' pages)"
             )
         return
     results = []
