@@ -1,6 +1,10 @@
 """Scale benchmark: a DeML round against the compute floor measured in the same run, MLPs of 10 k to 17 M parameters.
 
     python bench/bench_scale.py [--sizes 96,1000,2048,4096] [--rounds 4] [--repeats 3] [--out bench/out]
+    python bench/bench_scale.py --memory [--sizes 4096] [--rounds 2]
+
+--memory measures instead the server process's peak resident memory while one job of 8 partitions of the widest
+MLP runs (17 M parameters at 4096), with full and with int8 updates, in model sizes above the idle server.
 
 The task: an MLP 64 -> h -> h -> 10 (h given by --sizes; 96: 16 k parameters, 1000: 1.1 M, 2048: 4.3 M,
 4096: 17 M) on synthetic digits-shaped data (1,437 training rows of 64 features, 10 classes, 360 test rows; made
@@ -183,6 +187,62 @@ def bench_size(out: Path, hidden: int, rounds: int, repeats: int) -> dict[str, A
     }
 
 
+def _rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of one process (not its children), from /proc; RssAnon leaves out mapped files' pages."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
+def aggregation_memory(out: Path, hidden: int, partitions: int, rounds: int, compression: str) -> dict[str, Any]:
+    """The server process's resident memory while it aggregates `partitions` updates of the width-`hidden` MLP.
+
+    Sampled every 20 ms from /proc while one job runs (the workers are other processes and not counted); reported
+    as the peak above the idle server, in model sizes (fp32 bytes of the weights): VmRSS, and RssAnon (without the
+    pages of memory-mapped artifacts, which the kernel may drop and re-read at will).
+    """
+    import threading
+
+    task_dir = write_task(out / f"task-{hidden}", hidden)
+    server = DemlServer(out / f"deml-mem-{hidden}", "--workers", str(POOL), "--inference-workers", "1", "--no-http")
+    peak, peak_anon = 0, 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, peak_anon
+        while not stop.is_set():
+            peak = max(peak, _rss_bytes(server.proc.pid))
+            peak_anon = max(peak_anon, _rss_bytes(server.proc.pid, "RssAnon"))
+            time.sleep(0.02)
+
+    try:
+        server.wait_idle()
+        idle = _rss_bytes(server.proc.pid)
+        idle_anon = _rss_bytes(server.proc.pid, "RssAnon")
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        settings = {**SETTINGS, "workers": partitions, "compression": compression}
+        run = run_job(server, task_dir, {"name": f"mem{hidden}", "rounds": rounds, **settings})
+        stop.set()
+        sampler.join()
+    finally:
+        stop.set()
+        server.stop()
+    model_bytes = parameters(hidden) * 4
+    return {
+        "hidden": hidden,
+        "parameters": parameters(hidden),
+        "partitions": partitions,
+        "compression": compression,
+        "idle_rss_bytes": idle,
+        "peak_rss_bytes": peak,
+        "peak_over_idle_in_models": (peak - idle) / model_bytes,
+        "peak_anon_over_idle_in_models": (peak_anon - idle_anon) / model_bytes,
+        "bytes_sent_per_worker": run["bytes_sent_per_worker"],
+    }
+
+
 def render(results: list[dict[str, Any]]) -> str:
     """A markdown table."""
     lines = [
@@ -204,8 +264,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: the server's peak memory aggregating 8 partitions of the widest size, none and int8",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        hidden = max(int(h) for h in args.sizes.split(","))
+        figures = [aggregation_memory(args.out, hidden, 8, args.rounds, c) for c in ("none", "int8")]
+        (args.out / "scale-memory.json").write_text(json.dumps(figures, indent=1))
+        for f in figures:
+            print(
+                f"{f['parameters'] / 1e6:.1f} M parameters, {f['partitions']} partitions, {f['compression']}: server"
+                f" peak {f['peak_rss_bytes'] / 2**20:.0f} MiB, idle {f['idle_rss_bytes'] / 2**20:.0f} MiB:"
+                f" {f['peak_over_idle_in_models']:.2f} model sizes above idle"
+                f" ({f['peak_anon_over_idle_in_models']:.2f} without mapped files' pages)"
+            )
+        return
     results = []
     for hidden in (int(h) for h in args.sizes.split(",")):
         print(f"MLP width {hidden} ({parameters(hidden) / 1e6:.2f} M parameters)...", file=sys.stderr, flush=True)

@@ -59,8 +59,8 @@ class _Fold:
     They are folded in partition order, so that the sum (and the aggregate) is bit for bit an uninterrupted run's
     whatever order the tasks finish in.
     For a strategy that needs only the weighted mean, each update is added to a running float64 sum and dropped:
-    memory O(model) rather than O(partitions x model). Reading and checking run in a thread; results that arrive
-    before their predecessors wait for them.
+    memory O(model) rather than O(partitions x model). Reading and checking run in a thread, when the result's turn
+    comes: results that arrive before their predecessors wait for them as files.
     """
 
     def __init__(self, current: Weights, running_mean: bool, order: Sequence[int], compression: str = "none") -> None:
@@ -77,13 +77,13 @@ class _Fold:
         self.rejected: list[tuple[int, str]] = []
         # The round's sampled partitions, in the order they are folded in.
         self._order = tuple(order)
-        self._waiting: dict[int, FitResult | None] = {}
+        self._waiting: dict[int, TaskResult | None] = {}
         self._next = 0
         self._lock = asyncio.Lock()
 
     async def arrive(self, index: int, result: TaskResult | None, problem: str) -> None:
-        """Check one partition's outcome, then fold in every checked result whose turn has come."""
-        checked: FitResult | None = None
+        """Note one partition's outcome, then fold in every result whose turn has come."""
+        usable: TaskResult | None = None
         if result is None:
             self.problems.append((index, problem))
         elif not result.ok:
@@ -91,14 +91,9 @@ class _Fold:
         elif result.num_examples <= 0:
             self._reject(index, f"it reported {result.num_examples} training examples")
         else:
-            try:
-                update = await asyncio.to_thread(self._read, result)
-            except DemlError as exc:
-                self._reject(index, exc.reason)
-            else:
-                checked = FitResult(f"partition-{index}", update, result.num_examples, result.metrics)
+            usable = result
         async with self._lock:
-            self._waiting[index] = checked
+            self._waiting[index] = usable
             await self._drain()
 
     async def skip(self, indices: Collection[int]) -> None:
@@ -110,15 +105,23 @@ class _Fold:
 
     async def _drain(self) -> None:
         while self._next < len(self._order) and self._order[self._next] in self._waiting:
-            ready = self._waiting.pop(self._order[self._next])
+            index = self._order[self._next]
+            waiting = self._waiting.pop(index)
             self._next += 1
-            if ready is None:
+            if waiting is None:
+                continue
+            # Read only now, in turn: a result that arrived early waits as a file, not as a model in memory.
+            try:
+                update = await asyncio.to_thread(self._read, waiting)
+            except DemlError as exc:
+                self._reject(index, exc.reason)
                 continue
             if self.mean is not None:
-                await asyncio.to_thread(self.mean.add, ready.weights, ready.num_examples)
-                # Only the metrics are kept: the weights are in the sum.
-                ready = FitResult(ready.worker, {}, ready.num_examples, ready.metrics)
-            self.results.append(ready)
+                await asyncio.to_thread(self.mean.add, update, waiting.num_examples)
+                # Only the metrics are kept: the weights are in the sum (and let go before the next read).
+                update = {}
+            self.results.append(FitResult(f"partition-{index}", update, waiting.num_examples, waiting.metrics))
+            del update
 
     def _reject(self, index: int, reason: str) -> None:
         self.rejected.append((index, reason))
@@ -133,9 +136,10 @@ class _Fold:
         return update
 
     def aggregate(self, strategy: Strategy, server_round: int) -> Weights:
-        """The new global weights (in a thread: seconds of numpy work for a big model)."""
+        """The new global weights (in a thread: seconds of numpy work for a big model); the sums are let go."""
         if self.mean is not None:
-            return strategy.aggregate_mean(server_round, self.current, self.mean.mean64())
+            mean, self.mean = self.mean, None
+            return strategy.aggregate_mean(server_round, self.current, mean.mean64())
         return strategy.aggregate_fit(server_round, self.current, self.results)
 
 
@@ -369,7 +373,9 @@ class JobRunner:
         weights_path = self.deps.artifacts.open_path(weights_digest)
         self._require_space_for_round(server_round, weights_path)
         # Reading, checking and averaging weights is numpy work of seconds for big models: never on the event loop.
-        current = await asyncio.to_thread(wio.read, weights_path)
+        # Mapped, not read: the pages a round never touches (a full update's values are not compared with these)
+        # cost no memory.
+        current = await asyncio.to_thread(wio.read_mapped, weights_path)
         hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
         bundles = {
             i: self._bundle(
@@ -404,7 +410,7 @@ class JobRunner:
                 f"{late}, fewer than the {self.spec.quorum} needed: " + "; ".join([*problems, *fits.late_notes()])
             )
         aggregated = await asyncio.to_thread(fold.aggregate, strategy, server_round)
-        new_digest = await asyncio.to_thread(lambda: self.deps.artifacts.put_bytes(wio.to_bytes(aggregated)))
+        new_digest = await asyncio.to_thread(self._put_weights, aggregated)
         evaluation = await self._run_one(
             self._bundle("evaluate", weights=self.deps.artifacts.open_path(new_digest)),
             f"round {server_round} eval",
@@ -507,6 +513,15 @@ class JobRunner:
             worker = fits.workers.get(index)
             if worker:
                 self._backend.report_rejected(worker, f"weights rejected: {reason}")
+
+    def _put_weights(self, weights: Weights) -> str:
+        """Store weights through a file, not a bytes copy of the model held beside them."""
+        staging = self.dir / "aggregated.safetensors"
+        wio.write(weights, staging)
+        try:
+            return self.deps.artifacts.put_file(staging)
+        finally:
+            staging.unlink(missing_ok=True)
 
     def _check_job_budget(self, server_round: int) -> None:
         assert self._backend is not None

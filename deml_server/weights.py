@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save
+from safetensors.numpy import save, save_file
 
 from deml_server.errors import InvalidArgument
 from provider_runtime import compression as codec
@@ -40,18 +41,23 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 _MAX_HEADER = 100 << 20
 
 
+def write(weights: Weights, path: Path) -> None:
+    """Serialise weights straight into a file (no bytes copy of the whole model)."""
+    save_file({k: np.asarray(v, order="C") for k, v in weights.items()}, str(path))
+
+
 def to_bytes(weights: Weights) -> bytes:
     """Serialise weights (contiguous copies where needed)."""
     # asarray(order="C"), not ascontiguousarray: the latter turns 0-d buffers (num_batches_tracked) into shape (1,).
     return save({k: np.asarray(v, order="C") for k, v in weights.items()})
 
 
-def from_bytes(data: bytes, what: str = "weights") -> Weights:
+def from_bytes(data: bytes | mmap.mmap, what: str = "weights") -> Weights:
     """Parse safetensors bytes; the arrays are read-only views into `data`, in the order they were written."""
     return parse(data, what)[0]
 
 
-def parse(data: bytes, what: str = "weights") -> tuple[Weights, dict[str, str]]:
+def parse(data: bytes | mmap.mmap, what: str = "weights") -> tuple[Weights, dict[str, str]]:
     """from_bytes, and the file's `__metadata__` (string to string, as safetensors defines it)."""
     if len(data) < 8:
         raise InvalidArgument(f"{what} are not a valid safetensors file: {len(data)} bytes, no header")
@@ -109,6 +115,20 @@ def _entry(name: str, info: object, body: int, what: str) -> tuple[np.dtype[Any]
 def read(path: Path) -> Weights:
     """Read a safetensors file (once; the tensors are views into what was read), in the order it was written."""
     return from_bytes(_read_bytes(path), what=path.name)
+
+
+def read_mapped(path: Path) -> Weights:
+    """read(), through a read-only memory map: for the server's own immutable artifacts only.
+
+    The tensors are views into the mapping and load their pages when touched. A file that shrank under the map
+    would fault the process, so never map a file something else still writes (a worker's result): read those.
+    """
+    try:
+        with path.open("rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"{path.name} cannot be read: {exc}") from None
+    return from_bytes(mapped, what=path.name)
 
 
 def _read_bytes(path: Path) -> bytes:

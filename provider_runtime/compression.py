@@ -182,26 +182,43 @@ def decode(arrays: Mapping[str, Array], metadata: Mapping[str, str], base: Mappi
             raise CompressionError(f"tensor {name!r} is {start.dtype}; only floating tensors are sent as deltas")
         if value.shape != start.shape:
             raise CompressionError(f"tensor {name!r} has shape {list(value.shape)}, the model {list(start.shape)}")
-        restored = _restore(name, value, arrays, scheme)
-        full[name] = (start.astype(np.float32) + restored).astype(start.dtype)
+        full[name] = _restored_onto(start, name, value, arrays, scheme)
     return full
 
 
-def _restore(name: str, value: Array, arrays: Mapping[str, Array], scheme: str) -> npt.NDArray[np.float32]:
+# Rows restored per step: the float32 temporaries stay a few MiB whatever the tensor's size (the server decodes
+# an update while it holds the round's running sum).
+_DECODE_CHUNK = 1 << 20
+
+
+def _restored_onto(start: Array, name: str, value: Array, arrays: Mapping[str, Array], scheme: str) -> Array:
+    """The base plus the restored delta, in float32 into one new array, a chunk of rows at a time."""
     wanted = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}[scheme]
     if value.dtype != np.dtype(wanted):
         raise CompressionError(f"tensor {name!r} is {value.dtype}; {scheme} sends {np.dtype(wanted)}")
-    if scheme == "fp16":
-        return value.astype(np.float32)
-    if scheme == "bf16":
-        return _from_bf16_bits(value)
-    scale = arrays.get(name + SCALE_SUFFIX)
-    if scale is None:
-        raise CompressionError(f"tensor {name!r} has no {SCALE_SUFFIX} entry")
-    shape = _scale_shape(value.shape)
-    if scale.dtype != np.float32 or scale.shape != shape:
-        raise CompressionError(
-            f"the scale of {name!r} is {scale.dtype}{list(scale.shape)}, expected float32{list(shape)}"
-        )
-    broadcast = scale.reshape(shape + (1,) * (value.ndim - len(shape)))
-    return (value.astype(np.float32) * broadcast).astype(np.float32)
+    scale = np.ones((), np.float32)
+    if scheme == "int8":
+        found = arrays.get(name + SCALE_SUFFIX)
+        if found is None:
+            raise CompressionError(f"tensor {name!r} has no {SCALE_SUFFIX} entry")
+        shape = _scale_shape(value.shape)
+        if found.dtype != np.float32 or found.shape != shape:
+            raise CompressionError(
+                f"the scale of {name!r} is {found.dtype}{list(found.shape)}, expected float32{list(shape)}"
+            )
+        scale = found
+    out = np.array(start, dtype=np.float32, order="C")
+    rows = out.reshape(out.shape[0], -1) if out.ndim >= 1 else out.reshape(1, 1)
+    sent = value.reshape(rows.shape)
+    per_row = scale.reshape(-1, 1) if scale.ndim == 1 else scale
+    step = max(1, _DECODE_CHUNK // max(rows.shape[1], 1))
+    for first in range(0, rows.shape[0], step):
+        part = slice(first, first + step)
+        if scheme == "fp16":
+            delta = sent[part].astype(np.float32)
+        elif scheme == "bf16":
+            delta = _from_bf16_bits(sent[part])
+        else:
+            delta = sent[part].astype(np.float32) * (per_row[part] if scale.ndim == 1 else per_row)
+        rows[part] += delta
+    return out.astype(start.dtype, copy=False)

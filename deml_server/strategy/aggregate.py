@@ -35,8 +35,14 @@ def validate_update(reference: Weights, update: Weights) -> None:
     """Reject a worker's weights whose layout differs from `reference` or that hold NaN/Inf."""
     check_layout(reference, update)
     for name, arr in update.items():
-        if is_float(arr) and not np.isfinite(arr).all():
+        if is_float(arr) and not _all_finite(arr):
             raise InvalidArgument(f"update tensor {name!r} holds NaN or Inf")
+
+
+def _all_finite(arr: npt.NDArray[Any]) -> bool:
+    """np.isfinite(arr).all(), a chunk at a time (no boolean copy of a model-sized tensor)."""
+    flat = arr.reshape(-1)
+    return all(bool(np.isfinite(flat[i : i + _ADD_CHUNK]).all()) for i in range(0, flat.size, _ADD_CHUNK))
 
 
 def cast_like(value: F64, like: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -74,6 +80,22 @@ def weighted_average64(pairs: Sequence[tuple[Weights, int]]) -> dict[str, F64]:
     return out
 
 
+# Elements per step of the running sum: its float64 temporary stays at 8 MiB whatever the tensor's size (one
+# temporary the size of a 17 M-parameter model's largest matrix was two model sizes of the server's peak memory).
+_ADD_CHUNK = 1 << 20
+
+
+def _add_scaled(acc: F64, value: npt.NDArray[Any], factor: float) -> None:
+    """Add value * factor to acc in float64, a chunk at a time (the same elementwise operations: the same sums)."""
+    flat_acc, flat_value = acc.reshape(-1), np.asarray(value).reshape(-1)
+    step = np.empty(min(_ADD_CHUNK, flat_acc.size), dtype=np.float64)
+    for start in range(0, flat_acc.size, _ADD_CHUNK):
+        part = flat_value[start : start + _ADD_CHUNK]
+        product = step[: part.size]
+        np.multiply(part, factor, out=product, dtype=np.float64)
+        flat_acc[start : start + part.size] += product
+
+
 class RunningMean:
     """An example-weighted mean folded in one result at a time: memory O(model), not O(results x model).
 
@@ -98,8 +120,7 @@ class RunningMean:
             acc = self._sums.get(name)
             if acc is None:
                 acc = self._sums[name] = np.zeros(ref.shape, dtype=np.float64)
-            # In place, without a float64 copy of the update: the product is formed tensor by tensor.
-            acc += np.multiply(weights[name], float(num_examples), dtype=np.float64)
+            _add_scaled(acc, weights[name], float(num_examples))
         self.total += num_examples
 
     def mean64(self) -> dict[str, F64]:
