@@ -41,6 +41,11 @@ _SPEC_KEYS = {
     "min_fit_workers",
     "test_fraction",
     "budget_glm",
+    "lr_schedule",
+    "lr_warmup_rounds",
+    "lr_step_rounds",
+    "lr_gamma",
+    "lr_min",
 }
 
 

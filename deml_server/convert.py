@@ -56,6 +56,9 @@ _OPTIONAL_SPEC_FIELDS = (
     "budget_glm",
 )
 
+# The learning-rate schedule's optional settings (lr_schedule is a plain string: "" means unset).
+_LR_SPEC_FIELDS = ("lr_warmup_rounds", "lr_step_rounds", "lr_gamma", "lr_min")
+
 
 def _timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
@@ -66,10 +69,13 @@ def _timestamp(value: datetime) -> Timestamp:
 def spec_from_pb(msg: training_pb2.JobSpec) -> dict[str, Any]:
     """The settings the user actually set; resolve_spec fills in the rest."""
     given: dict[str, Any] = {}
-    for name in ("name", "module", "strategy", "backend"):
+    for name in ("name", "module", "strategy", "backend", "lr_schedule"):
         if getattr(msg, name):
             given[name] = getattr(msg, name)
     for name in _OPTIONAL_SPEC_FIELDS:
+        if msg.HasField(name):  # type: ignore[arg-type]
+            given[name] = getattr(msg, name)
+    for name in _LR_SPEC_FIELDS:
         if msg.HasField(name):  # type: ignore[arg-type]
             given[name] = getattr(msg, name)
     if msg.strategy_options:
@@ -107,6 +113,11 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         min_fit_workers=spec.min_fit_workers,
         test_fraction=spec.test_fraction,
         budget_glm=spec.budget_glm,
+        lr_schedule=spec.lr_schedule,
+        lr_warmup_rounds=spec.lr_warmup_rounds,
+        lr_step_rounds=spec.lr_step_rounds,
+        lr_gamma=spec.lr_gamma,
+        lr_min=spec.lr_min,
     )
 
 

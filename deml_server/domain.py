@@ -45,6 +45,13 @@ class JobSpec:
     test_fraction: float = 0.2
     # Most this job may spend on a paid backend (0: no cap of its own, the server's budget still applies).
     budget_glm: float = 0.0
+    # The workers' learning rate across rounds (provider_runtime.contract.Hyper.lr_at): "constant", "step" (times
+    # lr_gamma every lr_step_rounds rounds) or "cosine" (down to lr_min), after lr_warmup_rounds of linear warmup.
+    lr_schedule: str = "constant"
+    lr_warmup_rounds: int = 0
+    lr_step_rounds: int = 1
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
 
     @property
     def quorum(self) -> int:

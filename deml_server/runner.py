@@ -67,7 +67,9 @@ class _Fold:
             except DemlError as exc:
                 self._reject(index, exc.reason)
             else:
-                checked = FitResult(f"partition-{index}", update, result.num_examples, result.metrics)
+                checked = FitResult(
+                    f"partition-{index}", update, result.num_examples, result.metrics, index, self._control(result)
+                )
         async with self._lock:
             self._waiting[index] = checked
             while self._next in self._waiting:
@@ -89,6 +91,12 @@ class _Fold:
         update = wio.read(result.directory / "weights.safetensors")
         validate_update(self.current, update)
         return update
+
+    @staticmethod
+    def _control(result: TaskResult) -> Weights:
+        """The control variates a SCAFFOLD worker returned (the strategy checks them); {} when none."""
+        path = result.directory / "control.safetensors"
+        return wio.read(path) if path.is_file() else {}
 
     def aggregate(self, strategy: Strategy, server_round: int) -> Weights:
         """The new global weights (in a thread: seconds of numpy work for a big model)."""
@@ -166,6 +174,7 @@ class JobRunner:
         else:
             self._progress(f"resuming after round {checkpoint.round}")
         strategy = make_strategy(self.spec.strategy, self.spec.strategy_options)
+        strategy.set_partitions(self.spec.workers)
         if checkpoint.strategy_state:
             strategy.load_state(wio.read(self.deps.artifacts.open_path(checkpoint.strategy_state)))
         weights_digest = checkpoint.weights
@@ -200,7 +209,7 @@ class JobRunner:
         weights_path = self.deps.artifacts.open_path(weights_digest)
         # Reading, checking and averaging weights is numpy work of seconds for big models: never on the event loop.
         current = await asyncio.to_thread(wio.read, weights_path)
-        hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
+        hyper = {**self._hyper(), **strategy.configure_fit(server_round), "round": float(server_round)}
         bundles = [
             self._bundle(
                 "train",
@@ -209,6 +218,7 @@ class JobRunner:
                 hyper=hyper,
                 train=self._shards.train[i] if self._shards else None,
                 task_seed=self.spec.seed + 1000 * server_round + i,
+                control=await self._controls(strategy, i, current),
             )
             for i in range(self.spec.workers)
         ]
@@ -268,6 +278,19 @@ class JobRunner:
         self._check_job_budget(server_round)
         return new_digest
 
+    async def _controls(self, strategy: Strategy, partition: int, current: Weights) -> Path | None:
+        """The partition's control.safetensors (SCAFFOLD's c and c_i); None for other strategies.
+
+        Written among the round's task files (removed after the round): the checkpointed strategy state holds them.
+        """
+        control = strategy.fit_controls(partition, current)
+        if not control:
+            return None
+        path = self.dir / "tasks" / f"control-{partition}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(path.write_bytes, wio.to_bytes(control))
+        return path
+
     def _check_job_budget(self, server_round: int) -> None:
         assert self._backend is not None
         spent = self._backend.spent(self.job.id)
@@ -277,11 +300,23 @@ class JobRunner:
                 f"{server_round}; rounds 1-{server_round} are kept"
             )
 
-    def _hyper(self) -> dict[str, float]:
+    def _hyper(self) -> dict[str, float | str]:
         return {
             "local_epochs": float(self.spec.local_epochs),
             "batch_size": float(self.spec.batch_size),
             "learning_rate": self.spec.learning_rate,
+            **self._lr_schedule(),
+        }
+
+    def _lr_schedule(self) -> dict[str, float | str]:
+        """The learning-rate schedule's settings for Hyper (the round itself is added per task)."""
+        return {
+            "total_rounds": float(self.spec.rounds),
+            "lr_schedule": self.spec.lr_schedule,
+            "lr_warmup_rounds": float(self.spec.lr_warmup_rounds),
+            "lr_step_rounds": float(self.spec.lr_step_rounds),
+            "lr_gamma": self.spec.lr_gamma,
+            "lr_min": self.spec.lr_min,
         }
 
     # -- after the rounds -----------------------------------------------------------------------------------
@@ -289,7 +324,13 @@ class JobRunner:
     async def _baseline(self) -> None:
         self._progress("training the centralized baseline on one worker")
         init = self.deps.store.initial_weights(self.job.id)
-        hyper = {**self._hyper(), "local_epochs": float(self.spec.rounds * self.spec.local_epochs)}
+        # Epoch e of the baseline trains at round 1 + e // local_epochs's rate: the federated run's, epoch for epoch.
+        hyper = {
+            **self._hyper(),
+            "local_epochs": float(self.spec.rounds * self.spec.local_epochs),
+            "round": 1.0,
+            "epochs_per_round": float(self.spec.local_epochs),
+        }
         bundle = self._bundle(
             "train",
             weights=self.deps.artifacts.open_path(init),
@@ -325,10 +366,11 @@ class JobRunner:
         index: int = 0,
         count: int | None = None,
         weights: Path | None = None,
-        hyper: dict[str, float] | None = None,
+        hyper: dict[str, float | str] | None = None,
         train: Path | None = None,
         evaluate_after: bool = False,
         task_seed: int | None = None,
+        control: Path | None = None,
     ) -> TaskBundle:
         return TaskBundle(
             action=action,
@@ -344,6 +386,7 @@ class JobRunner:
             weights=weights,
             train_data=train,
             test_data=self._shards.test if self._shards else None,
+            control=control,
         )
 
     async def _attempt(
