@@ -46,6 +46,7 @@ _SPEC_KEYS = {
     "lr_step_rounds",
     "lr_gamma",
     "lr_min",
+    "keep_optimizer_state",
 }
 
 

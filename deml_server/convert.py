@@ -84,6 +84,8 @@ def spec_from_pb(msg: training_pb2.JobSpec) -> dict[str, Any]:
         given["partitioning"] = _PARTITIONING_FROM_PB.get(msg.partitioning, f"unknown({msg.partitioning})")
     if msg.baseline:
         given["baseline"] = True
+    if msg.keep_optimizer_state:
+        given["keep_optimizer_state"] = True
     return given
 
 
@@ -118,6 +120,7 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         lr_step_rounds=spec.lr_step_rounds,
         lr_gamma=spec.lr_gamma,
         lr_min=spec.lr_min,
+        keep_optimizer_state=spec.keep_optimizer_state,
     )
 
 

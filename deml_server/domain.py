@@ -52,6 +52,8 @@ class JobSpec:
     lr_step_rounds: int = 1
     lr_gamma: float = 0.1
     lr_min: float = 0.0
+    # Each partition's optimizer state (momentum, Adam moments) carried across rounds by its warm worker.
+    keep_optimizer_state: bool = False
 
     @property
     def quorum(self) -> int:

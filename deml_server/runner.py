@@ -306,6 +306,7 @@ class JobRunner:
             "batch_size": float(self.spec.batch_size),
             "learning_rate": self.spec.learning_rate,
             **self._lr_schedule(),
+            "keep_optimizer_state": self.spec.keep_optimizer_state,
         }
 
     def _lr_schedule(self) -> dict[str, float | str]:

@@ -206,6 +206,7 @@ _HYPER_FIELDS = (
     "lr_step_rounds",
     "lr_gamma",
     "lr_min",
+    "keep_optimizer_state",
 )
 
 
@@ -231,6 +232,8 @@ class Hyper:
     lr_step_rounds: int = 1
     lr_gamma: float = 0.1
     lr_min: float = 0.0
+    # Carry the optimizer's state (momentum buffers, Adam moments) from round to round in the warm worker.
+    keep_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:
@@ -302,6 +305,7 @@ class Hyper:
             lr_step_rounds=_get(raw, "lr_step_rounds", where, _int, cls.lr_step_rounds),
             lr_gamma=_get(raw, "lr_gamma", where, _float, cls.lr_gamma),
             lr_min=_get(raw, "lr_min", where, _float, cls.lr_min),
+            keep_optimizer_state=_get(raw, "keep_optimizer_state", where, _bool, cls.keep_optimizer_state),
         )
 
 

@@ -24,7 +24,7 @@ from provider_runtime.usercode import (
     optional,
 )
 
-__all__ = ["Splits", "as_dataset", "cached_splits", "load_npz", "load_splits", "rows"]
+__all__ = ["Splits", "as_dataset", "cached_splits", "load_npz", "load_splits", "partition_key", "rows"]
 
 
 @dataclass
@@ -50,7 +50,7 @@ def cached_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
     """
     if getattr(mod, "DEML_CACHE_DATA", True) is False:
         return load_splits(bundle, mod, args)
-    key = (_code_digest(bundle / "code"), mod.__name__, args, *_file_ids(bundle / "data"))
+    key = partition_key(bundle, mod, args)
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
@@ -60,6 +60,11 @@ def cached_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
     while len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return splits
+
+
+def partition_key(bundle: Path, mod: ModuleType, args: PartitionArgs) -> tuple[Any, ...]:
+    """What identifies a job's partition in this worker: the code, the data files and the partition arguments."""
+    return (_code_digest(bundle / "code"), mod.__name__, args, *_file_ids(bundle / "data"))
 
 
 def _code_digest(code: Path) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import random
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from provider_runtime.contract import (
     ResultDoc,
     TaskDoc,
 )
-from provider_runtime.data import Splits, cached_splits, rows
+from provider_runtime.data import Splits, cached_splits, partition_key, rows
 from provider_runtime.onnx_export import export_onnx
 from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, required, user_module
 from provider_runtime.weights import load_arrays, load_into, save_state_dict
@@ -205,7 +207,8 @@ def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
         loss_fn = _loss_fn(mod)
         control = _Control.read(bundle / CONTROL_FILE, model) if (bundle / CONTROL_FILE).is_file() else None
         result.num_examples = len(splits.train)  # type: ignore[arg-type]
-        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed, control)
+        kept = partition_key(bundle, mod, partition_args(task)) if task.hyper.keep_optimizer_state else None
+        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed, control, kept)
         if task.evaluate_after:
             result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
         save_state_dict(model.state_dict(), out / "weights.safetensors")
@@ -385,6 +388,7 @@ def _fit(
     device: torch.device,
     seed: int,
     control: _Control | None = None,
+    kept: tuple[Any, ...] | None = None,
 ) -> dict[str, float]:
     """Local training; metrics are running averages over the last epoch (no extra pass over the data)."""
     hyper = task.hyper
@@ -398,6 +402,7 @@ def _fit(
     anchor = [p.detach().clone() for p in model.parameters()] if hyper.proximal_mu > 0 else []
     # The schedule scales every parameter group's own rate, so a user optimizer's per-group rates keep their ratio.
     group_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    carried = _restore_optimizer(optimizer, kept) if kept is not None else False
     if control is not None:
         control.start(model, optimizer, device)
     model.train()
@@ -424,7 +429,34 @@ def _fit(
         print(f"epoch {epoch + 1}/{hyper.local_epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if not math.isfinite(metrics["train_loss"]):
             raise FloatingPointError(f"training diverged: the loss is {metrics['train_loss']} in epoch {epoch + 1}")
+    if kept is not None:
+        _OPTIMIZER_STATES[kept] = copy.deepcopy(optimizer.state_dict())
+        _OPTIMIZER_STATES.move_to_end(kept)
+        while len(_OPTIMIZER_STATES) > _OPTIMIZER_STATES_SIZE:
+            _OPTIMIZER_STATES.popitem(last=False)
+        metrics["optimizer_state_carried"] = 1.0 if carried else 0.0
     return metrics
+
+
+# Optimizer states kept across rounds (Hyper.keep_optimizer_state) by partition (data.partition_key), in this warm
+# worker only: a partition whose next task lands on another worker, or after a restart, starts a fresh state.
+_OPTIMIZER_STATES: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+_OPTIMIZER_STATES_SIZE = 8
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, key: tuple[Any, ...]) -> bool:
+    """Load the partition's state from its previous round, if this worker kept one that fits the optimizer."""
+    saved = _OPTIMIZER_STATES.get(key)
+    if saved is None:
+        print("optimizer state: none kept for this partition in this worker; starting fresh")
+        return False
+    try:
+        optimizer.load_state_dict(copy.deepcopy(saved))
+    except (ValueError, KeyError) as exc:
+        print(f"optimizer state: the kept one does not fit ({exc}); starting fresh")
+        return False
+    print("optimizer state: carried from this partition's previous round")
+    return True
 
 
 class _Control:

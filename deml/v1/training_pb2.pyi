@@ -159,6 +159,7 @@ class JobSpec(_message.Message):
     LR_STEP_ROUNDS_FIELD_NUMBER: _builtins.int
     LR_GAMMA_FIELD_NUMBER: _builtins.int
     LR_MIN_FIELD_NUMBER: _builtins.int
+    KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name under which the trained model is registered (default: "model")."""
     module: _builtins.str
@@ -195,6 +196,10 @@ class JobSpec(_message.Message):
     lr_gamma: _builtins.float
     lr_min: _builtins.float
     """"cosine": the rate falls from learning_rate towards lr_min over the rounds after the warmup."""
+    keep_optimizer_state: _builtins.bool
+    """Carry each partition's optimizer state (momentum buffers, Adam moments) across rounds in the warm worker that
+    trained it (off by default; a partition whose task lands on another worker starts fresh).
+    """
     @_builtins.property
     def strategy_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -223,10 +228,11 @@ class JobSpec(_message.Message):
         lr_step_rounds: _builtins.int | None = ...,
         lr_gamma: _builtins.float | None = ...,
         lr_min: _builtins.float | None = ...,
+        keep_optimizer_state: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit_workers", b"min_fit_workers", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit_workers", b"_min_fit_workers", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "keep_optimizer_state", b"keep_optimizer_state", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015

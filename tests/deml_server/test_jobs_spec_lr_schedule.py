@@ -40,7 +40,7 @@ def test_a_bad_schedule_is_refused_naming_its_field(given: dict[str, object], fi
 def test_the_default_is_a_constant_rate() -> None:
     spec = resolve_spec({}, _config())
 
-    assert (spec.lr_schedule, spec.lr_warmup_rounds) == ("constant", 0)
+    assert (spec.lr_schedule, spec.lr_warmup_rounds, spec.keep_optimizer_state) == ("constant", 0, False)
 
 
 def test_schedule_settings_travel_from_the_client_to_the_resolved_spec_and_back() -> None:
@@ -52,6 +52,7 @@ def test_schedule_settings_travel_from_the_client_to_the_resolved_spec_and_back(
         "lr_step_rounds": 3,
         "lr_gamma": 0.5,
         "lr_min": 0.01,
+        "keep_optimizer_state": True,
     }
 
     spec = resolve_spec(spec_from_pb(build_spec(settings)), _config())
