@@ -148,6 +148,8 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
         "min_fit": args.min_fit,
         "min_fit_workers": args.min_fit_workers,
         "round_deadline_seconds": args.round_deadline,
+        "lr_schedule": args.lr_schedule,
+        "lr_warmup_rounds": args.lr_warmup_rounds,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if args.baseline:
@@ -267,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local-epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", "--lr", type=float)
+    train.add_argument(
+        "--lr-schedule", choices=["constant", "step", "cosine"], help="the rate across rounds (deml.toml: lr_*)"
+    )
+    train.add_argument("--lr-warmup-rounds", type=int, help="rounds of linear learning-rate warmup")
     train.add_argument("--strategy")
     train.add_argument("--partitioning", choices=["iid", "dirichlet"])
     train.add_argument("--alpha", type=float, help="Dirichlet concentration")

@@ -45,6 +45,12 @@ _SPEC_KEYS = {
     "fraction_fit",
     "min_fit",
     "round_deadline_seconds",
+    "lr_schedule",
+    "lr_warmup_rounds",
+    "lr_step_rounds",
+    "lr_gamma",
+    "lr_min",
+    "keep_optimizer_state",
 }
 
 

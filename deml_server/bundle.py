@@ -161,12 +161,14 @@ class TaskBundle:
     alpha: float = 0.5
     seed: int = 0
     task_seed: int = 0
-    hyper: dict[str, float] = field(default_factory=dict)
+    hyper: dict[str, float | str] = field(default_factory=dict)
     evaluate_after: bool = False
     weights: Path | None = None
     train_data: Path | None = None
     test_data: Path | None = None
     compression: str = "none"
+    # SCAFFOLD's control variates for this partition (deml_server.strategy.scaffold), linked as control.safetensors.
+    control: Path | None = None
 
     def task_doc(self) -> TaskDoc:
         """The task.json document (ContractError names a setting the worker would refuse)."""
@@ -197,6 +199,8 @@ class TaskBundle:
         shutil.copytree(code_dir, dest / "code", copy_function=_link)
         if self.weights is not None:
             _link(self.weights, dest / "weights.safetensors")
+        if self.control is not None:
+            _link(self.control, dest / "control.safetensors")
         if self.train_data is not None or self.test_data is not None:
             (dest / "data").mkdir()
         if self.train_data is not None:

@@ -60,6 +60,9 @@ _OPTIONAL_SPEC_FIELDS = (
     "round_deadline_seconds",
 )
 
+# The learning-rate schedule's optional settings (lr_schedule is a plain string: "" means unset).
+_LR_SPEC_FIELDS = ("lr_warmup_rounds", "lr_step_rounds", "lr_gamma", "lr_min")
+
 
 def _timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
@@ -70,10 +73,13 @@ def _timestamp(value: datetime) -> Timestamp:
 def spec_from_pb(msg: training_pb2.JobSpec) -> dict[str, Any]:
     """The settings the user actually set; resolve_spec fills in the rest."""
     given: dict[str, Any] = {}
-    for name in ("name", "module", "strategy", "backend", "compression"):
+    for name in ("name", "module", "strategy", "backend", "compression", "lr_schedule"):
         if getattr(msg, name):
             given[name] = getattr(msg, name)
     for name in _OPTIONAL_SPEC_FIELDS:
+        if msg.HasField(name):  # type: ignore[arg-type]
+            given[name] = getattr(msg, name)
+    for name in _LR_SPEC_FIELDS:
         if msg.HasField(name):  # type: ignore[arg-type]
             given[name] = getattr(msg, name)
     if msg.strategy_options:
@@ -82,6 +88,8 @@ def spec_from_pb(msg: training_pb2.JobSpec) -> dict[str, Any]:
         given["partitioning"] = _PARTITIONING_FROM_PB.get(msg.partitioning, f"unknown({msg.partitioning})")
     if msg.baseline:
         given["baseline"] = True
+    if msg.keep_optimizer_state:
+        given["keep_optimizer_state"] = True
     return given
 
 
@@ -115,6 +123,12 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         fraction_fit=spec.fraction_fit,
         min_fit=spec.min_fit,
         round_deadline_seconds=spec.round_deadline_seconds,
+        lr_schedule=spec.lr_schedule,
+        lr_warmup_rounds=spec.lr_warmup_rounds,
+        lr_step_rounds=spec.lr_step_rounds,
+        lr_gamma=spec.lr_gamma,
+        lr_min=spec.lr_min,
+        keep_optimizer_state=spec.keep_optimizer_state,
     )
 
 

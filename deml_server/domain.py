@@ -85,6 +85,16 @@ class JobSpec:
         """Partitions trained per round."""
         return min(self.workers, max(self.min_fit, math.ceil(self.fraction_fit * self.workers - 1e-9)))
 
+    # The workers' learning rate across rounds (provider_runtime.contract.Hyper.lr_at): "constant", "step" (times
+    # lr_gamma every lr_step_rounds rounds) or "cosine" (down to lr_min), after lr_warmup_rounds of linear warmup.
+    lr_schedule: str = "constant"
+    lr_warmup_rounds: int = 0
+    lr_step_rounds: int = 1
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    # Each partition's optimizer state (momentum, Adam moments) carried across rounds by its warm worker.
+    keep_optimizer_state: bool = False
+
     @property
     def quorum(self) -> int:
         """Fewest usable results a round needs (default: every sampled partition)."""

@@ -40,7 +40,7 @@ from deml_server.registry import ModelRegistry, check_model_name
 from deml_server.runner import JobRunner, RunnerDeps
 from deml_server.store import JobStore
 from deml_server.strategy import STRATEGIES, make_strategy
-from provider_runtime.contract import COMPRESSIONS
+from provider_runtime.contract import COMPRESSIONS, LR_SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
         make_strategy(spec.strategy, spec.strategy_options)  # validates the options
     except InvalidArgument as exc:
         raise InvalidArgument(exc.reason, field="strategy_options") from None
+    _check_lr_schedule(spec)
     return spec
 
 
@@ -126,6 +127,30 @@ def _check_round_policy(spec: JobSpec) -> None:
             f"round_deadline_seconds must be zero (no deadline) or a positive number of seconds "
             f"(got {spec.round_deadline_seconds})",
             field="round_deadline_seconds",
+        )
+
+
+def _check_lr_schedule(spec: JobSpec) -> None:
+    """Refuse a learning-rate schedule the workers could not follow, naming the setting."""
+    if spec.lr_schedule not in LR_SCHEDULES:
+        raise InvalidArgument(
+            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {spec.lr_schedule!r})", field="lr_schedule"
+        )
+    if not 0 <= spec.lr_warmup_rounds < spec.rounds:
+        raise InvalidArgument(
+            f"lr_warmup_rounds must be between 0 and rounds - 1 = {spec.rounds - 1} (got {spec.lr_warmup_rounds})",
+            field="lr_warmup_rounds",
+        )
+    if spec.lr_step_rounds < 1:
+        raise InvalidArgument(f"lr_step_rounds must be at least 1 (got {spec.lr_step_rounds})", field="lr_step_rounds")
+    if not (math.isfinite(spec.lr_gamma) and 0 < spec.lr_gamma <= 1):
+        raise InvalidArgument(
+            f"lr_gamma must be a number in (0, 1]: the factor of a step (got {spec.lr_gamma})", field="lr_gamma"
+        )
+    if not (math.isfinite(spec.lr_min) and 0 <= spec.lr_min < spec.learning_rate):
+        raise InvalidArgument(
+            f"lr_min must be at least 0 and below learning_rate={spec.learning_rate} (got {spec.lr_min})",
+            field="lr_min",
         )
 
 

@@ -113,6 +113,7 @@ class _Fold:
             # Read only now, in turn: a result that arrived early waits as a file, not as a model in memory.
             try:
                 update = await asyncio.to_thread(self._read, waiting)
+                control = await asyncio.to_thread(self._control, waiting)
             except DemlError as exc:
                 self._reject(index, exc.reason)
                 continue
@@ -120,7 +121,9 @@ class _Fold:
                 await asyncio.to_thread(self.mean.add, update, waiting.num_examples)
                 # Only the metrics are kept: the weights are in the sum (and let go before the next read).
                 update = {}
-            self.results.append(FitResult(f"partition-{index}", update, waiting.num_examples, waiting.metrics))
+            self.results.append(
+                FitResult(f"partition-{index}", update, waiting.num_examples, waiting.metrics, index, control)
+            )
             del update
 
     def _reject(self, index: int, reason: str) -> None:
@@ -134,6 +137,12 @@ class _Fold:
         self.bytes_received += path.stat().st_size
         validate_update(self.current, update)
         return update
+
+    @staticmethod
+    def _control(result: TaskResult) -> Weights:
+        """The control variates a SCAFFOLD worker returned (the strategy checks them); {} when none."""
+        path = result.directory / "control.safetensors"
+        return wio.read(path) if path.is_file() else {}
 
     def aggregate(self, strategy: Strategy, server_round: int) -> Weights:
         """The new global weights (in a thread: seconds of numpy work for a big model); the sums are let go."""
@@ -316,6 +325,7 @@ class JobRunner:
         else:
             self._progress(f"resuming after round {checkpoint.round}")
         strategy = make_strategy(self.spec.strategy, self.spec.strategy_options)
+        strategy.set_partitions(self.spec.workers)
         if checkpoint.strategy_state:
             strategy.load_state(wio.read(self.deps.artifacts.open_path(checkpoint.strategy_state)))
         weights_digest = checkpoint.weights
@@ -376,7 +386,7 @@ class JobRunner:
         # Mapped, not read: the pages a round never touches (a full update's values are not compared with these)
         # cost no memory.
         current = await asyncio.to_thread(wio.read_mapped, weights_path)
-        hyper = {**self._hyper(), **strategy.configure_fit(server_round)}
+        hyper = {**self._hyper(), **strategy.configure_fit(server_round), "round": float(server_round)}
         bundles = {
             i: self._bundle(
                 "train",
@@ -386,6 +396,7 @@ class JobRunner:
                 train=self._shards.train[i] if self._shards else None,
                 task_seed=self.spec.seed + 1000 * server_round + i,
                 compression=self.spec.compression,
+                control=await self._controls(strategy, i, current),
             )
             for i in sample
         }
@@ -523,6 +534,19 @@ class JobRunner:
         finally:
             staging.unlink(missing_ok=True)
 
+    async def _controls(self, strategy: Strategy, partition: int, current: Weights) -> Path | None:
+        """The partition's control.safetensors (SCAFFOLD's c and c_i); None for other strategies.
+
+        Written among the round's task files (removed after the round): the checkpointed strategy state holds them.
+        """
+        control = strategy.fit_controls(partition, current)
+        if not control:
+            return None
+        path = self.dir / "tasks" / f"control-{partition}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(path.write_bytes, wio.to_bytes(control))
+        return path
+
     def _check_job_budget(self, server_round: int) -> None:
         assert self._backend is not None
         spent = self._backend.spent(self.job.id)
@@ -533,11 +557,24 @@ class JobRunner:
                 FailureCause.BUDGET,
             )
 
-    def _hyper(self) -> dict[str, float]:
+    def _hyper(self) -> dict[str, float | str]:
         return {
             "local_epochs": float(self.spec.local_epochs),
             "batch_size": float(self.spec.batch_size),
             "learning_rate": self.spec.learning_rate,
+            **self._lr_schedule(),
+            "keep_optimizer_state": self.spec.keep_optimizer_state,
+        }
+
+    def _lr_schedule(self) -> dict[str, float | str]:
+        """The learning-rate schedule's settings for Hyper (the round itself is added per task)."""
+        return {
+            "total_rounds": float(self.spec.rounds),
+            "lr_schedule": self.spec.lr_schedule,
+            "lr_warmup_rounds": float(self.spec.lr_warmup_rounds),
+            "lr_step_rounds": float(self.spec.lr_step_rounds),
+            "lr_gamma": self.spec.lr_gamma,
+            "lr_min": self.spec.lr_min,
         }
 
     # -- after the rounds -----------------------------------------------------------------------------------
@@ -545,7 +582,13 @@ class JobRunner:
     async def _baseline(self) -> None:
         self._progress("training the centralized baseline on one worker")
         init = self.deps.store.initial_weights(self.job.id)
-        hyper = {**self._hyper(), "local_epochs": float(self.spec.rounds * self.spec.local_epochs)}
+        # Epoch e of the baseline trains at round 1 + e // local_epochs's rate: the federated run's, epoch for epoch.
+        hyper = {
+            **self._hyper(),
+            "local_epochs": float(self.spec.rounds * self.spec.local_epochs),
+            "round": 1.0,
+            "epochs_per_round": float(self.spec.local_epochs),
+        }
         bundle = self._bundle(
             "train",
             weights=self.deps.artifacts.open_path(init),
@@ -584,11 +627,12 @@ class JobRunner:
         index: int = 0,
         count: int | None = None,
         weights: Path | None = None,
-        hyper: dict[str, float] | None = None,
+        hyper: dict[str, float | str] | None = None,
         train: Path | None = None,
         evaluate_after: bool = False,
         task_seed: int | None = None,
         compression: str = "none",
+        control: Path | None = None,
     ) -> TaskBundle:
         return TaskBundle(
             action=action,
@@ -605,6 +649,7 @@ class JobRunner:
             train_data=train,
             test_data=self._shards.test if self._shards else None,
             compression=compression,
+            control=control,
         )
 
     async def _attempt(

@@ -14,6 +14,7 @@ would be wanted, and a worker before it has parsed its arguments.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import shutil
@@ -28,6 +29,7 @@ __all__ = [
     "COMPRESSIONS",
     "DEVICES",
     "FAILURE_KINDS",
+    "LR_SCHEDULES",
     "SCHEMES",
     "ClientFile",
     "ContractError",
@@ -193,14 +195,48 @@ class Partition:
         )
 
 
+LR_SCHEDULES = ("constant", "step", "cosine")
+_HYPER_FIELDS = (
+    "local_epochs",
+    "batch_size",
+    "learning_rate",
+    "proximal_mu",
+    "round",
+    "total_rounds",
+    "epochs_per_round",
+    "lr_schedule",
+    "lr_warmup_rounds",
+    "lr_step_rounds",
+    "lr_gamma",
+    "lr_min",
+    "keep_optimizer_state",
+)
+
+
 @dataclass(frozen=True)
 class Hyper:
-    """Local training settings; proximal_mu > 0 adds FedProx's proximal term."""
+    """Local training settings; proximal_mu > 0 adds FedProx's proximal term.
+
+    The learning rate of a round follows `lr_schedule` across the job's rounds (see `lr_at`): `round` is the
+    federated round this task trains (1-based; 0: no round, the rate stays `learning_rate`) out of
+    `total_rounds`. A task that spans several rounds' epochs (the centralized baseline) sets `epochs_per_round`,
+    and its epoch e (0-based) trains at round `round + e // epochs_per_round`'s rate.
+    """
 
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.05
     proximal_mu: float = 0.0
+    round: int = 0
+    total_rounds: int = 0
+    epochs_per_round: int = 0
+    lr_schedule: str = "constant"
+    lr_warmup_rounds: int = 0
+    lr_step_rounds: int = 1
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    # Carry the optimizer's state (momentum buffers, Adam moments) from round to round in the warm worker.
+    keep_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:
@@ -209,26 +245,70 @@ class Hyper:
             raise ContractError(f"hyper.batch_size must be >= 1, got {self.batch_size}")
         if self.proximal_mu < 0:
             raise ContractError(f"hyper.proximal_mu must be >= 0, got {self.proximal_mu}")
+        for name in ("round", "total_rounds", "epochs_per_round", "lr_warmup_rounds"):
+            if getattr(self, name) < 0:
+                raise ContractError(f"hyper.{name} must be >= 0, got {getattr(self, name)}")
+        _one_of(self.lr_schedule, LR_SCHEDULES, "hyper.lr_schedule")
+        if self.lr_step_rounds < 1:
+            raise ContractError(f"hyper.lr_step_rounds must be >= 1, got {self.lr_step_rounds}")
+        if not self.lr_gamma > 0:
+            raise ContractError(f"hyper.lr_gamma must be > 0, got {self.lr_gamma}")
+        if not self.lr_min >= 0:
+            raise ContractError(f"hyper.lr_min must be >= 0, got {self.lr_min}")
+
+    def lr_at(self, server_round: int) -> float:
+        """The learning rate of a round: linear warmup, then the schedule over the rounds after the warmup.
+
+        With W warmup rounds, round r <= W trains at learning_rate * r / (W + 1). The k-th round after the
+        warmup (k = r - W - 1, from 0) out of K = total_rounds - W trains at: constant, learning_rate; step,
+        learning_rate * lr_gamma ** (k // lr_step_rounds); cosine, lr_min + (learning_rate - lr_min) *
+        (1 + cos(pi * k / K)) / 2 (PyTorch's CosineAnnealingLR with T_max K: the last round is above lr_min).
+        Round 0 or an unknown total (0) gives learning_rate.
+        """
+        base = self.learning_rate
+        if server_round <= 0 or self.total_rounds <= 0:
+            return base
+        r = min(server_round, self.total_rounds)
+        warmup = self.lr_warmup_rounds
+        if r <= warmup:
+            return base * r / (warmup + 1)
+        k = r - warmup - 1
+        if self.lr_schedule == "step":
+            return base * self.lr_gamma ** (k // self.lr_step_rounds)
+        if self.lr_schedule == "cosine":
+            span = max(1, self.total_rounds - warmup)
+            return self.lr_min + (base - self.lr_min) * (1.0 + math.cos(math.pi * k / span)) / 2.0
+        return base
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of this task's epoch `epoch` (0-based)."""
+        if self.round <= 0 or self.epochs_per_round <= 0:
+            return self.lr_at(self.round)
+        return self.lr_at(self.round + epoch // self.epochs_per_round)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object."""
-        return {
-            "local_epochs": self.local_epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "proximal_mu": self.proximal_mu,
-        }
+        return {name: getattr(self, name) for name in _HYPER_FIELDS}
 
     @classmethod
     def from_dict(cls, value: object, where: str = "hyper") -> Hyper:
         """Parse and check the JSON object (numbers may arrive as floats; unknown keys are refused)."""
         raw = _object(value, where)
-        _no_extra(raw, ("local_epochs", "batch_size", "learning_rate", "proximal_mu"), where)
+        _no_extra(raw, _HYPER_FIELDS, where)
         return cls(
             local_epochs=_get(raw, "local_epochs", where, _int, cls.local_epochs),
             batch_size=_get(raw, "batch_size", where, _int, cls.batch_size),
             learning_rate=_get(raw, "learning_rate", where, _float, cls.learning_rate),
             proximal_mu=_get(raw, "proximal_mu", where, _float, cls.proximal_mu),
+            round=_get(raw, "round", where, _int, cls.round),
+            total_rounds=_get(raw, "total_rounds", where, _int, cls.total_rounds),
+            epochs_per_round=_get(raw, "epochs_per_round", where, _int, cls.epochs_per_round),
+            lr_schedule=_get(raw, "lr_schedule", where, _str, cls.lr_schedule),
+            lr_warmup_rounds=_get(raw, "lr_warmup_rounds", where, _int, cls.lr_warmup_rounds),
+            lr_step_rounds=_get(raw, "lr_step_rounds", where, _int, cls.lr_step_rounds),
+            lr_gamma=_get(raw, "lr_gamma", where, _float, cls.lr_gamma),
+            lr_min=_get(raw, "lr_min", where, _float, cls.lr_min),
+            keep_optimizer_state=_get(raw, "keep_optimizer_state", where, _bool, cls.keep_optimizer_state),
         )
 
 

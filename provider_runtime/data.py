@@ -63,7 +63,7 @@ def cached_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
 
 
 def partition_key(bundle: Path, mod: ModuleType, args: PartitionArgs) -> tuple[Any, ...]:
-    """What identifies one partition of one job's code and data in this worker, round after round."""
+    """What identifies a job's partition in this worker: the code, the data files and the partition arguments."""
     return (_code_digest(bundle / "code"), mod.__name__, args, *_file_ids(bundle / "data"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -39,6 +40,8 @@ from provider_runtime.weights import load_arrays, load_into, save_arrays, save_s
 __all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "partition_args", "run_bundle"]
 
 TRACEBACK_LINES = 40
+# SCAFFOLD's control variates, in a train bundle and in its result (docs/bundle.md).
+CONTROL_FILE = "control.safetensors"
 # Rows of the test split used as the export sample when the module has no example_input().
 _EXPORT_SAMPLE_ROWS = 8
 _EVAL_BATCH = 256
@@ -102,7 +105,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
     """
     started = time.monotonic()
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", "weights.safetensors", "model.onnx", "outputs.npz"):
+    for stale in ("result.json", "weights.safetensors", "model.onnx", "outputs.npz", CONTROL_FILE):
         (output_dir / stale).unlink(missing_ok=True)
     outcome = _Outcome()
     error: ErrorInfo | None = None
@@ -120,6 +123,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
         except Exception as exc:
             error = _describe(exc)
             (output_dir / "weights.safetensors").unlink(missing_ok=True)
+            (output_dir / CONTROL_FILE).unlink(missing_ok=True)
             traceback.print_exception(exc, file=log)
     doc = ResultDoc(
         status="ok" if error is None else "error",
@@ -202,14 +206,18 @@ def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
             raise UserCodeError("load_data() returned no training split")
         model.to(device)
         loss_fn = _loss_fn(mod)
+        control = _Control.read(bundle / CONTROL_FILE, model) if (bundle / CONTROL_FILE).is_file() else None
         result.num_examples = len(splits.train)  # type: ignore[arg-type]
-        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed)
+        kept = partition_key(bundle, mod, partition_args(task)) if task.hyper.keep_optimizer_state else None
+        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed, control, kept)
         if task.evaluate_after:
             result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
         if task.compression == "none":
             save_state_dict(model.state_dict(), out / "weights.safetensors")
         else:
             _save_compressed(model, task, bundle, partition_key(bundle, mod, partition_args(task)), out)
+        if control is not None:
+            control.write(out / CONTROL_FILE, model)
 
 
 # Error-feedback residuals of the partitions this warm worker trained, as their data cache is kept (data.py).
@@ -400,6 +408,8 @@ def _fit(
     task: Task,
     device: torch.device,
     seed: int,
+    control: _Control | None = None,
+    kept: tuple[Any, ...] | None = None,
 ) -> dict[str, float]:
     """Local training; metrics are running averages over the last epoch (no extra pass over the data)."""
     hyper = task.hyper
@@ -411,9 +421,15 @@ def _fit(
     generator = torch.Generator().manual_seed(seed)
     optimizer = _optimizer(mod, model, hyper.learning_rate)
     anchor = [p.detach().clone() for p in model.parameters()] if hyper.proximal_mu > 0 else []
+    # The schedule scales every parameter group's own rate, so a user optimizer's per-group rates keep their ratio.
+    group_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    carried = _restore_optimizer(optimizer, kept) if kept is not None else False
+    if control is not None:
+        control.start(model, optimizer, device)
     model.train()
     metrics: dict[str, float] = {}
     for epoch in range(hyper.local_epochs):
+        _set_lr(optimizer, group_lrs, hyper, epoch)
         total = _Totals()
         for xb, yb in _shuffled_batches(train, hyper.batch_size, drop_last, generator):
             xb, yb = xb.to(device), yb.to(device)
@@ -426,13 +442,116 @@ def _fit(
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
                 objective = loss + hyper.proximal_mu / 2 * prox
             objective.backward()  # type: ignore[no-untyped-call]
+            if control is not None:
+                control.correct(hyper.epoch_lr(epoch))
             optimizer.step()
             total.add(loss.detach(), out.detach(), yb)
         metrics = total.summary("train_")
         print(f"epoch {epoch + 1}/{hyper.local_epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if not math.isfinite(metrics["train_loss"]):
             raise FloatingPointError(f"training diverged: the loss is {metrics['train_loss']} in epoch {epoch + 1}")
+    if kept is not None:
+        _OPTIMIZER_STATES[kept] = copy.deepcopy(optimizer.state_dict())
+        _OPTIMIZER_STATES.move_to_end(kept)
+        while len(_OPTIMIZER_STATES) > _OPTIMIZER_STATES_SIZE:
+            _OPTIMIZER_STATES.popitem(last=False)
+        metrics["optimizer_state_carried"] = 1.0 if carried else 0.0
     return metrics
+
+
+# Optimizer states kept across rounds (Hyper.keep_optimizer_state) by partition (data.partition_key), in this warm
+# worker only: a partition whose next task lands on another worker, or after a restart, starts a fresh state.
+_OPTIMIZER_STATES: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+_OPTIMIZER_STATES_SIZE = 8
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, key: tuple[Any, ...]) -> bool:
+    """Load the partition's state from its previous round, if this worker kept one that fits the optimizer."""
+    saved = _OPTIMIZER_STATES.get(key)
+    if saved is None:
+        print("optimizer state: none kept for this partition in this worker; starting fresh")
+        return False
+    try:
+        optimizer.load_state_dict(copy.deepcopy(saved))
+    except (ValueError, KeyError) as exc:
+        print(f"optimizer state: the kept one does not fit ({exc}); starting fresh")
+        return False
+    print("optimizer state: carried from this partition's previous round")
+    return True
+
+
+class _Control:
+    """SCAFFOLD's control variates on the worker (deml_server/strategy/scaffold.py; docs/bundle.md).
+
+    The bundle's control.safetensors holds the server's c ("server.<name>") and this partition's c_i
+    ("partition.<name>") for every floating tensor of the model; each step adds c - c_i to the gradient of each
+    trained parameter, and the result's control.safetensors holds the new c_i = c_i - c + (x - y) / (sum of the
+    steps' rates) (option II of the paper: K * lr for a constant rate). For SGD with momentum m the rate of a
+    step counts as lr / (1 - m), the step size momentum settles to; other optimizers count their plain rate.
+    """
+
+    def __init__(self, server: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+        self.server = server
+        self.own = own
+        self.rate_sum = 0.0
+        self._momentum = 0.0
+        self._start: dict[str, torch.Tensor] = {}
+        self._corrections: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    @classmethod
+    def read(cls, path: Path, model: torch.nn.Module) -> _Control:
+        arrays = load_arrays(path)
+        server: dict[str, torch.Tensor] = {}
+        own: dict[str, torch.Tensor] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            c, ci = arrays.get(f"server.{name}"), arrays.get(f"partition.{name}")
+            if c is None or ci is None:
+                raise BundleError(f"{CONTROL_FILE} lacks the control variates of parameter {name!r}")
+            if c.shape != tuple(param.shape) or ci.shape != tuple(param.shape):
+                raise BundleError(f"{CONTROL_FILE}: the control variates of {name!r} do not have its shape")
+            server[name] = torch.from_numpy(np.array(c, dtype=np.float64))
+            own[name] = torch.from_numpy(np.array(ci, dtype=np.float64))
+        return cls(server, own)
+
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        """Note the starting point x and prepare c - c_i in each parameter's dtype."""
+        if isinstance(optimizer, torch.optim.SGD) and not optimizer.param_groups[0].get("nesterov", False):
+            self._momentum = float(optimizer.param_groups[0].get("momentum", 0.0))
+        for name, param in model.named_parameters():
+            if name in self.server:
+                self._start[name] = param.detach().to("cpu", torch.float64, copy=True)
+                correction = (self.server[name] - self.own[name]).to(device, param.dtype)
+                self._corrections.append((param, correction))
+
+    def correct(self, lr: float) -> None:
+        """Add c - c_i to the gradients before a step taken at rate lr."""
+        for param, correction in self._corrections:
+            if param.grad is not None:
+                param.grad.add_(correction)
+        self.rate_sum += lr / (1.0 - self._momentum)
+
+    def write(self, path: Path, model: torch.nn.Module) -> None:
+        """Save the new c_i as "partition.<name>", in each parameter's dtype."""
+        if self.rate_sum <= 0:
+            raise UserCodeError("SCAFFOLD needs at least one training step at a positive learning rate")
+        params = dict(model.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for name, x in self._start.items():
+            y = params[name].detach().to("cpu", torch.float64)
+            new = self.own[name] - self.server[name] + (x - y) / self.rate_sum
+            out[f"partition.{name}"] = new.to(params[name].dtype)
+        save_state_dict(out, path)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, group_lrs: list[float], hyper: Hyper, epoch: int) -> None:
+    """Apply the round's scheduled rate (Hyper.lr_at) as a factor on each group's rate."""
+    if hyper.learning_rate <= 0:
+        return
+    factor = hyper.epoch_lr(epoch) / hyper.learning_rate
+    for group, lr in zip(optimizer.param_groups, group_lrs, strict=True):
+        group["lr"] = lr * factor
 
 
 def _shuffled_batches(

@@ -198,6 +198,12 @@ class JobSpec(_message.Message):
     FRACTION_FIT_FIELD_NUMBER: _builtins.int
     MIN_FIT_FIELD_NUMBER: _builtins.int
     ROUND_DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    LR_WARMUP_ROUNDS_FIELD_NUMBER: _builtins.int
+    LR_STEP_ROUNDS_FIELD_NUMBER: _builtins.int
+    LR_GAMMA_FIELD_NUMBER: _builtins.int
+    LR_MIN_FIELD_NUMBER: _builtins.int
+    KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name under which the trained model is registered (default: "model")."""
     module: _builtins.str
@@ -239,6 +245,19 @@ class JobSpec(_message.Message):
     """Seconds a round waits for its sampled partitions (default 0: no deadline). At the deadline the round
     aggregates what arrived when at least min_fit_workers results are usable; tasks still running are dropped.
     """
+    lr_schedule: _builtins.str
+    """The workers' learning rate across rounds: "constant" (default), "step" or "cosine"."""
+    lr_warmup_rounds: _builtins.int
+    """Rounds of linear warmup before the schedule: round r <= W trains at learning_rate * r / (W + 1)."""
+    lr_step_rounds: _builtins.int
+    """"step": the rate is multiplied by lr_gamma every lr_step_rounds rounds after the warmup."""
+    lr_gamma: _builtins.float
+    lr_min: _builtins.float
+    """"cosine": the rate falls from learning_rate towards lr_min over the rounds after the warmup."""
+    keep_optimizer_state: _builtins.bool
+    """Carry each partition's optimizer state (momentum buffers, Adam moments) across rounds in the warm worker that
+    trained it (off by default; a partition whose task lands on another worker starts fresh).
+    """
     @_builtins.property
     def strategy_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -266,10 +285,16 @@ class JobSpec(_message.Message):
         fraction_fit: _builtins.float | None = ...,
         min_fit: _builtins.int | None = ...,
         round_deadline_seconds: _builtins.float | None = ...,
+        lr_schedule: _builtins.str = ...,
+        lr_warmup_rounds: _builtins.int | None = ...,
+        lr_step_rounds: _builtins.int | None = ...,
+        lr_gamma: _builtins.float | None = ...,
+        lr_min: _builtins.float | None = ...,
+        keep_optimizer_state: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "keep_optimizer_state", b"keep_optimizer_state", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -283,6 +308,14 @@ class JobSpec(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
     _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__lr_gamma: _TypeAlias = _typing.Literal["lr_gamma"]  # noqa: Y015
+    _WhichOneofArgType__lr_gamma: _TypeAlias = _typing.Literal["_lr_gamma", b"_lr_gamma"]  # noqa: Y015
+    _WhichOneofReturnType__lr_min: _TypeAlias = _typing.Literal["lr_min"]  # noqa: Y015
+    _WhichOneofArgType__lr_min: _TypeAlias = _typing.Literal["_lr_min", b"_lr_min"]  # noqa: Y015
+    _WhichOneofReturnType__lr_step_rounds: _TypeAlias = _typing.Literal["lr_step_rounds"]  # noqa: Y015
+    _WhichOneofArgType__lr_step_rounds: _TypeAlias = _typing.Literal["_lr_step_rounds", b"_lr_step_rounds"]  # noqa: Y015
+    _WhichOneofReturnType__lr_warmup_rounds: _TypeAlias = _typing.Literal["lr_warmup_rounds"]  # noqa: Y015
+    _WhichOneofArgType__lr_warmup_rounds: _TypeAlias = _typing.Literal["_lr_warmup_rounds", b"_lr_warmup_rounds"]  # noqa: Y015
     _WhichOneofReturnType__min_fit: _TypeAlias = _typing.Literal["min_fit"]  # noqa: Y015
     _WhichOneofArgType__min_fit: _TypeAlias = _typing.Literal["_min_fit", b"_min_fit"]  # noqa: Y015
     _WhichOneofReturnType__min_fit_workers: _TypeAlias = _typing.Literal["min_fit_workers"]  # noqa: Y015
@@ -311,6 +344,14 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_gamma) -> _WhichOneofReturnType__lr_gamma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_min) -> _WhichOneofReturnType__lr_min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_step_rounds) -> _WhichOneofReturnType__lr_step_rounds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_warmup_rounds) -> _WhichOneofReturnType__lr_warmup_rounds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_fit) -> _WhichOneofReturnType__min_fit | None: ...
     @_typing.overload

@@ -16,9 +16,10 @@ from deml_server.strategy.fedmedian import FedMedian
 from deml_server.strategy.fedprox import FedProx
 from deml_server.strategy.fedtrimmedavg import FedTrimmedAvg
 from deml_server.strategy.fedyogi import FedYogi
+from deml_server.strategy.scaffold import Scaffold
 
 _REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, FedAvgM)
+    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, FedAvgM, Scaffold)
 }
 
 STRATEGIES: tuple[str, ...] = tuple(_REGISTRY)
@@ -65,6 +66,7 @@ __all__ = [
     "FedTrimmedAvg",
     "FedYogi",
     "FitResult",
+    "Scaffold",
     "Strategy",
     "Weights",
     "make_strategy",

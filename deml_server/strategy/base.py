@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,6 +24,9 @@ class FitResult:
     weights: Weights
     num_examples: int
     metrics: dict[str, float]
+    # The partition the result trained (-1: unknown) and what it returned in control.safetensors (SCAFFOLD).
+    partition: int = -1
+    control: Weights = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_examples < 0:
@@ -40,6 +43,13 @@ class Strategy(ABC):
 
     def configure_fit(self, server_round: int) -> dict[str, float]:
         """Return extra hyper-parameters sent to every worker this round."""
+        return {}
+
+    def set_partitions(self, count: int) -> None:  # noqa: B027  (optional hook: most strategies need no count)
+        """Learn how many partitions the job has (called once, before the first aggregate)."""
+
+    def fit_controls(self, partition: int, current: Weights) -> Weights:
+        """Return the arrays sent to one partition's worker as control.safetensors (empty: no file)."""
         return {}
 
     @abstractmethod
