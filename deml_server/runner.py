@@ -140,6 +140,10 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s failed unexpectedly", self.job.id)
             self._set_state(JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            # Warm workers that ran this job's code never run another job's (deml_server.backends.local).
+            if self._backend is not None:
+                await self._backend.job_finished(self.job.id)
 
     def _set_state(self, state: JobState, error: str = "") -> None:
         job = self.deps.store.set_state(self.job.id, state, error)
