@@ -297,7 +297,7 @@ class SandboxConfig:
         base = default_limits()
 
         def pick(value: int, default: int, scale: int = 1) -> int:
-            return default if value < 0 else value * scale
+            return default if value == -1 else value * scale
 
         try:
             return WorkerLimits(
