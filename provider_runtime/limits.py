@@ -63,10 +63,13 @@ class WorkerLimits:
         return cls(**values)
 
     def apply(self) -> None:
-        """Set each non-zero limit (soft and hard) on this process."""
+        """Set each non-zero limit (soft and hard) on this process, never above a hard limit it already has."""
         for name, which in _RLIMITS.items():
             value = getattr(self, name)
             if value:
+                hard = resource.getrlimit(which)[1]
+                if hard != resource.RLIM_INFINITY:
+                    value = min(value, hard)
                 resource.setrlimit(which, (value, value))
 
 

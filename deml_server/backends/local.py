@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
 from typing import IO, ClassVar
@@ -267,16 +268,14 @@ class LocalBackend(Backend):
                 elif self._spares:
                     worker = self._spares.pop(0)
                 elif self._free_slots:
-                    worker = await self._spawn(self._free_slots.pop(0))
+                    worker = await self._uncancellable_spawn(self._free_slots.pop(0))
                 elif own:
                     worker = own[0]
                 else:
-                    victim = next((ws[0] for job, ws in self._idle.items() if ws and job != job_id), None)
+                    victim = self._victim_for(job_id)
                     if victim is not None:
                         self._idle[victim.job or ""].remove(victim)
-                        self._all.discard(victim)
-                        await victim.kill()
-                        worker = await self._spawn(victim.slot)
+                        worker = await self._uncancellable_spawn(victim.slot, replacing=victim)
                 if worker is not None:
                     if worker in own:
                         own.remove(worker)
@@ -284,13 +283,57 @@ class LocalBackend(Backend):
                     return worker
                 await self._available.wait()
 
+    def _victim_for(self, job_id: str) -> _Worker | None:
+        """An idle worker of another job to recycle for `job_id`, or None to wait for one of its own.
+
+        A job below its share of the pool (the pool over the jobs holding workers) takes one from the job holding
+        the most; at or above it, it waits. Without the share, two jobs on a small pool would take each other's
+        workers at every task, each time starting a cold process.
+        """
+        counts = Counter(w.job for w in self._all if w.job is not None)
+        share = max(1, self._size // len(set(counts) | {job_id}))
+        if counts[job_id] >= share:
+            return None
+        holders = sorted(
+            ((job, ws) for job, ws in self._idle.items() if ws and job != job_id),
+            key=lambda pair: counts[pair[0]],
+            reverse=True,
+        )
+        for job, ws in holders:
+            if counts[job] > share or counts[job_id] == 0:
+                return ws[0]
+        return None
+
+    async def _uncancellable_spawn(self, slot: int, replacing: _Worker | None = None) -> _Worker:
+        """Spawn into a slot (killing the worker there first); if the caller is cancelled, the new worker is a spare.
+
+        Without this, a job cancelled while it waited here would lose the slot for good.
+        """
+
+        async def respawn() -> _Worker:
+            if replacing is not None:
+                self._all.discard(replacing)
+                await replacing.kill()
+            return await self._spawn(slot)
+
+        task = asyncio.ensure_future(respawn())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._keep_as_spare)
+            raise
+
+    def _keep_as_spare(self, task: asyncio.Future[_Worker]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._spares.append(task.result())
+
     async def _release(self, worker: _Worker) -> None:
         if worker.job in self._finished:
             await self._recycle(worker)
             return
         async with self._available:
             self._idle.setdefault(worker.job or "", []).append(worker)
-            self._available.notify()
+            self._available.notify_all()
 
     async def _recycle(self, worker: _Worker) -> None:
         """Kill a worker and put a fresh spare in its slot."""
@@ -300,7 +343,7 @@ class LocalBackend(Backend):
             if self._closed:
                 return
             self._spares.append(await self._spawn(worker.slot))
-            self._available.notify()
+            self._available.notify_all()
 
     async def _replace(self, worker: _Worker) -> None:
         await self._recycle(worker)
