@@ -12,8 +12,10 @@ runs.
 What a worker sees: /usr (and the /bin, /lib symlinks), the Python installation, the virtual environment, the
 provider_runtime package, a few files of /etc, a private /dev and /proc, and three directories of its own: the
 task bundles handed to it (read-only, /deml/in), where it writes results (/deml/out) and its scratch space
-(/tmp, also HOME). The server's data directory (database, artifacts, other jobs) is not there; the root is
-read-only; there is no network (a fresh network namespace whose loopback is not the server's).
+(/deml/tmp: HOME, TMPDIR, and /tmp unless an operator's read-only path lies under /tmp), and any host directory
+the operator lists with --worker-read-only-path. The server's data directory (database, artifacts, other jobs)
+is not there, even under such a path; the root is read-only; there is no network (a fresh network namespace
+whose loopback is not the server's).
 
 Who it runs as: with a root server, bwrap keeps the host's user namespace and `setpriv` switches the worker to
 an unprivileged uid of its own (uid_base + slot; per slot so that one worker's RLIMIT_NPROC cannot starve
@@ -43,7 +45,7 @@ __all__ = ["IN_DIR", "OUT_DIR", "SCRATCH_DIR", "Sandbox", "SandboxConfig", "Sand
 
 IN_DIR = Path("/deml/in")
 OUT_DIR = Path("/deml/out")
-SCRATCH_DIR = Path("/tmp")
+SCRATCH_DIR = Path("/deml/tmp")
 
 # /etc files Python, glibc and torch may read; nothing else of /etc is visible.
 _ETC_FILES = ("ld.so.cache", "ld.so.conf", "localtime", "nsswitch.conf", "passwd", "group", "hosts")
@@ -84,6 +86,13 @@ class Sandbox:
     python: str = sys.executable
     # Paths to hide even if they lie inside a path the sandbox binds (the server's data directory).
     hidden: tuple[Path, ...] = ()
+    # Host directories every worker may read (datasets), bound read-only at the same path.
+    read_only: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        for path in self.read_only:
+            if any(path.resolve().is_relative_to(h) for h in self.hidden):
+                raise InvalidArgument(f"worker read-only path {path} lies inside the server's data directory")
 
     @property
     def as_root(self) -> bool:
@@ -191,7 +200,7 @@ class Sandbox:
             raise SandboxUnavailable(f"bubblewrap cannot build the worker sandbox on this host: {why}")
 
     def _mounts(self, exchange: Path) -> list[str]:
-        sources = _system_paths(self.python)
+        sources = _system_paths(self.python, self.read_only)
         args: list[str] = []
         made: set[str] = {"/"}
         for target in [*sources, IN_DIR, OUT_DIR, SCRATCH_DIR]:
@@ -208,6 +217,9 @@ class Sandbox:
                 args += ["--ro-bind", str(host), str(host)]
         for path in sources:
             args += ["--ro-bind", str(path), str(path)]
+        if not any(p.is_relative_to("/tmp") for p in sources):
+            # Programs that write to /tmp rather than $TMPDIR get the scratch space too.
+            args += ["--symlink", str(SCRATCH_DIR), "/tmp"]
         for name in _ETC_FILES:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         for hidden in self.hidden:
@@ -241,9 +253,10 @@ def _setpriv() -> str:
     return shutil.which("setpriv") or "/usr/bin/setpriv"
 
 
-def _system_paths(python: str) -> list[Path]:
+def _system_paths(python: str, extra: Sequence[Path] = ()) -> list[Path]:
     """Read-only binds: /usr, the interpreter's installation, the venv, provider_runtime (not the whole repo)."""
     candidates = [
+        *(p.resolve() for p in extra),
         Path("/usr"),
         Path(sys.base_prefix).resolve(),
         Path(sys.prefix).resolve(),
@@ -291,6 +304,10 @@ class SandboxConfig:
     open_files: int = field(default_factory=lambda: env_int("DEML_WORKER_OPEN_FILES", -1))
     processes: int = field(default_factory=lambda: env_int("DEML_WORKER_PROCESSES", -1))
     cpu_seconds: int = field(default_factory=lambda: env_int("DEML_WORKER_CPU_SECONDS", -1))
+    # Host directories (datasets) every worker may read; DEML_WORKER_READ_ONLY_PATHS separates them with ":".
+    read_only_paths: list[Path] = field(
+        default_factory=lambda: [Path(p) for p in env_str("DEML_WORKER_READ_ONLY_PATHS", "").split(os.pathsep) if p]
+    )
 
     def limits(self) -> WorkerLimits:
         """The rlimits, each unset one (-1) from default_limits(); InvalidArgument names a bad one."""
@@ -315,7 +332,12 @@ class SandboxConfig:
         if self.bwrap.strip().lower() in ("", "none"):
             return None
         return Sandbox(
-            bwrap=self.bwrap, limits=self.limits(), uid_base=self.uid_base, python=python, hidden=tuple(hidden)
+            bwrap=self.bwrap,
+            limits=self.limits(),
+            uid_base=self.uid_base,
+            python=python,
+            hidden=tuple(hidden),
+            read_only=tuple(self.read_only_paths),
         )
 
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
@@ -335,6 +357,14 @@ class SandboxConfig:
             type=int,
             default=self.uid_base,
             help="root servers: worker slot N runs as uid BASE+N (DEML_SANDBOX_UID_BASE; default %(default)s)",
+        )
+        group.add_argument(
+            "--worker-read-only-path",
+            action="append",
+            type=Path,
+            default=list(self.read_only_paths),
+            metavar="DIR",
+            help="a host directory (datasets) every worker may read; repeatable (DEML_WORKER_READ_ONLY_PATHS, ':')",
         )
         for flag, attr, what in (
             ("--worker-memory-mb", "memory_mb", "address space per worker, MiB (default: RAM, at least 8 GiB)"),
@@ -356,3 +386,4 @@ class SandboxConfig:
         self.open_files = args.worker_open_files
         self.processes = args.worker_processes
         self.cpu_seconds = args.worker_cpu_seconds
+        self.read_only_paths = list(args.worker_read_only_path)
