@@ -56,7 +56,13 @@ def handle(line: str, limits: WorkerLimits | None = None) -> ServeReply:
 def _name_memory_limit(path: Path, result: dict[str, object], memory_bytes: int) -> None:
     """Say "memory limit" in a user error that was an allocation refused under this worker's address-space limit."""
     error = result.get("error")
-    if not isinstance(error, dict) or error.get("type") not in _MEMORY_ERRORS:
+    if not isinstance(error, dict):
+        return
+    # torch's CPU allocator raises a RuntimeError, told apart only by its words.
+    refused = error.get("type") in _MEMORY_ERRORS or (
+        error.get("type") == "RuntimeError" and "can't allocate memory" in str(error.get("message", ""))
+    )
+    if not refused:
         return
     limit = f"the worker's memory limit ({memory_bytes / 2**20:.0f} MiB of address space) was reached"
     error["message"] = f"{limit}: {error.get('message', '')}".rstrip(": ")

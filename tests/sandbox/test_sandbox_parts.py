@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -14,6 +15,7 @@ from deml_server.backends.local import _collect, _WorkerFailed
 from deml_server.errors import InvalidArgument
 from deml_server.sandbox import SandboxConfig, default_limits
 from provider_runtime.limits import LIMITS_ENV, WorkerLimits
+from provider_runtime.serve import _name_memory_limit
 
 
 def test_limits_round_trip_through_the_environment_value() -> None:
@@ -89,3 +91,33 @@ def test_collect_moves_the_results(tmp_path: Path) -> None:
     _collect("local-0.1", host_in, host_out, output)
 
     assert (output / "result.json").read_text() == '{"status": "ok"}' and not host_out.exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("MemoryError", ""),
+        ("_ArrayMemoryError", "Unable to allocate 4.00 GiB for an array"),
+        ("RuntimeError", "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes"),
+    ],
+)
+def test_an_allocation_refused_under_the_limit_is_named(tmp_path: Path, kind: str, message: str) -> None:
+    path = tmp_path / "result.json"
+    result = {"status": "error", "error": {"type": kind, "message": message, "traceback": ""}}
+    path.write_text(json.dumps(result))
+
+    _name_memory_limit(path, result, 3 << 30)
+
+    written = json.loads(path.read_text())["error"]["message"]
+    assert written.startswith("the worker's memory limit (3072 MiB of address space) was reached")
+    assert message in written
+
+
+def test_other_errors_are_left_as_they_are(tmp_path: Path) -> None:
+    path = tmp_path / "result.json"
+    result = {"status": "error", "error": {"type": "ValueError", "message": "bad", "traceback": ""}}
+    path.write_text(json.dumps(result))
+
+    _name_memory_limit(path, result, 3 << 30)
+
+    assert json.loads(path.read_text())["error"]["message"] == "bad"
