@@ -117,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="failed tasks after which a provider is not used again",
     )
     security.add_flags(parser, config)
+    config.sandbox.add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.host = args.host
@@ -153,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     config.golem.max_duration_price_glm_per_hour = args.golem_max_duration_price
     config.golem.max_provider_failures = args.golem_max_provider_failures
     security.apply_flags(args, config)
+    config.sandbox.apply_flags(args)
     return config
 
 

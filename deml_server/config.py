@@ -9,6 +9,7 @@ from pathlib import Path
 from deml_server.backends.golem_config import GolemConfig
 from deml_server.envvars import env_bool, env_float, env_int, env_path, env_str
 from deml_server.errors import InvalidArgument
+from deml_server.sandbox import SandboxConfig
 
 
 @dataclass
@@ -56,6 +57,8 @@ class ServerConfig:
     max_queued_per_token: int = field(default_factory=lambda: env_int("DEML_MAX_QUEUED_PER_TOKEN", 16))
     # Serve /metrics without a token even when --auth-tokens is given (else it needs an admin token).
     metrics_open: bool = field(default_factory=lambda: env_bool("DEML_METRICS_OPEN", False))
+    # The local backend's training-worker sandbox and its limits (deml_server.sandbox).
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     def validate(self) -> ServerConfig:
         """Fail fast, naming the setting that is wrong."""
@@ -77,4 +80,5 @@ class ServerConfig:
             raise InvalidArgument(f"shutdown grace must be zero or more seconds (got {self.shutdown_grace_seconds})")
         if self.max_task_attempts <= 0:
             raise InvalidArgument(f"max task attempts must be at least 1 (got {self.max_task_attempts})")
+        self.sandbox.limits()
         return self

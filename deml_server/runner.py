@@ -221,6 +221,10 @@ class JobRunner:
         except Exception as exc:
             message, cause = self._failure(exc)
             await self._fail(message, cause)
+        finally:
+            # Warm workers that ran this job's code never run another job's (deml_server.backends.local).
+            if self._backend is not None:
+                await self._backend.job_finished(self.job.id)
 
     @property
     def ended(self) -> bool:

@@ -23,4 +23,8 @@ fi
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# The local backend runs user code in a bubblewrap sandbox (deml_server/sandbox.py); setpriv is util-linux's.
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+fi
 echo "setup done: $(python --version), torch $(python -c 'import torch; print(torch.__version__)'), buf $(.tools/node_modules/.bin/buf --version)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,12 @@ __all__ = ["Backend", "LocalBackend", "WorkItem", "WorkOutcome", "create_backend
 
 _FACTORIES: dict[str, Callable[[ServerConfig], Backend]] = {
     "local": lambda cfg: LocalBackend(
-        workers=cfg.workers, work_dir=cfg.data_dir / "workers", torch_threads=cfg.torch_threads
+        workers=cfg.workers,
+        work_dir=cfg.data_dir / "workers",
+        torch_threads=cfg.torch_threads,
+        sandbox=cfg.sandbox.sandbox(python=sys.executable, hidden=[cfg.data_dir.resolve()]),
+        sandboxed=cfg.sandbox.bwrap.strip().lower() not in ("", "none"),
+        allow_unsandboxed=cfg.sandbox.allow_unsandboxed,
     ),
 }
 

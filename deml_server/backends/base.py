@@ -110,6 +110,10 @@ class Backend(ABC):
         stopping the item's worker.
         """
 
+    async def job_finished(self, job_id: str) -> None:
+        """The job will send no more items: release what is kept for it (the local backend's warm workers)."""
+        return None
+
     def spent(self, job_id: str, server_round: int | None = None) -> float | None:
         """GLM (or other currency) spent on a job, or on one of its rounds; None where work costs nothing."""
         return None

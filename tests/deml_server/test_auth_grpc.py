@@ -21,6 +21,7 @@ from deml_client import DemlClient, DemlClientError
 from deml_client.channel import Security, open_channel
 from deml_client.inference import InferenceClient
 from deml_server.auth import REQUIRED_ROLE, SERVICE_FILES, Role
+from deml_server.sandbox import SandboxConfig
 from tests.deml_server.inference.support import export_mlp
 from tests.support import SMALL_TASK, ServerThread, make_config, quick_spec, write_task
 from tests.tls_support import make_pki
@@ -289,8 +290,11 @@ BLOCKING_TASK = SMALL_TASK + textwrap.dedent(
 
 
 def test_per_token_limits_queue_then_refuse(tmp_path: Path) -> None:
-    release = tmp_path / "release"
-    s = start_secured(tmp_path, max_jobs_per_token=1, max_queued_per_token=1)
+    release = tmp_path / "gate" / "release"
+    release.parent.mkdir()
+    # The sandboxed workers see the host only where they are told: here, the gate directory.
+    sandbox = SandboxConfig(read_only_paths=[release.parent])
+    s = start_secured(tmp_path, max_jobs_per_token=1, max_queued_per_token=1, sandbox=sandbox)
     task = write_task(tmp_path / "t", BLOCKING_TASK + f"\nRELEASE = {str(release)!r}\n")
     try:
         with s.client(TRAIN) as train, s.client(ADMIN) as admin:

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient, DemlClientError
+from deml_server.sandbox import SandboxConfig
 from tests.support import SMALL_TASK, ServerThread, make_config, quick_spec, write_task
 
 
@@ -150,7 +151,11 @@ def test_nan_weights_are_rejected_not_averaged(client: DemlClient, tmp_path: Pat
     assert job.rounds_committed == 0
 
 
-def test_a_crashed_worker_is_retried_on_another(client: DemlClient, tmp_path: Path) -> None:
+def test_a_crashed_worker_is_retried_on_another(tmp_path: Path) -> None:
+    # The task remembers its crash in a host file, which sandboxed workers cannot write (tests/sandbox): this
+    # test of the retry runs its workers unsandboxed.
+    unsandboxed = SandboxConfig(bwrap="none", allow_unsandboxed=True)
+    server = ServerThread(make_config(tmp_path / "server", sandbox=unsandboxed)).start()
     marker = tmp_path / "crashed-once"
     source = SMALL_TASK + textwrap.dedent(
         f"""
@@ -168,7 +173,11 @@ def test_a_crashed_worker_is_retried_on_another(client: DemlClient, tmp_path: Pa
         """
     )
     task = write_task(tmp_path / "t", source)
-    job = client.wait_job(client.submit_job(task, quick_spec(rounds=1)).id)
+    try:
+        with DemlClient(server.target) as client:
+            job = client.wait_job(client.submit_job(task, quick_spec(rounds=1)).id)
+    finally:
+        server.stop()
     assert marker.exists()
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
 
