@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Collection, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from deml_server.artifacts import ArtifactStore
+from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
 from deml_server.config import ServerConfig
+from deml_server.jobs import JobService
+from deml_server.registry import ModelRegistry
 from deml_server.server import DemlServer, start_server
+from deml_server.store import JobStore
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +62,56 @@ def quick_spec(**overrides: object) -> dict[str, object]:
     spec: dict[str, object] = {"name": "small", "rounds": 2, "workers": 2, "local_epochs": 1, "batch_size": 32}
     spec.update(overrides)
     return spec
+
+
+class WrappedLocal(Backend):
+    """The real local backend, with `after` run on each finished item: a stand-in for a provider that misbehaves on
+    demand (slow, or returning malformed weights), which nothing local does by itself."""
+
+    name = "wrapped-local"
+
+    def __init__(self, inner: LocalBackend) -> None:
+        self.inner = inner
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def job_finished(self, job_id: str) -> None:
+        await self.inner.job_finished(job_id)
+
+    async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
+        outcome = await self.inner.run(item, avoid=avoid)
+        await self.after(item)
+        return outcome
+
+    async def after(self, item: WorkItem) -> None:
+        """What to do to a finished item's output (nothing here)."""
+
+
+@contextlib.asynccontextmanager
+async def job_service(data_dir: Path, backend: Backend) -> AsyncIterator[JobService]:
+    """A JobService over `backend` with its own store and artifacts in `data_dir`, no sockets; closed after."""
+    config = ServerConfig(data_dir=data_dir, workers=backend.capacity, backend="local")
+    store = JobStore(data_dir / "db.sqlite3")
+    artifacts = ArtifactStore(data_dir / "artifacts")
+    await backend.start()
+    jobs = JobService(
+        config=config, store=store, artifacts=artifacts, registry=ModelRegistry(store, artifacts), backend=backend
+    )
+    await jobs.start()
+    try:
+        yield jobs
+    finally:
+        await jobs.close()
+        await backend.close()
+        store.close()
 
 
 class ServerThread:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import zipfile
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +17,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from deml_server.artifacts import ArtifactStore
-from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
-from deml_server.config import ServerConfig
+from deml_server.backends import LocalBackend, WorkItem
 from deml_server.domain import JobState
 from deml_server.jobs import JobService
-from deml_server.registry import ModelRegistry
-from deml_server.store import JobStore
+from tests.support import WrappedLocal, job_service
 
 # Big enough that the first layer's weight (8 x 64 = 512 values) and the second's (64 x 64) are compressed.
 TASK = """
@@ -45,25 +42,14 @@ def load_data():
 Rewrite = Callable[[dict[str, np.ndarray]], None]
 
 
-class RewritingBackend(Backend):
-    name = "rewriting"
+class RewritingBackend(WrappedLocal):
+    """Rewrites partition 1's compressed update with `rewrite` (when set)."""
 
     def __init__(self, inner: LocalBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.rewrite: Rewrite | None = None
 
-    @property
-    def capacity(self) -> int:
-        return self.inner.capacity
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
-        outcome = await self.inner.run(item, avoid=avoid)
+    async def after(self, item: WorkItem) -> None:
         if self.rewrite is not None and item.action == "train" and item.partition == 1:
             path = item.output / "weights.safetensors"
             with safe_open(str(path), "np") as f:
@@ -71,26 +57,13 @@ class RewritingBackend(Backend):
                 arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
             self.rewrite(arrays)
             save_file(arrays, str(path), metadata=metadata)
-        return outcome
 
 
 @pytest.fixture
 async def made(tmp_path: Path) -> AsyncIterator[tuple[JobService, RewritingBackend]]:
-    config = ServerConfig(data_dir=tmp_path, workers=2, backend="local")
-    store = JobStore(tmp_path / "db.sqlite3")
-    artifacts = ArtifactStore(tmp_path / "artifacts")
     backend = RewritingBackend(LocalBackend(workers=2, work_dir=tmp_path / "workers"))
-    await backend.start()
-    jobs = JobService(
-        config=config, store=store, artifacts=artifacts, registry=ModelRegistry(store, artifacts), backend=backend
-    )
-    await jobs.start()
-    try:
+    async with job_service(tmp_path, backend) as jobs:
         yield jobs, backend
-    finally:
-        await jobs.close()
-        await backend.close()
-        store.close()
 
 
 async def _run(jobs: JobService, **spec: object) -> str:

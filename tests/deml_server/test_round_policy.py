@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,16 +17,14 @@ import pytest
 
 from deml.v1 import training_pb2
 from deml_client.client import zip_task_dir
-from deml_server.artifacts import ArtifactStore
-from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
+from deml_server.backends import Backend, LocalBackend, WorkItem
 from deml_server.config import ServerConfig
 from deml_server.convert import round_to_pb, spec_from_pb, spec_to_pb
 from deml_server.domain import EventKind, JobState, RoundSummary, TaskOutcome
 from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService, resolve_spec
-from deml_server.registry import ModelRegistry
 from deml_server.sampling import sample_partitions
-from deml_server.store import JobStore
+from tests.support import WrappedLocal, job_service
 
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 
@@ -102,51 +100,25 @@ def test_a_bad_round_policy_is_refused_naming_its_field(given: dict[str, object]
 # -- jobs on real workers ---------------------------------------------------------------------------------------
 
 
-class StragglerBackend(Backend):
+class StragglerBackend(WrappedLocal):
     """The real local backend, with one partition's round-1 training result held back for `delay` seconds."""
 
-    name = "straggler"
-
     def __init__(self, inner: LocalBackend, partition: int, delay: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.partition = partition
         self.delay = delay
 
-    @property
-    def capacity(self) -> int:
-        return self.inner.capacity
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
-        outcome = await self.inner.run(item, avoid=avoid)
+    async def after(self, item: WorkItem) -> None:
         if item.action == "train" and item.server_round == 1 and item.partition == self.partition:
             await asyncio.sleep(self.delay)
-        return outcome
 
 
 @pytest.fixture
 async def service(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[JobService]:
-    config = ServerConfig(data_dir=tmp_path, workers=2, backend="local")
-    store = JobStore(tmp_path / "db.sqlite3")
-    artifacts = ArtifactStore(tmp_path / "artifacts")
     local = LocalBackend(workers=2, work_dir=tmp_path / "workers")
     backend: Backend = StragglerBackend(local, partition=1, delay=600) if request.param == "straggler" else local
-    await backend.start()
-    jobs = JobService(
-        config=config, store=store, artifacts=artifacts, registry=ModelRegistry(store, artifacts), backend=backend
-    )
-    await jobs.start()
-    try:
+    async with job_service(tmp_path, backend) as jobs:
         yield jobs
-    finally:
-        await jobs.close()
-        await backend.close()
-        store.close()
 
 
 async def _run(service: JobService, **spec: object) -> tuple[str, list[str]]:

@@ -10,42 +10,27 @@ import asyncio
 import io
 import json
 import zipfile
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from deml_server.artifacts import ArtifactStore
-from deml_server.backends import Backend, LocalBackend, WorkItem, WorkOutcome
-from deml_server.config import ServerConfig
+from deml_server.backends import LocalBackend, WorkItem
 from deml_server.domain import EventKind, JobEvent, JobState
 from deml_server.jobs import JobService
-from deml_server.registry import ModelRegistry
-from deml_server.store import JobStore
-from tests.support import SMALL_TASK
+from tests.support import SMALL_TASK, WrappedLocal, job_service
 
 
-class TamperingBackend(Backend):
-    name = "tampering"
+class TamperingBackend(WrappedLocal):
+    """Rewrites one partition's returned weights with a wrongly shaped tensor."""
 
     def __init__(self, inner: LocalBackend, partition: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.partition = partition
 
-    @property
-    def capacity(self) -> int:
-        return self.inner.capacity
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
-        outcome = await self.inner.run(item, avoid=avoid)
+    async def after(self, item: WorkItem) -> None:
         task = json.loads((item.bundle / "task.json").read_text())
         if item.action == "train" and task["partition"]["index"] == self.partition and task["partition"]["count"] > 1:
             path = item.output / "weights.safetensors"
@@ -53,26 +38,13 @@ class TamperingBackend(Backend):
             name = next(iter(sorted(weights)))
             weights[name] = np.zeros((3, 3, 3), dtype=weights[name].dtype)
             save_file(weights, str(path))
-        return outcome
 
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[JobService]:
-    config = ServerConfig(data_dir=tmp_path, workers=2, backend="local")
-    store = JobStore(tmp_path / "db.sqlite3")
-    artifacts = ArtifactStore(tmp_path / "artifacts")
     backend = TamperingBackend(LocalBackend(workers=2, work_dir=tmp_path / "workers"), partition=1)
-    await backend.start()
-    jobs = JobService(
-        config=config, store=store, artifacts=artifacts, registry=ModelRegistry(store, artifacts), backend=backend
-    )
-    await jobs.start()
-    try:
+    async with job_service(tmp_path, backend) as jobs:
         yield jobs
-    finally:
-        await jobs.close()
-        await backend.close()
-        store.close()
 
 
 async def _submit(service: JobService, tmp_path: Path, **spec: object) -> str:
