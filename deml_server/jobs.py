@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 FILE_KINDS = ("code", "data", "test_data")
 WATCH_PAGE_ROUNDS = 500
 LIST_ROUNDS_PAGE = 1000
+# How long ResumeJob waits for a failed job's runner to finish releasing its workers.
+RESUME_WAIT_SECONDS = 30.0
 # How often a quiet WatchJob stream checks that its job still has a runner (a stream always ends).
 WATCH_CHECK_SECONDS = 5.0
 
@@ -396,8 +398,12 @@ class JobService:
                 f"job {job_id} failed because of its own code or data, which resuming would run again unchanged: "
                 f"fix the task and submit a new job (the error was: {said})"
             )
-        if job_id in self._tasks:
-            raise FailedPrecondition(f"job {job_id} is still stopping; try again in a moment")
+        stopping = self._tasks.get(job_id)
+        if stopping is not None:
+            # The runner has recorded the failure and is still releasing its workers: wait for it, briefly.
+            await asyncio.wait({stopping}, timeout=RESUME_WAIT_SECONDS)
+            if job_id in self._tasks:
+                raise FailedPrecondition(f"job {job_id} is still stopping; try again in a moment")
         owner = self._store.job_owner(job_id)
         self._quota.admit(owner)
         try:
