@@ -72,7 +72,8 @@ def test_backup_of_a_running_server_is_checked_and_servable(tmp_path: Path) -> N
     try:
         with DemlClient(server.target) as client:
             model = client.upload_model(tiny_onnx(tmp_path / "tiny.onnx"), "tiny")
-            job = client.submit_job(task, quick_spec(name="slow", rounds=3))
+            # Rounds enough that the job still runs when the backup (a new Python process) is done, under load too.
+            job = client.submit_job(task, quick_spec(name="slow", rounds=8))
             for event in client.watch_job(job.id):
                 if event.kind == training_pb2.EVENT_KIND_ROUND_COMMITTED and event.round.round == 1:
                     break
