@@ -437,7 +437,7 @@ class JobRunner:
         cost = self._backend.spent(self.job.id, server_round)
         if cost is not None:
             metrics["cost_glm"] = cost
-        state_digest = await asyncio.to_thread(lambda: self.deps.artifacts.put_bytes(wio.to_bytes(strategy.state())))
+        state_digest = await asyncio.to_thread(lambda: self._put_weights(strategy.state()))
         summary = RoundSummary(
             round=server_round,
             metrics=metrics,
@@ -531,7 +531,7 @@ class JobRunner:
 
     def _put_weights(self, weights: Weights) -> str:
         """Store weights through a file, not a bytes copy of the model held beside them."""
-        staging = self.dir / "aggregated.safetensors"
+        staging = self.dir / "staged.safetensors"
         wio.write(weights, staging)
         try:
             return self.deps.artifacts.put_file(staging)
@@ -548,7 +548,7 @@ class JobRunner:
             return None
         path = self.dir / "tasks" / f"control-{partition}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(path.write_bytes, wio.to_bytes(control))
+        await asyncio.to_thread(wio.write, control, path)
         return path
 
     def _check_job_budget(self, server_round: int) -> None:
