@@ -735,10 +735,10 @@ def _rounds_to_accuracy(db: sqlite3.Connection, job_id: str, baseline: dict[str,
     centralized = baseline.get("accuracy")
     if centralized is None:
         return None
-    rows = db.execute(
-        "SELECT round, json_extract(metrics, '$.accuracy') FROM rounds WHERE job_id = ? ORDER BY round", (job_id,)
-    ).fetchall()
-    return rounds_to_accuracy(((int(r), None if a is None else float(a)) for r, a in rows), float(centralized))
+    # Parsed here rather than by SQLite's json_extract: a round's metrics may hold NaN, which Python's JSON allows.
+    rows = db.execute("SELECT round, metrics FROM rounds WHERE job_id = ? ORDER BY round", (job_id,)).fetchall()
+    accuracies = ((int(r), json.loads(metrics).get("accuracy")) for r, metrics in rows)
+    return rounds_to_accuracy(accuracies, float(centralized))
 
 
 def _curve_json(curve: tuple[CurvePoint, ...]) -> str:

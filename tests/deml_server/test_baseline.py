@@ -79,6 +79,8 @@ def test_the_store_keeps_the_curve_and_works_out_rounds_to_accuracy(tmp_path: Pa
     store = _store_with_rounds(path, "j1", [340 / 360, 346 / 360, 348 / 360])
     store.create_job("j2", JobSpec(rounds=1, baseline=True), JobFiles(code="a" * 64))
     store.commit_round("j2", _round(1, 0.5), "c" * 64, "d" * 64)
+    # A diverged round's metrics hold NaN (JSON that Python writes and SQLite's json functions refuse).
+    store.commit_round("j2", _round(2, math.nan), "c" * 64, "d" * 64)
     # Execute
     before = store.get_job("j1")
     stored = store.set_baseline("j1", dict(CURVE[-1].metrics), CURVE)
