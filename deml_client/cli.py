@@ -14,6 +14,7 @@ from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
 from deml.v1 import models_pb2, training_pb2
+from deml_client.baseline import BaselineComparison
 from deml_client.channel import open_channel
 from deml_client.cli_security import add_security_flags, security_of
 from deml_client.client import DEFAULT_SERVER, DemlClient, DemlClientError, parse_model_ref, read_spec_file
@@ -26,8 +27,8 @@ def state_name(state: int) -> str:
     return training_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
 
 
-def job_to_dict(job: training_pb2.Job) -> dict[str, Any]:
-    """The JSON shape every command prints for a job."""
+def job_to_dict(job: training_pb2.Job, comparison: BaselineComparison | None = None) -> dict[str, Any]:
+    """The JSON shape every command prints for a job (with the baseline comparison when given one)."""
     rounds: list[dict[str, Any]] = [
         {
             "round": r.round,
@@ -49,6 +50,11 @@ def job_to_dict(job: training_pb2.Job) -> dict[str, Any]:
         "per_round": rounds,
         "final_accuracy": final.get("accuracy"),
         "baseline_accuracy": job.baseline_accuracy if job.HasField("baseline_accuracy") else None,
+        "baseline_curve": [
+            {"round": p.round, "epochs": p.epochs, "metrics": dict(p.metrics)} for p in job.baseline_curve
+        ],
+        "rounds_to_accuracy": job.rounds_to_accuracy if job.HasField("rounds_to_accuracy") else None,
+        **({"baseline_comparison": comparison.to_dict()} if comparison is not None else {}),
         "model_name": job.model_name or None,
         "model_version": job.model_version or None,
         "error": job.error,
@@ -105,7 +111,7 @@ def follow(client: DemlClient, job: training_pb2.Job, *, quiet: bool) -> trainin
     return client.get_job(job.id)
 
 
-def _summary(job: training_pb2.Job) -> str:
+def _summary(job: training_pb2.Job, comparison: BaselineComparison | None = None) -> str:
     info = job_to_dict(job)
     lines = [f"job {job.id}: {info['state']} after {job.rounds_committed}/{job.spec.rounds} rounds"]
     for r in info["per_round"]:
@@ -115,6 +121,11 @@ def _summary(job: training_pb2.Job) -> str:
         lines.append(f"federated test accuracy: {info['final_accuracy']:.4f}")
     if info["baseline_accuracy"] is not None:
         lines.append(f"centralized baseline:    {info['baseline_accuracy']:.4f}")
+    if comparison is not None:
+        if comparison.rows:
+            lines.append("federated against centralized at equal epochs (test accuracy):")
+            lines.extend("  " + line for line in comparison.table())
+        lines.append(comparison.verdict())
     if info["model_name"]:
         lines.append(f"model: {info['model_name']}:{info['model_version']}")
     if job.error:
@@ -163,10 +174,11 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
     if not args.json:
         print(f"submitted job {job.id}", file=sys.stderr)
     job = client.get_job(job.id) if args.detach else follow(client, job, quiet=args.json)
+    comparison = _comparison(client, job)
     if args.json:
-        _print_json(job_to_dict(job))
+        _print_json(job_to_dict(job, comparison))
     else:
-        print(_summary(job))
+        print(_summary(job, comparison))
     return 0 if job.state in (training_pb2.JOB_STATE_SUCCEEDED,) or args.detach else 1
 
 
@@ -186,10 +198,11 @@ def cmd_jobs(client: DemlClient, args: argparse.Namespace) -> int:
         return 0
     if args.jobs_cmd == "show":
         job, more = _show(client, args)
+        comparison = _comparison(client, job)
         if args.json:
-            _print_json(job_to_dict(job))
+            _print_json(job_to_dict(job, comparison))
         else:
-            print(_summary(job))
+            print(_summary(job, comparison))
             if more:
                 print(f"(more rounds: --from-round {more})")
         return 0
@@ -206,6 +219,11 @@ def cmd_jobs(client: DemlClient, args: argparse.Namespace) -> int:
     else:
         print(_summary(job))
     return 0
+
+
+def _comparison(client: DemlClient, job: training_pb2.Job) -> BaselineComparison | None:
+    """The baseline comparison of a job that has a baseline (its rounds are read whole for it)."""
+    return client.baseline_comparison(job.id) if job.HasField("baseline_accuracy") else None
 
 
 def _show(client: DemlClient, args: argparse.Namespace) -> tuple[training_pb2.Job, int]:

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from deml.v1 import models_pb2, models_pb2_grpc, training_pb2, training_pb2_grpc
+from deml_client.baseline import BaselineComparison, compare_with_baseline
 from deml_client.channel import Security, open_channel
 
 CHUNK_BYTES = 1 << 20
@@ -248,6 +249,12 @@ class DemlClient:
         while start:
             rounds, start = self.list_rounds(job_id, start)
             yield from rounds
+
+    def baseline_comparison(self, job_id: str) -> BaselineComparison | None:
+        """Federated accuracy per round against the centralized baseline's curve; None without a baseline (yet)."""
+        job = self.get_job(job_id, rounds=0)
+        rounds = self.iter_rounds(job_id) if job.baseline_curve else iter(())
+        return compare_with_baseline(job, rounds)
 
     def list_jobs(self, limit: int = 0) -> list[training_pb2.Job]:
         """Jobs, newest first."""

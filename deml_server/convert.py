@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from deml.v1 import models_pb2, training_pb2
 from deml_server.domain import (
+    CurvePoint,
     EventKind,
     FailureCause,
     Job,
@@ -178,7 +179,15 @@ def job_to_pb(job: Job) -> training_pb2.Job:
         msg.latest_round.CopyFrom(round_to_pb(job.latest_round))
     if "accuracy" in job.baseline_metrics:
         msg.baseline_accuracy = job.baseline_metrics["accuracy"]
+    msg.baseline_curve.extend(curve_point_to_pb(p) for p in job.baseline_curve)
+    if job.rounds_to_accuracy is not None:
+        msg.rounds_to_accuracy = job.rounds_to_accuracy
     return msg
+
+
+def curve_point_to_pb(point: CurvePoint) -> training_pb2.CurvePoint:
+    """One point of the centralized baseline's curve."""
+    return training_pb2.CurvePoint(round=point.round, epochs=point.epochs, metrics=point.metrics)
 
 
 def event_to_pb(event: JobEvent) -> training_pb2.WatchJobResponse:

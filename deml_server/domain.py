@@ -143,6 +143,15 @@ class JobFiles:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """The centralized baseline's test metrics after `epochs` epochs: as many as federated round `round` trained."""
+
+    round: int
+    epochs: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Job:
     """A training job as stored."""
 
@@ -163,6 +172,11 @@ class Job:
     latest_round: RoundSummary | None = None
     # Set when the job failed: whether it can be resumed (ResumeJob) depends on it.
     failure_cause: FailureCause = FailureCause.UNSPECIFIED
+    # The centralized baseline's curve, one point per round's worth of epochs (its last is baseline_metrics), and
+    # the first round whose test accuracy is within 1 point of the baseline's final one (None: not reached, or
+    # no baseline).
+    baseline_curve: tuple[CurvePoint, ...] = ()
+    rounds_to_accuracy: int | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from deml_server.artifacts import ArtifactStore
 from deml_server.backends.base import Backend, WorkItem, WorkOutcome
 from deml_server.bundle import Shards, TaskBundle, TaskResult, read_result, shard_data, unpack_code
 from deml_server.domain import (
+    CurvePoint,
     EventKind,
     FailureCause,
     Job,
@@ -603,7 +604,9 @@ class JobRunner:
             task_seed=self.spec.seed,
         )
         result = await self._run_one(bundle, "baseline")
-        self.job = await self._write(self.deps.store.set_baseline, self.job.id, result.test_metrics)
+        # The worker evaluated the test split after every local_epochs epochs: one point per round's worth.
+        curve = tuple(CurvePoint(round=p.round, epochs=p.epochs, metrics=p.metrics) for p in result.doc.curve)
+        self.job = await self._write(self.deps.store.set_baseline, self.job.id, result.test_metrics, curve)
         self._progress(f"baseline: {result.test_metrics}")
 
     async def _export(self, weights_digest: str) -> None:

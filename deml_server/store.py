@@ -16,9 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deml_server.baseline import rounds_to_accuracy
 from deml_server.diskspace import disk_full, free_bytes
 from deml_server.domain import (
     BlockedProvider,
+    CurvePoint,
     EventKind,
     EventRecord,
     FailureCause,
@@ -163,6 +165,7 @@ class JobStore:
             self._db.executescript(_HISTORY_SCHEMA)
             self._db.executescript(_BLOCKLIST_SCHEMA)
             _add_round_policy_column(self._db)
+            _add_baseline_curve_columns(self._db)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -317,12 +320,16 @@ class JobStore:
         with self._tx() as db:
             db.execute("UPDATE jobs SET init_weights = ?, updated_at = ? WHERE id = ?", (weights, _now(), job_id))
 
-    def set_baseline(self, job_id: str, metrics: dict[str, float]) -> Job:
-        """Record the centralized baseline's test metrics."""
+    def set_baseline(self, job_id: str, metrics: dict[str, float], curve: tuple[CurvePoint, ...] = ()) -> Job:
+        """Record the centralized baseline's final test metrics and its curve (one point per round's epochs).
+
+        Rounds to accuracy is worked out here, from the rounds committed: the baseline trains after the last one.
+        """
         with self._tx() as db:
+            reached = _rounds_to_accuracy(db, job_id, metrics)
             db.execute(
-                "UPDATE jobs SET baseline = ?, updated_at = ? WHERE id = ?",
-                (json.dumps(metrics), _now(), job_id),
+                "UPDATE jobs SET baseline = ?, baseline_curve = ?, rounds_to_accuracy = ?, updated_at = ? WHERE id = ?",
+                (json.dumps(metrics), _curve_json(curve), reached, _now(), job_id),
             )
         return self.get_job(job_id)
 
@@ -417,6 +424,8 @@ class JobStore:
             rounds_committed=latest.round if latest is not None else 0,
             latest_round=latest,
             failure_cause=FailureCause(row[10] or ""),
+            baseline_curve=_curve(row[11]),
+            rounds_to_accuracy=row[12],
         )
 
     # -- models ---------------------------------------------------------------------------------------------
@@ -684,7 +693,7 @@ def _mapped_errors(path: Path, busy_timeout: float) -> Iterator[None]:
 
 _JOB_SELECT = (
     "SELECT id, state, spec, files, created_at, updated_at, error, model_name, model_version, baseline,"
-    " failure_cause FROM jobs"
+    " failure_cause, baseline_curve, rounds_to_accuracy FROM jobs"
 )
 _ROUND_SELECT = (
     "SELECT round, metrics, workers_ok, workers_failed, wall_seconds, bytes_sent, committed_at, policy FROM rounds"
@@ -696,6 +705,51 @@ def _add_round_policy_column(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(rounds)")}
     if "policy" not in columns:
         db.execute("ALTER TABLE rounds ADD COLUMN policy TEXT")
+
+
+def _add_baseline_curve_columns(db: sqlite3.Connection) -> None:
+    """Add the baseline's curve and rounds-to-accuracy columns to a database made before they existed.
+
+    A job whose baseline was recorded before keeps an empty curve (it was never measured), but its rounds to
+    accuracy is worked out now from its stored rounds and baseline accuracy.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "baseline_curve" in columns:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE jobs ADD COLUMN baseline_curve TEXT NOT NULL DEFAULT '[]'")
+        db.execute("ALTER TABLE jobs ADD COLUMN rounds_to_accuracy INTEGER")
+        for job_id, baseline in db.execute("SELECT id, baseline FROM jobs WHERE baseline != '{}'").fetchall():
+            reached = _rounds_to_accuracy(db, job_id, json.loads(baseline))
+            db.execute("UPDATE jobs SET rounds_to_accuracy = ? WHERE id = ?", (reached, job_id))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _rounds_to_accuracy(db: sqlite3.Connection, job_id: str, baseline: dict[str, float]) -> int | None:
+    """The job's first round within a point of the baseline's accuracy, from its committed rounds."""
+    centralized = baseline.get("accuracy")
+    if centralized is None:
+        return None
+    # Parsed here rather than by SQLite's json_extract: a round's metrics may hold NaN, which Python's JSON allows.
+    rows = db.execute("SELECT round, metrics FROM rounds WHERE job_id = ? ORDER BY round", (job_id,)).fetchall()
+    accuracies = ((int(r), json.loads(metrics).get("accuracy")) for r, metrics in rows)
+    return rounds_to_accuracy(accuracies, float(centralized))
+
+
+def _curve_json(curve: tuple[CurvePoint, ...]) -> str:
+    return json.dumps([{"round": p.round, "epochs": p.epochs, "metrics": p.metrics} for p in curve])
+
+
+def _curve(text: str | None) -> tuple[CurvePoint, ...]:
+    return tuple(
+        CurvePoint(round=int(p["round"]), epochs=int(p["epochs"]), metrics=dict(p["metrics"]))
+        for p in json.loads(text or "[]")
+    )
 
 
 def _round(r: tuple[Any, ...]) -> RoundSummary:

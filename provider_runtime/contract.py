@@ -33,6 +33,7 @@ __all__ = [
     "SCHEMES",
     "ClientFile",
     "ContractError",
+    "CurvePoint",
     "ErrorInfo",
     "ExportInfo",
     "ForgetRequest",
@@ -473,6 +474,37 @@ class InferInfo:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """Test metrics after `epochs` epochs of a task that spans rounds (the centralized baseline's curve).
+
+    `round` is the federated round with as many epochs behind it: epochs = round x epochs_per_round.
+    """
+
+    round: int
+    epochs: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.round < 1 or self.epochs < 1:
+            raise ContractError(f"a curve point needs round and epochs >= 1, got {self.round} and {self.epochs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object."""
+        return {"round": self.round, "epochs": self.epochs, "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, value: object, where: str = "result.curve[]") -> CurvePoint:
+        """Parse the JSON object."""
+        raw = _object(value, where)
+        _no_extra(raw, ("round", "epochs", "metrics"), where)
+        return cls(
+            round=_need(raw, "round", where, _int),
+            epochs=_need(raw, "epochs", where, _int),
+            metrics=_get(raw, "metrics", where, _floats, {}),
+        )
+
+
+@dataclass(frozen=True)
 class ResultDoc:
     """result.json: the outcome of one action. status "error" means the user's code (or the bundle) failed."""
 
@@ -486,6 +518,9 @@ class ResultDoc:
     device: str = "cpu"
     seconds: float = 0.0
     error: ErrorInfo | None = None
+    # A train task with evaluate_after and hyper.epochs_per_round: the test metrics after every epochs_per_round
+    # epochs, oldest first; the last point is test_metrics.
+    curve: tuple[CurvePoint, ...] = ()
 
     def __post_init__(self) -> None:
         _one_of(self.status, STATUSES, "result.status")
@@ -518,6 +553,8 @@ class ResultDoc:
         }
         if self.infer is not None:
             out["infer"] = self.infer.to_dict()
+        if self.curve:
+            out["curve"] = [point.to_dict() for point in self.curve]
         return out
 
     @classmethod
@@ -525,8 +562,9 @@ class ResultDoc:
         """Parse and check result.json."""
         raw = _object(value, "result")
         known = ("status", "action", "num_examples", "metrics", "test_metrics", "export", "infer", "device")
-        _no_extra(raw, (*known, "seconds", "error"), "result")
+        _no_extra(raw, (*known, "seconds", "error", "curve"), "result")
         export = raw.get("export")
+        curve: list[Any] = _get(raw, "curve", "result", _list, [])
         infer = raw.get("infer")
         error = raw.get("error")
         return cls(
@@ -540,6 +578,7 @@ class ResultDoc:
             device=_get(raw, "device", "result", _str, "cpu"),
             seconds=_get(raw, "seconds", "result", _float, 0.0),
             error=ErrorInfo.from_dict(error) if error is not None else None,
+            curve=tuple(CurvePoint.from_dict(p, f"result.curve[{i}]") for i, p in enumerate(curve)),
         )
 
 

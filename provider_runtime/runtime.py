@@ -25,6 +25,7 @@ from provider_runtime import compression
 from provider_runtime.contract import (
     ACTIONS,
     ContractError,
+    CurvePoint,
     ErrorInfo,
     ExportInfo,
     Hyper,
@@ -84,6 +85,7 @@ class _Outcome:
     export: ExportInfo | None = None
     infer: InferInfo | None = None
     device: str = "cpu"
+    curve: tuple[CurvePoint, ...] = ()
 
 
 def configure_threads(default: int | None) -> None:
@@ -136,6 +138,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
         device=outcome.device,
         seconds=round(time.monotonic() - started, 3),
         error=error,
+        curve=outcome.curve,
     )
     result = doc.to_dict()
     _write_json(output_dir / "result.json", result)
@@ -209,9 +212,17 @@ def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
         control = _Control.read(bundle / CONTROL_FILE, model) if (bundle / CONTROL_FILE).is_file() else None
         result.num_examples = len(splits.train)  # type: ignore[arg-type]
         kept = partition_key(bundle, mod, partition_args(task)) if task.hyper.keep_optimizer_state else None
-        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed, control, kept)
+        curve = (
+            _Curve(task.hyper, model, lambda: _evaluate_split(model, splits, loss_fn, mod, device), device)
+            if task.evaluate_after and task.hyper.epochs_per_round > 0
+            else None
+        )
+        after_epoch = curve.after_epoch if curve is not None else None
+        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed, control, kept, after_epoch)
         if task.evaluate_after:
             result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
+            if curve is not None:
+                result.curve = curve.finish(result.test_metrics)
         if task.compression == "none":
             save_state_dict(model.state_dict(), out / "weights.safetensors")
         else:
@@ -410,8 +421,12 @@ def _fit(
     seed: int,
     control: _Control | None = None,
     kept: tuple[Any, ...] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Local training; metrics are running averages over the last epoch (no extra pass over the data)."""
+    """Local training; metrics are running averages over the last epoch (no extra pass over the data).
+
+    `after_epoch(n)` is called after the n-th epoch (from 1) has trained.
+    """
     hyper = task.hyper
     n = len(train)  # type: ignore[arg-type]
     if n == 0:
@@ -450,6 +465,8 @@ def _fit(
         print(f"epoch {epoch + 1}/{hyper.local_epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if not math.isfinite(metrics["train_loss"]):
             raise FloatingPointError(f"training diverged: the loss is {metrics['train_loss']} in epoch {epoch + 1}")
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
     if kept is not None:
         _OPTIMIZER_STATES[kept] = copy.deepcopy(optimizer.state_dict())
         _OPTIMIZER_STATES.move_to_end(kept)
@@ -543,6 +560,56 @@ class _Control:
             new = self.own[name] - self.server[name] + (x - y) / self.rate_sum
             out[f"partition.{name}"] = new.to(params[name].dtype)
         save_state_dict(out, path)
+
+
+class _Curve:
+    """The centralized baseline's test curve: the test split evaluated after every `epochs_per_round` epochs.
+
+    An evaluation between epochs leaves the training that follows as it would have been without it: the global
+    random states (dropout masks; a DataLoader draws its base seed from torch's) are put back, and the model is
+    back in training mode. The last point is the task's own final evaluation, so it equals test_metrics.
+    """
+
+    def __init__(
+        self,
+        hyper: Hyper,
+        model: torch.nn.Module,
+        evaluate: Callable[[], dict[str, float]],
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.every = hyper.epochs_per_round
+        self.epochs = hyper.local_epochs
+        # The round trained before this task's first epoch: point k (epochs k x every) is round offset + k.
+        self.offset = max(hyper.round, 1) - 1
+        self.evaluate = evaluate
+        self.device = device
+        self.points: list[CurvePoint] = []
+
+    def after_epoch(self, done: int) -> None:
+        """Evaluate after `done` epochs when that ends a round's worth (the last epoch is left to finish)."""
+        if done % self.every or done >= self.epochs:
+            return
+        python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        metrics = self.evaluate()
+        self.model.train()
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+        self.points.append(self._point(done, metrics))
+        print(f"curve: after {done} epochs: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def finish(self, final: dict[str, float]) -> tuple[CurvePoint, ...]:
+        """The points, the final evaluation last."""
+        if self.epochs > 0:
+            self.points.append(self._point(self.epochs, final))
+        return tuple(self.points)
+
+    def _point(self, done: int, metrics: dict[str, float]) -> CurvePoint:
+        return CurvePoint(round=self.offset + math.ceil(done / self.every), epochs=done, metrics=dict(metrics))
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, group_lrs: list[float], hyper: Hyper, epoch: int) -> None:

@@ -561,6 +561,8 @@ class Job(_message.Message):
     BASELINE_METRICS_FIELD_NUMBER: _builtins.int
     LATEST_ROUND_FIELD_NUMBER: _builtins.int
     FAILURE_CAUSE_FIELD_NUMBER: _builtins.int
+    BASELINE_CURVE_FIELD_NUMBER: _builtins.int
+    ROUNDS_TO_ACCURACY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     rounds_committed: _builtins.int
@@ -572,6 +574,10 @@ class Job(_message.Message):
     baseline_accuracy: _builtins.float
     failure_cause: Global___FailureCause.ValueType
     """Why the job failed (JOB_STATE_FAILED only): whether ResumeJob can restart it."""
+    rounds_to_accuracy: _builtins.int
+    """The first round whose test accuracy is within 1 point (0.01) of the baseline's final accuracy; unset when
+    no round reached it (or the job has no baseline accuracy).
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -590,6 +596,13 @@ class Job(_message.Message):
     def latest_round(self) -> Global___RoundSummary:
         """The newest committed round (unset before the first)."""
 
+    @_builtins.property
+    def baseline_curve(self) -> _containers.RepeatedCompositeFieldContainer[Global___CurvePoint]:
+        """The centralized baseline's test metrics after every local_epochs epochs, oldest first: point k stands next
+        to federated round k at the same epochs-equivalent (k x local_epochs). The last equals baseline_metrics.
+        Empty without a baseline (or for one recorded before curves were).
+        """
+
     def __init__(
         self,
         *,
@@ -607,16 +620,73 @@ class Job(_message.Message):
         baseline_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         latest_round: Global___RoundSummary | None = ...,
         failure_cause: Global___FailureCause.ValueType = ...,
+        baseline_curve: _abc.Iterable[Global___CurvePoint] | None = ...,
+        rounds_to_accuracy: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "created_at", b"created_at", "latest_round", b"latest_round", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "_rounds_to_accuracy", b"_rounds_to_accuracy", "baseline_accuracy", b"baseline_accuracy", "created_at", b"created_at", "latest_round", b"latest_round", "rounds_to_accuracy", b"rounds_to_accuracy", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "failure_cause", b"failure_cause", "id", b"id", "latest_round", b"latest_round", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy", "_rounds_to_accuracy", b"_rounds_to_accuracy", "baseline_accuracy", b"baseline_accuracy", "baseline_curve", b"baseline_curve", "baseline_metrics", b"baseline_metrics", "created_at", b"created_at", "error", b"error", "failure_cause", b"failure_cause", "id", b"id", "latest_round", b"latest_round", "model_name", b"model_name", "model_version", b"model_version", "rounds", b"rounds", "rounds_committed", b"rounds_committed", "rounds_to_accuracy", b"rounds_to_accuracy", "spec", b"spec", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__baseline_accuracy: _TypeAlias = _typing.Literal["baseline_accuracy"]  # noqa: Y015
     _WhichOneofArgType__baseline_accuracy: _TypeAlias = _typing.Literal["_baseline_accuracy", b"_baseline_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__rounds_to_accuracy: _TypeAlias = _typing.Literal["rounds_to_accuracy"]  # noqa: Y015
+    _WhichOneofArgType__rounds_to_accuracy: _TypeAlias = _typing.Literal["_rounds_to_accuracy", b"_rounds_to_accuracy"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__baseline_accuracy) -> _WhichOneofReturnType__baseline_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds_to_accuracy) -> _WhichOneofReturnType__rounds_to_accuracy | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class CurvePoint(_message.Message):
+    """CurvePoint is the centralized baseline's test metrics after `epochs` epochs on the whole training split:
+    as many as federated round `round` has trained (epochs = round x local_epochs).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    epochs: _builtins.int
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        epochs: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "metrics", b"metrics", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CurvePoint: _TypeAlias = CurvePoint  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):

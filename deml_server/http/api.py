@@ -123,6 +123,13 @@ def job_json(job: Job, stats: RoundStats, *, rounds: bool = True) -> dict[str, A
         "failure_cause": job.failure_cause.value or None,
         "model": {"name": job.model_name, "version": job.model_version} if job.model_version else None,
         "baseline_metrics": job.baseline_metrics,
+        # The baseline's test metrics after every local_epochs epochs (point k: as many epochs as round k).
+        "baseline_curve": [
+            {"round": p.round, "epochs": p.epochs, "metrics": {k: _finite(v) for k, v in p.metrics.items()}}
+            for p in job.baseline_curve
+        ],
+        # The first round within 1 point of the baseline's final accuracy; null: not reached (or no baseline).
+        "rounds_to_accuracy": job.rounds_to_accuracy,
     }
     if rounds:
         body["rounds"] = [round_json(r) for r in job.rounds]

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from deml.v1 import training_pb2
 from deml_client import DemlClient, DemlClientError
+from deml_server.baseline import rounds_to_accuracy
 from deml_server.sandbox import SandboxConfig
 from tests.support import SMALL_TASK, ServerThread, make_config, quick_spec, write_task
 
@@ -91,6 +92,18 @@ def test_small_job_trains_registers_and_serves_its_onnx(client: DemlClient, tmp_
     assert {"accuracy", "loss", "train_loss"} <= set(job.rounds[-1].metrics)
     assert job.latest_round == job.rounds[-1] and job.latest_round.round == 2
     assert job.HasField("baseline_accuracy")
+    # The baseline's curve: one point per round's epochs, the last its final metrics; rounds to accuracy as the
+    # server works it out from these rounds, and the client's comparison row by row.
+    assert [(p.round, p.epochs) for p in job.baseline_curve] == [(1, 1), (2, 2)]
+    assert dict(job.baseline_curve[-1].metrics) == dict(job.baseline_metrics)
+    expected = rounds_to_accuracy([(r.round, r.metrics["accuracy"]) for r in job.rounds], job.baseline_accuracy)
+    assert (job.rounds_to_accuracy if job.HasField("rounds_to_accuracy") else None) == expected
+    comparison = client.baseline_comparison(job.id)
+    assert comparison is not None and comparison.rounds_to_accuracy == expected
+    assert [(r.round, r.epochs, r.federated_accuracy, r.centralized_accuracy) for r in comparison.rows] == [
+        (p.round, p.epochs, job.rounds[p.round - 1].metrics["accuracy"], p.metrics["accuracy"])
+        for p in job.baseline_curve
+    ]
     assert [r.round for r in client.get_job(job.id, rounds=1).rounds] == [2]
     assert [r.round for r in client.list_rounds(job.id, start=1, limit=1)[0]] == [1]
     assert client.list_rounds(job.id, start=1, limit=1)[1] == 2

@@ -53,6 +53,22 @@ def test_digits_federated_matches_baseline_and_serves_onnx(tmp_path: Path) -> No
     assert [r["round"] for r in latest["per_round"]] == [4, 5] and latest["final_accuracy"] == report["final_accuracy"]
     assert "  round 2:" in paged and "  round 3:" in paged and "  round 4:" not in paged
     assert "(more rounds: --from-round 4)" in paged
+    # Assert: the baseline's curve, one point per round's 5 epochs, ends at its final accuracy; the comparison
+    # sets each round beside it and names the first round within a point (digits reaches it: see above).
+    curve = report["baseline_curve"]
+    assert [(p["round"], p["epochs"]) for p in curve] == [(r, 5 * r) for r in range(1, 6)]
+    assert curve[-1]["metrics"]["accuracy"] == report["baseline_accuracy"]
+    rows = report["baseline_comparison"]["rows"]
+    assert [r["federated_accuracy"] for r in rows] == [r["metrics"]["accuracy"] for r in report["per_round"]]
+    assert [r["centralized_accuracy"] for r in rows] == [p["metrics"]["accuracy"] for p in curve]
+    reached = report["rounds_to_accuracy"]
+    assert reached is not None and 1 <= reached <= 5 and shown["rounds_to_accuracy"] == reached
+    within = [r["round"] for r in rows if r["federated_accuracy"] >= report["baseline_accuracy"] - 0.01 - 1e-9]
+    assert reached == within[0]
+    assert "round  epochs  federated %  centralized %" in paged
+    assert f"    5      25  {100 * report['final_accuracy']:>11.2f}" in paged
+    central = f"{100 * report['baseline_accuracy']:.2f}"
+    assert f"rounds to accuracy (within 1 point of centralized {central} %): {reached}" in paged
     assert listing[0]["name"] == "digits" and listing[0]["export_max_abs_diff"] <= 1e-4
     # Assert: the downloaded ONNX model reproduces the reported test accuracy with onnxruntime.
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -133,6 +133,8 @@ def test_jobs_page_lists_a_running_job_whose_curve_gains_a_point_per_round(base:
     page.wait_for_selector("#job-state .badge.SUCCEEDED", timeout=300_000)
     seen = page.evaluate("window.seen")
     page.wait_for_function("document.querySelector('#chart-accuracy').textContent.includes('centralized baseline')")
+    # The baseline's curve, drawn against the federated one on the epochs-equivalent axis, one point per round.
+    page.wait_for_function(f"document.querySelector('#chart-accuracy').dataset.baselinePoints === '{rounds}'")
     page.wait_for_selector("#tasks-body tr td .badge.OK")
     path = shot(page, "job")
     job = api(base, f"/api/jobs/{job_id}")
@@ -144,6 +146,12 @@ def test_jobs_page_lists_a_running_job_whose_curve_gains_a_point_per_round(base:
     assert seen == sorted(set(seen)) and seen[-1] == rounds and len(seen) >= 3, seen
     assert points(page, "#chart-wall") == rounds and points(page, "#chart-loss") == rounds
     assert job["state"] == "SUCCEEDED" and job["baseline_metrics"]["accuracy"] > 0.5
+    assert [p["epochs"] for p in job["baseline_curve"]] == [5 * r for r in range(1, rounds + 1)]
+    for chart in ("#chart-accuracy", "#chart-loss"):
+        assert page.get_attribute(chart, "data-axis") == "epochs"
+        assert page.get_attribute(chart, "data-baseline-points") == str(rounds)
+    reached = job["rounds_to_accuracy"]
+    assert page.inner_text("#rounds-to-accuracy") == (str(reached) if reached is not None else "not reached")
     assert page.locator("#tasks-body tr").count() >= rounds * 2
     assert page.locator("#log-body tr").count() >= rounds
     shutil.copy(path, SHOTS / "job-succeeded.png")

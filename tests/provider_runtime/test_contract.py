@@ -14,6 +14,7 @@ import pytest
 from provider_runtime.contract import (
     ClientFile,
     ContractError,
+    CurvePoint,
     ErrorInfo,
     ExportInfo,
     ExportTensor,
@@ -78,6 +79,19 @@ RESULTS = [
     ResultDoc(status="ok", action="infer", num_examples=8, infer=InferInfo(("y", "z"), ("CPUExecutionProvider",))),
     ResultDoc(status="error", action="train", error=ErrorInfo("ValueError", "bad", "Traceback...\nValueError: bad")),
     ResultDoc(status="error", error=ErrorInfo("BundleError", "no task.json")),
+    # The centralized baseline: a train task with evaluate_after and epochs_per_round, its curve's last point
+    # the final test metrics.
+    ResultDoc(
+        status="ok",
+        action="train",
+        num_examples=1437,
+        metrics={"train_loss": 0.06},
+        test_metrics={"loss": 0.13, "accuracy": 0.97},
+        curve=(
+            CurvePoint(round=1, epochs=5, metrics={"loss": 0.2, "accuracy": 0.95}),
+            CurvePoint(round=2, epochs=10, metrics={"loss": 0.13, "accuracy": 0.97}),
+        ),
+    ),
 ]
 
 
@@ -156,6 +170,11 @@ def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -
         ({"status": "ok", "export": {"opset": 18}}, "result.export lacks the field 'max_abs_diff'"),
         ({"status": "ok", "infer": {"outputs": [1]}}, "result.infer.outputs[0] must be a string"),
         ({"status": "ok", "weights": "x"}, "result has unknown field(s) 'weights'"),
+        ({"status": "ok", "curve": {"round": 1}}, "result.curve must be a JSON list"),
+        ({"status": "ok", "curve": [{"epochs": 5}]}, "result.curve[0] lacks the field 'round'"),
+        ({"status": "ok", "curve": [{"round": 1, "epochs": 5, "metrics": {"accuracy": "x"}}]}, "curve[0].metrics"),
+        ({"status": "ok", "curve": [{"round": 0, "epochs": 5}]}, "a curve point needs round and epochs >= 1"),
+        ({"status": "ok", "curve": [{"round": 1, "epochs": 5, "at": 3}]}, "result.curve[0] has unknown field(s) 'at'"),
     ],
 )
 def test_malformed_result_documents_are_refused_by_name(raw: object, named: str) -> None:

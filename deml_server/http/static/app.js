@@ -167,13 +167,26 @@ class RoundChart {
     this.plot = null;
     this.baseline = null;
   }
-  update(rounds, baseline, total) {
+  update(rounds, job, total) {
     const spec = this.spec;
+    const baseline = job ? job.baseline_metrics : null;
+    // With the baseline's curve, test metrics are drawn against epochs-equivalent (round x local epochs): the
+    // centralized point k has trained as many epochs as federated round k. Without one, a flat baseline line.
+    const curve = spec.baseline && job && job.baseline_curve && job.baseline_curve.length ? job.baseline_curve : null;
+    if (curve) return this.draw(curvePlot(spec, rounds, curve, job.spec.local_epochs), total * job.spec.local_epochs, rounds.length);
     const xs = rounds.map(r => r.round);
     const columns = spec.series.map(([key]) => rounds.map(r => roundValue(r, key)));
-    const present = columns.map(col => col.some(v => v !== null));
     const base = spec.baseline && baseline && baseline[spec.baseline] !== undefined ? baseline[spec.baseline] : null;
-    this.box.dataset.points = String(present.some(Boolean) ? xs.length : 0);
+    const extra = base === null ? [] : [{ label: "centralized baseline", column: xs.map(() => base), flat: true }];
+    return this.draw({ axis: "round", step: 1, xs, columns, extra }, total, xs.length);
+  }
+  draw(plan, total, count) {
+    const spec = this.spec;
+    const { xs, columns, extra } = plan;
+    const present = columns.map(col => col.some(v => v !== null));
+    this.box.dataset.points = String(present.some(Boolean) ? count : 0);
+    this.box.dataset.axis = plan.axis;
+    this.box.dataset.baselinePoints = String(extra.length && !extra[0].flat ? extra[0].column.filter(v => v !== null).length : 0);
     if (!present.some(Boolean)) {
       const why = spec.id === "chart-glm" ? "This backend charges nothing." : "No rounds committed yet.";
       if (!this.box.querySelector(".empty")) this.box.replaceChildren(el("h2", {}, spec.title), el("div", { class: "empty" }, why));
@@ -186,11 +199,11 @@ class RoundChart {
       series.push({ label, stroke: COLORS[i], width: 2, points: { size: 6 } });
       data.push(columns[i]);
     });
-    if (base !== null) {
-      series.push({ label: "centralized baseline", stroke: "#888", dash: [6, 4], width: 1.5, points: { show: false } });
-      data.push(xs.map(() => base));
-    }
-    const shape = series.map(s => s.label).join("|");
+    extra.forEach(line => {
+      series.push({ label: line.label, stroke: "#888", dash: [6, 4], width: 1.5, points: line.flat ? { show: false } : { size: 5 } });
+      data.push(line.column);
+    });
+    const shape = plan.axis + "|" + series.map(s => s.label).join("|");
     if (this.plot && this.shape === shape) {
       this.plot.setData(data);
       return;
@@ -201,13 +214,28 @@ class RoundChart {
     this.plot = new uPlot({
       width, height: 210,
       // The x axis spans every planned round, so the curve visibly grows as rounds commit.
-      scales: { x: { time: false, range: (u, lo, hi) => [1, Math.max(2, total || 0, hi || 0)] } },
-      axes: [{ label: "round", size: 36, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] }, { size: 56 }],
+      scales: { x: { time: false, range: (u, lo, hi) => [plan.step, Math.max(2 * plan.step, total || 0, hi || 0)] } },
+      axes: [{ label: plan.axis === "epochs" ? "epochs (round × local epochs)" : "round", size: 36,
+        incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000] }, { size: 56 }],
       series,
       legend: { live: false },
     }, data, this.box);
     this.shape = shape;
   }
+}
+
+// The federated metric and the centralized baseline's curve on one epochs-equivalent axis, aligned by round.
+function curvePlot(spec, rounds, curve, localEpochs) {
+  const byRound = new Map(rounds.map(r => [r.round, r]));
+  const points = new Map(curve.map(p => [p.round, p]));
+  const order = [...new Set([...byRound.keys(), ...points.keys()])].sort((a, b) => a - b);
+  const epochs = r => points.has(r) ? points.get(r).epochs : r * localEpochs;
+  const columns = spec.series.map(([key]) => order.map(r => byRound.has(r) ? roundValue(byRound.get(r), key) : null));
+  const central = order.map(r => {
+    const v = points.has(r) ? points.get(r).metrics[spec.baseline] : undefined;
+    return v === undefined || v === null ? null : v;
+  });
+  return { axis: "epochs", step: localEpochs, xs: order.map(epochs), columns, extra: [{ label: "centralized baseline", column: central, flat: false }] };
 }
 
 async function jobPage() {
@@ -237,8 +265,7 @@ async function jobPage() {
 
   function drawCharts() {
     const list = [...rounds.values()].sort((a, b) => a.round - b.round);
-    const baseline = job ? job.baseline_metrics : null;
-    chartObjs.forEach(c => c.update(list, baseline, job ? job.rounds_total : list.length));
+    chartObjs.forEach(c => c.update(list, job, job ? job.rounds_total : list.length));
   }
   // A round's point is drawn as its event arrives; rounds faster than 4 a second share a frame.
   const redraw = throttle(drawCharts, 250);
@@ -262,6 +289,8 @@ async function jobPage() {
           el("span", {}, "test accuracy ", el("b", {}, acc)),
           el("span", {}, "best ", el("b", {}, fmtPct(job.best_accuracy))),
           job.baseline_metrics && job.baseline_metrics.accuracy !== undefined ? el("span", {}, "baseline ", el("b", {}, fmtPct(job.baseline_metrics.accuracy))) : null,
+          job.baseline_metrics && job.baseline_metrics.accuracy !== undefined ? el("span", { title: "the first round within 1 point of the centralized baseline's final accuracy" },
+            "rounds to accuracy ", el("b", { id: "rounds-to-accuracy" }, job.rounds_to_accuracy === null || job.rounds_to_accuracy === undefined ? "not reached" : String(job.rounds_to_accuracy))) : null,
           el("span", {}, "strategy ", el("b", {}, job.strategy)),
           el("span", {}, "workers ", el("b", {}, job.spec.workers)),
           el("span", {}, "backend ", el("b", {}, job.backend)),
