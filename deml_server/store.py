@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -256,13 +257,26 @@ class JobStore:
         """Best test accuracy and GLM spent over a job's committed rounds (one SQL aggregate, no rounds loaded)."""
         rows = self._query(
             "SELECT MAX(json_extract(metrics, '$.accuracy')), SUM(json_extract(metrics, '$.cost_glm'))"
-            " FROM rounds WHERE job_id = ?",
+            " FROM rounds WHERE job_id = ? AND json_valid(metrics)",
             (job_id,),
         )
         best, cost = rows[0] if rows else (None, None)
+        values = [float(best)] if best is not None else []
+        costs = [float(cost)] if cost is not None else []
+        # A diverged round's metrics may hold NaN or Infinity, which Python's JSON writes and SQLite's refuses:
+        # those few rows are read here.
+        for (text,) in self._query(
+            "SELECT metrics FROM rounds WHERE job_id = ? AND NOT json_valid(metrics)", (job_id,)
+        ):
+            metrics = json.loads(text)
+            accuracy, spent = metrics.get("accuracy"), metrics.get("cost_glm")
+            if isinstance(accuracy, (int, float)) and not math.isnan(accuracy):
+                values.append(float(accuracy))
+            if isinstance(spent, (int, float)):
+                costs.append(float(spent))
         return RoundStats(
-            best_accuracy=float(best) if best is not None else None,
-            cost_glm=float(cost) if cost is not None else None,
+            best_accuracy=max(values) if values else None,
+            cost_glm=math.fsum(costs) if costs else None,
         )
 
     def all_rounds(self) -> list[tuple[str, RoundSummary]]:

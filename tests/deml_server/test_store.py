@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable
@@ -167,3 +168,19 @@ def test_artifacts_are_content_addressed(tmp_path: Path) -> None:
     assert not list((tmp_path / "artifacts" / "tmp").iterdir())
     with pytest.raises(NotFound):
         store.open_path("0" * 64)
+
+
+def test_round_stats_read_rounds_whose_metrics_hold_nan(tmp_path: Path) -> None:
+    # Prepare: a diverged round's loss is NaN, which SQLite's JSON functions refuse
+    store = JobStore(tmp_path / "db.sqlite3")
+    store.create_job("j1", JobSpec(name="digits", rounds=3), JobFiles(code="a" * 64))
+    store.commit_round("j1", _summary(1), "c" * 64, "d" * 64)
+    nan_round = dataclasses.replace(_summary(2), metrics={"accuracy": 0.9, "loss": float("nan"), "cost_glm": 0.25})
+    store.commit_round("j1", nan_round, "e" * 64, "f" * 64)
+    diverged = dataclasses.replace(_summary(3), metrics={"accuracy": float("nan"), "cost_glm": 0.5})
+    store.commit_round("j1", diverged, "g" * 64, "h" * 64)
+    # Execute
+    stats = store.round_stats("j1")
+    # Assert
+    assert stats.best_accuracy == 0.9
+    assert stats.cost_glm == 0.75
