@@ -25,8 +25,7 @@ def test_flower_clients_get_the_rows_the_deml_runtime_trains_each_partition_on(
     # Execute
     rows = bench_quality.partition_rows("digits", settings)
     runtime = [
-        cached_splits(tmp_path / f"bundle{i}", module, PartitionArgs(i, 4, scheme, alpha, 43)).train
-        for i in range(4)
+        cached_splits(tmp_path / f"bundle{i}", module, PartitionArgs(i, 4, scheme, alpha, 43)).train for i in range(4)
     ]
 
     # Assert: the same rows, in the same order, and every training row in exactly one partition
