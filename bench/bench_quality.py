@@ -328,7 +328,8 @@ def summary(task_result: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]
                 "round5": statistics.median(j["accuracy"][min(4, len(j["accuracy"]) - 1)] for j in jobs),
                 "reached": reached,
                 "seeds": len(jobs),
-                "flower": [j["flower"]["accuracy"][-1] for j in jobs if "flower" in j],
+                # (Flower's final accuracy, DeML's on the same seed) for the jobs run side by side with Flower.
+                "flower": [(j["flower"]["accuracy"][-1], j["accuracy"][-1]) for j in jobs if "flower" in j],
             }
     return out
 
@@ -400,7 +401,7 @@ def render(results: dict[str, Any]) -> str:
             f"![{task}: accuracy per round, federated against centralized](bench/results/quality_{task}.png)",
             "",
             "| partitioning | strategy / setting | final accuracy (%) | points below centralized | seeds "
-            "| Flower, same strategy: final accuracy (%) |",
+            "| Flower / DeML, same strategy and seeds: final accuracy (%) |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for partitioning, by_label in summary(task_result).items():
@@ -410,8 +411,10 @@ def render(results: dict[str, Any]) -> str:
                 if cell["gap_points"] == best:
                     gap = f"**{gap}**"
                 flower = cell["flower"]
-                peer = pct(statistics.median(flower)) if flower else ""
-                if flower and len(flower) != cell["seeds"]:
+                peer = ""
+                if flower:
+                    ours = statistics.median(d for _, d in flower)
+                    peer = f"{pct(statistics.median(f for f, _ in flower))} / {pct(ours)}"
                     peer += f" ({len(flower)} seed{'s' if len(flower) != 1 else ''})"
                 lines.append(
                     f"| {partitioning_name(partitioning)} | {label} | {pct(cell['final'])} | {gap} | {cell['seeds']} "
@@ -449,6 +452,7 @@ def plot_task(task: str, task_result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = {p: by_label for p, by_label in task_result["runs"].items() if by_label}
     central = _central(task_result)
@@ -471,10 +475,11 @@ def plot_task(task: str, task_result: dict[str, Any], path: Path) -> None:
             100 * central,
             color="black",
             linestyle=":",
-            label=f"centralized, {spec['rounds'] * spec['local_epochs']} epochs",
+            label=f"centralized after {spec['rounds'] * spec['local_epochs']} epochs",
         )
         ax.set_title(f"{task}, {partitioning_name(partitioning)}")
-        ax.set_xlabel("round")
+        ax.set_xlabel("round (dashed: the same strategy in Flower)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.set_ylim(max(0.0, 100 * central - 25), 100 * central + 3)
         ax.legend(fontsize=7, loc="lower right")
