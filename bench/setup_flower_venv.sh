@@ -17,7 +17,7 @@ fi
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU wheel here (the
 # same torch as DeML's .venv, so both sides train with the same kernels).
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q "flwr[simulation]==${FLWR_VERSION}" scikit-learn numpy psutil
+"$VENV/bin/python" -m pip install -q "flwr[simulation]==${FLWR_VERSION}" scikit-learn numpy psutil mlxtend
 "$VENV/bin/python" - <<'EOF'
 import flwr, ray, torch, sklearn
 print(f"flower venv ready: flwr {flwr.__version__}, ray {ray.__version__}, torch {torch.__version__}, "
