@@ -11,7 +11,7 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU wheel here.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,golem]"
+python -m pip install -q -e ".[dev,golem,examples]"
 
 # buf (protobuf lint and breaking-change checks) ships its binary inside an npm package.
 if [ ! -x .tools/node_modules/.bin/buf ]; then
