@@ -42,6 +42,9 @@ from deml_server.store import JobStore
 from deml_server.strategy import STRATEGIES, make_strategy
 from provider_runtime.contract import COMPRESSIONS, LR_SCHEDULES
 
+# What the round's global weights are sent to training workers as (JobSpec.broadcast_dtype).
+BROADCAST_DTYPES = ("fp32", "fp16")
+
 log = logging.getLogger(__name__)
 
 FILE_KINDS = ("code", "data", "test_data")
@@ -84,6 +87,11 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
     if spec.compression not in COMPRESSIONS:
         raise InvalidArgument(
             f"compression must be one of {', '.join(COMPRESSIONS)} (got {spec.compression!r})", field="compression"
+        )
+    if spec.broadcast_dtype not in BROADCAST_DTYPES:
+        raise InvalidArgument(
+            f"broadcast_dtype must be one of {', '.join(BROADCAST_DTYPES)} (got {spec.broadcast_dtype!r})",
+            field="broadcast_dtype",
         )
     if spec.backend not in known_backends():
         raise InvalidArgument(

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from deml_server import diskspace
 from deml_server import weights as wio
 from deml_server.artifacts import ArtifactStore
@@ -64,9 +66,18 @@ class _Fold:
     comes: results that arrive before their predecessors wait for them as files.
     """
 
-    def __init__(self, current: Weights, running_mean: bool, order: Sequence[int], compression: str = "none") -> None:
+    def __init__(
+        self,
+        current: Weights,
+        running_mean: bool,
+        order: Sequence[int],
+        compression: str = "none",
+        base: Weights | None = None,
+    ) -> None:
         self.current = current
         self.compression = compression
+        # What a compressed update is a delta from: the weights as the workers received them.
+        self.base = current if base is None else base
         # Weights files the workers sent and their bytes, for the round's bytes_received_per_worker metric.
         self.files_read = 0
         self.bytes_received = 0
@@ -145,7 +156,7 @@ class _Fold:
 
     def _read(self, result: TaskResult) -> Weights:
         path = result.directory / "weights.safetensors"
-        update = wio.read_update(path, self.current, self.compression)
+        update = wio.read_update(path, self.base, self.compression)
         self.files_read += 1
         self.bytes_received += path.stat().st_size
         validate_update(self.current, update)
@@ -234,6 +245,22 @@ class _Trained:
     bytes_sent_per_worker: int
     sampled: tuple[int, ...]
     late: tuple[int, ...]
+
+
+def _write_half(current: Weights, path: Path, widened: bool) -> Weights:
+    """Write the round's weights with float32 tensors as float16 (what fp16 broadcast sends; read-only).
+
+    Returns the weights as the workers load them (the float16 values widened back to float32) when `widened`
+    (compressed updates are deltas from those), else `current` (nothing reads the widened values).
+    """
+    half = {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    wio.write(half, path)
+    path.chmod(0o444)
+    if not widened:
+        return current
+    return {name: value.astype(current[name].dtype) for name, value in half.items()}
 
 
 def _sample_note(sample: Sequence[int], partitions: int) -> str:
@@ -493,12 +520,16 @@ class JobRunner:
         # Mapped, not read: the pages a round never touches (a full update's values are not compared with these)
         # cost no memory. The file is the server's own (an artifact, or a round's aggregate it wrote): immutable.
         current = await asyncio.to_thread(wio.read_mapped, weights_path)
+        sent, base = weights_path, current
+        if self.spec.broadcast_dtype == "fp16":
+            sent = self._half_path(server_round - 1)
+            base = await asyncio.to_thread(_write_half, current, sent, self.spec.compression != "none")
         hyper = {**self._hyper(), **strategy.configure_fit(server_round), "round": float(server_round)}
         bundles = {
             i: self._bundle(
                 "train",
                 index=i,
-                weights=weights_path,
+                weights=sent,
                 hyper=hyper,
                 train=self._shards.train[i] if self._shards else None,
                 task_seed=self.spec.seed + 1000 * server_round + i,
@@ -507,7 +538,7 @@ class JobRunner:
             )
             for i in sample
         }
-        fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression)
+        fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
         fits = _RoundFits()
         await self._fit_all(server_round, bundles, fold, fits)
         if fold.user_errors:
@@ -540,7 +571,7 @@ class JobRunner:
             bytes_received_per_worker=fold.bytes_received / max(fold.files_read, 1),
             workers_ok=len(results),
             workers_failed=len(problems),
-            bytes_sent_per_worker=weights_path.stat().st_size,
+            bytes_sent_per_worker=sent.stat().st_size,
             sampled=tuple(sample),
             late=tuple(sorted(fits.late)),
         )
@@ -585,12 +616,17 @@ class JobRunner:
         # Unlinking a round's result files (a model's size each) is disk work: off the event loop too. The round
         # before's global weights went with its commit's successor: nothing reads them any more.
         await asyncio.to_thread(shutil.rmtree, self._tasks_dir(server_round), True)
-        await asyncio.to_thread(self._global_path(server_round - 1).unlink, True)
+        for done in (self._global_path(server_round - 1), self._half_path(server_round - 1)):
+            await asyncio.to_thread(done.unlink, True)
         self._check_job_budget(server_round)
         return new_digest
 
     def _global_path(self, server_round: int) -> Path:
         return self.dir / "global" / f"round-{server_round}.safetensors"
+
+    def _half_path(self, server_round: int) -> Path:
+        """Round `server_round`'s aggregate as sent in fp16 (JobSpec.broadcast_dtype) to the next round's workers."""
+        return self.dir / "global" / f"round-{server_round}.fp16.safetensors"
 
     def _tasks_dir(self, server_round: int) -> Path:
         """Where a round's task and result bundles are laid out (round 0: init, baseline, export)."""
