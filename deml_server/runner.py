@@ -237,7 +237,7 @@ class _Trained:
     round: int
     started: float
     weights: Path
-    state_digest: str
+    state: Path
     metrics: dict[str, float]
     bytes_received_per_worker: float
     workers_ok: int
@@ -395,6 +395,7 @@ class JobRunner:
     def _remove_partial_files(self) -> None:
         """After running out of space: drop the round's task files (committed rounds live in the artifact store)."""
         shutil.rmtree(self.dir / "tasks", ignore_errors=True)
+        shutil.rmtree(self.dir / "global", ignore_errors=True)
 
     def _progress(self, message: str) -> None:
         log.info("job %s: %s", self.job.id, message)
@@ -561,12 +562,14 @@ class JobRunner:
         new_weights = self._global_path(server_round)
         await asyncio.to_thread(fold.aggregate_into, strategy, server_round, new_weights)
         # The state as this round's aggregate left it (the next round's aggregate changes it).
-        state_digest = await asyncio.to_thread(lambda: self._put_weights(strategy.state()))
+        # Written now, stored (hashed, synced) with the commit: off the path to the next round's dispatch.
+        state = self.dir / "global" / f"state-{server_round}.safetensors"
+        await asyncio.to_thread(lambda: wio.write(strategy.state(), state))
         return _Trained(
             round=server_round,
             started=started,
             weights=new_weights,
-            state_digest=state_digest,
+            state=state,
             metrics=strategy.aggregate_metrics(results),
             bytes_received_per_worker=fold.bytes_received / max(fold.files_read, 1),
             workers_ok=len(results),
@@ -587,6 +590,7 @@ class JobRunner:
         )
         try:
             new_digest = await asyncio.to_thread(self.deps.artifacts.put_file, trained.weights)
+            state_digest = await asyncio.to_thread(self.deps.artifacts.put_file, trained.state)
             evaluation = await evaluation_task
         finally:
             if not evaluation_task.done():
@@ -609,14 +613,12 @@ class JobRunner:
             sampled=trained.sampled,
             late=trained.late,
         )
-        self.job = await self._write(
-            self.deps.store.commit_round, self.job.id, summary, new_digest, trained.state_digest
-        )
+        self.job = await self._write(self.deps.store.commit_round, self.job.id, summary, new_digest, state_digest)
         self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
-        # Unlinking a round's result files (a model's size each) is disk work: off the event loop too. The round
-        # before's global weights went with its commit's successor: nothing reads them any more.
+        # Unlinking a round's result files (a model's size each) is disk work: off the event loop too. The global
+        # weights the round trained from (the round before's aggregate) and its state file are read by nothing now.
         await asyncio.to_thread(shutil.rmtree, self._tasks_dir(server_round), True)
-        for done in (self._global_path(server_round - 1), self._half_path(server_round - 1)):
+        for done in (self._global_path(server_round - 1), self._half_path(server_round - 1), trained.state):
             await asyncio.to_thread(done.unlink, True)
         self._check_job_budget(server_round)
         return new_digest
@@ -704,15 +706,6 @@ class JobRunner:
             worker = fits.workers.get(index)
             if worker:
                 self._backend.report_rejected(worker, f"weights rejected: {reason}")
-
-    def _put_weights(self, weights: Weights) -> str:
-        """Store weights through a file, not a bytes copy of the model held beside them."""
-        staging = self.dir / "staged.safetensors"
-        wio.write(weights, staging)
-        try:
-            return self.deps.artifacts.put_file(staging)
-        finally:
-            staging.unlink(missing_ok=True)
 
     async def _controls(self, strategy: Strategy, server_round: int, partition: int, current: Weights) -> Path | None:
         """The partition's control.safetensors (SCAFFOLD's c and c_i); None for other strategies.
