@@ -280,6 +280,8 @@ class RunnerDeps:
     jobs_dir: Path
     max_task_attempts: int
     publish: Callable[[JobEvent], None]
+    # Whether the server is shutting down: rounds stop overlapping (the next starts only after a commit).
+    draining: Callable[[], bool] = lambda: False
 
 
 class JobRunner:
@@ -293,6 +295,8 @@ class JobRunner:
         self._shards: Shards | None = None
         self._backend: Backend | None = None
         self._ended = False
+        # The round being trained (0: none), so that a shutdown does not stop the job between its rounds' overlap.
+        self.training = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -481,6 +485,7 @@ class JobRunner:
         shutil.rmtree(self.dir / "global", ignore_errors=True)
         try:
             for server_round in range(committed + 1, self.spec.rounds + 1):
+                self.training = server_round
                 try:
                     trained = await self._train_round(server_round, weights, strategy)
                 except Exception:
@@ -492,6 +497,8 @@ class JobRunner:
                     await pending
                 weights = trained.weights
                 pending = asyncio.create_task(self._commit_round(trained), name=f"job-{self.job.id}-commit")
+                # Trained: from here a shutdown may stop the job at this round's commit.
+                self.training = 0
                 if not self._overlap_allowed():
                     await pending
             if pending is not None:
@@ -504,7 +511,13 @@ class JobRunner:
         return weights_digest
 
     def _overlap_allowed(self) -> bool:
-        """Whether the next round may start before this one is committed: not once the job's budget is spent."""
+        """Whether the next round may start before this one is committed.
+
+        Not once the job's budget is spent, nor while the server shuts down (which stops each job at the commit of
+        the round it was training).
+        """
+        if self.deps.draining():
+            return False
         assert self._backend is not None
         spent = self._backend.spent(self.job.id)
         return not (self.spec.budget_glm > 0 and spent is not None and spent >= self.spec.budget_glm)
