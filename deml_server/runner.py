@@ -481,13 +481,22 @@ class JobRunner:
         """
         weights = self.deps.artifacts.open_path(weights_digest)
         pending: asyncio.Task[str] | None = None
+        training: asyncio.Task[_Trained] | None = None
         # Global weights of rounds not yet committed live here (one file per round, linked into every task).
         shutil.rmtree(self.dir / "global", ignore_errors=True)
         try:
             for server_round in range(committed + 1, self.spec.rounds + 1):
                 self.training = server_round
+                training = asyncio.create_task(
+                    self._train_round(server_round, weights, strategy), name=f"job-{self.job.id}-r{server_round}"
+                )
+                if pending is not None:
+                    # A commit that fails (its evaluation, the budget) stops the round training beside it at once.
+                    await asyncio.wait({training, pending}, return_when=asyncio.FIRST_EXCEPTION)
+                    if pending.done() and pending.exception() is not None:
+                        await pending
                 try:
-                    trained = await self._train_round(server_round, weights, strategy)
+                    trained = await training
                 except Exception:
                     # The round before is still committed (it is good) before the job fails on this one.
                     if pending is not None:
@@ -504,9 +513,10 @@ class JobRunner:
             if pending is not None:
                 weights_digest = await pending
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
+            for task in (training, pending):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         shutil.rmtree(self.dir / "global", ignore_errors=True)
         return weights_digest
 
