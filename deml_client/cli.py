@@ -155,6 +155,7 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
         "name": args.name,
         "task_timeout_seconds": args.task_timeout,
         "compression": args.compression,
+        "broadcast_dtype": args.broadcast_dtype,
         "fraction_fit": args.fraction_fit,
         "min_fit": args.min_fit,
         "min_fit_workers": args.min_fit_workers,
@@ -299,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task-timeout", type=float, help="seconds one worker task may take")
     train.add_argument(
         "--compression", choices=["none", "fp16", "bf16", "int8"], help="how workers send updates (default none)"
+    )
+    train.add_argument(
+        "--broadcast-dtype",
+        choices=["fp32", "fp16"],
+        help="what the round's global weights are sent to workers as (default fp32; fp16 halves the bytes)",
     )
     train.add_argument("--fraction-fit", type=float, help="share of the partitions trained each round (Flower's)")
     train.add_argument("--min-fit", type=int, help="fewest partitions trained each round")

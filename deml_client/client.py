@@ -43,6 +43,7 @@ _SPEC_KEYS = {
     "test_fraction",
     "budget_glm",
     "compression",
+    "broadcast_dtype",
     "fraction_fit",
     "min_fit",
     "round_deadline_seconds",

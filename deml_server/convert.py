@@ -74,7 +74,7 @@ def _timestamp(value: datetime) -> Timestamp:
 def spec_from_pb(msg: training_pb2.JobSpec) -> dict[str, Any]:
     """The settings the user actually set; resolve_spec fills in the rest."""
     given: dict[str, Any] = {}
-    for name in ("name", "module", "strategy", "backend", "compression", "lr_schedule"):
+    for name in ("name", "module", "strategy", "backend", "compression", "lr_schedule", "broadcast_dtype"):
         if getattr(msg, name):
             given[name] = getattr(msg, name)
     for name in _OPTIONAL_SPEC_FIELDS:
@@ -121,6 +121,7 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         test_fraction=spec.test_fraction,
         budget_glm=spec.budget_glm,
         compression=spec.compression,
+        broadcast_dtype=spec.broadcast_dtype,
         fraction_fit=spec.fraction_fit,
         min_fit=spec.min_fit,
         round_deadline_seconds=spec.round_deadline_seconds,

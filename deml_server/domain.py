@@ -72,6 +72,8 @@ class JobSpec:
     budget_glm: float = 0.0
     # How workers send their updates back: none, fp16, bf16 or int8 (provider_runtime.compression).
     compression: str = "none"
+    # The round's global weights as sent to training workers: fp32 (exact) or fp16 (half the bytes).
+    broadcast_dtype: str = "fp32"
     # Client sampling as Flower's FedAvg does it: each round trains max(min_fit, ceil(fraction_fit x workers))
     # of the `workers` partitions, drawn from the job's seed and the round number (1.0: every partition).
     fraction_fit: float = 1.0

@@ -42,6 +42,9 @@ from deml_server.store import JobStore
 from deml_server.strategy import STRATEGIES, make_strategy
 from provider_runtime.contract import COMPRESSIONS, LR_SCHEDULES
 
+# What the round's global weights are sent to training workers as (JobSpec.broadcast_dtype).
+BROADCAST_DTYPES = ("fp32", "fp16")
+
 log = logging.getLogger(__name__)
 
 FILE_KINDS = ("code", "data", "test_data")
@@ -84,6 +87,11 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
     if spec.compression not in COMPRESSIONS:
         raise InvalidArgument(
             f"compression must be one of {', '.join(COMPRESSIONS)} (got {spec.compression!r})", field="compression"
+        )
+    if spec.broadcast_dtype not in BROADCAST_DTYPES:
+        raise InvalidArgument(
+            f"broadcast_dtype must be one of {', '.join(BROADCAST_DTYPES)} (got {spec.broadcast_dtype!r})",
+            field="broadcast_dtype",
         )
     if spec.backend not in known_backends():
         raise InvalidArgument(
@@ -269,12 +277,15 @@ class JobService:
             jobs_dir=config.data_dir / "jobs",
             max_task_attempts=config.max_task_attempts,
             publish=self._publish,
+            draining=lambda: self._drain.active,
         )
         # The server's own backend, and others that jobs asked for, started on first use.
         self._backends: dict[str, Backend] = {config.backend: backend}
         self._backend_factory = backend_factory
         self._backend_lock = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # The runner of each task in _tasks (a drain stops one only when it trains no round: see _publish).
+        self._runners: dict[str, JobRunner] = {}
         self._watchers: defaultdict[str, set[asyncio.Queue[JobEvent]]] = defaultdict(set)
         self._quota = JobQuota(max_running=config.max_jobs_per_token, max_queued=config.max_queued_per_token)
         self._ownership = Ownership(store)
@@ -368,12 +379,14 @@ class JobService:
         runner = JobRunner(job, self._deps)
         task = asyncio.create_task(self._quota.run(owner, runner.run()), name=f"job-{job.id}")
         self._tasks[job.id] = task
+        self._runners[job.id] = runner
         task.add_done_callback(lambda done: self._runner_done(job.id, runner, done))
 
     def _runner_done(self, job_id: str, runner: JobRunner, task: asyncio.Task[None]) -> None:
         """A runner's task ended: its exception is retrieved and logged, and its watchers are never left waiting."""
         if self._tasks.get(job_id) is task:
             del self._tasks[job_id]
+            self._runners.pop(job_id, None)
         if task.cancelled():
             return  # cancelled by CancelJob (which told the watchers) or by close (the job resumes at the next start)
         exc = task.exception()
@@ -481,9 +494,11 @@ class JobService:
             if job_id is None or job_id == record.job_id:
                 follower.put_nowait(record)
         if self._drain.active and event.kind is EventKind.ROUND_COMMITTED:
-            # Shutting down: the round is committed, its runner stops here (it resumes at the next start).
+            # Shutting down: the round is committed, its runner stops here (it resumes at the next start) unless
+            # the next round was already training (rounds overlap a commit): then it stops at that round's commit.
             task = self._tasks.get(event.job.id)
-            if task is not None:
+            runner = self._runners.get(event.job.id)
+            if task is not None and (runner is None or not runner.training):
                 task.cancel()
 
     def events(self, job_id: str | None = None, after: int = 0, limit: int = 0) -> Sequence[EventRecord]:

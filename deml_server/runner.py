@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from deml_server import diskspace
 from deml_server import weights as wio
 from deml_server.artifacts import ArtifactStore
@@ -35,8 +37,9 @@ from deml_server.registry import ModelRegistry
 from deml_server.sampling import sample_partitions
 from deml_server.store import JobStore
 from deml_server.strategy import make_strategy
-from deml_server.strategy.aggregate import RunningMean, validate_update
-from deml_server.strategy.base import FitResult, Strategy, Weights
+from deml_server.strategy.aggregate import RunningMean, check_finite_chunks, check_layout, validate_update
+from deml_server.strategy.base import FitResult, Strategy, Weights, is_float
+from provider_runtime import compression as codec
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,18 @@ class _Fold:
     comes: results that arrive before their predecessors wait for them as files.
     """
 
-    def __init__(self, current: Weights, running_mean: bool, order: Sequence[int], compression: str = "none") -> None:
+    def __init__(
+        self,
+        current: Weights,
+        running_mean: bool,
+        order: Sequence[int],
+        compression: str = "none",
+        base: Weights | None = None,
+    ) -> None:
         self.current = current
         self.compression = compression
+        # What a compressed update is a delta from: the weights as the workers received them.
+        self.base = current if base is None else base
         # Weights files the workers sent and their bytes, for the round's bytes_received_per_worker metric.
         self.files_read = 0
         self.bytes_received = 0
@@ -112,6 +124,18 @@ class _Fold:
             if waiting is None:
                 continue
             # Read only now, in turn: a result that arrived early waits as a file, not as a model in memory.
+            if self.mean is not None and self.compression == "none":
+                # A whole update is checked, then folded, a piece at a time: never in memory at once.
+                try:
+                    await asyncio.to_thread(self._fold_in_pieces, waiting)
+                    control = await asyncio.to_thread(self._control, waiting)
+                except DemlError as exc:
+                    self._reject(index, exc.reason)
+                    continue
+                self.results.append(
+                    FitResult(f"partition-{index}", {}, waiting.num_examples, waiting.metrics, index, control)
+                )
+                continue
             try:
                 update = await asyncio.to_thread(self._read, waiting)
                 control = await asyncio.to_thread(self._control, waiting)
@@ -133,17 +157,50 @@ class _Fold:
 
     def _read(self, result: TaskResult) -> Weights:
         path = result.directory / "weights.safetensors"
-        update = wio.read_update(path, self.current, self.compression)
+        update = wio.read_update(path, self.base, self.compression)
         self.files_read += 1
         self.bytes_received += path.stat().st_size
         validate_update(self.current, update)
         return update
+
+    def _fold_in_pieces(self, result: TaskResult) -> None:
+        """Check a whole update's layout and values, then add it to the running sum, reading it a piece at a time."""
+        assert self.mean is not None
+        path = result.directory / "weights.safetensors"
+        update = wio.UpdateFile(path, result.directory / "weights.checked.safetensors")
+        try:
+            if update.metadata.get(codec.SCHEME_KEY, "none") != "none":
+                raise InvalidArgument(f"{path.name} is compressed, but the job asks for whole weights")
+            check_layout(self.current, update.shapes())
+            for name, ref in self.current.items():
+                if is_float(ref):
+                    check_finite_chunks(name, update.chunks(name))
+            self.files_read += 1
+            self.bytes_received += update.size
+            self.mean.add_chunks(update.chunks, result.num_examples)
+        finally:
+            update.close()
 
     @staticmethod
     def _control(result: TaskResult) -> Weights:
         """The control variates a SCAFFOLD worker returned (the strategy checks them); {} when none."""
         path = result.directory / "control.safetensors"
         return wio.read(path) if path.is_file() else {}
+
+    def aggregate_into(self, strategy: Strategy, server_round: int, path: Path) -> None:
+        """Write the new global weights to `path` (read-only: task bundles link it); the sums are let go."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        if self.mean is not None and strategy.mean_is_aggregate:
+            # The mean is the aggregate: written from the sums a piece at a time (memory: the sums, no more).
+            mean, self.mean = self.mean, None
+            if mean.count == 0 or mean.total == 0:
+                mean.mean64()  # raises, naming why there is nothing to aggregate
+            layout = {name: (ref.dtype, ref.shape) for name, ref in self.current.items()}
+            wio.write_chunked(path, layout, mean.mean_chunks)
+        else:
+            wio.write(self.aggregate(strategy, server_round), path)
+        path.chmod(0o444)
 
     def aggregate(self, strategy: Strategy, server_round: int) -> Weights:
         """The new global weights (in a thread: seconds of numpy work for a big model); the sums are let go."""
@@ -174,6 +231,39 @@ class _RoundFits:
         ]
 
 
+@dataclass(frozen=True)
+class _Trained:
+    """A round trained and aggregated, its new global weights written to a file: what its commit needs."""
+
+    round: int
+    started: float
+    weights: Path
+    state: Path
+    metrics: dict[str, float]
+    bytes_received_per_worker: float
+    workers_ok: int
+    workers_failed: int
+    bytes_sent_per_worker: int
+    sampled: tuple[int, ...]
+    late: tuple[int, ...]
+
+
+def _write_half(current: Weights, path: Path, widened: bool) -> Weights:
+    """Write the round's weights with float32 tensors as float16 (what fp16 broadcast sends; read-only).
+
+    Returns the weights as the workers load them (the float16 values widened back to float32) when `widened`
+    (compressed updates are deltas from those), else `current` (nothing reads the widened values).
+    """
+    half = {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    wio.write(half, path)
+    path.chmod(0o444)
+    if not widened:
+        return current
+    return {name: value.astype(current[name].dtype) for name, value in half.items()}
+
+
 def _sample_note(sample: Sequence[int], partitions: int) -> str:
     if len(sample) == partitions:
         return ""
@@ -191,6 +281,8 @@ class RunnerDeps:
     jobs_dir: Path
     max_task_attempts: int
     publish: Callable[[JobEvent], None]
+    # Whether the server is shutting down: rounds stop overlapping (the next starts only after a commit).
+    draining: Callable[[], bool] = lambda: False
 
 
 class JobRunner:
@@ -204,6 +296,8 @@ class JobRunner:
         self._shards: Shards | None = None
         self._backend: Backend | None = None
         self._ended = False
+        # The round being trained (0: none), so that a shutdown does not stop the job between its rounds' overlap.
+        self.training = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -306,6 +400,7 @@ class JobRunner:
     def _remove_partial_files(self) -> None:
         """After running out of space: drop the round's task files (committed rounds live in the artifact store)."""
         shutil.rmtree(self.dir / "tasks", ignore_errors=True)
+        shutil.rmtree(self.dir / "global", ignore_errors=True)
 
     def _progress(self, message: str) -> None:
         log.info("job %s: %s", self.job.id, message)
@@ -333,9 +428,7 @@ class JobRunner:
         strategy.set_partitions(self.spec.workers)
         if checkpoint.strategy_state:
             strategy.load_state(wio.read(self.deps.artifacts.open_path(checkpoint.strategy_state)))
-        weights_digest = checkpoint.weights
-        for server_round in range(checkpoint.round + 1, self.spec.rounds + 1):
-            weights_digest = await self._round(server_round, weights_digest, strategy)
+        weights_digest = await self._rounds(checkpoint.round, checkpoint.weights, strategy)
         if self.spec.baseline and not self.deps.store.get_job(self.job.id).baseline_metrics:
             await self._baseline()
         await self._export(weights_digest)
@@ -373,39 +466,104 @@ class JobRunner:
         diskspace.require(self.deps.jobs_dir.parent, max(0, needed - existing), "sharding the training data")
 
     def _require_space_for_round(self, server_round: int, weights: Path) -> None:
-        """A round writes each worker's weights, the aggregate and the strategy's state (up to twice the model)."""
-        needed = (self.spec.workers + 3) * weights.stat().st_size
+        """A round writes each worker's weights, its aggregate, the strategy's state, and the last round's aggregate."""
+        needed = (self.spec.workers + 4) * weights.stat().st_size
         diskspace.require(self.deps.jobs_dir.parent, needed, f"round {server_round}'s weights and checkpoint")
 
     # -- one round ------------------------------------------------------------------------------------------
 
-    async def _round(self, server_round: int, weights_digest: str, strategy: Strategy) -> str:
+    async def _rounds(self, committed: int, weights_digest: str, strategy: Strategy) -> str:
+        """Run the rounds after `committed`; return the last round's weights digest.
+
+        Round r's evaluation and commit overlap round r + 1's training: r + 1 starts from r's aggregate as soon as
+        it is written, and r is committed (evaluated, in the artifact store, in the job store) while r + 1's
+        partitions train, always before r + 1 is. What a round commits does not depend on the overlap: the
+        evaluation is of the same aggregate, and the strategy's state is taken right after its aggregate.
+        """
+        weights = self.deps.artifacts.open_path(weights_digest)
+        pending: asyncio.Task[str] | None = None
+        training: asyncio.Task[_Trained] | None = None
+        # Global weights of rounds not yet committed live here (one file per round, linked into every task).
+        shutil.rmtree(self.dir / "global", ignore_errors=True)
+        try:
+            for server_round in range(committed + 1, self.spec.rounds + 1):
+                self.training = server_round
+                training = asyncio.create_task(
+                    self._train_round(server_round, weights, strategy), name=f"job-{self.job.id}-r{server_round}"
+                )
+                if pending is not None:
+                    # A commit that fails (its evaluation, the budget) stops the round training beside it at once.
+                    await asyncio.wait({training, pending}, return_when=asyncio.FIRST_EXCEPTION)
+                    if pending.done() and pending.exception() is not None:
+                        await pending
+                try:
+                    trained = await training
+                except Exception:
+                    # The round before is still committed (it is good) before the job fails on this one.
+                    if pending is not None:
+                        await pending
+                    raise
+                if pending is not None:
+                    await pending
+                weights = trained.weights
+                pending = asyncio.create_task(self._commit_round(trained), name=f"job-{self.job.id}-commit")
+                # Trained: from here a shutdown may stop the job at this round's commit.
+                self.training = 0
+                if not self._overlap_allowed():
+                    await pending
+            if pending is not None:
+                weights_digest = await pending
+        finally:
+            for task in (training, pending):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+        shutil.rmtree(self.dir / "global", ignore_errors=True)
+        return weights_digest
+
+    def _overlap_allowed(self) -> bool:
+        """Whether the next round may start before this one is committed.
+
+        Not once the job's budget is spent, nor while the server shuts down (which stops each job at the commit of
+        the round it was training).
+        """
+        if self.deps.draining():
+            return False
+        assert self._backend is not None
+        spent = self._backend.spent(self.job.id)
+        return not (self.spec.budget_glm > 0 and spent is not None and spent >= self.spec.budget_glm)
+
+    async def _train_round(self, server_round: int, weights_path: Path, strategy: Strategy) -> _Trained:
+        """Sample, train, fold and aggregate one round; its new global weights are written, not yet committed."""
         started = time.monotonic()
         sample = sample_partitions(
             self.spec.workers, self.spec.sample_size, seed=self.spec.seed, server_round=server_round
         )
         self._progress(f"round {server_round}/{self.spec.rounds} started{_sample_note(sample, self.spec.workers)}")
-        weights_path = self.deps.artifacts.open_path(weights_digest)
         self._require_space_for_round(server_round, weights_path)
         # Reading, checking and averaging weights is numpy work of seconds for big models: never on the event loop.
         # Mapped, not read: the pages a round never touches (a full update's values are not compared with these)
-        # cost no memory.
+        # cost no memory. The file is the server's own (an artifact, or a round's aggregate it wrote): immutable.
         current = await asyncio.to_thread(wio.read_mapped, weights_path)
+        sent, base = weights_path, current
+        if self.spec.broadcast_dtype == "fp16":
+            sent = self._half_path(server_round - 1)
+            base = await asyncio.to_thread(_write_half, current, sent, self.spec.compression != "none")
         hyper = {**self._hyper(), **strategy.configure_fit(server_round), "round": float(server_round)}
         bundles = {
             i: self._bundle(
                 "train",
                 index=i,
-                weights=weights_path,
+                weights=sent,
                 hyper=hyper,
                 train=self._shards.train[i] if self._shards else None,
                 task_seed=self.spec.seed + 1000 * server_round + i,
                 compression=self.spec.compression,
-                control=await self._controls(strategy, i, current),
+                control=await self._controls(strategy, server_round, i, current),
             )
             for i in sample
         }
-        fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression)
+        fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
         fits = _RoundFits()
         await self._fit_all(server_round, bundles, fold, fits)
         if fold.user_errors:
@@ -425,37 +583,80 @@ class JobRunner:
                 f"round {server_round}: {len(results)} of {len(sample)} sampled partitions returned usable weights"
                 f"{late}, fewer than the {self.spec.quorum} needed: " + "; ".join([*problems, *fits.late_notes()])
             )
-        aggregated = await asyncio.to_thread(fold.aggregate, strategy, server_round)
-        new_digest = await asyncio.to_thread(self._put_weights, aggregated)
-        evaluation = await self._run_one(
-            self._bundle("evaluate", weights=self.deps.artifacts.open_path(new_digest)),
-            f"round {server_round} eval",
-            server_round=server_round,
+        new_weights = self._global_path(server_round)
+        await asyncio.to_thread(fold.aggregate_into, strategy, server_round, new_weights)
+        # The state as this round's aggregate left it (the next round's aggregate changes it).
+        # Written now, stored (hashed, synced) with the commit: off the path to the next round's dispatch.
+        state = self.dir / "global" / f"state-{server_round}.safetensors"
+        await asyncio.to_thread(lambda: wio.write(strategy.state(), state))
+        return _Trained(
+            round=server_round,
+            started=started,
+            weights=new_weights,
+            state=state,
+            metrics=strategy.aggregate_metrics(results),
+            bytes_received_per_worker=fold.bytes_received / max(fold.files_read, 1),
+            workers_ok=len(results),
+            workers_failed=len(problems),
+            bytes_sent_per_worker=sent.stat().st_size,
+            sampled=tuple(sample),
+            late=tuple(sorted(fits.late)),
         )
-        metrics = {**strategy.aggregate_metrics(results), **(evaluation.test_metrics or evaluation.metrics)}
-        metrics["bytes_received_per_worker"] = fold.bytes_received / max(fold.files_read, 1)
+
+    async def _commit_round(self, trained: _Trained) -> str:
+        """Evaluate a trained round's aggregate, store it and commit the round; return the weights' digest."""
+        server_round = trained.round
+        # The evaluation runs while the aggregate is copied into the artifact store (whose files stay private to
+        # the server: the round's file is world-readable so that sandboxed workers' bundles can link it).
+        evaluate = self._bundle("evaluate", weights=trained.weights)
+        evaluation_task = asyncio.create_task(
+            self._run_one(evaluate, f"round {server_round} eval", server_round=server_round)
+        )
+        try:
+            new_digest = await asyncio.to_thread(self.deps.artifacts.put_file, trained.weights)
+            state_digest = await asyncio.to_thread(self.deps.artifacts.put_file, trained.state)
+            evaluation = await evaluation_task
+        finally:
+            if not evaluation_task.done():
+                evaluation_task.cancel()
+                await asyncio.gather(evaluation_task, return_exceptions=True)
+        metrics = {**trained.metrics, **(evaluation.test_metrics or evaluation.metrics)}
+        metrics["bytes_received_per_worker"] = trained.bytes_received_per_worker
         assert self._backend is not None
         cost = self._backend.spent(self.job.id, server_round)
         if cost is not None:
             metrics["cost_glm"] = cost
-        state_digest = await asyncio.to_thread(lambda: self._put_weights(strategy.state()))
         summary = RoundSummary(
             round=server_round,
             metrics=metrics,
-            workers_ok=len(results),
-            workers_failed=len(problems),
-            wall_seconds=time.monotonic() - started,
-            bytes_sent_per_worker=weights_path.stat().st_size,
+            workers_ok=trained.workers_ok,
+            workers_failed=trained.workers_failed,
+            wall_seconds=time.monotonic() - trained.started,
+            bytes_sent_per_worker=trained.bytes_sent_per_worker,
             committed_at=datetime.now(tz=UTC),
-            sampled=sample,
-            late=tuple(sorted(fits.late)),
+            sampled=trained.sampled,
+            late=trained.late,
         )
         self.job = await self._write(self.deps.store.commit_round, self.job.id, summary, new_digest, state_digest)
         self.deps.publish(JobEvent(EventKind.ROUND_COMMITTED, self.job, round=summary))
-        # Unlinking a round's result files (a model's size each) is disk work: off the event loop too.
-        await asyncio.to_thread(shutil.rmtree, self.dir / "tasks", ignore_errors=True)
+        # Unlinking a round's result files (a model's size each) is disk work: off the event loop too. The global
+        # weights the round trained from (the round before's aggregate) and its state file are read by nothing now.
+        await asyncio.to_thread(shutil.rmtree, self._tasks_dir(server_round), True)
+        for done in (self._global_path(server_round - 1), self._half_path(server_round - 1), trained.state):
+            await asyncio.to_thread(done.unlink, True)
         self._check_job_budget(server_round)
         return new_digest
+
+    def _global_path(self, server_round: int) -> Path:
+        return self.dir / "global" / f"round-{server_round}.safetensors"
+
+    def _half_path(self, server_round: int) -> Path:
+        """Round `server_round`'s aggregate as sent in fp16 (JobSpec.broadcast_dtype) to the next round's workers."""
+        return self.dir / "global" / f"round-{server_round}.fp16.safetensors"
+
+    def _tasks_dir(self, server_round: int) -> Path:
+        """Where a round's task and result bundles are laid out (round 0: init, baseline, export)."""
+        return self.dir / "tasks" / f"r{server_round}"
 
     async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: _Fold, fits: _RoundFits) -> None:
         """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest."""
@@ -530,16 +731,7 @@ class JobRunner:
             if worker:
                 self._backend.report_rejected(worker, f"weights rejected: {reason}")
 
-    def _put_weights(self, weights: Weights) -> str:
-        """Store weights through a file, not a bytes copy of the model held beside them."""
-        staging = self.dir / "staged.safetensors"
-        wio.write(weights, staging)
-        try:
-            return self.deps.artifacts.put_file(staging)
-        finally:
-            staging.unlink(missing_ok=True)
-
-    async def _controls(self, strategy: Strategy, partition: int, current: Weights) -> Path | None:
+    async def _controls(self, strategy: Strategy, server_round: int, partition: int, current: Weights) -> Path | None:
         """The partition's control.safetensors (SCAFFOLD's c and c_i); None for other strategies.
 
         Written among the round's task files (removed after the round): the checkpointed strategy state holds them.
@@ -547,7 +739,7 @@ class JobRunner:
         control = strategy.fit_controls(partition, current)
         if not control:
             return None
-        path = self.dir / "tasks" / f"control-{partition}.safetensors"
+        path = self._tasks_dir(server_round) / f"control-{partition}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(wio.write, control, path)
         return path
@@ -673,7 +865,7 @@ class JobRunner:
         failed_on: list[str] = []
         errors: list[str] = []
         for attempt in range(1, self.deps.max_task_attempts + 1):
-            task_dir = self.dir / "tasks" / f"{slug}-a{attempt}"
+            task_dir = self._tasks_dir(server_round) / f"{slug}-a{attempt}"
             item = WorkItem(
                 label=f"job {self.job.id} {label}",
                 action=bundle.action,

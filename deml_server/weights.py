@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
+import shutil
 import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,8 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"),
 }
 _MAX_HEADER = 100 << 20
+# Elements per piece when an update is read or the aggregate written a piece at a time (4 MiB of float32).
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def write(weights: Weights, path: Path) -> None:
@@ -154,3 +159,114 @@ def read_update(path: Path, base: Weights, compression: str) -> Weights:
         return codec.decode(weights, metadata, base)
     except codec.CompressionError as exc:
         raise InvalidArgument(f"{path.name}: {exc}") from None
+
+
+# safetensors lays tensors out by dtype, in the reverse of its Dtype enum's order, then by name: the order here
+# makes write_chunked's files byte for byte what `write` makes of the same arrays (tests/deml_server/test_weights.py).
+_LAYOUT_RANK = {
+    name: rank
+    for rank, name in enumerate(("BOOL", "U8", "I8", "I16", "U16", "F16", "I32", "U32", "F32", "F64", "I64", "U64"))
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def write_chunked(
+    path: Path,
+    layout: Mapping[str, tuple[np.dtype[Any], tuple[int, ...]]],
+    chunks: Callable[[str], Iterable[np.ndarray]],
+) -> None:
+    """Write a safetensors file whose tensors are produced a piece at a time (no tensor is ever whole in memory).
+
+    `layout` names each tensor's dtype and shape; `chunks(name)` yields the tensor's values in C order, in pieces
+    of any size, each cast to the tensor's dtype here. The file is the one `write` makes of the whole arrays.
+    """
+    order = sorted(layout, key=lambda name: (-_LAYOUT_RANK[_NAMES[np.dtype(layout[name][0])]], name))
+    header: dict[str, object] = {}
+    offset = 0
+    for name in order:
+        dtype, shape = layout[name]
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        for name in order:
+            dtype, shape = layout[name]
+            expected = math.prod(shape) * np.dtype(dtype).itemsize
+            written = 0
+            for chunk in chunks(name):
+                piece = np.ascontiguousarray(chunk, dtype=dtype)
+                out.write(piece.data)
+                written += piece.nbytes
+            if written != expected:
+                raise ValueError(f"tensor {name!r}: {written} bytes produced, {expected} expected")
+
+
+class UpdateFile:
+    """A worker's whole (uncompressed) update, read a piece at a time rather than into memory at once.
+
+    The header is checked as `parse` checks it. The values are read from a private copy of the worker's file (a
+    kernel-side copy, not a buffer in this process): what is checked is then what is folded, even if something
+    still holds the worker's file open. `close` removes the copy.
+    """
+
+    def __init__(self, source: Path, copy: Path) -> None:
+        self.what = source.name
+        try:
+            shutil.copyfile(source, copy)
+            self._file = copy.open("rb")
+        except OSError as exc:
+            copy.unlink(missing_ok=True)
+            raise InvalidArgument(f"{source.name} cannot be read: {exc.strerror}") from None
+        self._copy = copy
+        self.size = os.fstat(self._file.fileno()).st_size
+        self.entries, self.metadata, self._start = self._header()
+
+    def _header(self) -> tuple[dict[str, tuple[np.dtype[Any], tuple[int, ...], int]], dict[str, str], int]:
+        what = self.what
+        if self.size < 8:
+            raise InvalidArgument(f"{what} are not a valid safetensors file: {self.size} bytes, no header")
+        (size,) = struct.unpack("<Q", self._file.read(8))
+        if size > min(_MAX_HEADER, self.size - 8):
+            raise InvalidArgument(f"{what} are not a valid safetensors file: a header of {size} bytes does not fit")
+        try:
+            header = json.loads(self._file.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidArgument(f"{what} are not a valid safetensors file: the header is not JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise InvalidArgument(f"{what} are not a valid safetensors file: the header is not a JSON object")
+        start = 8 + size
+        entries: dict[str, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
+        metadata: dict[str, str] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                metadata = _metadata(info, what)
+                continue
+            dtype, shape, begin, _ = _entry(name, info, self.size - start, what)
+            entries[name] = (dtype, shape, start + begin)
+        return entries, metadata, start
+
+    def shapes(self) -> Weights:
+        """Each tensor as a zero-cost stand-in of its shape and dtype (for check_layout)."""
+        return {name: np.broadcast_to(np.zeros((), dtype), shape) for name, (dtype, shape, _) in self.entries.items()}
+
+    def chunks(self, name: str, elements: int = _CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
+        """The tensor's values, flat in C order, `elements` at a time (each piece valid until the next is read)."""
+        dtype, shape, begin = self.entries[name]
+        count = math.prod(shape)
+        buffer = bytearray(min(count, elements) * dtype.itemsize)
+        for first in range(0, count, elements):
+            n = min(elements, count - first)
+            view = memoryview(buffer)[: n * dtype.itemsize]
+            self._file.seek(begin + first * dtype.itemsize)
+            if self._file.readinto(view) != len(view):
+                raise InvalidArgument(f"{self.what}: tensor {name!r} is cut short")
+            yield np.frombuffer(view, dtype=dtype, count=n)
+
+    def close(self) -> None:
+        """Close and remove the private copy."""
+        self._file.close()
+        self._copy.unlink(missing_ok=True)

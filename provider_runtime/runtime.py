@@ -240,7 +240,13 @@ def _save_compressed(model: torch.nn.Module, task: Task, bundle: Path, key: tupl
     """The update as a delta from the bundle's weights in the task's encoding, carrying the rounding residual."""
     key = (*key, task.compression)
     trained = state_dict_to_arrays(model.state_dict())
-    encoded = compression.encode(trained, load_arrays(_weights_path(bundle)), task.compression, _residuals.get(key))
+    # The delta is from the weights as this worker received them (fp16 ones widened back, as they were loaded):
+    # the server decodes it against the same values.
+    base = {
+        name: value.astype(np.float32) if value.dtype == np.float16 and trained[name].dtype == np.float32 else value
+        for name, value in load_arrays(_weights_path(bundle)).items()
+    }
+    encoded = compression.encode(trained, base, task.compression, _residuals.get(key))
     save_arrays(encoded.arrays, out / "weights.safetensors", encoded.metadata)
     _residuals[key] = encoded.residual
     _residuals.move_to_end(key)

@@ -70,7 +70,11 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:
-    """Load a safetensors state_dict into `model`, requiring the exact same names, shapes and dtypes."""
+    """Load a safetensors state_dict into `model`, requiring the exact same names, shapes and dtypes.
+
+    One widening is accepted: float16 values into a float32 entry (global weights broadcast in fp16), exactly.
+    """
+    import torch
     from safetensors.torch import load_file as load_tensors
 
     # Straight into tensors (one read), not through numpy arrays and a copy of each.
@@ -83,6 +87,8 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for name, want in expected.items():
         got = arrays[name]
+        if got.dtype == torch.float16 and want.dtype == torch.float32:
+            got = got.to(torch.float32)
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise ValueError(
                 f"weights entry {name!r} is {got.dtype}{list(got.shape)}, the model wants "

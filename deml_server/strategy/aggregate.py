@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,12 @@ def validate_update(reference: Weights, update: Weights) -> None:
     for name, arr in update.items():
         if is_float(arr) and not _all_finite(arr):
             raise InvalidArgument(f"update tensor {name!r} holds NaN or Inf")
+
+
+def check_finite_chunks(name: str, chunks: Iterable[npt.NDArray[Any]]) -> None:
+    """validate_update's value check for a tensor given a piece at a time."""
+    if not all(bool(np.isfinite(piece).all()) for piece in chunks):
+        raise InvalidArgument(f"update tensor {name!r} holds NaN or Inf")
 
 
 def _all_finite(arr: npt.NDArray[Any]) -> bool:
@@ -122,6 +128,44 @@ class RunningMean:
                 acc = self._sums[name] = np.zeros(ref.shape, dtype=np.float64)
             _add_scaled(acc, weights[name], float(num_examples))
         self.total += num_examples
+
+    def add_chunks(self, chunks: Callable[[str], Iterable[npt.NDArray[Any]]], num_examples: int) -> None:
+        """Fold in one result given a piece at a time (`chunks(name)`: the tensor flat in C order, in pieces).
+
+        The same elementwise float64 operations as add(), so the same sums bit for bit. The caller has checked the
+        result's layout and values: pieces are folded as they come.
+        """
+        if num_examples < 0:
+            raise InvalidArgument(f"negative number of examples: {num_examples}")
+        self.count += 1
+        if num_examples == 0:
+            return
+        for name, ref in self._reference.items():
+            acc = self._sums.get(name)
+            if acc is None:
+                acc = self._sums[name] = np.zeros(ref.shape, dtype=np.float64)
+            flat, done = acc.reshape(-1), 0
+            for piece in chunks(name):
+                _add_scaled(flat[done : done + piece.size], piece, float(num_examples))
+                done += piece.size
+            if done != flat.size:
+                raise InvalidArgument(f"result {self.count - 1} tensor {name!r}: {done} values, {flat.size} expected")
+        self.total += num_examples
+
+    def mean_chunks(self, name: str) -> Iterator[npt.NDArray[Any]]:
+        """The mean of one tensor cast to the reference's dtype (as cast_like casts), a piece at a time.
+
+        What FedAvg's aggregate_mean returns, without a float64 or cast copy of the whole tensor: the aggregate is
+        written as it is computed. Each piece is the same division and cast as the whole tensor's.
+        """
+        if self.count == 0:
+            raise InvalidArgument("nothing to aggregate: no results")
+        if self.total == 0:
+            raise InvalidArgument("nothing to aggregate: the results hold 0 examples")
+        ref = self._reference[name]
+        flat = self._sums[name].reshape(-1)
+        for start in range(0, flat.size, _ADD_CHUNK):
+            yield cast_like(flat[start : start + _ADD_CHUNK] / self.total, ref)
 
     def mean64(self) -> dict[str, F64]:
         """The mean so far, in float64 (the sums are divided in place: call once, at the end)."""

@@ -40,6 +40,9 @@ class Strategy(ABC):
     # True when aggregate_fit needs only the example-weighted mean of the results: the runner then folds each
     # result into a running mean as it arrives (memory O(model)) and calls aggregate_mean instead.
     uses_weighted_mean: ClassVar[bool] = False
+    # True when aggregate_mean returns the mean itself, each tensor cast to its dtype (cast_like): the runner then
+    # writes the aggregate a piece at a time from the sums, never holding a whole float64 or cast copy.
+    mean_is_aggregate: ClassVar[bool] = False
 
     def configure_fit(self, server_round: int) -> dict[str, float]:
         """Return extra hyper-parameters sent to every worker this round."""

@@ -14,6 +14,7 @@ class FedAvg(Strategy):
 
     name: ClassVar[str] = "fedavg"
     uses_weighted_mean: ClassVar[bool] = True
+    mean_is_aggregate: ClassVar[bool] = True
 
     def __init__(self) -> None:
         pass

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 
 from deml_server.backends import LocalBackend, WorkItem
 from deml_server.domain import JobState
+from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService
 from tests.support import WrappedLocal, job_service
 
@@ -122,3 +123,28 @@ async def test_a_bad_compressed_update_is_rejected_like_a_full_one(
     assert [(r.workers_ok, r.workers_failed) for r in job.rounds] == [(1, 1)]
     rejected = [a for a in jobs.task_attempts(job_id) if a.partition == 1 and a.action == "train"]
     assert rejected and reason in rejected[-1].error, rejected
+
+
+async def test_fp16_global_weights_halve_the_bytes_sent_and_train(made: tuple[JobService, RewritingBackend]) -> None:
+    # Execute: the same job with fp32 and fp16 global weights, and fp16 ones with int8 updates (deltas from the
+    # fp16 weights as the workers loaded them, decoded against the same values)
+    jobs, _ = made
+    runs = {}
+    for broadcast, scheme in (("fp32", "none"), ("fp16", "none"), ("fp16", "int8")):
+        job_id = await asyncio.wait_for(_run(jobs, broadcast_dtype=broadcast, compression=scheme), timeout=180)
+        job = jobs.get(job_id, latest_rounds=-1)
+        assert job.state is JobState.SUCCEEDED, job.error
+        assert job.spec.broadcast_dtype == broadcast
+        runs[broadcast, scheme] = job.rounds
+
+    # Assert: every tensor of this model is float32, so the file is half the size but for its header
+    full = runs["fp32", "none"][-1].bytes_sent_per_worker
+    for key in (("fp16", "none"), ("fp16", "int8")):
+        assert 0.5 <= runs[key][-1].bytes_sent_per_worker / full < 0.55
+        assert abs(runs[key][-1].metrics["accuracy"] - runs["fp32", "none"][-1].metrics["accuracy"]) <= 0.05
+
+
+async def test_an_unknown_broadcast_dtype_is_refused_naming_it(made: tuple[JobService, RewritingBackend]) -> None:
+    jobs, _ = made
+    with pytest.raises(InvalidArgument, match="broadcast_dtype must be one of fp32, fp16"):
+        await _run(jobs, broadcast_dtype="bf16")

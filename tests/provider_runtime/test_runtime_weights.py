@@ -112,3 +112,27 @@ def test_a_model_built_for_loading_skips_random_init_and_restores_it(tmp_path: P
     for name, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], value)
     assert torch.nn.init.uniform_ is uniform and torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"
+
+
+def test_fp16_weights_load_into_fp32_parameters_exactly(tmp_path: Path) -> None:
+    # Prepare: global weights broadcast in fp16 (JobSpec.broadcast_dtype), an int64 buffer sent as it is
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    rng = np.random.default_rng(0)
+    half = {name: rng.standard_normal(t.shape).astype(np.float16) for name, t in model.state_dict().items()}
+    half["1.num_batches_tracked"] = np.array(5, np.int64)
+    save_arrays(half, tmp_path / "w.safetensors")
+
+    # Execute
+    load_into(model, tmp_path / "w.safetensors")
+
+    # Assert: every value is the fp16 one widened (exact), the parameters stay fp32
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == (torch.int64 if name.endswith("num_batches_tracked") else torch.float32)
+        assert np.array_equal(tensor.numpy(), half[name].astype(tensor.numpy().dtype))
+
+
+def test_only_fp16_into_fp32_is_widened(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    save_arrays({k: np.zeros(t.shape, np.float64) for k, t in model.state_dict().items()}, tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"is torch\.float64"):
+        load_into(model, tmp_path / "w.safetensors")

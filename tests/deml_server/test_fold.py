@@ -1,0 +1,144 @@
+"""The runner's fold of a round's results, read and written a piece at a time: exact, and order-independent."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deml_server import weights as wio
+from deml_server.bundle import TaskResult
+from deml_server.runner import _Fold
+from deml_server.strategy import FitResult, make_strategy
+from deml_server.strategy.base import Weights
+from provider_runtime.contract import ResultDoc
+
+# Wider than one piece (wio._CHUNK_ELEMENTS, aggregate._ADD_CHUNK: 2**20 values) and not a multiple of it.
+BIG = (1100, 1001)
+
+
+def _weights(seed: int) -> Weights:
+    rng = np.random.default_rng(seed)
+    return {
+        "fc.weight": rng.standard_normal(BIG).astype(np.float32),
+        "fc.bias": rng.standard_normal(13).astype(np.float32),
+        "head.weight": rng.standard_normal((3, 4)).astype(np.float64),
+        "bn.num_batches_tracked": np.array(seed * 3, dtype=np.int64),
+    }
+
+
+def _result(tmp_path: Path, name: str, weights: Weights, examples: int) -> TaskResult:
+    directory = tmp_path / name
+    directory.mkdir()
+    wio.write(weights, directory / "weights.safetensors")
+    return TaskResult(ResultDoc(status="ok", action="train", num_examples=examples), directory)
+
+
+async def _fold(tmp_path: Path, order: tuple[int, ...], results: dict[int, TaskResult], strategy: str) -> bytes:
+    current = _weights(0)
+    fold = _Fold(current, make_strategy(strategy, {}).uses_weighted_mean, sorted(results))
+    for index in order:
+        await fold.arrive(index, results[index], "")
+    out = tmp_path / f"aggregate-{strategy}-{'-'.join(map(str, order))}.safetensors"
+    fold.aggregate_into(make_strategy(strategy, {}), 1, out)
+    return out.read_bytes()
+
+
+EXAMPLES = {0: 30, 1: 17, 2: 1, 3: 250}
+
+
+async def test_the_aggregate_is_the_same_bytes_whatever_order_results_arrive_in(tmp_path: Path) -> None:
+    # Prepare: four partitions' results, kept as files (as workers leave them)
+    results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
+
+    # Execute: fold them in three arrival orders
+    orders = [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)]
+    got = [await _fold(tmp_path, order, results, "fedavg") for order in orders]
+
+    # Assert: byte for byte the same file, and the one the whole-array kernel writes (pieces change nothing)
+    pairs = [FitResult(f"p{i}", _weights(i + 1), n, {}) for i, n in EXAMPLES.items()]
+    want = tmp_path / "want.safetensors"
+    wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
+    assert got[0] == got[1] == got[2] == want.read_bytes()
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+async def test_strategies_on_the_mean_get_the_whole_mean_from_the_pieces(tmp_path: Path, strategy: str) -> None:
+    results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
+    got = await _fold(tmp_path, (1, 3, 0, 2), results, strategy)
+    pairs = [FitResult(f"p{i}", _weights(i + 1), n, {}) for i, n in EXAMPLES.items()]
+    want = tmp_path / "want.safetensors"
+    wio.write(make_strategy(strategy, {}).aggregate_fit(1, _weights(0), pairs), want)
+    assert got == want.read_bytes()
+
+
+async def test_a_rejected_update_adds_nothing_to_the_sum(tmp_path: Path) -> None:
+    # Prepare: partition 1 sends a NaN at the far end of its big tensor (after whole pieces of good values)
+    poisoned = _weights(2)
+    poisoned["fc.weight"][-1, -1] = np.nan
+    results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
+    results[1] = _result(tmp_path, "bad", poisoned, EXAMPLES[1])
+    fold = _Fold(_weights(0), True, [0, 1, 2, 3])
+
+    # Execute
+    for index in (3, 1, 0, 2):
+        await fold.arrive(index, results[index], "")
+    out = tmp_path / "aggregate.safetensors"
+    fold.aggregate_into(make_strategy("fedavg", {}), 1, out)
+
+    # Assert: refused by name, and the aggregate is the other three's
+    assert fold.rejected == [(1, "update tensor 'fc.weight' holds NaN or Inf")]
+    pairs = [FitResult(f"p{i}", _weights(i + 1), EXAMPLES[i], {}) for i in (0, 2, 3)]
+    want = tmp_path / "want.safetensors"
+    wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
+    assert out.read_bytes() == want.read_bytes()
+    assert not list(tmp_path.glob("*/weights.checked.safetensors"))
+
+
+async def test_a_wrongly_shaped_update_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    wrong = _weights(1)
+    wrong["fc.bias"] = np.zeros((3, 3, 3), np.float32)
+    fold = _Fold(_weights(0), True, [0])
+    await fold.arrive(0, _result(tmp_path, "p0", wrong, 5), "")
+    assert fold.rejected == [(0, "update tensor 'fc.bias' has shape (3, 3, 3), expected (13,)")]
+
+
+def test_a_file_written_in_pieces_is_the_file_written_whole(tmp_path: Path) -> None:
+    # Prepare: every dtype DeML carries, a 0-d buffer, an empty tensor and one wider than a piece
+    weights: Weights = {
+        f"t{i}": np.arange(6).astype(dtype).reshape(2, 3)
+        for i, dtype in enumerate(["f4", "f8", "f2", "i8", "i4", "i2", "i1", "u1", "u2", "u4", "u8", "?"])
+    }
+    weights["bn.num_batches_tracked"] = np.array(7, dtype=np.int64)
+    weights["empty"] = np.zeros((0, 4), np.float32)
+    weights["big"] = np.random.default_rng(0).standard_normal(BIG).astype(np.float32)
+    layout = {name: (value.dtype, value.shape) for name, value in weights.items()}
+
+    def pieces(name: str) -> list[np.ndarray]:
+        flat = weights[name].reshape(-1)
+        return [flat[i : i + 1000] for i in range(0, flat.size, 1000)]
+
+    # Execute
+    wio.write_chunked(tmp_path / "pieces.safetensors", layout, pieces)
+    wio.write(weights, tmp_path / "whole.safetensors")
+
+    # Assert
+    assert (tmp_path / "pieces.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
+def test_an_update_read_in_pieces_gives_back_its_tensors(tmp_path: Path) -> None:
+    weights = _weights(5)
+    wio.write(weights, tmp_path / "w.safetensors")
+    update = wio.UpdateFile(tmp_path / "w.safetensors", tmp_path / "copy.safetensors")
+    try:
+        shapes = update.shapes()
+        for name, value in weights.items():
+            assert (shapes[name].shape, shapes[name].dtype) == (value.shape, value.dtype)
+            pieces = [piece.copy() for piece in update.chunks(name, elements=4096)]
+            assert np.array_equal(np.concatenate(pieces).reshape(value.shape), value)
+        assert len(list(itertools.islice(update.chunks("fc.weight"), 5))) == 2
+    finally:
+        update.close()
+    assert not (tmp_path / "copy.safetensors").exists()
