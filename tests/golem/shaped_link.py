@@ -178,7 +178,10 @@ def _free_subnets(count: int) -> list[ipaddress.IPv4Network]:
     """`count` /30s of SUBNETS that no interface on this machine uses yet."""
     listing = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
     used = {ipaddress.ip_interface(w).network for line in listing.splitlines() for w in line.split()[3:4]}
-    free = [s for s in SUBNETS.subnets(new_prefix=30) if not any(s.overlaps(u) for u in used)]
+    candidates = list(SUBNETS.subnets(new_prefix=30))
+    # Start at a place of this process's own, so that two processes making links at once rarely pick the same.
+    start = (os.getpid() * 64) % len(candidates)
+    free = [s for s in candidates[start:] + candidates[:start] if not any(s.overlaps(u) for u in used)]
     if len(free) < count:
         raise RuntimeError(f"fewer than {count} free /30 subnets left in {SUBNETS}")
     return free[:count]
