@@ -1,6 +1,6 @@
 """Compressed updates on 20 MB/s provider links: a DeML job on the golem backend with the Golem stand-in exe-unit.
 
-    sudo python bench/bench_bandwidth.py [--hidden 2048] [--rounds 8] [--schemes none fp16 int8]
+    sudo python bench/bench_bandwidth.py [--hidden 2048] [--rounds 5] [--schemes none fp16 int8]
                                          [--rate 20000000] [--repeats 1] [--out bench/out]
 
 The job: the MLP of bench/bench_scale.py (64 -> h -> h -> 10; h=2048: 4.3 M parameters, 17 MB of fp32) on its
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the schemes and write OUT/bandwidth.json and OUT/bandwidth.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--schemes", nargs="+", default=["none", "fp16", "int8"], choices=SCHEMES)
     parser.add_argument("--rate", type=int, default=20_000_000, help="bytes per second, each way, per provider link")
     parser.add_argument("--repeats", type=int, default=1)
