@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from safetensors.numpy import load, save
@@ -58,6 +58,14 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class ProviderLink(Protocol):
+    """How bytes reach a provider's VM tree and come back (shaped_link.ShapedLinks: through a rate-limited link)."""
+
+    async def put(self, provider: int, target: Path, data: bytes) -> None: ...
+
+    async def get(self, provider: int, source: Path) -> bytes: ...
 
 
 @dataclass
@@ -98,6 +106,8 @@ class StandInGolem:
     # A clock moved forward by `clock_step` after every task script, to stand for long tasks without sleeping.
     clock: FakeClock | None = None
     clock_step: float = 0.0
+    # When set, every upload and download goes through `link` (provider index -> its link) instead of a local copy.
+    link: ProviderLink | None = None
     consumers: list[Callable[[Any], None]] = field(default_factory=list)
     allowed: Callable[[str], bool] | None = None  # the backend's market filter
     started: bool = False
@@ -250,14 +260,10 @@ class StandInGolem:
             elif isinstance(command, Start):
                 pass
             elif isinstance(command, SendBytes):
-                target = ctx.vm_path(command._dst_path)
-                target.parent.mkdir(parents=True, exist_ok=True)
                 assert command._data is not None
-                target.write_bytes(command._data)
+                await self._put(ctx, ctx.vm_path(command._dst_path), command._data)
             elif isinstance(command, SendFile):
-                target = ctx.vm_path(command._dst_path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(command._src_path, target)
+                await self._put(ctx, ctx.vm_path(command._dst_path), Path(command._src_path).read_bytes())
             elif isinstance(command, Run):
                 await self._run(ctx, command, script.timeout, fault)
             elif isinstance(command, DownloadFile):
@@ -265,13 +271,27 @@ class StandInGolem:
                 source = ctx.vm_path(command._src_path)
                 if not source.exists():
                     raise CommandExecutionError(repr(command), f"no such file: {command._src_path}")
-                shutil.copyfile(source, command._dst_path)
+                Path(command._dst_path).write_bytes(await self._get(ctx, source))
             elif isinstance(command, DownloadBytes):
-                await command._on_download(ctx.vm_path(command._src_path).read_bytes())
+                await command._on_download(await self._get(ctx, ctx.vm_path(command._src_path)))
             else:
                 raise AssertionError(f"the stand-in does not know {command!r}")
             if not command._result.done():
                 command._result.set_result(SimpleNamespace(success=True, message="", stdout="", stderr=""))
+
+    async def _put(self, ctx: StandInContext, target: Path, data: bytes) -> None:
+        """An upload: over the provider's link when there is one, else written in place."""
+        if self.link is not None:
+            await self.link.put(int(ctx.provider_id[-2:]), target, data)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+    async def _get(self, ctx: StandInContext, source: Path) -> bytes:
+        """A download: over the provider's link when there is one, else read in place."""
+        if self.link is not None:
+            return await self.link.get(int(ctx.provider_id[-2:]), source)
+        return source.read_bytes()
 
     async def _deploy(self, ctx: StandInContext, timeout: timedelta | None) -> None:
         """Deploy the 'image': wait as long as this provider takes, or fail the batch past its timeout."""
