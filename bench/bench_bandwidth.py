@@ -18,8 +18,9 @@ per round (all tasks, tar.gz bundles and task files included), the final test ac
 time from the job's creation to the commit of the first round whose test accuracy reaches the target (default:
 `none`'s final accuracy minus 1 point). Ratios are to `none` in the same run; with --repeats > 1, medians.
 
-Only updates going up are compressed; the global weights going down are full fp32, so at equal rounds the
-transfer part of a round can shrink at most to (down + up/4) / (down + up) = 0.625 with int8.
+A scheme is the updates' compression, optionally with `/fp16`: the global weights then also go down in fp16
+(`broadcast_dtype`). With fp32 weights down, int8 updates can shrink a round's transfers at most to
+(down + up/4) / (down + up) = 0.625 of none's; with fp16 weights down to (down/2 + up/4) / (down + up) = 0.375.
 
 Needs root (namespaces, veth, tc). Writes OUT/bandwidth.json and OUT/bandwidth.md.
 """
@@ -48,7 +49,8 @@ PROVIDERS = 4
 
 
 def settings(rounds: int, scheme: str, seed: int) -> dict[str, Any]:
-    """The job spec: bench_scale's training settings, one scheme."""
+    """The job spec: bench_scale's training settings, one scheme (COMPRESSION or COMPRESSION/BROADCAST_DTYPE)."""
+    compression, _, broadcast = scheme.partition("/")
     return {
         "name": "mlp-bandwidth",
         "rounds": rounds,
@@ -58,7 +60,8 @@ def settings(rounds: int, scheme: str, seed: int) -> dict[str, Any]:
         "batch_size": 32,
         "learning_rate": 0.01,
         "seed": seed,
-        "compression": scheme,
+        "compression": compression,
+        "broadcast_dtype": broadcast or "fp32",
     }
 
 
@@ -177,7 +180,7 @@ async def bench(args: argparse.Namespace, links: Any, work: Path) -> dict[str, l
     for repeat in range(args.repeats):
         for scheme in args.schemes:
             spec = settings(args.rounds, scheme, args.seed)
-            run = await run_scheme(work / f"{scheme}-{repeat}", links, task_dir, spec)
+            run = await run_scheme(work / f"{scheme.replace('/', '+')}-{repeat}", links, task_dir, spec)
             runs[scheme].append(run)
             shown = {k: v for k, v in run.items() if k not in ("at", "accuracy")}
             print(f"{scheme} #{repeat}: accuracy {run['accuracy'][-1]:.4f} {shown}", file=sys.stderr, flush=True)
@@ -193,7 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--schemes", nargs="+", default=["none", "fp16", "int8"], choices=SCHEMES)
+    parser.add_argument(
+        "--schemes",
+        nargs="+",
+        default=["none", "fp16", "int8", "int8/fp16"],
+        choices=[*SCHEMES, *(f"{s}/fp16" for s in SCHEMES)],
+        help="compression of the updates, /fp16: the global weights also go down in fp16 (broadcast_dtype)",
+    )
     parser.add_argument("--rate", type=int, default=20_000_000, help="bytes per second, each way, per provider link")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)
