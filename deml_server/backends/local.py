@@ -149,6 +149,8 @@ class LocalBackend(Backend):
         self._finished: set[str] = set()
         self._generation = 0
         self._available = asyncio.Condition()
+        # One waiter per job at the condition (see _acquire); the job's other tasks queue on its gate.
+        self._gates: dict[str, asyncio.Lock] = {}
         self._all: set[_Worker] = set()
         self._closed = False
 
@@ -205,6 +207,9 @@ class LocalBackend(Backend):
         async with self._available:
             self._finished.add(job_id)
             workers = self._idle.pop(job_id, [])
+            gate = self._gates.get(job_id)
+            if gate is not None and not gate.locked():
+                del self._gates[job_id]
         for worker in workers:
             await self._recycle(worker)
 
@@ -257,6 +262,17 @@ class LocalBackend(Backend):
         return worker
 
     async def _acquire(self, job_id: str, avoid: Collection[str]) -> _Worker:
+        """A worker for one of the job's items; its items wait in line, the first of them at the condition.
+
+        Were every waiting item at the condition, each release would wake them all to find one worker: with
+        hundreds of partitions per round that was O(partitions) of scheduling per task. Any idle worker of the job
+        serves the head of the line (an avoided one too, when there is no other), so the line cannot stall.
+        """
+        gate = self._gates.setdefault(job_id, asyncio.Lock())
+        async with gate:
+            return await self._acquire_in_turn(job_id, avoid)
+
+    async def _acquire_in_turn(self, job_id: str, avoid: Collection[str]) -> _Worker:
         async with self._available:
             # A job that asks for work is running, even if an earlier run of it finished.
             self._finished.discard(job_id)
