@@ -605,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         help="instead: the server's peak memory aggregating 8 partitions of the widest size, none and int8",
     )
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the sandbox binds paths under it: relative ones would not resolve
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plots:
         print("\n".join(str(p) for p in draw(args.out, args.images)))
