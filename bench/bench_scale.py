@@ -1,26 +1,37 @@
-"""Scale benchmark: a DeML round against the compute floor measured in the same run, MLPs of 10 k to 17 M parameters.
+"""Scale benchmark: DeML's round against the compute floor and against Flower, measured in the same run.
 
-    python bench/bench_scale.py [--sizes 96,1000,2048,4096] [--rounds 4] [--repeats 3] [--out bench/out]
+    python bench/bench_scale.py [--sizes 96,1000,2048,4096] [--cnn] [--flower] [--rounds 4] [--repeats 3]
+    python bench/bench_scale.py --partitions 4,16,64,128,256 [--flower] [--rounds 4]
+    python bench/bench_scale.py --length 1000
     python bench/bench_scale.py --memory [--sizes 4096] [--rounds 2]
+    python bench/bench_scale.py --plots            # redraw the PNGs from OUT/scale*.json
 
---memory measures instead the server process's peak resident memory while one job of 8 partitions of the widest
-MLP runs (17 M parameters at 4096), with full and with int8 updates, in model sizes above the idle server.
+Each sweep writes OUT/scale*.json and a markdown table; --plots (or any sweep) draws bench/results/scale_*.png.
 
-The task: an MLP 64 -> h -> h -> 10 (h given by --sizes; 96: 16 k parameters, 1000: 1.1 M, 2048: 4.3 M,
+The size sweep: an MLP 64 -> h -> h -> 10 (h given by --sizes; 96: 16 k parameters, 1000: 1.1 M, 2048: 4.3 M,
 4096: 17 M) on synthetic digits-shaped data (1,437 training rows of 64 features, 10 classes, 360 test rows; made
-from a seed, nothing downloaded), 4 IID partitions, 1 local epoch, batch 32, SGD with momentum, as DeML's worker
-trains by default.
+from a seed, nothing downloaded), and with --cnn a ResNet-18-style CNN with BatchNorm (11.2 M parameters) on
+synthetic 3x32x32 images (256 training rows, 64 test rows, made from a seed); 4 IID partitions, 1 local epoch,
+batch 32, SGD with momentum, as DeML's worker trains by default.
 
 - compute floor: the 4 partitions' local training in 2 processes of 1 torch thread each (the cores a DeML
   server with 2 workers uses), two at a time, plus one evaluation of the test split; no framework, no files.
   Median of --repeats after a warm-up.
 - DeML: a real `deml-server --workers 2` (bench/server.py); one job of --rounds rounds; a round is measured
   boundary to boundary (consecutive commits), median of rounds 2..N.
+- Flower (--flower): bench/flower_digits.py in bench/.venv-flower (bench/setup_flower_venv.sh), Ray with 2 CPUs,
+  the same task module, partitions (DeML's partitioner), seeds and optimizer; its round boundary to boundary
+  (consecutive centralized evaluations), median of rounds 2..N.
+- bytes of global weights sent per worker per round (both sides), and the peak resident memory (RSS, sampled
+  every 100 ms) of the server process and, summed, of its descendants (DeML's workers; Flower's Ray processes).
 
-Reported per size: the floor, DeML's round, their ratio (the issue's goal: <= 1.15 from 1 M parameters up), and
-the bytes of global weights sent per worker per round. Flower is not run here (bench/bench_training.py compares
-with Flower on digits). The machine may be shared with other work: figures taken under contention are indicative
-only; the ratio is the figure to read, both sides being measured in the same run.
+The partitions sweep: the 3.5 k-parameter MLP (h=32), P IID partitions on 2 workers; round time and round time
+per partition task (round / P). The length sweep: the same model, 4 partitions, N rounds; rounds 2-11 against the
+last 10. --memory: the server process's peak memory while one job of 8 partitions of the widest MLP runs, with
+full and with int8 updates, in model sizes above the idle server.
+
+The machine may be shared with other work: figures taken under contention are indicative only; the ratios are
+the figures to read, both sides being measured in the same run (the load average is recorded with each result).
 """
 
 from __future__ import annotations
@@ -28,9 +39,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
+import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -39,10 +53,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_training import iid_partitions  # noqa: E402
+from bench.bench_training import (  # noqa: E402
+    BENCH,
+    FLOWER_PY,
+    _is_ray_leftover,
+    _pids,
+    ensure_flower_venv,
+    iid_partitions,
+    process_tree,
+)
 from bench.server import DemlServer  # noqa: E402
 
 TRAIN_ROWS, TEST_ROWS, FEATURES, CLASSES = 1437, 360, 64, 10
+CNN_TRAIN, CNN_TEST = 256, 64
+TINY = 32
 PARTITIONS, POOL = 4, 2
 SETTINGS: dict[str, Any] = {
     "workers": PARTITIONS,
@@ -76,20 +100,86 @@ def load_data():
     return (x[:{train}], y[:{train}]), (x[{train}:], y[{train}:])
 """
 
+# A ResNet-18-style network (BasicBlocks of two 3x3 convolutions with BatchNorm, 64-128-256-512 channels, a
+# strided stem) for 3x32x32 images: 11.2 M parameters; the labels are which of 10 fixed patterns an image is
+# nearest to, so that it learns.
+CNN_TASK = """
+import numpy as np
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(512, classes)
+
+    def forward(self, x):
+        out = self.layers(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+def model():
+    return ResNet({classes})
+
+
+def load_data():
+    rng = np.random.default_rng(0)
+    patterns = rng.standard_normal(({classes}, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, {classes}, {rows}).astype(np.int64)
+    x = (patterns[y] + 2.0 * rng.standard_normal(({rows}, 3, 32, 32))).astype(np.float32)
+    return (x[:{train}], y[:{train}]), (x[{train}:], y[{train}:])
+"""
+
 
 def write_task(dest: Path, hidden: int) -> Path:
-    """The task directory for an MLP of width `hidden`."""
+    """The task directory for an MLP of width `hidden` (0: the ResNet-style CNN)."""
     dest.mkdir(parents=True, exist_ok=True)
-    source = TASK.format(
-        hidden=hidden, features=FEATURES, classes=CLASSES, rows=TRAIN_ROWS + TEST_ROWS, train=TRAIN_ROWS
-    )
+    if hidden == 0:
+        source = CNN_TASK.format(classes=CLASSES, rows=CNN_TRAIN + CNN_TEST, train=CNN_TRAIN)
+    else:
+        source = TASK.format(
+            hidden=hidden, features=FEATURES, classes=CLASSES, rows=TRAIN_ROWS + TEST_ROWS, train=TRAIN_ROWS
+        )
     (dest / "task.py").write_text(textwrap.dedent(source).lstrip())
     return dest
 
 
 def parameters(hidden: int) -> int:
-    """Parameters of the MLP."""
+    """Parameters of the MLP of width `hidden` (0: of the CNN, counted by torch)."""
+    if hidden == 0:
+        return sum(p.numel() for p in _load(str(write_task(BENCH / "out" / "task-cnn", 0))).model().parameters())
     return FEATURES * hidden + hidden + hidden * hidden + hidden + hidden * CLASSES + CLASSES
+
+
+def model_name(hidden: int) -> str:
+    return "ResNet-style CNN" if hidden == 0 else f"MLP h={hidden}"
+
+
+def train_rows(hidden: int) -> int:
+    return CNN_TRAIN if hidden == 0 else TRAIN_ROWS
 
 
 def _load(task_dir: str) -> Any:
@@ -140,7 +230,7 @@ def compute_floor(task_dir: Path, repeats: int) -> float:
             for _ in range(repeats):
                 started = time.perf_counter()
                 list(pool.map(_train_partition, [str(task_dir)] * PARTITIONS, parts))
-                net = task.model()
+                net = task.model().eval()
                 with torch.no_grad():
                     net(torch.from_numpy(x_test)).argmax(dim=1)
                 times.append(time.perf_counter() - started)
@@ -149,41 +239,205 @@ def compute_floor(task_dir: Path, repeats: int) -> float:
     return statistics.median(times)
 
 
+class SplitMemory:
+    """Peak RSS of one process and, summed, of all its descendants (sampled every `interval` s from /proc)."""
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak_root = 0
+        self.peak_children = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            children = 0
+            for pid in process_tree(self.root):
+                if pid == self.root:
+                    self.peak_root = max(self.peak_root, _rss(pid))
+                else:
+                    children += _rss(pid)
+            self.peak_children = max(self.peak_children, children)
+
+    def __enter__(self) -> SplitMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, float]:
+        return {"server_peak_rss_mib": self.peak_root / 2**20, "workers_peak_rss_mib": self.peak_children / 2**20}
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def run_job(server: DemlServer, task_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Submit one job and wait for it; its rounds boundary to boundary (consecutive commits)."""
     from deml.v1 import training_pb2
     from deml_client import DemlClient
 
-    with DemlClient(server.target) as client:
+    with DemlClient(server.target) as client, SplitMemory(server.proc.pid) as memory:
         job = client.wait_job(client.submit_job(task_dir, settings).id)
         if job.state != training_pb2.JOB_STATE_SUCCEEDED:
             raise RuntimeError(f"DeML job {job.id} ended {training_pb2.JobState.Name(job.state)}: {job.error}")
         rounds = list(client.iter_rounds(job.id))
     commits = [r.committed_at.seconds + r.committed_at.nanos / 1e9 for r in rounds]
     boundary = [rounds[0].wall_seconds] + [b - a for a, b in itertools.pairwise(commits)]
-    return {"round_seconds": boundary, "bytes_sent_per_worker": rounds[-1].bytes_sent_per_worker}
+    return {
+        "round_seconds": boundary,
+        "bytes_sent_per_worker": rounds[-1].bytes_sent_per_worker,
+        "accuracy": rounds[-1].metrics.get("accuracy", float("nan")),
+        **memory.result(),
+    }
 
 
-def bench_size(out: Path, hidden: int, rounds: int, repeats: int) -> dict[str, Any]:
-    """The floor and DeML's round for one width."""
-    task_dir = write_task(out / f"task-{hidden}", hidden)
+def run_flower(out: Path, name: str, task_dir: Path, settings: dict[str, Any], rows: int) -> dict[str, Any]:
+    """One Flower simulation (bench/flower_digits.py on the same task module), its memory sampled from here."""
+    work = out / f"flower-{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    config = {
+        "task_dir": str(task_dir),
+        "module": "task",
+        "partitions": iid_partitions(rows, settings["workers"], settings["seed"]),
+        "seed": settings["seed"],
+        "rounds": settings["rounds"],
+        "local_epochs": settings["local_epochs"],
+        "batch_size": settings["batch_size"],
+        "learning_rate": settings["learning_rate"],
+        "client_cpus": 1.0,
+        "ray_cpus": POOL,
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    result_path = work / "result.json"
+    result_path.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    with (work / "log.txt").open("wb") as logf:
+        proc = subprocess.Popen(
+            [str(FLOWER_PY), str(BENCH / "flower_digits.py"), str(work / "config.json"), str(result_path)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+            env=env,
+        )
+        with SplitMemory(proc.pid) as memory:
+            code = proc.wait(timeout=1800)
+    if code != 0 or not result_path.exists():
+        tail = (work / "log.txt").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the Flower run {name} failed (exit {code}):\n{tail}")
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_is_ray_leftover(pid) for pid in _pids()):
+        time.sleep(0.2)
+    return {
+        "round_seconds": result["round_seconds"],
+        "bytes_sent_per_worker": result["bytes_sent_per_worker"][-1],
+        "accuracy": result["accuracy"][-1],
+        **memory.result(),
+    }
+
+
+def _median_after_first(values: list[float]) -> float:
+    """Round 1 pays for the workers' first import of the task and its data (Ray's actors for Flower): 2..N."""
+    return statistics.median(values[1:] or values)
+
+
+def _server(out: Path, name: str, *flags: str) -> DemlServer:
+    server = DemlServer(out / f"deml-{name}", "--workers", str(POOL), "--inference-workers", "1", *flags)
+    server.wait_idle()
+    return server
+
+
+def bench_size(out: Path, hidden: int, rounds: int, repeats: int, flower: bool) -> dict[str, Any]:
+    """The floor, DeML's round and (with `flower`) Flower's for one model."""
+    task_dir = write_task(out / f"task-{hidden or 'cnn'}", hidden)
     floor = compute_floor(task_dir, repeats)
-    server = DemlServer(out / f"deml-{hidden}", "--workers", str(POOL), "--inference-workers", "1")
+    settings = {"name": f"scale{hidden}", "rounds": rounds, **SETTINGS}
+    server = _server(out, f"size-{hidden}")
     try:
-        server.wait_idle()
-        run = run_job(server, task_dir, {"name": f"scale{hidden}", "rounds": rounds, **SETTINGS})
+        run = run_job(server, task_dir, settings)
     finally:
         server.stop()
-    # Round 1 pays for the workers' first import of the task and its data: rounds 2..N.
-    deml = statistics.median(run["round_seconds"][1:] or run["round_seconds"])
-    return {
+    deml = _median_after_first(run["round_seconds"])
+    row: dict[str, Any] = {
         "hidden": hidden,
+        "model": model_name(hidden),
         "parameters": parameters(hidden),
         "floor_seconds": floor,
         "deml_round_seconds": deml,
         "deml_over_floor": deml / floor,
-        "round_seconds": run["round_seconds"],
-        "bytes_sent_per_worker": run["bytes_sent_per_worker"],
+        "deml": run,
+        "load_average": os.getloadavg()[0],
+    }
+    if flower:
+        f = run_flower(out, f"size-{hidden}", task_dir, settings, train_rows(hidden))
+        row["flower"] = f
+        row["flower_round_seconds"] = _median_after_first(f["round_seconds"])
+        row["flower_over_floor"] = row["flower_round_seconds"] / floor
+        row["deml_over_flower"] = deml / row["flower_round_seconds"]
+    return row
+
+
+def bench_partitions(out: Path, counts: list[int], rounds: int, flower: bool) -> list[dict[str, Any]]:
+    """Round time and round time per partition task at each partition count (the tiny MLP, 2 workers)."""
+    task_dir = write_task(out / f"task-{TINY}", TINY)
+    rows = []
+    server = _server(out, "partitions", "--no-http")
+    try:
+        for count in counts:
+            settings = {**SETTINGS, "name": f"p{count}", "rounds": rounds, "workers": count}
+            run = run_job(server, task_dir, settings)
+            deml = _median_after_first(run["round_seconds"])
+            row: dict[str, Any] = {
+                "partitions": count,
+                "deml_round_seconds": deml,
+                "deml_per_task_ms": 1000 * deml / count,
+                "deml": run,
+                "load_average": os.getloadavg()[0],
+            }
+            print(f"  {count} partitions: DeML {deml:.3f} s/round", file=sys.stderr, flush=True)
+            rows.append(row)
+    finally:
+        server.stop()
+    if flower:
+        for row in rows:
+            count = row["partitions"]
+            settings = {**SETTINGS, "rounds": rounds, "workers": count}
+            f = run_flower(out, f"p{count}", task_dir, settings, TRAIN_ROWS)
+            row["flower"] = f
+            row["flower_round_seconds"] = _median_after_first(f["round_seconds"])
+            row["flower_per_task_ms"] = 1000 * row["flower_round_seconds"] / count
+            row["deml_over_flower"] = row["deml_round_seconds"] / row["flower_round_seconds"]
+            print(f"  {count} partitions: Flower {row['flower_round_seconds']:.3f} s/round", file=sys.stderr)
+    return rows
+
+
+def bench_length(out: Path, rounds: int) -> dict[str, Any]:
+    """Round time at the start and at the end of one long job (the tiny MLP, 4 partitions)."""
+    task_dir = write_task(out / f"task-{TINY}", TINY)
+    server = _server(out, "length", "--no-http")
+    try:
+        run = run_job(server, task_dir, {**SETTINGS, "name": f"long{rounds}", "rounds": rounds})
+    finally:
+        server.stop()
+    seconds = run["round_seconds"]
+    early, late = statistics.median(seconds[1:11]), statistics.median(seconds[-10:])
+    return {
+        "rounds": rounds,
+        "early_round_seconds": early,
+        "late_round_seconds": late,
+        "late_over_early": late / early,
+        "round_seconds": seconds,
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -243,34 +497,121 @@ def aggregation_memory(out: Path, hidden: int, partitions: int, rounds: int, com
     }
 
 
-def render(results: list[dict[str, Any]]) -> str:
-    """A markdown table."""
-    lines = [
-        "| MLP parameters | compute floor | DeML round | DeML/floor | bytes sent per worker per round |",
-        "|---:|---:|---:|---:|---:|",
-    ]
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.2f} MB" if value < 1e8 else f"{value / 1e6:.0f} MB"
+
+
+def render_sizes(results: list[dict[str, Any]]) -> str:
+    """The size sweep as a markdown table."""
+    flower = all("flower" in r for r in results)
+    head = "| model | parameters | compute floor | DeML round | DeML/floor |"
+    rule = "|---|---:|---:|---:|---:|"
+    if flower:
+        head += " Flower round | Flower/floor | DeML/Flower |"
+        rule += "---:|---:|---:|"
+    head += " bytes per worker per round | server peak RSS | workers' peak RSS |"
+    rule += "---:|---:|---:|"
+    if flower:
+        head += " Flower server / workers peak RSS |"
+        rule += "---:|"
+    lines = [head, rule]
     for r in results:
-        lines.append(
-            f"| {r['parameters'] / 1e6:.2f} M | {r['floor_seconds']:.3f} s | {r['deml_round_seconds']:.3f} s |"
-            f" {r['deml_over_floor']:.2f} | {r['bytes_sent_per_worker'] / 1e6:.1f} MB |"
+        d = r["deml"]
+        line = (
+            f"| {r['model']} | {r['parameters'] / 1e6:.2f} M | {r['floor_seconds']:.3f} s |"
+            f" {r['deml_round_seconds']:.3f} s | {r['deml_over_floor']:.2f} |"
         )
+        if flower:
+            line += (
+                f" {r['flower_round_seconds']:.3f} s | {r['flower_over_floor']:.2f} | **{r['deml_over_flower']:.2f}** |"
+            )
+        line += (
+            f" {_mb(d['bytes_sent_per_worker'])} | {d['server_peak_rss_mib']:.0f} MiB |"
+            f" {d['workers_peak_rss_mib']:.0f} MiB |"
+        )
+        if flower:
+            f = r["flower"]
+            line += f" {f['server_peak_rss_mib']:.0f} / {f['workers_peak_rss_mib']:.0f} MiB |"
+        lines.append(line)
     return "\n".join(lines)
 
 
+def render_partitions(rows: list[dict[str, Any]]) -> str:
+    """The partitions sweep as a markdown table."""
+    flower = all("flower" in r for r in rows)
+    head = "| partitions | DeML round | DeML per partition task |"
+    rule = "|---:|---:|---:|"
+    if flower:
+        head += " Flower round | Flower per partition task | DeML/Flower |"
+        rule += "---:|---:|---:|"
+    lines = [head, rule]
+    for r in rows:
+        line = f"| {r['partitions']} | {r['deml_round_seconds']:.3f} s | {r['deml_per_task_ms']:.2f} ms |"
+        if flower:
+            line += (
+                f" {r['flower_round_seconds']:.3f} s | {r['flower_per_task_ms']:.2f} ms | {r['deml_over_flower']:.2f} |"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def render_length(r: dict[str, Any]) -> str:
+    """The length sweep as a markdown table."""
+    return "\n".join(
+        [
+            "| rounds | median of rounds 2-11 | median of the last 10 | last/first |",
+            "|---:|---:|---:|---:|",
+            f"| {r['rounds']} | {r['early_round_seconds']:.4f} s | {r['late_round_seconds']:.4f} s |"
+            f" {r['late_over_early']:.2f} |",
+        ]
+    )
+
+
+def _save(out: Path, name: str, figures: Any, table: str) -> None:
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=1))
+    (out / f"{name}.md").write_text(table + "\n")
+    print(f"load average {os.getloadavg()[0]:.1f}\n{table}", flush=True)
+
+
+def draw(out: Path, images: Path) -> list[Path]:
+    """The PNGs of every sweep whose JSON is in `out`."""
+    from bench.plots import scale_plots
+
+    found = {
+        name: json.loads((out / f"{name}.json").read_text())
+        for name in ("scale", "scale-partitions", "scale-length")
+        if (out / f"{name}.json").exists()
+    }
+    images.mkdir(parents=True, exist_ok=True)
+    return scale_plots(found, images)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the sweep and write OUT/scale.json and OUT/scale.md."""
+    """Run the chosen sweeps; write OUT/scale*.json and .md, and the PNGs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="96,1000,2048,4096", help="hidden widths (comma-separated)")
+    parser.add_argument("--sizes", default="96,1000,2048,4096", help="MLP hidden widths (comma-separated; '' none)")
+    parser.add_argument("--cnn", action="store_true", help="add the ResNet-style CNN to the size sweep")
+    parser.add_argument("--flower", action="store_true", help="run Flower too (bench/.venv-flower)")
+    parser.add_argument("--partitions", default="", help="instead: the partitions sweep, e.g. 4,16,64,128,256")
+    parser.add_argument("--length", type=int, default=0, help="instead: one job of this many rounds")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--images", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--plots", action="store_true", help="only redraw the PNGs from OUT's JSON")
     parser.add_argument(
         "--memory",
         action="store_true",
         help="instead: the server's peak memory aggregating 8 partitions of the widest size, none and int8",
     )
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the sandbox binds paths under it: relative ones would not resolve
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.plots:
+        print("\n".join(str(p) for p in draw(args.out, args.images)))
+        return
+    if args.flower:
+        ensure_flower_venv()
     if args.memory:
         hidden = max(int(h) for h in args.sizes.split(","))
         figures = [aggregation_memory(args.out, hidden, 8, args.rounds, c) for c in ("none", "int8")]
@@ -283,14 +624,21 @@ def main(argv: list[str] | None = None) -> None:
                 f" ({f['peak_anon_over_idle_in_models']:.2f} without mapped files' pages)"
             )
         return
-    results = []
-    for hidden in (int(h) for h in args.sizes.split(",")):
-        print(f"MLP width {hidden} ({parameters(hidden) / 1e6:.2f} M parameters)...", file=sys.stderr, flush=True)
-        results.append(bench_size(args.out, hidden, args.rounds, args.repeats))
-        print(render(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    (args.out / "scale.json").write_text(json.dumps(results, indent=1))
-    (args.out / "scale.md").write_text(render(results) + "\n")
-    print(render(results))
+    if args.partitions:
+        rows = bench_partitions(args.out, [int(p) for p in args.partitions.split(",")], args.rounds, args.flower)
+        _save(args.out, "scale-partitions", rows, render_partitions(rows))
+    elif args.length:
+        figures = bench_length(args.out, args.length)
+        _save(args.out, "scale-length", figures, render_length(figures))
+    else:
+        widths = [int(h) for h in args.sizes.split(",") if h] + ([0] if args.cnn else [])
+        results = []
+        for hidden in widths:
+            print(f"{model_name(hidden)} ({parameters(hidden) / 1e6:.2f} M parameters)...", file=sys.stderr, flush=True)
+            results.append(bench_size(args.out, hidden, args.rounds, args.repeats, args.flower))
+            print(render_sizes(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        _save(args.out, "scale", results, render_sizes(results))
+    draw(args.out, args.images)
 
 
 if __name__ == "__main__":

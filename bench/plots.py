@@ -95,3 +95,95 @@ def training_plots(results: dict[str, Any], out: Path) -> dict[str, str]:
     if "scaling" in results:
         images["scaling"] = str(scaling_plot(results["scaling"], out / "training_scaling.png"))
     return images
+
+
+def scale_sizes_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Round wall over the compute floor per model size, DeML and (when run) Flower."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    mlps = [r for r in rows if r["hidden"] != 0]
+    params = [r["parameters"] for r in mlps]
+    ax.plot(params, [r["deml_over_floor"] for r in mlps], marker="o", label="DeML (MLP)")
+    if all("flower_over_floor" in r for r in mlps):
+        ax.plot(params, [r["flower_over_floor"] for r in mlps], marker="s", linestyle=":", label="Flower (MLP)")
+    for r in rows:
+        if r["hidden"] == 0:
+            ax.plot(
+                [r["parameters"]], [r["deml_over_floor"]], marker="*", markersize=14, linestyle="", label="DeML (CNN)"
+            )
+            if "flower_over_floor" in r:
+                ax.plot(
+                    [r["parameters"]],
+                    [r["flower_over_floor"]],
+                    marker="P",
+                    markersize=11,
+                    linestyle="",
+                    label="Flower (CNN)",
+                )
+    ax.axhline(1.15, color="black", linestyle="--", linewidth=1, label="goal: 1.15x the floor")
+    ax.set_xscale("log")
+    ax.set_title("round wall time / compute floor, 4 partitions on 2 cores")
+    ax.set_xlabel("model parameters")
+    ax.set_ylabel("round / floor")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scale_partitions_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Round time per partition task against the number of partitions."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    counts = [r["partitions"] for r in rows]
+    ax.plot(counts, [r["deml_per_task_ms"] for r in rows], marker="o", label="DeML")
+    if all("flower_per_task_ms" in r for r in rows):
+        ax.plot(counts, [r["flower_per_task_ms"] for r in rows], marker="s", linestyle=":", label="Flower")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="goal: 1 ms")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts)
+    ax.set_xticklabels([str(c) for c in counts])
+    ax.set_title("round time per partition task (3.5 k-parameter MLP, 2 cores)")
+    ax.set_xlabel("partitions")
+    ax.set_ylabel("ms per partition task")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scale_length_plot(r: dict[str, Any], path: Path) -> Path:
+    """Round time over one long job (a running median of 25 rounds)."""
+    seconds = r["round_seconds"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    window = 25
+    xs = list(range(window, len(seconds) + 1))
+    medians = [1000 * sorted(seconds[i - window : i])[window // 2] for i in xs]
+    ax.plot(range(1, len(seconds) + 1), [1000 * s for s in seconds], linewidth=0.5, alpha=0.4, label="each round")
+    ax.plot(xs, medians, label=f"running median of {window}")
+    ax.set_title(f"round time over a {r['rounds']}-round job (4 partitions, 3.5 k-parameter MLP)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ms")
+    ax.set_ylim(bottom=0, top=3 * max(medians))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scale_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    """The scale benchmark's PNGs for the sweeps present in `results` (keyed by their JSON's stem)."""
+    paths = []
+    if "scale" in results:
+        paths.append(scale_sizes_plot(results["scale"], out / "scale_sizes.png"))
+    if "scale-partitions" in results:
+        paths.append(scale_partitions_plot(results["scale-partitions"], out / "scale_partitions.png"))
+    if "scale-length" in results:
+        paths.append(scale_length_plot(results["scale-length"], out / "scale_length.png"))
+    return paths

@@ -48,6 +48,11 @@ _T = TypeVar("_T")
 # A store write that fails because the database is busy is tried again after these pauses (seconds), then given up.
 WRITE_RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0, 4.0)
 
+# A round's "k of n partitions done" events are sent at most this often (and always for the last one): with
+# hundreds of partitions a round, an event (a store write, a message to each watcher) per task was a third of
+# the server's work per task. Finished attempts are written to the store together, at most this often too.
+PROGRESS_INTERVAL = 0.2
+
 
 class JobFailed(Exception):
     """The job cannot go on; the message is what the user sees, `cause` says whether resuming can help."""
@@ -298,6 +303,9 @@ class JobRunner:
         self._ended = False
         # The round being trained (0: none), so that a shutdown does not stop the job between its rounds' overlap.
         self.training = 0
+        # Finished task attempts not yet in the store, and when they were last written (_record_attempt).
+        self._attempts: list[TaskAttempt] = []
+        self._attempts_written = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -661,9 +669,10 @@ class JobRunner:
     async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: _Fold, fits: _RoundFits) -> None:
         """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest."""
         done = 0
+        told = 0.0
 
         async def fit(index: int, bundle: TaskBundle) -> None:
-            nonlocal done
+            nonlocal done, told
             result, problem = await self._attempt(
                 bundle,
                 f"round {server_round} worker {index}",
@@ -674,7 +683,10 @@ class JobRunner:
             # Past this line the partition counts as arrived: the deadline no longer cancels it.
             fits.arrived.add(index)
             done += 1
-            self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
+            now = time.monotonic()
+            if done == len(bundles) or now - told >= PROGRESS_INTERVAL:
+                told = now
+                self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
             await fold.arrive(index, result, problem)
 
         tasks = {
@@ -697,11 +709,13 @@ class JobRunner:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            self._flush_attempts()
 
     async def _drop_late(self, server_round: int, late: list[int], fold: _Fold, fits: _RoundFits) -> None:
         """Record the partitions still running at the round deadline as late, and fold in what waited on them."""
         fits.late.update(late)
         await fold.skip(late)
+        self._flush_attempts()
         for index in sorted(late):
             worker = fits.workers.get(index, "")
             error = f"still running at the round deadline of {self.spec.round_deadline_seconds:g} s; dropped"
@@ -907,8 +921,11 @@ class JobRunner:
         how: TaskOutcome,
         error: str,
     ) -> None:
-        self._history(
-            self.deps.store.add_task_attempt,
+        """Note a finished attempt; written with others in one transaction (_flush_attempts).
+
+        A round's attempts are written at the end of its fits, and every PROGRESS_INTERVAL while they run.
+        """
+        self._attempts.append(
             TaskAttempt(
                 job_id=self.job.id,
                 action=bundle.action,
@@ -920,11 +937,20 @@ class JobRunner:
                 outcome=how,
                 error=error,
                 finished_at=datetime.now(tz=UTC),
-            ),
+            )
         )
+        if time.monotonic() - self._attempts_written >= PROGRESS_INTERVAL:
+            self._flush_attempts()
+
+    def _flush_attempts(self) -> None:
+        """Write the noted attempts to the store (skipped, with a warning, when it is busy)."""
+        attempts, self._attempts = self._attempts, []
+        self._attempts_written = time.monotonic()
+        self._history(self.deps.store.add_task_attempts, attempts)
 
     async def _run_one(self, bundle: TaskBundle, label: str, *, server_round: int = 0) -> TaskResult:
         result, problem = await self._attempt(bundle, label, server_round=server_round)
+        self._flush_attempts()
         if result is None:
             raise JobFailed(problem)
         if not result.ok:

@@ -11,7 +11,7 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -595,22 +595,31 @@ class JobStore:
 
     def add_task_attempt(self, attempt: TaskAttempt) -> None:
         """Record how one attempt of a task ended."""
+        self.add_task_attempts((attempt,))
+
+    def add_task_attempts(self, attempts: Sequence[TaskAttempt]) -> None:
+        """Record how several attempts ended, in one transaction (in the order given)."""
+        if not attempts:
+            return
         with self._history_tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO task_attempts (job_id, action, round, partition, attempt, worker, seconds, outcome,"
                 " error, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    attempt.job_id,
-                    attempt.action,
-                    attempt.round,
-                    attempt.partition,
-                    attempt.attempt,
-                    attempt.worker,
-                    attempt.seconds,
-                    attempt.outcome.value,
-                    attempt.error,
-                    attempt.finished_at.timestamp(),
-                ),
+                [
+                    (
+                        a.job_id,
+                        a.action,
+                        a.round,
+                        a.partition,
+                        a.attempt,
+                        a.worker,
+                        a.seconds,
+                        a.outcome.value,
+                        a.error,
+                        a.finished_at.timestamp(),
+                    )
+                    for a in attempts
+                ],
             )
 
     def reject_task_attempt(self, job_id: str, server_round: int, partition: int, reason: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Sized
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from provider_runtime.partition import partition
 from provider_runtime.usercode import (
+    LOAD_DATA_KWARGS,
     PartitionArgs,
     UserCodeError,
     call_load_data,
@@ -55,7 +58,7 @@ def cached_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    splits = load_splits(bundle, mod, args)
+    splits = load_splits(bundle, mod, args, reuse=True)
     _cache[key] = splits
     while len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
@@ -86,7 +89,40 @@ def _file_ids(folder: Path) -> list[tuple[str, int, int, int]]:
     return ids
 
 
-def load_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
+# What a `load_data` that returns the whole data set returned, as datasets, for the last code and data files:
+# the partitions of a job are cut from it, so that a warm worker serving more partitions than the cache above
+# holds (hundreds, a few rows each) does not run load_data for every task.
+_whole: OrderedDict[tuple[Any, ...], tuple[Dataset[Any] | None, Dataset[Any] | None]] = OrderedDict()
+_WHOLE_SIZE = 1
+
+
+def _whole_load(bundle: Path, mod: ModuleType, load_data: Any, args: PartitionArgs) -> tuple[Any, Any]:
+    """load_data's (train, test) as datasets, memoised on what they can depend on (not the partition)."""
+    declared = sorted(n for n in _declared_kwargs(load_data) if n in LOAD_DATA_KWARGS and n != "partition_id")
+    key = (_code_digest(bundle / "code"), mod.__name__, *((n, getattr(args, n)) for n in declared))
+    key += tuple(_file_ids(bundle / "data"))
+    hit = _whole.get(key)
+    if hit is not None:
+        _whole.move_to_end(key)
+        return hit
+    loaded = call_load_data(load_data, args)
+    if not isinstance(loaded, tuple | list) or len(loaded) != 2:
+        raise UserCodeError(f"load_data() must return (train, test), got {type(loaded).__name__}")
+    whole = (as_dataset(loaded[0], "train"), as_dataset(loaded[1], "test"))
+    _whole[key] = whole
+    while len(_whole) > _WHOLE_SIZE:
+        _whole.popitem(last=False)
+    return whole
+
+
+def _declared_kwargs(load_data: Any) -> set[str]:
+    try:
+        return set(inspect.signature(load_data).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def load_splits(bundle: Path, mod: ModuleType, args: PartitionArgs, *, reuse: bool = False) -> Splits:
     """Take each split from `data/` when the bundle has it, otherwise from the user's `load_data`.
 
     `data/train.npz` is already this worker's shard (the server cut it with the same partition module),
@@ -103,10 +139,13 @@ def load_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
         if train is None and test is None:
             raise UserCodeError(f"{mod.__name__}.py defines no load_data() function and the task has no uploaded data")
         return Splits(train, test)
-    loaded = call_load_data(load_data, args)
-    if not isinstance(loaded, tuple | list) or len(loaded) != 2:
-        raise UserCodeError(f"load_data() must return (train, test), got {type(loaded).__name__}")
-    user_train, user_test = as_dataset(loaded[0], "train"), as_dataset(loaded[1], "test")
+    if reuse and not load_data_is_partitioned(load_data):
+        user_train, user_test = _whole_load(bundle, mod, load_data, args)
+    else:
+        loaded = call_load_data(load_data, args)
+        if not isinstance(loaded, tuple | list) or len(loaded) != 2:
+            raise UserCodeError(f"load_data() must return (train, test), got {type(loaded).__name__}")
+        user_train, user_test = as_dataset(loaded[0], "train"), as_dataset(loaded[1], "test")
     if train is None and user_train is not None and not load_data_is_partitioned(load_data):
         user_train = _partition(user_train, args)
     return Splits(train if train is not None else user_train, test if test is not None else user_test)
@@ -173,7 +212,7 @@ def _partition(dataset: Dataset[Any], args: PartitionArgs) -> Dataset[Any]:
     if args.partitioning == "dirichlet":
         parts = partition(_labels(dataset), args.num_partitions, scheme="dirichlet", alpha=args.alpha, seed=args.seed)
     else:
-        parts = partition(n, args.num_partitions, scheme=args.partitioning, seed=args.seed)
+        parts = _iid_parts(n, args.num_partitions, args.partitioning, args.seed)
     index = parts[args.partition_id]
     if isinstance(dataset, TensorDataset):
         # In-memory tensors stay tensors (row i of the partition is dataset[index[i]], as with a Subset), so
@@ -181,6 +220,12 @@ def _partition(dataset: Dataset[Any], args: PartitionArgs) -> Dataset[Any]:
         picked = torch.from_numpy(index)
         return TensorDataset(*(t[picked] for t in dataset.tensors))
     return Subset(dataset, index.tolist())
+
+
+@functools.lru_cache(maxsize=4)
+def _iid_parts(n: int, count: int, scheme: str, seed: int) -> list[npt.NDArray[np.int64]]:
+    """Every partition's rows (a warm worker cuts many partitions of one data set: cut once)."""
+    return partition(n, count, scheme=scheme, seed=seed)
 
 
 def _labels(dataset: Dataset[Any]) -> npt.NDArray[Any]:

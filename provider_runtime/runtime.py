@@ -340,7 +340,11 @@ def _weights_path(bundle: Path) -> Path:
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+    else:
+        # The same CPU stream: torch.manual_seed would also queue CUDA's seeding with a stack trace, every task.
+        torch.default_generator.manual_seed(seed)
 
 
 def _device(requested: str) -> torch.device:

@@ -149,6 +149,8 @@ class LocalBackend(Backend):
         self._finished: set[str] = set()
         self._generation = 0
         self._available = asyncio.Condition()
+        # One waiter per job at the condition (see _acquire); the job's other tasks queue on its gate.
+        self._gates: dict[str, asyncio.Lock] = {}
         self._all: set[_Worker] = set()
         self._closed = False
 
@@ -205,6 +207,9 @@ class LocalBackend(Backend):
         async with self._available:
             self._finished.add(job_id)
             workers = self._idle.pop(job_id, [])
+            gate = self._gates.get(job_id)
+            if gate is not None and not gate.locked():
+                del self._gates[job_id]
         for worker in workers:
             await self._recycle(worker)
 
@@ -257,6 +262,17 @@ class LocalBackend(Backend):
         return worker
 
     async def _acquire(self, job_id: str, avoid: Collection[str]) -> _Worker:
+        """A worker for one of the job's items; its items wait in line, the first of them at the condition.
+
+        Were every waiting item at the condition, each release would wake them all to find one worker: with
+        hundreds of partitions per round that was O(partitions) of scheduling per task. Any idle worker of the job
+        serves the head of the line (an avoided one too, when there is no other), so the line cannot stall.
+        """
+        gate = self._gates.setdefault(job_id, asyncio.Lock())
+        async with gate:
+            return await self._acquire_in_turn(job_id, avoid)
+
+    async def _acquire_in_turn(self, job_id: str, avoid: Collection[str]) -> _Worker:
         async with self._available:
             # A job that asks for work is running, even if an earlier run of it finished.
             self._finished.discard(job_id)
@@ -359,7 +375,13 @@ class LocalBackend(Backend):
         host_in = worker.exchange / "in" / str(request_id)
         host_out = worker.exchange / "out" / str(request_id)
         assert self._sandbox is not None
-        await asyncio.to_thread(_stage, item.bundle, host_in, host_out, self._sandbox, worker.slot)
+        # A small bundle is staged and collected on the event loop: a few links and renames cost less than two
+        # trips to a thread, which on a busy machine each wait for the scheduler while the worker sits idle.
+        small = _is_small(item.bundle)
+        if small:
+            _stage(item.bundle, host_in, host_out, self._sandbox, worker.slot)
+        else:
+            await asyncio.to_thread(_stage, item.bundle, host_in, host_out, self._sandbox, worker.slot)
         try:
             await worker.call(request_id, item.action, IN_DIR / str(request_id), OUT_DIR / str(request_id), item.label)
         except _WorkerFailed:
@@ -368,7 +390,10 @@ class LocalBackend(Backend):
                 with contextlib.suppress(_WorkerFailed, OSError):
                     await asyncio.to_thread(_collect, worker.name, host_in, host_out, item.output)
             raise
-        await asyncio.to_thread(_collect, worker.name, host_in, host_out, item.output)
+        if small:
+            _collect(worker.name, host_in, host_out, item.output)
+        else:
+            await asyncio.to_thread(_collect, worker.name, host_in, host_out, item.output)
 
     async def run(self, item: WorkItem, *, avoid: Collection[str] = ()) -> WorkOutcome:
         """Run one item on one of its job's warm workers within its deadline."""
@@ -397,6 +422,23 @@ class LocalBackend(Backend):
             raise
         await self._release(worker)
         return WorkOutcome(item, worker.name, True, "", time.monotonic() - started)
+
+
+# Bundles whose files are all below this size are staged inline (_call): copies of them take microseconds.
+SMALL_BUNDLE_FILE = 256 * 1024
+
+
+def _is_small(bundle: Path) -> bool:
+    """Whether every file of the bundle is below SMALL_BUNDLE_FILE (a walk of a few entries)."""
+    todo = [bundle]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(Path(entry.path))
+                elif entry.stat().st_size >= SMALL_BUNDLE_FILE:
+                    return False
+    return True
 
 
 def _stage(bundle: Path, host_in: Path, host_out: Path, sandbox: Sandbox, slot: int) -> None:

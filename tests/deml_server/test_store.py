@@ -184,3 +184,33 @@ def test_round_stats_read_rounds_whose_metrics_hold_nan(tmp_path: Path) -> None:
     # Assert
     assert stats.best_accuracy == 0.9
     assert stats.cost_glm == 0.75
+
+
+def test_attempts_written_together_keep_their_order_and_fields(tmp_path: Path) -> None:
+    # Prepare: a round's attempts as the runner writes them, in one call.
+    from deml_server.domain import TaskAttempt, TaskOutcome
+
+    store = JobStore(tmp_path / "db.sqlite3")
+    store.create_job("j1", JobSpec(rounds=1), JobFiles(code="a" * 64))
+    at = datetime(2026, 12, 2, 5, 0, tzinfo=UTC)
+    attempts = [
+        TaskAttempt("j1", "train", 1, p, a, f"local-{p}.1", 0.25 * p, outcome, err, at)
+        for p, a, outcome, err in [
+            (2, 1, TaskOutcome.FAILED, "gone"),
+            (0, 1, TaskOutcome.OK, ""),
+            (2, 2, TaskOutcome.OK, ""),
+        ]
+    ]
+    # Execute
+    store.add_task_attempts(attempts)
+    store.add_task_attempts([])
+    store.reject_task_attempt("j1", 1, 2, "NaN in fc.weight")
+    # Assert: the order given, every field; the rejection marks the partition's last OK attempt.
+    stored = store.task_attempts("j1")
+    assert [(a.partition, a.attempt, a.outcome) for a in stored] == [
+        (2, 1, TaskOutcome.FAILED),
+        (0, 1, TaskOutcome.OK),
+        (2, 2, TaskOutcome.REJECTED),
+    ]
+    assert stored[0] == attempts[0]
+    assert stored[2].error == "NaN in fc.weight"

@@ -49,9 +49,36 @@ def test_other_code_partition_or_opt_out_load_again(tmp_path: Path) -> None:
     base = _bundle(tmp_path / "a", LOADER)
     _calls(base, args)
     changed = _bundle(tmp_path / "b", LOADER + "\n# edited\n")
-    other_partition = PartitionArgs(partition_id=1, num_partitions=2, partitioning="iid", alpha=0.5, seed=4)
+    other_seed = PartitionArgs(partition_id=0, num_partitions=2, partitioning="iid", alpha=0.5, seed=5)
     opted_out = _bundle(tmp_path / "c", LOADER + "\nDEML_CACHE_DATA = False\n")
     assert _calls(changed, args)[0] == 1
-    assert _calls(base, other_partition)[0] == 1
+    assert _calls(changed, other_seed)[0] == 0  # another cut of the same load_data
     assert _calls(opted_out, args)[0] == 1
     assert _calls(opted_out, args)[0] == 1
+
+
+SEEDED = LOADER.replace("def load_data():", "def load_data(seed):").replace("CALLS.append(1)", "CALLS.append(seed)")
+
+
+def test_many_partitions_are_cut_from_one_load(tmp_path: Path) -> None:
+    # Prepare: more partitions than the partition cache holds, as a warm worker serving 128 partitions sees.
+    bundle = _bundle(tmp_path / "a", LOADER)
+    parts = [PartitionArgs(partition_id=i, num_partitions=10, partitioning="iid", alpha=0.5, seed=6) for i in range(10)]
+
+    # Execute
+    seen = [_calls(bundle, args) for args in parts]
+
+    # Assert: load_data ran for the first only; the cuts are disjoint and cover the training split.
+    assert [calls for calls, _ in seen] == [1] + [0] * 9
+    rows = [row for _, splits in seen for row in splits.train.tensors[0][:, 0].tolist()]  # type: ignore[attr-defined]
+    assert sorted(rows) == [float(2 * i) for i in range(20)]
+
+
+def test_a_loader_that_declares_a_setting_loads_again_when_it_changes(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path / "a", SEEDED)
+    first = PartitionArgs(partition_id=0, num_partitions=2, partitioning="iid", alpha=0.5, seed=7)
+    same_seed = PartitionArgs(partition_id=1, num_partitions=2, partitioning="iid", alpha=0.5, seed=7)
+    other_seed = PartitionArgs(partition_id=0, num_partitions=2, partitioning="iid", alpha=0.5, seed=8)
+    assert _calls(bundle, first)[0] == 1
+    assert _calls(bundle, same_seed)[0] == 0
+    assert _calls(bundle, other_seed)[0] == 1
