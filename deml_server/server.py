@@ -141,6 +141,8 @@ async def start_server(config: ServerConfig) -> DemlServer:
 
 
 async def _build(config: ServerConfig, lifetimes: Lifetimes, security: NetworkSecurity) -> DemlServer:
+    # Absolute from here on: sandboxed workers bind paths under it, and bwrap refuses a relative source path.
+    config.data_dir = config.data_dir.resolve()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     drain = Drain()
     store = JobStore(config.data_dir / "deml.sqlite3")

@@ -180,3 +180,21 @@ def test_allow_unsandboxed_workers_runs_jobs_unsandboxed(tmp_path: Path) -> None
 
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     assert isinstance(backend, LocalBackend) and not backend.sandboxed
+
+
+def test_a_relative_data_dir_runs_sandboxed_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: --data-dir given relative to the server's working directory (bwrap needs absolute bind sources)
+    monkeypatch.chdir(tmp_path)
+    thread = ServerThread(make_config(Path("relative-data"), workers=1)).start()
+    try:
+        # Execute
+        with DemlClient(thread.target) as client:
+            task = write_task(tmp_path / "small", SMALL_TASK)
+            job = client.wait_job(client.submit_job(task, quick_spec(rounds=1)).id)
+        backend = thread.server.backend if thread.server is not None else None
+    finally:
+        thread.stop()
+    # Assert
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert isinstance(backend, LocalBackend) and backend.sandboxed
+    assert (tmp_path / "relative-data" / "deml.sqlite3").is_file()
