@@ -12,7 +12,7 @@ Dirichlet(alpha = 0.5, or 0.1 for "dirichlet0.1"). The first job of each repeat 
 baseline (`baseline=True`: one worker, the whole training split, rounds x local epochs epochs from the same initial
 weights), so every federated figure is compared at equal epochs. With --repeats N every job runs N times (seeds
 first, first + 1, ...) and medians are reported. With --flower every FedAvg, FedAvgM, FedAdam and FedProx job is
-followed by the same strategy in Flower (bench/flower_quality.py in bench/.venv-flower, a subprocess) on the same
+followed by the same strategy in Flower (bench/flower_run.py in bench/.venv-flower, a subprocess) on the same
 partitions, initial weights, optimizer and seeds.
 
 Writes OUT/quality.json and OUT/quality.md (the `## Quality` section of BENCHMARKS.md); --save NAME adds the
@@ -148,7 +148,7 @@ def partition_rows(task: str, settings: dict[str, Any]) -> list[list[int]]:
 
 
 def run_flower(out: Path, task: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The job's strategy in Flower (bench/flower_quality.py in bench/.venv-flower): same rows, seed and settings."""
+    """The job's strategy in Flower (bench/flower_run.py in bench/.venv-flower): same rows, seed and settings."""
     work = out / f"flower-{task}"
     work.mkdir(parents=True, exist_ok=True)
     config = {
@@ -172,7 +172,7 @@ def run_flower(out: Path, task: str, settings: dict[str, Any]) -> dict[str, Any]
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     with (work / "log.txt").open("wb") as logf:
         code = subprocess.run(
-            [str(FLOWER_PY), str(ROOT / "bench" / "flower_quality.py"), str(work / "config.json"), str(result_path)],
+            [str(FLOWER_PY), str(ROOT / "bench" / "flower_run.py"), str(work / "config.json"), str(result_path)],
             stdout=logf,
             stderr=subprocess.STDOUT,
             cwd=work,
@@ -355,7 +355,7 @@ def render(results: dict[str, Any]) -> str:
         'Setting labels: `cosine` is `lr_schedule = "cosine"`, `warmup1` one round of linear warmup, `step` the rate',
         "x 0.3 every 4 rounds, `optimizer kept` is `keep_optimizer_state = true`. With `--flower` every FedAvg,",
         "FedAvgM, FedAdam and FedProx job is followed, in the same run, by the same strategy in Flower (flwr",
-        "1.41.0's Message-API strategies on its Ray simulation engine, bench/flower_quality.py in its own venv) on",
+        "1.41.0's Message-API strategies on its Ray simulation engine, bench/flower_run.py in its own venv) on",
         "the same partitions (the rows provider_runtime's partitioner gives each partition), initial weights,",
         "optimizer, seeds and batches; the last column gives Flower's final accuracy and DeML's on the same seeds.",
         f"Runs: {RESULTS.relative_to(ROOT)} (one entry per invocation; `--from-json` merges them into this",

@@ -19,7 +19,7 @@ batch 32, SGD with momentum, as DeML's worker trains by default.
   Median of --repeats after a warm-up.
 - DeML: a real `deml-server --workers 2` (bench/server.py); one job of --rounds rounds; a round is measured
   boundary to boundary (consecutive commits), median of rounds 2..N.
-- Flower (--flower): bench/flower_digits.py in bench/.venv-flower (bench/setup_flower_venv.sh), Ray with 2 CPUs,
+- Flower (--flower): bench/flower_run.py in bench/.venv-flower (bench/setup_flower_venv.sh), Ray with 2 CPUs,
   the same task module, partitions (DeML's partitioner), seeds and optimizer; its round boundary to boundary
   (consecutive centralized evaluations), median of rounds 2..N.
 - bytes of global weights sent per worker per round (both sides), and the peak resident memory (RSS, sampled
@@ -301,7 +301,7 @@ def run_job(server: DemlServer, task_dir: Path, settings: dict[str, Any]) -> dic
 
 
 def run_flower(out: Path, name: str, task_dir: Path, settings: dict[str, Any], rows: int) -> dict[str, Any]:
-    """One Flower simulation (bench/flower_digits.py on the same task module), its memory sampled from here."""
+    """One Flower simulation (bench/flower_run.py on the same task module), its memory sampled from here."""
     work = out / f"flower-{name}"
     work.mkdir(parents=True, exist_ok=True)
     config = {
@@ -323,7 +323,7 @@ def run_flower(out: Path, name: str, task_dir: Path, settings: dict[str, Any], r
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     with (work / "log.txt").open("wb") as logf:
         proc = subprocess.Popen(
-            [str(FLOWER_PY), str(BENCH / "flower_digits.py"), str(work / "config.json"), str(result_path)],
+            [str(FLOWER_PY), str(BENCH / "flower_run.py"), str(work / "config.json"), str(result_path)],
             stdout=logf,
             stderr=subprocess.STDOUT,
             cwd=work,

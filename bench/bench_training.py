@@ -334,7 +334,7 @@ def run_flower(out: Path, name: str, settings: dict[str, Any], train_rows: int, 
     with (work / "log.txt").open("wb") as logf:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            [str(FLOWER_PY), str(BENCH / "flower_digits.py"), str(work / "config.json"), str(result_path)],
+            [str(FLOWER_PY), str(BENCH / "flower_run.py"), str(work / "config.json"), str(result_path)],
             stdout=logf,
             stderr=subprocess.STDOUT,
             cwd=work,

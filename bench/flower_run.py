@@ -1,27 +1,29 @@
-"""The Flower side of the training benchmark: one simulation of the digits workload, timed at round boundaries.
+"""The Flower side of DeML's benchmarks: one simulation of a task with one strategy, timed at round boundaries.
 
-Run by bench/bench_training.py with bench/.venv-flower's python (flwr needs protobuf < 7, so it lives in a venv
-of its own); it imports nothing of DeML. It reads one JSON config (written by the benchmark) and writes one JSON
-result:
+Run by bench/bench_training.py, bench/bench_scale.py and bench/bench_quality.py (--flower) with
+bench/.venv-flower's python (flwr needs protobuf < 7, so it lives in a venv of its own); it imports nothing of
+DeML. It reads one JSON config (written by the benchmark) and writes one JSON result:
 
-    bench/.venv-flower/bin/python bench/flower_digits.py CONFIG.json RESULT.json
+    bench/.venv-flower/bin/python bench/flower_run.py CONFIG.json RESULT.json
 
 The workload mirrors what DeML runs for the same job:
-- the model and the data come from the task module itself (examples/digits/task.py: `model()`, and
-  `load_data()` with its stratified 80/20 split, seed 0), imported from its file as a Flower user would;
-- each client trains on exactly the training rows DeML gives the same partition: the benchmark writes the
-  indices, cut by provider_runtime's partitioner, into the config;
-- the initial weights are `model()` after `torch.manual_seed(seed)` (DeML's init action does the same);
+- the model and the data come from the task module itself (examples/<task>/task.py: `model()`, `load_data()` and,
+  where defined, `optimizer(params, lr)` and `loss()`), imported from its file as a Flower user would;
+- each client trains on exactly the training rows DeML gives the same partition (IID or Dirichlet): the benchmark
+  cuts them with provider_runtime's partitioner and the job's seed and writes the indices into the config;
 - local training as in provider_runtime: a fresh optimizer each round (the module's `optimizer(params, lr)` or
   SGD with momentum 0.9), the module's `loss()` or cross-entropy, shuffled batches, the same drop-last rule and
-  the same shuffle seeds, one torch thread per client;
-- FedAvg weighted by examples, every client sampled each round, no federated evaluation; the global model is
-  evaluated centrally on the test split after each round (batches of 256), as DeML does.
+  the same shuffle seeds, one torch thread per client; for FedProx the proximal term mu/2 * ||w - w_global||^2
+  with the mu the strategy sends (Flower's FedProx puts it in the train config as "proximal-mu"; the client adds
+  the term, as Flower's own FedProx examples do);
+- every client sampled each round, no federated evaluation; the global model is evaluated centrally on the test
+  split after each round (batches of 256), as DeML does.
 
-Engine: `flwr.simulation.run_simulation` with a `ServerApp` (its `main` runs the Message-API
-`flwr.serverapp.strategy.FedAvg`) and a `ClientApp`, on Flower's Ray backend. Round boundaries are taken in the
-centralized `evaluate_fn`, which the strategy calls once before round 1 and once at the end of every round, so
-round r's wall time is boundary r minus boundary r-1 (training, aggregation and evaluation).
+The strategy is Flower's own Message-API class named by the config's "strategy" (`FedAvg` by default, `FedAvgM`,
+`FedAdam`, `FedProx`) with its "options". Engine: `flwr.simulation.run_simulation` with a `ServerApp` and a
+`ClientApp`, on Flower's Ray backend. Round boundaries are taken in the centralized `evaluate_fn`, which the
+strategy calls once before round 1 and once at the end of every round, so round r's wall time is boundary r minus
+boundary r-1 (training, aggregation and evaluation).
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def tensors(split: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, np.int64))
 
 
+def make_strategy(name: str, options: dict[str, float], clients: int) -> Any:
+    """Flower's strategy `name` with every client sampled each round and no federated evaluation."""
+    from flwr.serverapp import strategy as strategies
+
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": clients,
+        "min_available_nodes": clients,
+    }
+    classes = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedprox": "FedProx"}
+    if name not in classes:
+        raise SystemExit(f"unknown strategy {name!r} (one of {sorted(classes)})")
+    return getattr(strategies, classes[name])(**common, **options)
+
+
 def main() -> None:
     config_path, result_path = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = json.loads(config_path.read_text())
@@ -66,7 +84,6 @@ def main() -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
     torch.set_num_threads(1)
@@ -89,7 +106,9 @@ def main() -> None:
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         pid = int(context.node_config["partition-id"])
-        server_round = int(msg.content["config"]["server-round"])
+        config = msg.content["config"]
+        server_round = int(config["server-round"])
+        mu = float(config["proximal-mu"]) if "proximal-mu" in config else 0.0
         rows = torch.tensor(partitions[pid], dtype=torch.long)
         dataset = torch.utils.data.TensorDataset(x_train[rows], y_train[rows])
         n = len(dataset)
@@ -99,6 +118,7 @@ def main() -> None:
         torch.manual_seed(local_seed)
         net = task.model()
         net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        anchor = [p.detach().clone() for p in net.parameters()] if mu > 0 else []
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=bs,
@@ -120,7 +140,11 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 out = net(xb)
                 loss = loss_fn(out, yb)
-                loss.backward()
+                if anchor:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), anchor, strict=True))
+                    (loss + mu / 2 * prox).backward()
+                else:
+                    loss.backward()
                 opt.step()
                 total_loss += loss.item() * len(yb)
                 seen += len(yb)
@@ -162,12 +186,7 @@ def main() -> None:
     def server_main(grid: Grid, context: Context) -> None:
         torch.manual_seed(seed)
         initial = ArrayRecord(task.model().state_dict())
-        strategy = FedAvg(
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=clients,
-            min_available_nodes=clients,
-        )
+        strategy = make_strategy(cfg.get("strategy", "fedavg"), cfg.get("options", {}), clients)
         strategy.start(
             grid=grid,
             initial_arrays=initial,
@@ -194,6 +213,7 @@ def main() -> None:
         "ray": ray.__version__,
         "torch": torch.__version__,
         "engine": "flwr.simulation.run_simulation (ServerApp + ClientApp, Ray backend)",
+        "strategy": type(make_strategy(cfg.get("strategy", "fedavg"), cfg.get("options", {}), clients)).__name__,
         "clients": clients,
         "client_cpus": backend_config["client_resources"]["num_cpus"],
         "ray_cpus": cpus,
