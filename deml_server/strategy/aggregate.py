@@ -114,6 +114,13 @@ class RunningMean:
         self.total = 0
         self.count = 0
 
+    def _sum(self, name: str) -> F64:
+        """The float64 running sum of tensor `name` (zeros, shaped as the reference's, on first use)."""
+        acc = self._sums.get(name)
+        if acc is None:
+            acc = self._sums[name] = np.zeros(self._reference[name].shape, dtype=np.float64)
+        return acc
+
     def add(self, weights: Weights, num_examples: int) -> None:
         """Fold in one result (its layout must match the reference's)."""
         check_layout(self._reference, weights, what=f"result {self.count}")
@@ -122,11 +129,8 @@ class RunningMean:
         self.count += 1
         if num_examples == 0:
             return
-        for name, ref in self._reference.items():
-            acc = self._sums.get(name)
-            if acc is None:
-                acc = self._sums[name] = np.zeros(ref.shape, dtype=np.float64)
-            _add_scaled(acc, weights[name], float(num_examples))
+        for name in self._reference:
+            _add_scaled(self._sum(name), weights[name], float(num_examples))
         self.total += num_examples
 
     def add_chunks(self, chunks: Callable[[str], Iterable[npt.NDArray[Any]]], num_examples: int) -> None:
@@ -140,11 +144,8 @@ class RunningMean:
         self.count += 1
         if num_examples == 0:
             return
-        for name, ref in self._reference.items():
-            acc = self._sums.get(name)
-            if acc is None:
-                acc = self._sums[name] = np.zeros(ref.shape, dtype=np.float64)
-            flat, done = acc.reshape(-1), 0
+        for name in self._reference:
+            flat, done = self._sum(name).reshape(-1), 0
             for piece in chunks(name):
                 _add_scaled(flat[done : done + piece.size], piece, float(num_examples))
                 done += piece.size

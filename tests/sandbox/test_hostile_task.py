@@ -23,6 +23,7 @@ from deml.v1 import training_pb2
 from deml_client import DemlClient
 from deml_client.client import read_spec_file
 from deml_server.backends.local import LocalBackend
+from deml_server.config import ServerConfig
 from deml_server.sandbox import SandboxConfig
 from tests.support import EXAMPLES, ROOT, SMALL_TASK, ServerThread, load_example, make_config, quick_spec, write_task
 
@@ -167,8 +168,8 @@ def test_start_up_refuses_when_the_host_cannot_sandbox(tmp_path: Path) -> None:
     assert missing in done.stderr
 
 
-def test_allow_unsandboxed_workers_runs_jobs_unsandboxed(tmp_path: Path) -> None:
-    config = make_config(tmp_path / "server", sandbox=SandboxConfig(bwrap="none", allow_unsandboxed=True))
+def _one_small_job(config: ServerConfig, tmp_path: Path) -> tuple[training_pb2.Job, object]:
+    """Start a server with `config`, run a 1-round job of the small task on it; the job and the server's backend."""
     thread = ServerThread(config).start()
     try:
         with DemlClient(thread.target) as client:
@@ -177,6 +178,13 @@ def test_allow_unsandboxed_workers_runs_jobs_unsandboxed(tmp_path: Path) -> None
         backend = thread.server.backend if thread.server is not None else None
     finally:
         thread.stop()
+    return job, backend
+
+
+def test_allow_unsandboxed_workers_runs_jobs_unsandboxed(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "server", sandbox=SandboxConfig(bwrap="none", allow_unsandboxed=True))
+
+    job, backend = _one_small_job(config, tmp_path)
 
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     assert isinstance(backend, LocalBackend) and not backend.sandboxed
@@ -185,15 +193,8 @@ def test_allow_unsandboxed_workers_runs_jobs_unsandboxed(tmp_path: Path) -> None
 def test_a_relative_data_dir_runs_sandboxed_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: --data-dir given relative to the server's working directory (bwrap needs absolute bind sources)
     monkeypatch.chdir(tmp_path)
-    thread = ServerThread(make_config(Path("relative-data"), workers=1)).start()
-    try:
-        # Execute
-        with DemlClient(thread.target) as client:
-            task = write_task(tmp_path / "small", SMALL_TASK)
-            job = client.wait_job(client.submit_job(task, quick_spec(rounds=1)).id)
-        backend = thread.server.backend if thread.server is not None else None
-    finally:
-        thread.stop()
+    # Execute
+    job, backend = _one_small_job(make_config(Path("relative-data"), workers=1), tmp_path)
     # Assert
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     assert isinstance(backend, LocalBackend) and backend.sandboxed
