@@ -64,31 +64,44 @@ def from_bytes(data: bytes | mmap.mmap, what: str = "weights") -> Weights:
 
 def parse(data: bytes | mmap.mmap, what: str = "weights") -> tuple[Weights, dict[str, str]]:
     """from_bytes, and the file's `__metadata__` (string to string, as safetensors defines it)."""
-    if len(data) < 8:
-        raise InvalidArgument(f"{what} are not a valid safetensors file: {len(data)} bytes, no header")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > min(_MAX_HEADER, len(data) - 8):
-        raise InvalidArgument(f"{what} are not a valid safetensors file: a header of {size} bytes does not fit")
+    entries, metadata, start = _header(lambda at, n: data[at : at + n], len(data), what)
+    arrays: Weights = {}
+    for name, (dtype, shape, begin) in sorted(entries.items(), key=lambda e: e[1][2]):
+        count = math.prod(shape)
+        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+    return arrays, metadata
+
+
+# A tensor's dtype, shape and first byte (from the start of the data, after the header).
+_Entry = tuple[np.dtype[Any], tuple[int, ...], int]
+
+
+def _header(read: Callable[[int, int], bytes], size: int, what: str) -> tuple[dict[str, _Entry], dict[str, str], int]:
+    """A safetensors file's checked header: its tensors, its `__metadata__` and where the data starts.
+
+    `read(at, n)` returns n bytes of the file from byte `at`; `size` is the file's length.
+    """
+    if size < 8:
+        raise InvalidArgument(f"{what} are not a valid safetensors file: {size} bytes, no header")
+    (length,) = struct.unpack("<Q", read(0, 8))
+    if length > min(_MAX_HEADER, size - 8):
+        raise InvalidArgument(f"{what} are not a valid safetensors file: a header of {length} bytes does not fit")
     try:
-        header = json.loads(data[8 : 8 + size])
+        header = json.loads(read(8, length))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"{what} are not a valid safetensors file: the header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise InvalidArgument(f"{what} are not a valid safetensors file: the header is not a JSON object")
-    start = 8 + size
-    body = len(data) - start
-    entries = []
+    start = 8 + length
+    entries: dict[str, _Entry] = {}
     metadata: dict[str, str] = {}
     for name, info in header.items():
         if name == "__metadata__":
             metadata = _metadata(info, what)
             continue
-        entries.append((name, *_entry(name, info, body, what)))
-    arrays: Weights = {}
-    for name, dtype, shape, begin, _ in sorted(entries, key=lambda e: e[3]):
-        count = math.prod(shape)
-        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
-    return arrays, metadata
+        dtype, shape, begin, _ = _entry(name, info, size - start, what)
+        entries[name] = (dtype, shape, begin)
+    return entries, metadata, start
 
 
 def _metadata(info: object, what: str) -> dict[str, str]:
@@ -208,9 +221,9 @@ def write_chunked(
 class UpdateFile:
     """A worker's whole (uncompressed) update, read a piece at a time rather than into memory at once.
 
-    The header is checked as `parse` checks it. The values are read from a private copy of the worker's file (a
-    kernel-side copy, not a buffer in this process): what is checked is then what is folded, even if something
-    still holds the worker's file open. `close` removes the copy.
+    The header goes through `parse`'s own check (_header). The values are read from a private copy of the
+    worker's file (a kernel-side copy, not a buffer in this process): what is checked is then what is folded, even
+    if something still holds the worker's file open. `close` removes the copy.
     """
 
     def __init__(self, source: Path, copy: Path) -> None:
@@ -223,31 +236,17 @@ class UpdateFile:
             raise InvalidArgument(f"{source.name} cannot be read: {exc.strerror}") from None
         self._copy = copy
         self.size = os.fstat(self._file.fileno()).st_size
-        self.entries, self.metadata, self._start = self._header()
-
-    def _header(self) -> tuple[dict[str, tuple[np.dtype[Any], tuple[int, ...], int]], dict[str, str], int]:
-        what = self.what
-        if self.size < 8:
-            raise InvalidArgument(f"{what} are not a valid safetensors file: {self.size} bytes, no header")
-        (size,) = struct.unpack("<Q", self._file.read(8))
-        if size > min(_MAX_HEADER, self.size - 8):
-            raise InvalidArgument(f"{what} are not a valid safetensors file: a header of {size} bytes does not fit")
         try:
-            header = json.loads(self._file.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidArgument(f"{what} are not a valid safetensors file: the header is not JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise InvalidArgument(f"{what} are not a valid safetensors file: the header is not a JSON object")
-        start = 8 + size
-        entries: dict[str, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
-        metadata: dict[str, str] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                metadata = _metadata(info, what)
-                continue
-            dtype, shape, begin, _ = _entry(name, info, self.size - start, what)
-            entries[name] = (dtype, shape, start + begin)
-        return entries, metadata, start
+            entries, self.metadata, start = _header(self._read_at, self.size, self.what)
+        except BaseException:
+            self.close()
+            raise
+        # Each tensor's dtype, shape and first byte in the file.
+        self.entries = {name: (dtype, shape, start + begin) for name, (dtype, shape, begin) in entries.items()}
+
+    def _read_at(self, at: int, n: int) -> bytes:
+        self._file.seek(at)
+        return self._file.read(n)
 
     def shapes(self) -> Weights:
         """Each tensor as a zero-cost stand-in of its shape and dtype (for check_layout)."""
