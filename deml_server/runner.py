@@ -194,18 +194,15 @@ class _Fold:
 
     def aggregate_into(self, strategy: Strategy, server_round: int, path: Path) -> None:
         """Write the new global weights to `path` (read-only: task bundles link it); the sums are let go."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
         if self.mean is not None and strategy.mean_is_aggregate:
             # The mean is the aggregate: written from the sums a piece at a time (memory: the sums, no more).
             mean, self.mean = self.mean, None
-            if mean.count == 0 or mean.total == 0:
-                mean.mean64()  # raises, naming why there is nothing to aggregate
+            mean.require_results()
             layout = {name: (ref.dtype, ref.shape) for name, ref in self.current.items()}
-            wio.write_chunked(path, layout, mean.mean_chunks)
+            _write_read_only(path, lambda out: wio.write_chunked(out, layout, mean.mean_chunks))
         else:
-            wio.write(self.aggregate(strategy, server_round), path)
-        path.chmod(0o444)
+            aggregated = self.aggregate(strategy, server_round)
+            _write_read_only(path, lambda out: wio.write(aggregated, out))
 
     def aggregate(self, strategy: Strategy, server_round: int) -> Weights:
         """The new global weights (in a thread: seconds of numpy work for a big model); the sums are let go."""
@@ -253,6 +250,18 @@ class _Trained:
     late: tuple[int, ...]
 
 
+def _write_read_only(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a round's global weights file with `write(path)`, replacing any left over, and make it read-only.
+
+    Task bundles hard-link these files, so they are world-readable (sandboxed workers run as other users) and
+    never changed once written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    write(path)
+    path.chmod(0o444)
+
+
 def _write_half(current: Weights, path: Path, widened: bool) -> Weights:
     """Write the round's weights with float32 tensors as float16 (what fp16 broadcast sends; read-only).
 
@@ -260,10 +269,7 @@ def _write_half(current: Weights, path: Path, widened: bool) -> Weights:
     (compressed updates are deltas from those), else `current` (nothing reads the widened values).
     """
     half = {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    wio.write(half, path)
-    path.chmod(0o444)
+    _write_read_only(path, lambda out: wio.write(half, out))
     if not widened:
         return current
     return {name: value.astype(current[name].dtype) for name, value in half.items()}

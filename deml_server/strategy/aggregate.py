@@ -114,6 +114,20 @@ class RunningMean:
         self.total = 0
         self.count = 0
 
+    def _counted(self, num_examples: int) -> bool:
+        """Count one more result; whether it adds anything (a result of 0 examples counts but adds nothing)."""
+        if num_examples < 0:
+            raise InvalidArgument(f"negative number of examples: {num_examples}")
+        self.count += 1
+        return num_examples > 0
+
+    def require_results(self) -> None:
+        """Raise, naming why, when there is nothing to aggregate (no results, or none with examples)."""
+        if self.count == 0:
+            raise InvalidArgument("nothing to aggregate: no results")
+        if self.total == 0:
+            raise InvalidArgument("nothing to aggregate: the results hold 0 examples")
+
     def _sum(self, name: str) -> F64:
         """The float64 running sum of tensor `name` (zeros, shaped as the reference's, on first use)."""
         acc = self._sums.get(name)
@@ -124,10 +138,7 @@ class RunningMean:
     def add(self, weights: Weights, num_examples: int) -> None:
         """Fold in one result (its layout must match the reference's)."""
         check_layout(self._reference, weights, what=f"result {self.count}")
-        if num_examples < 0:
-            raise InvalidArgument(f"negative number of examples: {num_examples}")
-        self.count += 1
-        if num_examples == 0:
+        if not self._counted(num_examples):
             return
         for name in self._reference:
             _add_scaled(self._sum(name), weights[name], float(num_examples))
@@ -139,10 +150,7 @@ class RunningMean:
         The same elementwise float64 operations as add(), so the same sums bit for bit. The caller has checked the
         result's layout and values: pieces are folded as they come.
         """
-        if num_examples < 0:
-            raise InvalidArgument(f"negative number of examples: {num_examples}")
-        self.count += 1
-        if num_examples == 0:
+        if not self._counted(num_examples):
             return
         for name in self._reference:
             flat, done = self._sum(name).reshape(-1), 0
@@ -159,10 +167,7 @@ class RunningMean:
         What FedAvg's aggregate_mean returns, without a float64 or cast copy of the whole tensor: the aggregate is
         written as it is computed. Each piece is the same division and cast as the whole tensor's.
         """
-        if self.count == 0:
-            raise InvalidArgument("nothing to aggregate: no results")
-        if self.total == 0:
-            raise InvalidArgument("nothing to aggregate: the results hold 0 examples")
+        self.require_results()
         ref = self._reference[name]
         flat = self._sums[name].reshape(-1)
         for start in range(0, flat.size, _ADD_CHUNK):
@@ -170,10 +175,7 @@ class RunningMean:
 
     def mean64(self) -> dict[str, F64]:
         """The mean so far, in float64 (the sums are divided in place: call once, at the end)."""
-        if self.count == 0:
-            raise InvalidArgument("nothing to aggregate: no results")
-        if self.total == 0:
-            raise InvalidArgument("nothing to aggregate: the results hold 0 examples")
+        self.require_results()
         for acc in self._sums.values():
             acc /= self.total
         return self._sums
