@@ -105,14 +105,19 @@ def _whole_load(bundle: Path, mod: ModuleType, load_data: Any, args: PartitionAr
     if hit is not None:
         _whole.move_to_end(key)
         return hit
-    loaded = call_load_data(load_data, args)
-    if not isinstance(loaded, tuple | list) or len(loaded) != 2:
-        raise UserCodeError(f"load_data() must return (train, test), got {type(loaded).__name__}")
-    whole = (as_dataset(loaded[0], "train"), as_dataset(loaded[1], "test"))
+    whole = _call_load_data(load_data, args)
     _whole[key] = whole
     while len(_whole) > _WHOLE_SIZE:
         _whole.popitem(last=False)
     return whole
+
+
+def _call_load_data(load_data: Any, args: PartitionArgs) -> tuple[Dataset[Any] | None, Dataset[Any] | None]:
+    """The user's load_data() called, its (train, test) checked and made datasets."""
+    loaded = call_load_data(load_data, args)
+    if not isinstance(loaded, tuple | list) or len(loaded) != 2:
+        raise UserCodeError(f"load_data() must return (train, test), got {type(loaded).__name__}")
+    return as_dataset(loaded[0], "train"), as_dataset(loaded[1], "test")
 
 
 def _declared_kwargs(load_data: Any) -> set[str]:
@@ -142,10 +147,7 @@ def load_splits(bundle: Path, mod: ModuleType, args: PartitionArgs, *, reuse: bo
     if reuse and not load_data_is_partitioned(load_data):
         user_train, user_test = _whole_load(bundle, mod, load_data, args)
     else:
-        loaded = call_load_data(load_data, args)
-        if not isinstance(loaded, tuple | list) or len(loaded) != 2:
-            raise UserCodeError(f"load_data() must return (train, test), got {type(loaded).__name__}")
-        user_train, user_test = as_dataset(loaded[0], "train"), as_dataset(loaded[1], "test")
+        user_train, user_test = _call_load_data(load_data, args)
     if train is None and user_train is not None and not load_data_is_partitioned(load_data):
         user_train = _partition(user_train, args)
     return Splits(train if train is not None else user_train, test if test is not None else user_test)
