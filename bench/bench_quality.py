@@ -88,7 +88,8 @@ REACH_POINTS = 1.0
 
 sys.path.insert(0, str(ROOT))
 
-from bench.server import DemlServer  # noqa: E402  (the repository root is on the path only now)
+from bench.bench_training import launch_flower  # noqa: E402  (the repository root is on the path only now)
+from bench.server import DemlServer  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -165,25 +166,7 @@ def run_flower(out: Path, task: str, settings: dict[str, Any]) -> dict[str, Any]
         # Two clients at a time, as DeML's two worker processes.
         "ray_cpus": 2,
     }
-    (work / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    result_path = work / "result.json"
-    result_path.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    with (work / "log.txt").open("wb") as logf:
-        code = subprocess.run(
-            [str(FLOWER_PY), str(ROOT / "bench" / "flower_run.py"), str(work / "config.json"), str(result_path)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=work,
-            env=env,
-            timeout=1800,
-            check=False,
-        ).returncode
-    if code != 0 or not result_path.exists():
-        tail = (work / "log.txt").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the Flower run of {task} failed (exit {code}):\n{tail}")
-    result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
+    result, _, _ = launch_flower(work, config, name=task, timeout=1800)
     return result
 
 

@@ -41,7 +41,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import textwrap
 import threading
@@ -55,11 +54,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_training import (  # noqa: E402
     BENCH,
-    FLOWER_PY,
-    _is_ray_leftover,
-    _pids,
     ensure_flower_venv,
     iid_partitions,
+    launch_flower,
     process_tree,
 )
 from bench.server import DemlServer  # noqa: E402
@@ -316,28 +313,7 @@ def run_flower(out: Path, name: str, task_dir: Path, settings: dict[str, Any], r
         "client_cpus": 1.0,
         "ray_cpus": POOL,
     }
-    (work / "config.json").write_text(json.dumps(config))
-    result_path = work / "result.json"
-    result_path.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    with (work / "log.txt").open("wb") as logf:
-        proc = subprocess.Popen(
-            [str(FLOWER_PY), str(BENCH / "flower_run.py"), str(work / "config.json"), str(result_path)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=work,
-            env=env,
-        )
-        with SplitMemory(proc.pid) as memory:
-            code = proc.wait(timeout=1800)
-    if code != 0 or not result_path.exists():
-        tail = (work / "log.txt").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the Flower run {name} failed (exit {code}):\n{tail}")
-    result: dict[str, Any] = json.loads(result_path.read_text())
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_is_ray_leftover(pid) for pid in _pids()):
-        time.sleep(0.2)
+    result, memory, _ = launch_flower(work, config, name=name, timeout=1800, sampler=SplitMemory)
     return {
         "round_seconds": result["round_seconds"],
         "bytes_sent_per_worker": result["bytes_sent_per_worker"][-1],

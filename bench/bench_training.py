@@ -31,6 +31,7 @@ PNGs it references into bench/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -43,7 +44,7 @@ import threading
 import time
 import tomllib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -326,6 +327,27 @@ def run_flower(out: Path, name: str, settings: dict[str, Any], train_rows: int, 
         "client_cpus": client_cpus,
         "ray_cpus": os.cpu_count() or 1,
     }
+    result, memory, seconds = launch_flower(work, config, name=name, timeout=900, sampler=TreeMemory)
+    result["process_seconds"] = seconds
+    result.update(memory.result())
+    # Give the machine a moment after Ray's processes have gone, before the next measurement.
+    time.sleep(1.0)
+    return result
+
+
+def launch_flower(
+    work: Path,
+    config: dict[str, Any],
+    *,
+    name: str,
+    timeout: float,
+    sampler: Callable[[int], Any] | None = None,
+) -> tuple[dict[str, Any], Any, float]:
+    """Run bench/flower_run.py on `config` in bench/.venv-flower (a subprocess, in `work`).
+
+    Returns its result, `sampler(pid)` (a context manager that watched the process while it ran, e.g. a memory
+    sampler; None without one) and the process's wall seconds. Then waits up to 10 s for Ray's actors to go.
+    """
     (work / "config.json").write_text(json.dumps(config))
     result_path = work / "result.json"
     result_path.unlink(missing_ok=True)
@@ -340,21 +362,19 @@ def run_flower(out: Path, name: str, settings: dict[str, Any], train_rows: int, 
             cwd=work,
             env=env,
         )
-        with TreeMemory(proc.pid) as memory:
-            code = proc.wait(timeout=900)
-        ended = time.perf_counter()
+        watching = sampler(proc.pid) if sampler is not None else contextlib.nullcontext()
+        with watching as watched:
+            code = proc.wait(timeout=timeout)
+        seconds = time.perf_counter() - started
     if code != 0 or not result_path.exists():
         tail = (work / "log.txt").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"the Flower run {name} failed (exit {code}):\n{tail}")
     result: dict[str, Any] = json.loads(result_path.read_text())
-    result["process_seconds"] = ended - started
-    result.update(memory.result())
     # Ray's actors take a moment to go after the driver exits; let them, before the next measurement.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_is_ray_leftover(pid) for pid in _pids()):
         time.sleep(0.2)
-    time.sleep(1.0)
-    return result
+    return result, watched, seconds
 
 
 def _pids() -> list[int]:
