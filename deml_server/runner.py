@@ -270,9 +270,7 @@ def _write_half(current: Weights, path: Path, widened: bool) -> Weights:
     """
     half = {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
     _write_read_only(path, lambda out: wio.write(half, out))
-    if not widened:
-        return current
-    return {name: value.astype(current[name].dtype) for name, value in half.items()}
+    return codec.widened(half, current) if widened else current
 
 
 def _sample_note(sample: Sequence[int], partitions: int) -> str:

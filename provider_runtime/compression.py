@@ -69,6 +69,18 @@ class Encoded:
         self.residual = residual
 
 
+def widened(arrays: Mapping[str, Array], like: Mapping[str, Array]) -> dict[str, Array]:
+    """Global weights sent in fp16 (JobSpec.broadcast_dtype) as the worker loads them.
+
+    Each float16 array whose counterpart in `like` is float32 is widened back to float32 (exactly); the others are
+    as they are. Compressed updates are deltas from these values, on the worker's side and on the server's.
+    """
+    return {
+        name: value.astype(np.float32) if value.dtype == np.float16 and like[name].dtype == np.float32 else value
+        for name, value in arrays.items()
+    }
+
+
 def _compressible(base: Array) -> bool:
     return bool(np.issubdtype(base.dtype, np.floating)) and base.size >= EXACT_BELOW
 

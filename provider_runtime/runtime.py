@@ -242,10 +242,7 @@ def _save_compressed(model: torch.nn.Module, task: Task, bundle: Path, key: tupl
     trained = state_dict_to_arrays(model.state_dict())
     # The delta is from the weights as this worker received them (fp16 ones widened back, as they were loaded):
     # the server decodes it against the same values.
-    base = {
-        name: value.astype(np.float32) if value.dtype == np.float16 and trained[name].dtype == np.float32 else value
-        for name, value in load_arrays(_weights_path(bundle)).items()
-    }
+    base = compression.widened(load_arrays(_weights_path(bundle)), trained)
     encoded = compression.encode(trained, base, task.compression, _residuals.get(key))
     save_arrays(encoded.arrays, out / "weights.safetensors", encoded.metadata)
     _residuals[key] = encoded.residual
