@@ -199,11 +199,21 @@ def test_cancel_during_a_round_keeps_committed_rounds(client: DemlClient, tmp_pa
     source = SMALL_TASK + textwrap.dedent(
         """
         import time
-        _load = load_data
+        _model = model
 
-        def load_data():
-            time.sleep(2.0)
-            return _load()
+        class Slow(torch.nn.Module):
+            # Slow in training, not in load_data: warm workers keep the loaded data between rounds.
+            def __init__(self):
+                super().__init__()
+                self.net = _model()
+
+            def forward(self, x):
+                if self.training:
+                    time.sleep(0.5)
+                return self.net(x)
+
+        def model():
+            return Slow()
         """
     )
     task = write_task(tmp_path / "t", source)
