@@ -189,6 +189,8 @@ def run_job(server: DemlServer, task: str, settings: dict[str, Any]) -> dict[str
         "job_id": job.id,
         "accuracy": [r.metrics["accuracy"] for r in rounds],
         "baseline_accuracy": job.baseline_accuracy if job.HasField("baseline_accuracy") else None,
+        # The centralized baseline's test accuracy after each round's worth of epochs (Job.baseline_curve).
+        "baseline_curve": [p.metrics["accuracy"] for p in sorted(job.baseline_curve, key=lambda p: p.round)],
         "job_seconds": seconds,
         "model": f"{job.model_name}:{job.model_version}",
         "served_accuracy": served,
@@ -231,6 +233,7 @@ def bench_task(
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in partitionings}
     baselines: list[float] = []
     baseline_seeds: list[int] = []
+    baseline_curves: list[list[float]] = []
     server = DemlServer(out / f"deml-{task}", "--workers", "2", "--inference-workers", "1")
     try:
         for repeat in range(repeats):
@@ -258,6 +261,7 @@ def bench_task(
                     if result["baseline_accuracy"] is not None:
                         baselines.append(result["baseline_accuracy"])
                         baseline_seeds.append(seed)
+                        baseline_curves.append(result["baseline_curve"])
                     runs[partitioning].setdefault(label, []).append(result)
                     log(
                         f"{task} {partitioning} {label} seed {seed}: final {result['accuracy'][-1]:.4f} "
@@ -277,6 +281,7 @@ def bench_task(
         "overrides": overrides or {},
         "baseline_accuracy": baselines,
         "baseline_seeds": baseline_seeds,
+        "baseline_curves": baseline_curves,
         "runs": runs,
     }
 
@@ -510,12 +515,7 @@ def plot_task(task: str, task_result: dict[str, Any], path: Path) -> None:
                 ax.plot(
                     rounds, 100 * peer, color=colours[label], linestyle="--", label=f"{label}, Flower ({len(flower)})"
                 )
-        ax.axhline(
-            100 * central,
-            color="black",
-            linestyle=":",
-            label=f"centralized after {spec['rounds'] * spec['local_epochs']} epochs",
-        )
+        centralized_curve(ax, task_result, central)
         ax.set_title(f"{task}, {partitioning_name(partitioning)}")
         ax.set_xlabel("round (dashed: the same strategy in Flower)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -528,6 +528,30 @@ def plot_task(task: str, task_result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def centralized_curve(ax: Any, task_result: dict[str, Any], central: float) -> None:
+    """The centralized baseline at equal epochs: its median curve over the seeds that have one (round r: after r x
+    local epochs epochs), or its final accuracy as a flat line for runs saved before the server reported curves."""
+    spec = task_result["spec"]
+    curves = [c for c in task_result.get("baseline_curves", []) if len(c) == spec["rounds"]]
+    if curves:
+        curve = np.median(np.array(curves), axis=0)
+        ax.plot(
+            range(1, spec["rounds"] + 1),
+            100 * curve,
+            color="black",
+            linestyle=":",
+            marker=".",
+            label=f"centralized, {spec['local_epochs']} epoch(s) a round ({len(curves)})",
+        )
+        return
+    ax.axhline(
+        100 * central,
+        color="black",
+        linestyle=":",
+        label=f"centralized after {spec['rounds'] * spec['local_epochs']} epochs",
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -563,6 +587,7 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     earlier one); runs with other settings than the task's deml.toml now has (or with --set overrides) are left
     out, so every row compares like with like."""
     central: dict[str, dict[int, float]] = {}
+    curves: dict[str, dict[int, list[float]]] = {}
     cells: dict[str, dict[str, dict[str, dict[int, dict[str, Any]]]]] = {}
     specs: dict[str, dict[str, Any]] = {}
     dates: set[str] = set()
@@ -577,6 +602,10 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
                 specs[task] = task_result["spec"]
                 seeds = task_result.get("baseline_seeds", range(len(task_result["baseline_accuracy"])))
                 central.setdefault(task, {}).update(zip(seeds, task_result["baseline_accuracy"], strict=True))
+                # Runs before the server reported the baseline's curve have none; a seed's curve is kept when full.
+                for seed, curve in zip(seeds, task_result.get("baseline_curves", []), strict=False):
+                    if len(curve) == task_result["spec"]["rounds"]:
+                        curves.setdefault(task, {})[seed] = curve
                 for partitioning, by_label in task_result["runs"].items():
                     for label, jobs in by_label.items():
                         cell = cells.setdefault(task, {}).setdefault(partitioning, {}).setdefault(label, {})
@@ -585,6 +614,7 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
         task: {
             "spec": specs[task],
             "baseline_accuracy": list(central.get(task, {}).values()),
+            "baseline_curves": list(curves.get(task, {}).values()),
             "runs": {
                 p: {label: list(jobs.values()) for label, jobs in by_label.items()}
                 for p, by_label in cells[task].items()
