@@ -71,3 +71,40 @@ def test_merge_keeps_one_run_per_seed_and_leaves_out_other_settings(tmp_path: Pa
     assert cell["seeds"] == 2
     assert cell["final"] == pytest.approx(0.93)
     assert cell["gap_points"] == pytest.approx(4.0)
+
+
+def test_merge_keeps_each_seeds_centralized_curve_and_the_plot_draws_their_median(tmp_path: Path) -> None:
+    # Prepare: 2-round runs; seed 42's curve twice (the later wins), seed 43's, a short curve (left out) and a run
+    # saved before the server reported curves (none)
+    spec = {k: bench_quality.task_spec("digits")[k] for k in ("local_epochs", "batch_size", "learning_rate")}
+    spec["rounds"] = 2
+    runs = {}
+    for name, seed, curve in (("a", 42, [0.1, 0.2]), ("b", 42, [0.5, 0.9]), ("c", 43, [0.7, 0.8]), ("d", 44, [0.3])):
+        runs[name] = _invocation(spec, seed, 0.9, curve[-1])
+        runs[name]["tasks"]["digits"]["baseline_curves"] = [curve]  # type: ignore[index]
+    runs["e"] = _invocation(spec, 45, 0.9, 0.95)
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(runs))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Execute
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_quality, "task_spec", lambda task, overrides=None: {**spec, "seed": 42})
+        merged = bench_quality.merge([path])["tasks"]["digits"]
+    fig, ax = plt.subplots()
+    bench_quality.centralized_curve(ax, merged, 0.9)
+    flat_fig, flat_ax = plt.subplots()
+    bench_quality.centralized_curve(flat_ax, {**merged, "baseline_curves": []}, 0.9)
+
+    # Assert: seeds 42 (run b) and 43, medians per round; without curves, the final accuracy as a flat line
+    assert sorted(merged["baseline_curves"]) == [[0.5, 0.9], [0.7, 0.8]]
+    (line,) = ax.get_lines()
+    np.testing.assert_allclose(line.get_xdata(), [1, 2])
+    np.testing.assert_allclose(line.get_ydata(), [60.0, 85.0])
+    (flat,) = flat_ax.get_lines()
+    np.testing.assert_allclose(flat.get_ydata(), [90.0, 90.0])
+    plt.close(fig)
+    plt.close(flat_fig)
