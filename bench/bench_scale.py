@@ -393,6 +393,7 @@ def bench_partitions(out: Path, counts: list[int], rounds: int, flower: bool) ->
             row["flower_round_seconds"] = _median_after_first(f["round_seconds"])
             row["flower_per_task_ms"] = 1000 * row["flower_round_seconds"] / count
             row["deml_over_flower"] = row["deml_round_seconds"] / row["flower_round_seconds"]
+            row["flower_load_average"] = os.getloadavg()[0]
             print(f"  {count} partitions: Flower {row['flower_round_seconds']:.3f} s/round", file=sys.stderr)
     return rows
 
@@ -515,17 +516,21 @@ def render_sizes(results: list[dict[str, Any]]) -> str:
 def render_partitions(rows: list[dict[str, Any]]) -> str:
     """The partitions sweep as a markdown table."""
     flower = all("flower" in r for r in rows)
-    head = "| partitions | DeML round | DeML per partition task |"
-    rule = "|---:|---:|---:|"
+    head = "| partitions | DeML round | DeML per partition task | load |"
+    rule = "|---:|---:|---:|---:|"
     if flower:
-        head += " Flower round | Flower per partition task | DeML/Flower |"
-        rule += "---:|---:|---:|"
+        head += " Flower round | Flower per partition task | load | DeML/Flower |"
+        rule += "---:|---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
-        line = f"| {r['partitions']} | {r['deml_round_seconds']:.3f} s | {r['deml_per_task_ms']:.2f} ms |"
+        line = (
+            f"| {r['partitions']} | {r['deml_round_seconds']:.3f} s | {r['deml_per_task_ms']:.2f} ms |"
+            f" {r.get('load_average', float('nan')):.1f} |"
+        )
         if flower:
             line += (
-                f" {r['flower_round_seconds']:.3f} s | {r['flower_per_task_ms']:.2f} ms | {r['deml_over_flower']:.2f} |"
+                f" {r['flower_round_seconds']:.3f} s | {r['flower_per_task_ms']:.2f} ms |"
+                f" {r.get('flower_load_average', float('nan')):.1f} | {r['deml_over_flower']:.2f} |"
             )
         lines.append(line)
     return "\n".join(lines)
