@@ -112,3 +112,28 @@ async def test_a_partition_that_fails_inside_a_batch_fails_alone(tmp_path: Path)
     outcomes = {a.partition: a.outcome for a in attempts}
     assert len(attempts) == 8
     assert outcomes == {p: TaskOutcome.CODE_ERROR if p == 3 else TaskOutcome.OK for p in range(8)}
+
+
+async def test_a_batch_whose_worker_dies_is_retried_whole_on_other_workers(tmp_path: Path) -> None:
+    # Prepare: partition 5's load_data kills its worker process (every time), in the bundle of partitions 4-7
+    crashing = FAILING_TASK.replace("partition_id == 3", "partition_id == 5").replace(
+        "raise ValueError('partition 3 is unreadable')", "import os; os._exit(3)"
+    )
+    backend = Recording(LocalBackend(workers=2, work_dir=tmp_path / "workers"))
+
+    # Execute
+    async with job_service(tmp_path, backend) as service:
+        job_id = await asyncio.wait_for(_run(service, crashing, rounds=1), timeout=300)
+        job = service.get(job_id)
+        attempts = [a for a in service.task_attempts(job_id) if a.action == "train"]
+
+    # Assert: the first bundle's partitions trained once; each of the second's failed on three workers (three
+    # attempts of the whole batch, each recorded per partition), and the round lacked its quorum
+    assert job.state is JobState.FAILED
+    assert "worker 4" in job.error and "failed 3 times" in job.error and "exited with code 3" in job.error
+    per_partition = {p: [a.outcome for a in attempts if a.partition == p] for p in range(8)}
+    assert per_partition == {p: [TaskOutcome.OK] if p < 4 else [TaskOutcome.FAILED] * 3 for p in range(8)}, (
+        per_partition
+    )
+    assert len({a.worker for a in attempts if a.partition == 5}) == 3
+    assert backend.sizes[:2] == [4, 4] and set(backend.sizes) == {4}
