@@ -26,10 +26,12 @@ batch 32, SGD with momentum, as DeML's worker trains by default.
   every 100 ms) of the server process and, summed, of its descendants (DeML's workers; Flower's Ray processes).
 
 The partitions sweep: the 3.5 k-parameter MLP (h=32), P IID partitions on 2 workers; round time and round time per
-partition task (round / P); --unbatched: DeML again with one partition per bundle (DEML_MAX_BATCH=1; by default a
-worker trains a batch of a round's partitions from one bundle). The length sweep: the same model, 4 partitions, N
-rounds; rounds 2-11 against the last 10. --memory: the server process's peak memory while one job of 8 partitions
-of the widest MLP runs, with full and with int8 updates, in model sizes above the idle server.
+partition task (round / P), and the CPU time of the server and its workers over the whole job (init, rounds,
+evaluations, ONNX export) per partition task; --unbatched: DeML again with one partition per bundle
+(DEML_MAX_BATCH=1; by default a worker trains a batch of a round's partitions from one bundle). The length sweep:
+the same model, 4 partitions, N rounds; rounds 2-11 against the last 10. --memory: the server process's peak memory
+while one job of 8 partitions of the widest MLP runs, with full and with int8 updates, in model sizes above the idle
+server.
 
 The machine may be shared with other work: figures taken under contention are indicative only; the ratios are
 the figures to read, both sides being measured in the same run (the load average is recorded with each result).
@@ -60,7 +62,7 @@ from bench.bench_training import (  # noqa: E402
     launch_flower,
     process_tree,
 )
-from bench.server import DemlServer  # noqa: E402
+from bench.server import DemlServer, _tree_cpu_ticks  # noqa: E402
 
 TRAIN_ROWS, TEST_ROWS, FEATURES, CLASSES = 1437, 360, 64, 10
 CNN_TRAIN, CNN_TEST = 256, 64
@@ -377,12 +379,13 @@ def bench_partitions(
     try:
         for count in counts:
             settings = {**SETTINGS, "name": f"p{count}", "rounds": rounds, "workers": count}
-            run = run_job(server, task_dir, settings)
+            run, cpu = _job_with_cpu(server, task_dir, settings)
             deml = _median_after_first(run["round_seconds"])
             row: dict[str, Any] = {
                 "partitions": count,
                 "deml_round_seconds": deml,
                 "deml_per_task_ms": 1000 * deml / count,
+                "deml_cpu_per_task_ms": 1000 * cpu / (count * rounds),
                 "deml": run,
                 "load_average": os.getloadavg()[0],
             }
@@ -400,8 +403,9 @@ def bench_partitions(
             for row in rows:
                 count = row["partitions"]
                 settings = {**SETTINGS, "name": f"u{count}", "rounds": rounds, "workers": count}
-                run = run_job(server, task_dir, settings)
+                run, cpu = _job_with_cpu(server, task_dir, settings)
                 row["unbatched"] = run
+                row["unbatched_cpu_per_task_ms"] = 1000 * cpu / (count * rounds)
                 row["unbatched_round_seconds"] = _median_after_first(run["round_seconds"])
                 row["unbatched_per_task_ms"] = 1000 * row["unbatched_round_seconds"] / count
                 row["unbatched_load_average"] = os.getloadavg()[0]
@@ -424,6 +428,17 @@ def bench_partitions(
             row["flower_load_average"] = os.getloadavg()[0]
             print(f"  {count} partitions: Flower {row['flower_round_seconds']:.3f} s/round", file=sys.stderr)
     return rows
+
+
+def _job_with_cpu(server: DemlServer, task_dir: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """run_job, and the CPU seconds the server and its workers used for the job.
+
+    Workers recycled at the job's end count too. Other load on the machine changes this far less than wall time.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    before = _tree_cpu_ticks(server.proc.pid, reaped=True)
+    run = run_job(server, task_dir, settings)
+    return run, (_tree_cpu_ticks(server.proc.pid, reaped=True) - before) / tick
 
 
 def bench_length(out: Path, rounds: int) -> dict[str, Any]:
@@ -544,8 +559,8 @@ def render_sizes(results: list[dict[str, Any]]) -> str:
 def render_partitions(rows: list[dict[str, Any]]) -> str:
     """The partitions sweep as a markdown table."""
     flower = all("flower" in r for r in rows)
-    head = "| partitions | DeML round | DeML per partition task | load |"
-    rule = "|---:|---:|---:|---:|"
+    head = "| partitions | DeML round | DeML per partition task | DeML job CPU per task | load |"
+    rule = "|---:|---:|---:|---:|---:|"
     if flower:
         head += " Flower round | Flower per partition task | load | DeML/Flower |"
         rule += "---:|---:|---:|---:|"
@@ -553,7 +568,7 @@ def render_partitions(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         line = (
             f"| {r['partitions']} | {r['deml_round_seconds']:.3f} s | {r['deml_per_task_ms']:.2f} ms |"
-            f" {r.get('load_average', float('nan')):.1f} |"
+            f" {r.get('deml_cpu_per_task_ms', float('nan')):.2f} ms | {r.get('load_average', float('nan')):.1f} |"
         )
         if flower:
             line += (
@@ -562,11 +577,15 @@ def render_partitions(rows: list[dict[str, Any]]) -> str:
             )
         lines.append(line)
     if all("unbatched" in r for r in rows):
-        lines += ["", "| partitions | DeML one partition per bundle | per task | load | batched/unbatched |"]
-        lines.append("|---:|---:|---:|---:|---:|")
+        lines += [
+            "",
+            "| partitions | DeML one partition per bundle | per task | job CPU per task | load | batched/unbatched |",
+        ]
+        lines.append("|---:|---:|---:|---:|---:|---:|")
         lines += [
             f"| {r['partitions']} | {r['unbatched_round_seconds']:.3f} s | {r['unbatched_per_task_ms']:.2f} ms |"
-            f" {r['unbatched_load_average']:.1f} | {r['batched_over_unbatched']:.2f} |"
+            f" {r['unbatched_cpu_per_task_ms']:.2f} ms | {r['unbatched_load_average']:.1f} |"
+            f" {r['batched_over_unbatched']:.2f} |"
             for r in rows
         ]
     return "\n".join(lines)
