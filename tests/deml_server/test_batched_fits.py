@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from deml_server.artifacts import ArtifactStore
@@ -137,3 +138,41 @@ async def test_a_batch_whose_worker_dies_is_retried_whole_on_other_workers(tmp_p
     )
     assert len({a.worker for a in attempts if a.partition == 5}) == 3
     assert backend.sizes[:2] == [4, 4] and set(backend.sizes) == {4}
+
+
+class Straggler(Recording):
+    """Holds back round 1's bundle that holds `partition` for `delay` seconds after it ran."""
+
+    def __init__(self, inner: LocalBackend, partition: int, delay: float) -> None:
+        super().__init__(inner)
+        self.partition = partition
+        self.delay = delay
+
+    async def after(self, item: WorkItem) -> None:
+        await super().after(item)
+        task = json.loads((item.bundle / "task.json").read_text())
+        held = {part["index"] for part in task.get("batch", [])}
+        if item.action == "train" and item.server_round == 1 and self.partition in held:
+            await asyncio.sleep(self.delay)
+
+
+@pytest.mark.slow
+async def test_a_batch_past_the_round_deadline_is_dropped_whole_and_the_quorum_commits(tmp_path: Path) -> None:
+    # Prepare: round 1's bundle of partitions 4-7 comes back 600 s late; the round waits 60 s (a loaded machine
+    # may take tens of seconds for a fresh worker's first task) and needs 4 of 8 results
+    backend = Straggler(LocalBackend(workers=2, work_dir=tmp_path / "workers"), partition=5, delay=600)
+
+    # Execute
+    async with job_service(tmp_path, backend) as service:
+        job_id = await asyncio.wait_for(
+            _run(service, SMALL_TASK, min_fit_workers=4, round_deadline_seconds=60.0), timeout=300
+        )
+        job = service.get(job_id, latest_rounds=-1)
+        late = [a for a in service.task_attempts(job_id) if a.outcome is TaskOutcome.LATE]
+
+    # Assert: round 1 committed the first bundle's four and named each partition of the held one late, with the
+    # worker it ran on; round 2 had all eight
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert [(r.workers_ok, r.late) for r in job.rounds] == [(4, (4, 5, 6, 7)), (8, ())]
+    assert [(a.round, a.partition) for a in late] == [(1, 4), (1, 5), (1, 6), (1, 7)]
+    assert all(a.worker.startswith("local-") for a in late), late
