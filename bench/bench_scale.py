@@ -1,7 +1,7 @@
 """Scale benchmark: DeML's round against the compute floor and against Flower, measured in the same run.
 
     python bench/bench_scale.py [--sizes 96,1000,2048,4096] [--cnn] [--flower] [--rounds 4] [--repeats 3]
-    python bench/bench_scale.py --partitions 4,16,64,128,256 [--flower] [--rounds 4]
+    python bench/bench_scale.py --partitions 4,16,64,128,256 [--flower] [--unbatched] [--rounds 4]
     python bench/bench_scale.py --length 1000
     python bench/bench_scale.py --memory [--sizes 4096] [--rounds 2]
     python bench/bench_scale.py --plots            # redraw the PNGs from OUT/scale*.json
@@ -25,10 +25,13 @@ batch 32, SGD with momentum, as DeML's worker trains by default.
 - bytes of global weights sent per worker per round (both sides), and the peak resident memory (RSS, sampled
   every 100 ms) of the server process and, summed, of its descendants (DeML's workers; Flower's Ray processes).
 
-The partitions sweep: the 3.5 k-parameter MLP (h=32), P IID partitions on 2 workers; round time and round time
-per partition task (round / P). The length sweep: the same model, 4 partitions, N rounds; rounds 2-11 against the
-last 10. --memory: the server process's peak memory while one job of 8 partitions of the widest MLP runs, with
-full and with int8 updates, in model sizes above the idle server.
+The partitions sweep: the 3.5 k-parameter MLP (h=32), P IID partitions on 2 workers; round time and round time per
+partition task (round / P), and the CPU time of the server and its workers over the whole job (init, rounds,
+evaluations, ONNX export) per partition task; --unbatched: DeML again with one partition per bundle
+(DEML_MAX_BATCH=1; by default a worker trains a batch of a round's partitions from one bundle). The length sweep:
+the same model, 4 partitions, N rounds; rounds 2-11 against the last 10. --memory: the server process's peak memory
+while one job of 8 partitions of the widest MLP runs, with full and with int8 updates, in model sizes above the idle
+server.
 
 The machine may be shared with other work: figures taken under contention are indicative only; the ratios are
 the figures to read, both sides being measured in the same run (the load average is recorded with each result).
@@ -59,7 +62,7 @@ from bench.bench_training import (  # noqa: E402
     launch_flower,
     process_tree,
 )
-from bench.server import DemlServer  # noqa: E402
+from bench.server import DemlServer, _tree_cpu_ticks  # noqa: E402
 
 TRAIN_ROWS, TEST_ROWS, FEATURES, CLASSES = 1437, 360, 64, 10
 CNN_TRAIN, CNN_TEST = 256, 64
@@ -363,20 +366,26 @@ def bench_size(out: Path, hidden: int, rounds: int, repeats: int, flower: bool) 
     return row
 
 
-def bench_partitions(out: Path, counts: list[int], rounds: int, flower: bool) -> list[dict[str, Any]]:
-    """Round time and round time per partition task at each partition count (the tiny MLP, 2 workers)."""
+def bench_partitions(
+    out: Path, counts: list[int], rounds: int, flower: bool, unbatched: bool = False
+) -> list[dict[str, Any]]:
+    """Round time and round time per partition task at each partition count (the tiny MLP, 2 workers).
+
+    `unbatched`: DeML again with one partition per bundle (DEML_MAX_BATCH=1), for the ratio in the same run.
+    """
     task_dir = write_task(out / f"task-{TINY}", TINY)
     rows = []
     server = _server(out, "partitions", "--no-http")
     try:
         for count in counts:
             settings = {**SETTINGS, "name": f"p{count}", "rounds": rounds, "workers": count}
-            run = run_job(server, task_dir, settings)
+            run, cpu = _job_with_cpu(server, task_dir, settings)
             deml = _median_after_first(run["round_seconds"])
             row: dict[str, Any] = {
                 "partitions": count,
                 "deml_round_seconds": deml,
                 "deml_per_task_ms": 1000 * deml / count,
+                "deml_cpu_per_task_ms": 1000 * cpu / (count * rounds),
                 "deml": run,
                 "load_average": os.getloadavg()[0],
             }
@@ -384,6 +393,29 @@ def bench_partitions(out: Path, counts: list[int], rounds: int, flower: bool) ->
             rows.append(row)
     finally:
         server.stop()
+    if unbatched:
+        os.environ["DEML_MAX_BATCH"] = "1"
+        try:
+            server = _server(out, "partitions-unbatched", "--no-http")
+        finally:
+            del os.environ["DEML_MAX_BATCH"]
+        try:
+            for row in rows:
+                count = row["partitions"]
+                settings = {**SETTINGS, "name": f"u{count}", "rounds": rounds, "workers": count}
+                run, cpu = _job_with_cpu(server, task_dir, settings)
+                row["unbatched"] = run
+                row["unbatched_cpu_per_task_ms"] = 1000 * cpu / (count * rounds)
+                row["unbatched_round_seconds"] = _median_after_first(run["round_seconds"])
+                row["unbatched_per_task_ms"] = 1000 * row["unbatched_round_seconds"] / count
+                row["unbatched_load_average"] = os.getloadavg()[0]
+                row["batched_over_unbatched"] = row["deml_round_seconds"] / row["unbatched_round_seconds"]
+                print(
+                    f"  {count} partitions: DeML unbatched {row['unbatched_round_seconds']:.3f} s/round",
+                    file=sys.stderr,
+                )
+        finally:
+            server.stop()
     if flower:
         for row in rows:
             count = row["partitions"]
@@ -393,8 +425,20 @@ def bench_partitions(out: Path, counts: list[int], rounds: int, flower: bool) ->
             row["flower_round_seconds"] = _median_after_first(f["round_seconds"])
             row["flower_per_task_ms"] = 1000 * row["flower_round_seconds"] / count
             row["deml_over_flower"] = row["deml_round_seconds"] / row["flower_round_seconds"]
+            row["flower_load_average"] = os.getloadavg()[0]
             print(f"  {count} partitions: Flower {row['flower_round_seconds']:.3f} s/round", file=sys.stderr)
     return rows
+
+
+def _job_with_cpu(server: DemlServer, task_dir: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """run_job, and the CPU seconds the server and its workers used for the job.
+
+    Workers recycled at the job's end count too. Other load on the machine changes this far less than wall time.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    before = _tree_cpu_ticks(server.proc.pid, reaped=True)
+    run = run_job(server, task_dir, settings)
+    return run, (_tree_cpu_ticks(server.proc.pid, reaped=True) - before) / tick
 
 
 def bench_length(out: Path, rounds: int) -> dict[str, Any]:
@@ -515,19 +559,35 @@ def render_sizes(results: list[dict[str, Any]]) -> str:
 def render_partitions(rows: list[dict[str, Any]]) -> str:
     """The partitions sweep as a markdown table."""
     flower = all("flower" in r for r in rows)
-    head = "| partitions | DeML round | DeML per partition task |"
-    rule = "|---:|---:|---:|"
+    head = "| partitions | DeML round | DeML per partition task | DeML job CPU per task | load |"
+    rule = "|---:|---:|---:|---:|---:|"
     if flower:
-        head += " Flower round | Flower per partition task | DeML/Flower |"
-        rule += "---:|---:|---:|"
+        head += " Flower round | Flower per partition task | load | DeML/Flower |"
+        rule += "---:|---:|---:|---:|"
     lines = [head, rule]
     for r in rows:
-        line = f"| {r['partitions']} | {r['deml_round_seconds']:.3f} s | {r['deml_per_task_ms']:.2f} ms |"
+        line = (
+            f"| {r['partitions']} | {r['deml_round_seconds']:.3f} s | {r['deml_per_task_ms']:.2f} ms |"
+            f" {r.get('deml_cpu_per_task_ms', float('nan')):.2f} ms | {r.get('load_average', float('nan')):.1f} |"
+        )
         if flower:
             line += (
-                f" {r['flower_round_seconds']:.3f} s | {r['flower_per_task_ms']:.2f} ms | {r['deml_over_flower']:.2f} |"
+                f" {r['flower_round_seconds']:.3f} s | {r['flower_per_task_ms']:.2f} ms |"
+                f" {r.get('flower_load_average', float('nan')):.1f} | {r['deml_over_flower']:.2f} |"
             )
         lines.append(line)
+    if all("unbatched" in r for r in rows):
+        lines += [
+            "",
+            "| partitions | DeML one partition per bundle | per task | job CPU per task | load | batched/unbatched |",
+        ]
+        lines.append("|---:|---:|---:|---:|---:|---:|")
+        lines += [
+            f"| {r['partitions']} | {r['unbatched_round_seconds']:.3f} s | {r['unbatched_per_task_ms']:.2f} ms |"
+            f" {r['unbatched_cpu_per_task_ms']:.2f} ms | {r['unbatched_load_average']:.1f} |"
+            f" {r['batched_over_unbatched']:.2f} |"
+            for r in rows
+        ]
     return "\n".join(lines)
 
 
@@ -569,6 +629,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cnn", action="store_true", help="add the ResNet-style CNN to the size sweep")
     parser.add_argument("--flower", action="store_true", help="run Flower too (bench/.venv-flower)")
     parser.add_argument("--partitions", default="", help="instead: the partitions sweep, e.g. 4,16,64,128,256")
+    parser.add_argument(
+        "--unbatched", action="store_true", help="with --partitions: DeML also with one partition per bundle"
+    )
     parser.add_argument("--length", type=int, default=0, help="instead: one job of this many rounds")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -601,7 +664,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         return
     if args.partitions:
-        rows = bench_partitions(args.out, [int(p) for p in args.partitions.split(",")], args.rounds, args.flower)
+        counts = [int(p) for p in args.partitions.split(",")]
+        rows = bench_partitions(args.out, counts, args.rounds, args.flower, args.unbatched)
         _save(args.out, "scale-partitions", rows, render_partitions(rows))
     elif args.length:
         figures = bench_length(args.out, args.length)

@@ -72,8 +72,12 @@ class DemlServer:
         self._log.close()
 
 
-def _tree_cpu_ticks(root: int) -> int:
-    """User + system CPU ticks of a process and all its descendants (from /proc)."""
+def _tree_cpu_ticks(root: int, reaped: bool = False) -> int:
+    """User + system CPU ticks of a process and all its descendants (from /proc).
+
+    `reaped`: also what its descendants that ended used (each process's children's times, once they are waited
+    for), so that workers recycled at a job's end still count.
+    """
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
@@ -85,7 +89,7 @@ def _tree_cpu_ticks(root: int) -> int:
             continue
         pid = int(entry.name)
         parents[pid] = int(fields[1])
-        ticks[pid] = int(fields[11]) + int(fields[12])
+        ticks[pid] = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
     total = 0
     for pid, tick in ticks.items():
         node = pid

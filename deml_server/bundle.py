@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from deml_server.errors import InvalidArgument
-from provider_runtime.contract import Hyper, Partition, ResultDoc, TaskDoc
+from provider_runtime.contract import BatchPart, Hyper, Partition, ResultDoc, TaskDoc
 from provider_runtime.partition import dirichlet_partition, iid_partition
 
 _MODULE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -169,6 +169,16 @@ class TaskBundle:
     compression: str = "none"
     # SCAFFOLD's control variates for this partition (deml_server.strategy.scaffold), linked as control.safetensors.
     control: Path | None = None
+    # A batch of train tasks in one bundle (TaskDoc.batch): these partitions, each with its seed, instead of one.
+    batch: tuple[BatchPart, ...] = ()
+
+    @property
+    def batchable(self) -> bool:
+        """Whether this train task can share a bundle with others of its round.
+
+        It can when it differs from them only in its partition and seed (no data shard or control variates).
+        """
+        return self.action == "train" and self.train_data is None and self.control is None and not self.batch
 
     def task_doc(self) -> TaskDoc:
         """The task.json document (ContractError names a setting the worker would refuse)."""
@@ -186,6 +196,7 @@ class TaskBundle:
             seed=self.task_seed,
             evaluate_after=self.evaluate_after,
             compression=self.compression,
+            batch=self.batch,
         )
 
     def write(self, dest: Path, code_dir: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -40,6 +41,7 @@ from deml_server.strategy import make_strategy
 from deml_server.strategy.aggregate import RunningMean, check_finite_chunks, check_layout, validate_update
 from deml_server.strategy.base import FitResult, Strategy, Weights, is_float
 from provider_runtime import compression as codec
+from provider_runtime.contract import BatchPart, part_file
 
 log = logging.getLogger(__name__)
 
@@ -671,39 +673,58 @@ class JobRunner:
         return self.dir / "tasks" / f"r{server_round}"
 
     async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: _Fold, fits: _RoundFits) -> None:
-        """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest."""
+        """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest.
+
+        Partitions go to workers in batches of the backend's size (one bundle each, _attempt_batch); each
+        partition's result is still checked and folded on its own.
+        """
         done = 0
         told = 0.0
 
-        async def fit(index: int, bundle: TaskBundle) -> None:
+        async def arrived(results: dict[int, tuple[TaskResult | None, str]]) -> None:
             nonlocal done, told
-            result, problem = await self._attempt(
-                bundle,
+            # Past this line the partitions count as arrived: the deadline no longer cancels them.
+            fits.arrived.update(results)
+            for index, (result, problem) in results.items():
+                done += 1
+                now = time.monotonic()
+                if done == len(bundles) or now - told >= PROGRESS_INTERVAL:
+                    told = now
+                    self.deps.publish(
+                        JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles)))
+                    )
+                await fold.arrive(index, result, problem)
+
+        async def fit(batch: tuple[int, ...]) -> None:
+            def assign(worker: str) -> None:
+                for index in batch:
+                    fits.assign(index, worker)
+
+            if len(batch) > 1:
+                await arrived(await self._attempt_batch(server_round, {i: bundles[i] for i in batch}, assign))
+                return
+            index = batch[0]
+            result = await self._attempt(
+                bundles[index],
                 f"round {server_round} worker {index}",
                 server_round=server_round,
                 partition=index,
-                assigned=lambda worker: fits.assign(index, worker),
+                assigned=assign,
             )
-            # Past this line the partition counts as arrived: the deadline no longer cancels it.
-            fits.arrived.add(index)
-            done += 1
-            now = time.monotonic()
-            if done == len(bundles) or now - told >= PROGRESS_INTERVAL:
-                told = now
-                self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
-            await fold.arrive(index, result, problem)
+            await arrived({index: result})
 
         tasks = {
-            index: asyncio.create_task(fit(index, bundle), name=f"job-{self.job.id}-r{server_round}-p{index}")
-            for index, bundle in bundles.items()
+            batch: asyncio.create_task(fit(batch), name=f"job-{self.job.id}-r{server_round}-p{batch[0]}")
+            for batch in self._batches(bundles)
         }
         try:
             deadline = self.spec.round_deadline_seconds or None
             _, running = await asyncio.wait(tasks.values(), timeout=deadline)
             if running:
-                late = [i for i, task in tasks.items() if not task.done() and i not in fits.arrived]
-                for index in late:
-                    tasks[index].cancel()
+                late = [i for batch, task in tasks.items() if not task.done() for i in batch if i not in fits.arrived]
+                for batch, task in tasks.items():
+                    if any(i in late for i in batch):
+                        task.cancel()
                 await asyncio.wait(tasks.values())
                 await self._drop_late(server_round, late, fold, fits)
             for task in tasks.values():
@@ -714,6 +735,75 @@ class JobRunner:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             self._flush_attempts()
+
+    def _batches(self, bundles: dict[int, TaskBundle]) -> list[tuple[int, ...]]:
+        """The round's partitions grouped as the backend wants them sent.
+
+        A task that cannot share a bundle (its own data shard or control variates) goes alone.
+        """
+        assert self._backend is not None
+        size = self._backend.batch_size(self.job.id, len(bundles))
+        shared = [i for i, bundle in bundles.items() if bundle.batchable] if size > 1 else []
+        alone = [(i,) for i in bundles if i not in set(shared)]
+        return [tuple(shared[k : k + size]) for k in range(0, len(shared), size)] + alone
+
+    async def _attempt_batch(
+        self, server_round: int, bundles: dict[int, TaskBundle], assigned: Callable[[str], None]
+    ) -> dict[int, tuple[TaskResult | None, str]]:
+        """Train several partitions from one bundle on one worker; each partition's result is its own.
+
+        A partition whose code raises fails alone (its part of result.json says so). An infrastructure failure
+        (the worker died or timed out, no usable result.json) retries the whole batch on another worker, up to the
+        cap; every partition's attempt is recorded as its own.
+        """
+        indices = list(bundles)
+        first = bundles[indices[0]]
+        batch = dataclasses.replace(first, batch=tuple(BatchPart(i, b.task_seed) for i, b in bundles.items()))
+        label = f"round {server_round} batch of {len(indices)} partitions from {indices[0]}"
+        failed_on: list[str] = []
+        errors: list[str] = []
+        for attempt in range(1, self.deps.max_task_attempts + 1):
+            task_dir = self._tasks_dir(server_round) / f"batch-{indices[0]}-a{attempt}"
+            item = WorkItem(
+                label=f"job {self.job.id} {label}",
+                action="train",
+                bundle=batch.write(task_dir / "in", self.dir / "code"),
+                output=task_dir / "out",
+                # The task deadline is per partition: a batch trains them one after another.
+                timeout=self.spec.task_timeout_seconds * len(indices),
+                job_id=self.job.id,
+                server_round=server_round,
+                progress=lambda message: self._progress(f"{label}: {message}"),
+                on_assigned=assigned,
+            )
+            item.output.mkdir(parents=True, exist_ok=True)
+            assert self._backend is not None
+            outcome = await self._backend.run(item, avoid=failed_on)
+            if outcome.ok:
+                try:
+                    results = _split_batch(item.output, indices)
+                except (OSError, ValueError) as exc:
+                    outcome_error = f"worker {outcome.worker} returned no valid result.json ({exc})"
+                else:
+                    for index, result in results.items():
+                        how = TaskOutcome.OK if result.ok else TaskOutcome.CODE_ERROR
+                        own = dataclasses.replace(outcome, seconds=result.doc.seconds)
+                        self._record_attempt(bundles[index], server_round, attempt, own, how, result.error)
+                    return {index: (result, "") for index, result in results.items()}
+            else:
+                outcome_error = outcome.error
+            for bundle in bundles.values():
+                self._record_attempt(bundle, server_round, attempt, outcome, TaskOutcome.FAILED, outcome_error)
+            failed_on.append(outcome.worker)
+            errors.append(outcome_error)
+            self._progress(f"{label}: attempt {attempt} failed: {outcome_error}")
+        return {
+            index: (
+                None,
+                f"round {server_round} worker {index} (in a {label}) failed {len(errors)} times: {errors[-1]}",
+            )
+            for index in indices
+        }
 
     async def _drop_late(self, server_round: int, late: list[int], fold: _Fold, fits: _RoundFits) -> None:
         """Record the partitions still running at the round deadline as late, and fold in what waited on them."""
@@ -960,6 +1050,30 @@ class JobRunner:
         if not result.ok:
             raise JobFailed(f"{label}: the task's code raised an error\n{result.error}", FailureCause.USER_CODE)
         return result
+
+
+def _split_batch(out: Path, indices: Sequence[int]) -> dict[int, TaskResult]:
+    """A batch's result bundle as one result per partition, each partition's files moved into its own directory.
+
+    A batch that failed as a whole (its module did not import) is every partition's failure. ValueError when the
+    result does not cover exactly the batch's partitions.
+    """
+    whole = read_result(out)
+    if not whole.ok:
+        return {index: whole for index in indices}
+    parts = {part.index: part.result for part in whole.doc.parts}
+    if sorted(parts) != sorted(indices) or len(parts) != len(whole.doc.parts):
+        raise ValueError(f"it covers partitions {sorted(parts)}, not the batch's {sorted(indices)}")
+    results: dict[int, TaskResult] = {}
+    for index in indices:
+        own = out / f"p{index}"
+        own.mkdir()
+        for name in ("weights.safetensors",):
+            source = out / part_file(index, name)
+            if source.is_file():
+                os.replace(source, own / name)
+        results[index] = TaskResult(parts[index], own)
+    return results
 
 
 def _cause_of(exc: DemlError) -> FailureCause:

@@ -19,7 +19,7 @@ import mmap
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar, cast
 
@@ -31,6 +31,7 @@ __all__ = [
     "FAILURE_KINDS",
     "LR_SCHEDULES",
     "SCHEMES",
+    "BatchPart",
     "ClientFile",
     "ContractError",
     "CurvePoint",
@@ -43,6 +44,7 @@ __all__ = [
     "LoadRequest",
     "OutputTarget",
     "OutputTensor",
+    "PartResult",
     "Partition",
     "ResultDoc",
     "RunRequest",
@@ -55,6 +57,7 @@ __all__ = [
     "aligned",
     "claim_stdout",
     "parse_worker_request",
+    "part_file",
     "remove_orphans",
     "reserve",
 ]
@@ -326,6 +329,9 @@ class TaskDoc:
     device: str = "auto"
     # How a train task sends its weights back (provider_runtime.compression): "none" sends them whole.
     compression: str = "none"
+    # A batch: train each of these partitions (of `partition`'s count, scheme and data) from the same weights, each
+    # with its own seed, one update file each (part_file). Empty: the one partition `partition` with `seed`.
+    batch: tuple[BatchPart, ...] = ()
 
     def __post_init__(self) -> None:
         _one_of(self.action, ACTIONS, "task.action")
@@ -333,6 +339,24 @@ class TaskDoc:
         _one_of(self.compression, COMPRESSIONS, "task.compression")
         if not self.module.isidentifier():
             raise ContractError(f"task.module {self.module!r} is not a Python identifier")
+        if self.batch:
+            if self.action != "train":
+                raise ContractError(f"task.batch is for train tasks, not {self.action!r}")
+            indices = [part.index for part in self.batch]
+            if len(set(indices)) != len(indices):
+                raise ContractError(f"task.batch names a partition twice: {indices}")
+            for part in self.batch:
+                if not 0 <= part.index < self.partition.count:
+                    raise ContractError(f"task.batch partition {part.index} is outside 0..{self.partition.count - 1}")
+
+    def parts(self) -> tuple[TaskDoc, ...]:
+        """The single-partition tasks this one stands for: itself, or one per batch entry."""
+        if not self.batch:
+            return (self,)
+        return tuple(
+            replace(self, partition=replace(self.partition, index=part.index), seed=part.seed, batch=())
+            for part in self.batch
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object."""
@@ -345,16 +369,17 @@ class TaskDoc:
             "evaluate_after": self.evaluate_after,
             "device": self.device,
             "compression": self.compression,
+            **({"batch": [part.to_dict() for part in self.batch]} if self.batch else {}),
         }
 
     @classmethod
     def from_dict(cls, value: object) -> TaskDoc:
         """Parse and check task.json."""
         raw = _object(value, "task")
-        _no_extra(
-            raw, ("action", "module", "partition", "hyper", "seed", "evaluate_after", "device", "compression"), "task"
-        )
+        known = ("action", "module", "partition", "hyper", "seed", "evaluate_after", "device", "compression")
+        _no_extra(raw, (*known, "batch"), "task")
         seed = _get(raw, "seed", "task", _int, 0)
+        batch: list[Any] = _get(raw, "batch", "task", _list, [])
         return cls(
             action=_need(raw, "action", "task", _str),
             module=_get(raw, "module", "task", _str, "task"),
@@ -364,7 +389,32 @@ class TaskDoc:
             evaluate_after=_get(raw, "evaluate_after", "task", _bool, False),
             device=_get(raw, "device", "task", _str, "auto"),
             compression=_get(raw, "compression", "task", _str, "none"),
+            batch=tuple(BatchPart.from_dict(part, f"task.batch[{i}]") for i, part in enumerate(batch)),
         )
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """One partition of a batched train task: its index and the seed its training draws from."""
+
+    index: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object."""
+        return {"index": self.index, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, value: object, where: str = "task.batch[]") -> BatchPart:
+        """Parse the JSON object."""
+        raw = _object(value, where)
+        _no_extra(raw, ("index", "seed"), where)
+        return cls(index=_need(raw, "index", where, _int), seed=_need(raw, "seed", where, _int))
+
+
+def part_file(index: int, name: str) -> str:
+    """The name a batch's result bundle gives partition `index`'s `name` (e.g. its weights.safetensors)."""
+    return f"p{index}.{name}"
 
 
 # --- the result bundle's result.json ---------------------------------------------------------------------
@@ -521,6 +571,8 @@ class ResultDoc:
     # A train task with evaluate_after and hyper.epochs_per_round: the test metrics after every epochs_per_round
     # epochs, oldest first; the last point is test_metrics.
     curve: tuple[CurvePoint, ...] = ()
+    # A batch's result: each partition's own outcome, in the batch's order; its files are named by part_file.
+    parts: tuple[PartResult, ...] = ()
 
     def __post_init__(self) -> None:
         _one_of(self.status, STATUSES, "result.status")
@@ -555,6 +607,8 @@ class ResultDoc:
             out["infer"] = self.infer.to_dict()
         if self.curve:
             out["curve"] = [point.to_dict() for point in self.curve]
+        if self.parts:
+            out["parts"] = [part.to_dict() for part in self.parts]
         return out
 
     @classmethod
@@ -562,9 +616,10 @@ class ResultDoc:
         """Parse and check result.json."""
         raw = _object(value, "result")
         known = ("status", "action", "num_examples", "metrics", "test_metrics", "export", "infer", "device")
-        _no_extra(raw, (*known, "seconds", "error", "curve"), "result")
+        _no_extra(raw, (*known, "seconds", "error", "curve", "parts"), "result")
         export = raw.get("export")
         curve: list[Any] = _get(raw, "curve", "result", _list, [])
+        parts: list[Any] = _get(raw, "parts", "result", _list, [])
         infer = raw.get("infer")
         error = raw.get("error")
         return cls(
@@ -579,7 +634,30 @@ class ResultDoc:
             seconds=_get(raw, "seconds", "result", _float, 0.0),
             error=ErrorInfo.from_dict(error) if error is not None else None,
             curve=tuple(CurvePoint.from_dict(p, f"result.curve[{i}]") for i, p in enumerate(curve)),
+            parts=tuple(PartResult.from_dict(p, f"result.parts[{i}]") for i, p in enumerate(parts)),
         )
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """One partition's outcome in a batch's result.json (its update file is part_file(index, ...))."""
+
+    index: int
+    result: ResultDoc
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object."""
+        return {"index": self.index, "result": self.result.to_dict()}
+
+    @classmethod
+    def from_dict(cls, value: object, where: str = "result.parts[]") -> PartResult:
+        """Parse the JSON object."""
+        raw = _object(value, where)
+        _no_extra(raw, ("index", "result"), where)
+        result = ResultDoc.from_dict(_need(raw, "result", where, _object))
+        if result.parts:
+            raise ContractError(f"{where}.result holds parts of its own")
+        return cls(index=_need(raw, "index", where, _int), result=result)
 
 
 # --- the warm training worker's protocol (python -m provider_runtime serve) ------------------------------

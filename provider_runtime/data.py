@@ -70,7 +70,28 @@ def partition_key(bundle: Path, mod: ModuleType, args: PartitionArgs) -> tuple[A
     return (_code_digest(bundle / "code"), mod.__name__, args, *_file_ids(bundle / "data"))
 
 
+# Digests of code directories by the directory's path and identity: a batch asks for its bundle's twice per
+# partition. A bundle's code/ is made once and never changed (its files are read-only links), and a later bundle
+# at the same path is a new directory (another inode or change time).
+_digests: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+_DIGESTS_KEPT = 8
+
+
 def _code_digest(code: Path) -> str:
+    try:
+        st = code.stat()
+    except OSError:
+        return _hash_code(code)
+    key = (str(code), st.st_ino, st.st_ctime_ns)
+    digest = _digests.get(key)
+    if digest is None:
+        digest = _digests[key] = _hash_code(code)
+        while len(_digests) > _DIGESTS_KEPT:
+            _digests.popitem(last=False)
+    return digest
+
+
+def _hash_code(code: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(code.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 import json
 import math
 import os
@@ -30,8 +32,10 @@ from provider_runtime.contract import (
     ExportInfo,
     Hyper,
     InferInfo,
+    PartResult,
     ResultDoc,
     TaskDoc,
+    part_file,
 )
 from provider_runtime.data import Splits, cached_splits, partition_key, rows
 from provider_runtime.onnx_export import export_onnx
@@ -113,11 +117,15 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
     error: ErrorInfo | None = None
     done_action = action
     bundle_error: BundleError | None = None
+    parts: tuple[PartResult, ...] = ()
     with (output_dir / "log.txt").open("w", encoding="utf-8") as log, _redirected(log):
         try:
             task = _read_task(input_dir, action)
             done_action = task.action
-            _ACTIONS[task.action](task, input_dir, output_dir, outcome)
+            if task.batch:
+                parts = _train_batch(task, input_dir, output_dir)
+            else:
+                _ACTIONS[task.action](task, input_dir, output_dir, outcome)
         except BundleError as exc:
             bundle_error = exc
             error = ErrorInfo(type="BundleError", message=str(exc))
@@ -139,6 +147,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
         seconds=round(time.monotonic() - started, 3),
         error=error,
         curve=outcome.curve,
+        parts=parts,
     )
     result = doc.to_dict()
     _write_json(output_dir / "result.json", result)
@@ -176,7 +185,10 @@ def _describe(exc: BaseException) -> ErrorInfo:
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     # Written last and renamed into place: a result.json that exists is a complete one.
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=_json_default), encoding="utf-8")
+    # A batch's document is written compact: json's C encoder does not indent, and with dozens of partitions the
+    # Python one cost more than a partition's weights file.
+    indent = None if value.get("parts") else 1
+    tmp.write_text(json.dumps(value, indent=indent, default=_json_default), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -197,38 +209,121 @@ def _init(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
 
 
 def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
+    with user_module(bundle / "code", task.module) as mod:
+        _train_in(task, mod, bundle, out, result, _Start(bundle), lambda name: name)
+
+
+def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[PartResult, ...]:
+    """Train each partition of a batch in turn, as _train would one by one, with one import of the module.
+
+    Each partition is seeded and its model built exactly as in its own task (so the updates are the same bits);
+    what the batch shares is the module, the global weights read once and the bundle itself. A partition whose
+    code raises fails alone: its entry says why and the others go on.
+    """
+    if (bundle / CONTROL_FILE).exists():
+        raise BundleError(f"a batch carries no {CONTROL_FILE}: each partition has its own control variates")
+    results: list[PartResult] = []
+    start = _Start(bundle)
+    with user_module(bundle / "code", task.module) as mod:
+        for part in task.parts():
+            index = part.partition.index
+            print(f"--- partition {index}")
+            started = time.monotonic()
+            outcome = _Outcome()
+            error: ErrorInfo | None = None
+            try:
+                _train_in(part, mod, bundle, out, outcome, start, functools.partial(part_file, index))
+            except BundleError:
+                raise
+            except Exception as exc:
+                error = _describe(exc)
+                (out / part_file(index, "weights.safetensors")).unlink(missing_ok=True)
+                traceback.print_exception(exc)
+            doc = ResultDoc(
+                status="ok" if error is None else "error",
+                action="train",
+                num_examples=outcome.num_examples,
+                metrics=outcome.metrics,
+                test_metrics=outcome.test_metrics,
+                device=outcome.device,
+                seconds=round(time.monotonic() - started, 3),
+                error=error,
+                curve=outcome.curve,
+            )
+            results.append(PartResult(index=index, result=doc))
+    return tuple(results)
+
+
+class _Start:
+    """The model a train task starts from: built by model() and loaded with the bundle's weights.
+
+    A batch loads the file once (checked against the model by load_into) and gives each later partition a fresh
+    model() loaded from that first copy.
+    """
+
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
+        self._state: dict[str, torch.Tensor] | None = None
+        self._base: dict[str, np.ndarray] | None = None
+
+    def model(self, mod: ModuleType) -> torch.nn.Module:
+        if self._state is None:
+            model = _loaded_model(mod, self.bundle)
+            self._state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            return model
+        model = _built_without_init(mod)
+        model.load_state_dict(self._state, strict=True)
+        return model
+
+    def base(self) -> dict[str, np.ndarray]:
+        """The bundle's weights as arrays (the base a compressed update is a delta from)."""
+        if self._base is None:
+            self._base = load_arrays(_weights_path(self.bundle))
+        return self._base
+
+
+def _train_in(
+    task: Task,
+    mod: ModuleType,
+    bundle: Path,
+    out: Path,
+    result: _Outcome,
+    start: _Start,
+    named: Callable[[str], str],
+) -> None:
+    """One partition's training; its files are written under the names `named` gives them."""
     device = _device(task.device)
     result.device = device.type
-    with user_module(bundle / "code", task.module) as mod:
-        # Each partition draws its own shuffles and dropout masks, reproducibly.
-        seed = task.seed + task.partition.index
-        _seed_everything(seed)
-        model = _loaded_model(mod, bundle)
-        splits = cached_splits(bundle, mod, partition_args(task))
-        if splits.train is None:
-            raise UserCodeError("load_data() returned no training split")
-        model.to(device)
-        loss_fn = _loss_fn(mod)
-        control = _Control.read(bundle / CONTROL_FILE, model) if (bundle / CONTROL_FILE).is_file() else None
-        result.num_examples = len(splits.train)  # type: ignore[arg-type]
-        kept = partition_key(bundle, mod, partition_args(task)) if task.hyper.keep_optimizer_state else None
-        curve = (
-            _Curve(task.hyper, model, lambda: _evaluate_split(model, splits, loss_fn, mod, device), device)
-            if task.evaluate_after and task.hyper.epochs_per_round > 0
-            else None
-        )
-        after_epoch = curve.after_epoch if curve is not None else None
-        result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed, control, kept, after_epoch)
-        if task.evaluate_after:
-            result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
-            if curve is not None:
-                result.curve = curve.finish(result.test_metrics)
-        if task.compression == "none":
-            save_state_dict(model.state_dict(), out / "weights.safetensors")
-        else:
-            _save_compressed(model, task, bundle, partition_key(bundle, mod, partition_args(task)), out)
-        if control is not None:
-            control.write(out / CONTROL_FILE, model)
+    # Each partition draws its own shuffles and dropout masks, reproducibly.
+    seed = task.seed + task.partition.index
+    _seed_everything(seed)
+    model = start.model(mod)
+    splits = cached_splits(bundle, mod, partition_args(task))
+    if splits.train is None:
+        raise UserCodeError("load_data() returned no training split")
+    _moved(model, device)
+    loss_fn = _loss_fn(mod)
+    control = _Control.read(bundle / CONTROL_FILE, model) if (bundle / CONTROL_FILE).is_file() else None
+    result.num_examples = len(splits.train)  # type: ignore[arg-type]
+    kept = partition_key(bundle, mod, partition_args(task)) if task.hyper.keep_optimizer_state else None
+    curve = (
+        _Curve(task.hyper, model, lambda: _evaluate_split(model, splits, loss_fn, mod, device), device)
+        if task.evaluate_after and task.hyper.epochs_per_round > 0
+        else None
+    )
+    after_epoch = curve.after_epoch if curve is not None else None
+    result.metrics = _fit(model, splits.train, loss_fn, mod, task, device, seed, control, kept, after_epoch)
+    if task.evaluate_after:
+        result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
+        if curve is not None:
+            result.curve = curve.finish(result.test_metrics)
+    weights = out / named("weights.safetensors")
+    if task.compression == "none":
+        save_state_dict(model.state_dict(), weights)
+    else:
+        _save_compressed(model, task, start.base(), partition_key(bundle, mod, partition_args(task)), weights)
+    if control is not None:
+        control.write(out / named(CONTROL_FILE), model)
 
 
 # Error-feedback residuals of the partitions this warm worker trained, as their data cache is kept (data.py).
@@ -236,15 +331,17 @@ _RESIDUALS_KEPT = 4
 _residuals: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
 
 
-def _save_compressed(model: torch.nn.Module, task: Task, bundle: Path, key: tuple[Any, ...], out: Path) -> None:
+def _save_compressed(
+    model: torch.nn.Module, task: Task, received: dict[str, np.ndarray], key: tuple[Any, ...], path: Path
+) -> None:
     """The update as a delta from the bundle's weights in the task's encoding, carrying the rounding residual."""
     key = (*key, task.compression)
     trained = state_dict_to_arrays(model.state_dict())
     # The delta is from the weights as this worker received them (fp16 ones widened back, as they were loaded):
     # the server decodes it against the same values.
-    base = compression.widened(load_arrays(_weights_path(bundle)), trained)
+    base = compression.widened(received, trained)
     encoded = compression.encode(trained, base, task.compression, _residuals.get(key))
-    save_arrays(encoded.arrays, out / "weights.safetensors", encoded.metadata)
+    save_arrays(encoded.arrays, path, encoded.metadata)
     _residuals[key] = encoded.residual
     _residuals.move_to_end(key)
     while len(_residuals) > _RESIDUALS_KEPT:
@@ -382,6 +479,23 @@ def _loaded_model(mod: ModuleType, bundle: Path) -> torch.nn.Module:
     it, so dropout masks stay reproducible.
     """
     weights = _weights_path(bundle)
+    model = _built_without_init(mod)
+    load_into(model, weights)
+    return model
+
+
+def _moved(model: torch.nn.Module, device: torch.device) -> None:
+    """model.to(device), skipped when every tensor is there already.
+
+    The walk of the modules that .to makes cost a tenth of a small model's training task.
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if any(t.device != device for t in tensors):
+        model.to(device)
+
+
+def _built_without_init(mod: ModuleType) -> torch.nn.Module:
+    """model() with torch.nn.init's random initialisers skipped: every entry is loaded right after."""
     saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
 
     def skip(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -390,12 +504,10 @@ def _loaded_model(mod: ModuleType, bundle: Path) -> torch.nn.Module:
     try:
         for name in _RANDOM_INITS:
             setattr(torch.nn.init, name, skip)
-        model = _build_model(mod)
+        return _build_model(mod)
     finally:
         for name, fn in saved.items():
             setattr(torch.nn.init, name, fn)
-    load_into(model, weights)
-    return model
 
 
 def _loss_fn(mod: ModuleType) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -21,6 +21,7 @@ _FACTORIES: dict[str, Callable[[ServerConfig], Backend]] = {
         workers=cfg.workers,
         work_dir=cfg.data_dir / "workers",
         torch_threads=cfg.torch_threads,
+        max_batch=cfg.max_batch,
         sandbox=cfg.sandbox.sandbox(python=sys.executable, hidden=[cfg.data_dir.resolve()]),
         sandboxed=cfg.sandbox.bwrap.strip().lower() not in ("", "none"),
         allow_unsandboxed=cfg.sandbox.allow_unsandboxed,

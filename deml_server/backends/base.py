@@ -110,6 +110,13 @@ class Backend(ABC):
         stopping the item's worker.
         """
 
+    def batch_size(self, job_id: str, pending: int) -> int:
+        """How many of a round's `pending` train tasks to send to one worker in one bundle (TaskDoc.batch).
+
+        1 (no batching) unless a backend says otherwise: a Golem provider gets one partition per task.
+        """
+        return 1
+
     async def job_finished(self, job_id: str) -> None:
         """The job will send no more items: release what is kept for it (the local backend's warm workers)."""
         return None

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from provider_runtime.contract import (
+    BatchPart,
     ClientFile,
     ContractError,
     CurvePoint,
@@ -26,6 +27,7 @@ from provider_runtime.contract import (
     OutputTarget,
     OutputTensor,
     Partition,
+    PartResult,
     ResultDoc,
     RunRequest,
     ServeReply,
@@ -56,6 +58,13 @@ TASKS = [
         device="cpu",
     ),
     TaskDoc(action="infer", device="cuda"),
+    # A batch: three partitions of eight trained from one bundle, each with its own seed.
+    TaskDoc(
+        action="train",
+        partition=Partition(index=0, count=8, seed=7),
+        seed=1000,
+        batch=(BatchPart(index=0, seed=1000), BatchPart(index=5, seed=1005), BatchPart(index=6, seed=1006)),
+    ),
 ]
 
 
@@ -90,6 +99,15 @@ RESULTS = [
         curve=(
             CurvePoint(round=1, epochs=5, metrics={"loss": 0.2, "accuracy": 0.95}),
             CurvePoint(round=2, epochs=10, metrics={"loss": 0.13, "accuracy": 0.97}),
+        ),
+    ),
+    # A batch's result: each partition's own outcome, one of them a failure of the user's code.
+    ResultDoc(
+        status="ok",
+        action="train",
+        parts=(
+            PartResult(0, ResultDoc(status="ok", action="train", num_examples=40, metrics={"train_loss": 0.5})),
+            PartResult(5, ResultDoc(status="error", action="train", error=ErrorInfo("ValueError", "bad"))),
         ),
     ),
 ]
@@ -151,6 +169,16 @@ def test_inference_pipe_messages_round_trip() -> None:
         ({"action": "train", "device": "tpu"}, "task.device is 'tpu'"),
         ({"action": "train", "module": "a.b"}, "task.module 'a.b' is not a Python identifier"),
         ({"action": "train", "evaluate_after": "yes"}, "task.evaluate_after must be true or false"),
+        ({"action": "evaluate", "batch": [{"index": 0, "seed": 1}]}, "task.batch is for train tasks"),
+        ({"action": "train", "batch": [{"index": 0}]}, "task.batch[0] lacks the field 'seed'"),
+        (
+            {"action": "train", "partition": {"count": 4}, "batch": [{"index": 4, "seed": 1}]},
+            "task.batch partition 4 is outside 0..3",
+        ),
+        (
+            {"action": "train", "partition": {"count": 4}, "batch": [{"index": 1, "seed": 1}, {"index": 1, "seed": 2}]},
+            "task.batch names a partition twice",
+        ),
     ],
 )
 def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -> None:
@@ -175,6 +203,17 @@ def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -
         ({"status": "ok", "curve": [{"round": 1, "epochs": 5, "metrics": {"accuracy": "x"}}]}, "curve[0].metrics"),
         ({"status": "ok", "curve": [{"round": 0, "epochs": 5}]}, "a curve point needs round and epochs >= 1"),
         ({"status": "ok", "curve": [{"round": 1, "epochs": 5, "at": 3}]}, "result.curve[0] has unknown field(s) 'at'"),
+        ({"status": "ok", "parts": [{"index": 0}]}, "result.parts[0] lacks the field 'result'"),
+        ({"status": "ok", "parts": [{"result": {"status": "ok"}}]}, "result.parts[0] lacks the field 'index'"),
+        (
+            {
+                "status": "ok",
+                "parts": [
+                    {"index": 0, "result": {"status": "ok", "parts": [{"index": 1, "result": {"status": "ok"}}]}}
+                ],
+            },
+            "result.parts[0].result holds parts of its own",
+        ),
     ],
 )
 def test_malformed_result_documents_are_refused_by_name(raw: object, named: str) -> None:
