@@ -16,12 +16,15 @@ batch 32, SGD with momentum, as DeML's worker trains by default.
 
 - compute floor: the 4 partitions' local training in 2 processes of 1 torch thread each (the cores a DeML
   server with 2 workers uses), two at a time, plus one evaluation of the test split; no framework, no files.
-  Median of --repeats after a warm-up.
+  Median of 3 timings after a warm-up.
 - DeML: a real `deml-server --workers 2` (bench/server.py); one job of --rounds rounds; a round is measured
   boundary to boundary (consecutive commits), median of rounds 2..N.
 - Flower (--flower): bench/flower_run.py in bench/.venv-flower (bench/setup_flower_venv.sh), Ray with 2 CPUs,
   the same task module, partitions (DeML's partitioner), seeds and optimizer; its round boundary to boundary
   (consecutive centralized evaluations), median of rounds 2..N.
+- --repeats N: the size sweep runs the floor, DeML and Flower N times in turn (a fresh server and Flower process
+  each time) and reports the median of each side's N figures; the ratios are of those medians, and every run's
+  figures and load average are kept in OUT/scale.json.
 - bytes of global weights sent per worker per round (both sides), and the peak resident memory (RSS, sampled
   every 100 ms) of the server process and, summed, of its descendants (DeML's workers; Flower's Ray processes).
 
@@ -63,6 +66,8 @@ from bench.server import DemlServer  # noqa: E402
 
 TRAIN_ROWS, TEST_ROWS, FEATURES, CLASSES = 1437, 360, 64, 10
 CNN_TRAIN, CNN_TEST = 256, 64
+# Timings of the floor per run of the size sweep (their median, after a warm-up).
+FLOOR_TIMINGS = 3
 TINY = 32
 PARTITIONS, POOL = 4, 2
 SETTINGS: dict[str, Any] = {
@@ -334,33 +339,68 @@ def _server(out: Path, name: str, *flags: str) -> DemlServer:
 
 
 def bench_size(out: Path, hidden: int, rounds: int, repeats: int, flower: bool) -> dict[str, Any]:
-    """The floor, DeML's round and (with `flower`) Flower's for one model."""
+    """The floor, DeML's round and (with `flower`) Flower's for one model: the median of `repeats` runs of each.
+
+    The sides take turns (floor, DeML, Flower; then again), so that a change of the machine's load falls on all of
+    them alike; each run is kept in the row's "runs" with the load average at its end.
+    """
     task_dir = write_task(out / f"task-{hidden or 'cnn'}", hidden)
-    floor = compute_floor(task_dir, repeats)
     settings = {"name": f"scale{hidden}", "rounds": rounds, **SETTINGS}
-    server = _server(out, f"size-{hidden}")
-    try:
-        run = run_job(server, task_dir, settings)
-    finally:
-        server.stop()
-    deml = _median_after_first(run["round_seconds"])
+    runs: list[dict[str, Any]] = []
+    for repeat in range(repeats):
+        run: dict[str, Any] = {"floor_seconds": compute_floor(task_dir, FLOOR_TIMINGS)}
+        server = _server(out, f"size-{hidden}")
+        try:
+            run["deml"] = run_job(server, task_dir, settings)
+        finally:
+            server.stop()
+        run["deml_round_seconds"] = _median_after_first(run["deml"]["round_seconds"])
+        run["deml_over_floor"] = run["deml_round_seconds"] / run["floor_seconds"]
+        if flower:
+            run["flower"] = run_flower(out, f"size-{hidden}", task_dir, settings, train_rows(hidden))
+            run["flower_round_seconds"] = _median_after_first(run["flower"]["round_seconds"])
+            run["flower_over_floor"] = run["flower_round_seconds"] / run["floor_seconds"]
+            run["deml_over_flower"] = run["deml_round_seconds"] / run["flower_round_seconds"]
+        run["load_average"] = os.getloadavg()[0]
+        runs.append(run)
+        print(
+            f"  run {repeat + 1}/{repeats}: floor {run['floor_seconds']:.3f} s, DeML {run['deml_round_seconds']:.3f} s"
+            + (f", Flower {run['flower_round_seconds']:.3f} s" if flower else "")
+            + f", load average {run['load_average']:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    floor = statistics.median(r["floor_seconds"] for r in runs)
+    deml = statistics.median(r["deml_round_seconds"] for r in runs)
     row: dict[str, Any] = {
         "hidden": hidden,
         "model": model_name(hidden),
         "parameters": parameters(hidden),
+        "repeats": repeats,
         "floor_seconds": floor,
         "deml_round_seconds": deml,
         "deml_over_floor": deml / floor,
-        "deml": run,
-        "load_average": os.getloadavg()[0],
+        # Bytes as sent; memory the highest peak of any run.
+        "deml": _peaks([r["deml"] for r in runs]),
+        "load_average": statistics.median(r["load_average"] for r in runs),
+        "load_averages": [r["load_average"] for r in runs],
+        "runs": runs,
     }
     if flower:
-        f = run_flower(out, f"size-{hidden}", task_dir, settings, train_rows(hidden))
-        row["flower"] = f
-        row["flower_round_seconds"] = _median_after_first(f["round_seconds"])
+        row["flower"] = _peaks([r["flower"] for r in runs])
+        row["flower_round_seconds"] = statistics.median(r["flower_round_seconds"] for r in runs)
         row["flower_over_floor"] = row["flower_round_seconds"] / floor
         row["deml_over_flower"] = deml / row["flower_round_seconds"]
     return row
+
+
+def _peaks(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's runs summed up for the table: the first run's figures with the highest memory peaks of all."""
+    return {
+        **runs[0],
+        "server_peak_rss_mib": max(r["server_peak_rss_mib"] for r in runs),
+        "workers_peak_rss_mib": max(r["workers_peak_rss_mib"] for r in runs),
+    }
 
 
 def bench_partitions(out: Path, counts: list[int], rounds: int, flower: bool) -> list[dict[str, Any]]:
@@ -490,6 +530,8 @@ def render_sizes(results: list[dict[str, Any]]) -> str:
     if flower:
         head += " Flower server / workers peak RSS |"
         rule += "---:|"
+    head += " runs (load average) |"
+    rule += "---|"
     lines = [head, rule]
     for r in results:
         d = r["deml"]
@@ -508,6 +550,8 @@ def render_sizes(results: list[dict[str, Any]]) -> str:
         if flower:
             f = r["flower"]
             line += f" {f['server_peak_rss_mib']:.0f} / {f['workers_peak_rss_mib']:.0f} MiB |"
+        loads = r.get("load_averages", [r["load_average"]])
+        line += f" {len(loads)} ({min(loads):.1f}-{max(loads):.1f}) |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -571,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitions", default="", help="instead: the partitions sweep, e.g. 4,16,64,128,256")
     parser.add_argument("--length", type=int, default=0, help="instead: one job of this many rounds")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="size sweep: runs of each side (median)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--images", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--plots", action="store_true", help="only redraw the PNGs from OUT's JSON")
