@@ -1,6 +1,7 @@
 """Scale benchmark: DeML's round against the compute floor and against Flower, measured in the same run.
 
     python bench/bench_scale.py [--sizes 96,1000,2048,4096] [--cnn] [--flower] [--rounds 4] [--repeats 3]
+                                [--compression int8] [--broadcast-dtype fp16]   # DeML's side only, labelled
     python bench/bench_scale.py --partitions 4,16,64,128,256 [--flower] [--rounds 4]
     python bench/bench_scale.py --length 1000
     python bench/bench_scale.py --memory [--sizes 4096] [--rounds 2]
@@ -338,20 +339,24 @@ def _server(out: Path, name: str, *flags: str) -> DemlServer:
     return server
 
 
-def bench_size(out: Path, hidden: int, rounds: int, repeats: int, flower: bool) -> dict[str, Any]:
+def bench_size(
+    out: Path, hidden: int, rounds: int, repeats: int, flower: bool, deml_options: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The floor, DeML's round and (with `flower`) Flower's for one model: the median of `repeats` runs of each.
 
     The sides take turns (floor, DeML, Flower; then again), so that a change of the machine's load falls on all of
-    them alike; each run is kept in the row's "runs" with the load average at its end.
+    them alike; each run is kept in the row's "runs" with the load average at its end. `deml_options` (e.g.
+    compression int8, broadcast_dtype fp16) are DeML's job settings only: Flower always sends fp32.
     """
     task_dir = write_task(out / f"task-{hidden or 'cnn'}", hidden)
     settings = {"name": f"scale{hidden}", "rounds": rounds, **SETTINGS}
+    deml_settings = {**settings, **(deml_options or {})}
     runs: list[dict[str, Any]] = []
     for repeat in range(repeats):
         run: dict[str, Any] = {"floor_seconds": compute_floor(task_dir, FLOOR_TIMINGS)}
         server = _server(out, f"size-{hidden}")
         try:
-            run["deml"] = run_job(server, task_dir, settings)
+            run["deml"] = run_job(server, task_dir, deml_settings)
         finally:
             server.stop()
         run["deml_round_seconds"] = _median_after_first(run["deml"]["round_seconds"])
@@ -374,9 +379,10 @@ def bench_size(out: Path, hidden: int, rounds: int, repeats: int, flower: bool) 
     deml = statistics.median(r["deml_round_seconds"] for r in runs)
     row: dict[str, Any] = {
         "hidden": hidden,
-        "model": model_name(hidden),
+        "model": model_name(hidden) + _options_label(deml_options or {}),
         "parameters": parameters(hidden),
         "repeats": repeats,
+        "deml_options": deml_options or {},
         "floor_seconds": floor,
         "deml_round_seconds": deml,
         "deml_over_floor": deml / floor,
@@ -392,6 +398,16 @@ def bench_size(out: Path, hidden: int, rounds: int, repeats: int, flower: bool) 
         row["flower_over_floor"] = row["flower_round_seconds"] / floor
         row["deml_over_flower"] = deml / row["flower_round_seconds"]
     return row
+
+
+def _options_label(options: dict[str, str]) -> str:
+    """' (DeML: int8 up, fp16 down)' for a row whose DeML side did not send fp32 both ways; '' when it did."""
+    parts = []
+    if options.get("compression", "none") != "none":
+        parts.append(f"{options['compression']} up")
+    if options.get("broadcast_dtype", "fp32") != "fp32":
+        parts.append(f"{options['broadcast_dtype']} down")
+    return f" (DeML: {', '.join(parts)})" if parts else ""
 
 
 def _peaks(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -619,6 +635,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--images", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--plots", action="store_true", help="only redraw the PNGs from OUT's JSON")
+    parser.add_argument("--compression", default="none", help="size sweep: DeML's updates (none, fp16, bf16, int8)")
+    parser.add_argument("--broadcast-dtype", default="fp32", help="size sweep: DeML's global weights (fp32, fp16)")
     parser.add_argument(
         "--memory",
         action="store_true",
@@ -655,7 +673,8 @@ def main(argv: list[str] | None = None) -> None:
         results = []
         for hidden in widths:
             print(f"{model_name(hidden)} ({parameters(hidden) / 1e6:.2f} M parameters)...", file=sys.stderr, flush=True)
-            results.append(bench_size(args.out, hidden, args.rounds, args.repeats, args.flower))
+            options = {"compression": args.compression, "broadcast_dtype": args.broadcast_dtype}
+            results.append(bench_size(args.out, hidden, args.rounds, args.repeats, args.flower, options))
             print(render_sizes(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         _save(args.out, "scale", results, render_sizes(results))
     draw(args.out, args.images)
