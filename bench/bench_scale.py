@@ -17,6 +17,8 @@ batch 32, SGD with momentum, as DeML's worker trains by default.
 
 - compute floor: the 4 partitions' local training in 2 processes of 1 torch thread each (the cores a DeML
   server with 2 workers uses), two at a time, plus one evaluation of the test split; no framework, no files.
+  Each process runs in a session of its own, as DeML's sandboxed workers do (the kernel's autogroup scheduler
+  shares a busy machine's CPU between sessions).
   Median of 3 timings after a warm-up.
 - DeML: a real `deml-server --workers 2` (bench/server.py); one job of --rounds rounds; a round is measured
   boundary to boundary (consecutive commits), median of rounds 2..N.
@@ -228,7 +230,10 @@ def compute_floor(task_dir: Path, repeats: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ProcessPoolExecutor(POOL) as pool:
+        # Each pool process in a session of its own, as each sandboxed DeML worker is (bubblewrap's --new-session):
+        # with the kernel's autogroup scheduling (on here) every session is one group sharing the CPU, so on a busy
+        # machine two processes in the bench's own session got half the CPU that DeML's two workers got.
+        with ProcessPoolExecutor(POOL, initializer=os.setsid) as pool:
             list(pool.map(_train_partition, [str(task_dir)] * POOL, parts[:POOL]))  # warm: torch imported
             for _ in range(repeats):
                 started = time.perf_counter()
