@@ -145,7 +145,12 @@ class _Fold:
                 # The next results' checks run while this one is folded.
                 self._check_ahead()
                 try:
-                    checked = await checking
+                    try:
+                        checked = await asyncio.shield(checking)
+                    except asyncio.CancelledError:
+                        # The round is given up: discard() still closes (and removes) the copy being made.
+                        self._checking[index] = checking
+                        raise
                     await asyncio.to_thread(self._fold_checked, checked, waiting)
                     control = await asyncio.to_thread(self._control, waiting)
                 except DemlError as exc:
