@@ -1,6 +1,7 @@
 """Scale benchmark: DeML's round against the compute floor and against Flower, measured in the same run.
 
     python bench/bench_scale.py [--sizes 96,1000,2048,4096] [--cnn] [--flower] [--rounds 4] [--repeats 3]
+                                [--compression int8] [--broadcast-dtype fp16]   # DeML's side only, labelled
     python bench/bench_scale.py --partitions 4,16,64,128,256 [--flower] [--unbatched] [--rounds 4]
     python bench/bench_scale.py --length 1000
     python bench/bench_scale.py --memory [--sizes 4096] [--rounds 2]
@@ -16,12 +17,17 @@ batch 32, SGD with momentum, as DeML's worker trains by default.
 
 - compute floor: the 4 partitions' local training in 2 processes of 1 torch thread each (the cores a DeML
   server with 2 workers uses), two at a time, plus one evaluation of the test split; no framework, no files.
-  Median of --repeats after a warm-up.
+  Each process runs in a session of its own, as DeML's sandboxed workers do (the kernel's autogroup scheduler
+  shares a busy machine's CPU between sessions).
+  Median of 3 timings after a warm-up.
 - DeML: a real `deml-server --workers 2` (bench/server.py); one job of --rounds rounds; a round is measured
   boundary to boundary (consecutive commits), median of rounds 2..N.
 - Flower (--flower): bench/flower_run.py in bench/.venv-flower (bench/setup_flower_venv.sh), Ray with 2 CPUs,
   the same task module, partitions (DeML's partitioner), seeds and optimizer; its round boundary to boundary
   (consecutive centralized evaluations), median of rounds 2..N.
+- --repeats N: the size sweep runs the floor, DeML and Flower N times in turn (a fresh server and Flower process
+  each time) and reports the median of each side's N figures; the ratios are of those medians, and every run's
+  figures and load average are kept in OUT/scale.json.
 - bytes of global weights sent per worker per round (both sides), and the peak resident memory (RSS, sampled
   every 100 ms) of the server process and, summed, of its descendants (DeML's workers; Flower's Ray processes).
 
@@ -66,6 +72,8 @@ from bench.server import DemlServer, _tree_cpu_ticks  # noqa: E402
 
 TRAIN_ROWS, TEST_ROWS, FEATURES, CLASSES = 1437, 360, 64, 10
 CNN_TRAIN, CNN_TEST = 256, 64
+# Timings of the floor per run of the size sweep (their median, after a warm-up).
+FLOOR_TIMINGS = 3
 TINY = 32
 PARTITIONS, POOL = 4, 2
 SETTINGS: dict[str, Any] = {
@@ -225,7 +233,10 @@ def compute_floor(task_dir: Path, repeats: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ProcessPoolExecutor(POOL) as pool:
+        # Each pool process in a session of its own, as each sandboxed DeML worker is (bubblewrap's --new-session):
+        # with the kernel's autogroup scheduling (on here) every session is one group sharing the CPU, so on a busy
+        # machine two processes in the bench's own session got half the CPU that DeML's two workers got.
+        with ProcessPoolExecutor(POOL, initializer=os.setsid) as pool:
             list(pool.map(_train_partition, [str(task_dir)] * POOL, parts[:POOL]))  # warm: torch imported
             for _ in range(repeats):
                 started = time.perf_counter()
@@ -336,34 +347,84 @@ def _server(out: Path, name: str, *flags: str) -> DemlServer:
     return server
 
 
-def bench_size(out: Path, hidden: int, rounds: int, repeats: int, flower: bool) -> dict[str, Any]:
-    """The floor, DeML's round and (with `flower`) Flower's for one model."""
+def bench_size(
+    out: Path, hidden: int, rounds: int, repeats: int, flower: bool, deml_options: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The floor, DeML's round and (with `flower`) Flower's for one model: the median of `repeats` runs of each.
+
+    The sides take turns (floor, DeML, Flower; then again), so that a change of the machine's load falls on all of
+    them alike; each run is kept in the row's "runs" with the load average at its end. `deml_options` (e.g.
+    compression int8, broadcast_dtype fp16) are DeML's job settings only: Flower always sends fp32.
+    """
     task_dir = write_task(out / f"task-{hidden or 'cnn'}", hidden)
-    floor = compute_floor(task_dir, repeats)
     settings = {"name": f"scale{hidden}", "rounds": rounds, **SETTINGS}
-    server = _server(out, f"size-{hidden}")
-    try:
-        run = run_job(server, task_dir, settings)
-    finally:
-        server.stop()
-    deml = _median_after_first(run["round_seconds"])
+    deml_settings = {**settings, **(deml_options or {})}
+    runs: list[dict[str, Any]] = []
+    for repeat in range(repeats):
+        run: dict[str, Any] = {"floor_seconds": compute_floor(task_dir, FLOOR_TIMINGS)}
+        server = _server(out, f"size-{hidden}")
+        try:
+            run["deml"] = run_job(server, task_dir, deml_settings)
+        finally:
+            server.stop()
+        run["deml_round_seconds"] = _median_after_first(run["deml"]["round_seconds"])
+        run["deml_over_floor"] = run["deml_round_seconds"] / run["floor_seconds"]
+        if flower:
+            run["flower"] = run_flower(out, f"size-{hidden}", task_dir, settings, train_rows(hidden))
+            run["flower_round_seconds"] = _median_after_first(run["flower"]["round_seconds"])
+            run["flower_over_floor"] = run["flower_round_seconds"] / run["floor_seconds"]
+            run["deml_over_flower"] = run["deml_round_seconds"] / run["flower_round_seconds"]
+        run["load_average"] = os.getloadavg()[0]
+        runs.append(run)
+        print(
+            f"  run {repeat + 1}/{repeats}: floor {run['floor_seconds']:.3f} s, DeML {run['deml_round_seconds']:.3f} s"
+            + (f", Flower {run['flower_round_seconds']:.3f} s" if flower else "")
+            + f", load average {run['load_average']:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    floor = statistics.median(r["floor_seconds"] for r in runs)
+    deml = statistics.median(r["deml_round_seconds"] for r in runs)
     row: dict[str, Any] = {
         "hidden": hidden,
-        "model": model_name(hidden),
+        "model": model_name(hidden) + _options_label(deml_options or {}),
         "parameters": parameters(hidden),
+        "repeats": repeats,
+        "deml_options": deml_options or {},
         "floor_seconds": floor,
         "deml_round_seconds": deml,
         "deml_over_floor": deml / floor,
-        "deml": run,
-        "load_average": os.getloadavg()[0],
+        # Bytes as sent; memory the highest peak of any run.
+        "deml": _peaks([r["deml"] for r in runs]),
+        "load_average": statistics.median(r["load_average"] for r in runs),
+        "load_averages": [r["load_average"] for r in runs],
+        "runs": runs,
     }
     if flower:
-        f = run_flower(out, f"size-{hidden}", task_dir, settings, train_rows(hidden))
-        row["flower"] = f
-        row["flower_round_seconds"] = _median_after_first(f["round_seconds"])
+        row["flower"] = _peaks([r["flower"] for r in runs])
+        row["flower_round_seconds"] = statistics.median(r["flower_round_seconds"] for r in runs)
         row["flower_over_floor"] = row["flower_round_seconds"] / floor
         row["deml_over_flower"] = deml / row["flower_round_seconds"]
     return row
+
+
+def _options_label(options: dict[str, str]) -> str:
+    """' (DeML: int8 up, fp16 down)' for a row whose DeML side did not send fp32 both ways; '' when it did."""
+    parts = []
+    if options.get("compression", "none") != "none":
+        parts.append(f"{options['compression']} up")
+    if options.get("broadcast_dtype", "fp32") != "fp32":
+        parts.append(f"{options['broadcast_dtype']} down")
+    return f" (DeML: {', '.join(parts)})" if parts else ""
+
+
+def _peaks(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's runs summed up for the table: the first run's figures with the highest memory peaks of all."""
+    return {
+        **runs[0],
+        "server_peak_rss_mib": max(r["server_peak_rss_mib"] for r in runs),
+        "workers_peak_rss_mib": max(r["workers_peak_rss_mib"] for r in runs),
+    }
 
 
 def bench_partitions(
@@ -534,6 +595,8 @@ def render_sizes(results: list[dict[str, Any]]) -> str:
     if flower:
         head += " Flower server / workers peak RSS |"
         rule += "---:|"
+    head += " runs (load average) |"
+    rule += "---|"
     lines = [head, rule]
     for r in results:
         d = r["deml"]
@@ -552,6 +615,8 @@ def render_sizes(results: list[dict[str, Any]]) -> str:
         if flower:
             f = r["flower"]
             line += f" {f['server_peak_rss_mib']:.0f} / {f['workers_peak_rss_mib']:.0f} MiB |"
+        loads = r.get("load_averages", [r["load_average"]])
+        line += f" {len(loads)} ({min(loads):.1f}-{max(loads):.1f}) |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -634,10 +699,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--length", type=int, default=0, help="instead: one job of this many rounds")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="size sweep: runs of each side (median)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--images", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--plots", action="store_true", help="only redraw the PNGs from OUT's JSON")
+    parser.add_argument("--compression", default="none", help="size sweep: DeML's updates (none, fp16, bf16, int8)")
+    parser.add_argument("--broadcast-dtype", default="fp32", help="size sweep: DeML's global weights (fp32, fp16)")
     parser.add_argument(
         "--memory",
         action="store_true",
@@ -675,7 +742,8 @@ def main(argv: list[str] | None = None) -> None:
         results = []
         for hidden in widths:
             print(f"{model_name(hidden)} ({parameters(hidden) / 1e6:.2f} M parameters)...", file=sys.stderr, flush=True)
-            results.append(bench_size(args.out, hidden, args.rounds, args.repeats, args.flower))
+            options = {"compression": args.compression, "broadcast_dtype": args.broadcast_dtype}
+            results.append(bench_size(args.out, hidden, args.rounds, args.repeats, args.flower, options))
             print(render_sizes(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         _save(args.out, "scale", results, render_sizes(results))
     draw(args.out, args.images)

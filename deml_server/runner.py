@@ -71,8 +71,14 @@ class _Fold:
     whatever order the tasks finish in.
     For a strategy that needs only the weighted mean, each update is added to a running float64 sum and dropped:
     memory O(model) rather than O(partitions x model). Reading and checking run in a thread, when the result's turn
-    comes: results that arrive before their predecessors wait for them as files.
+    comes: results that arrive before their predecessors wait for them as files. A whole update is checked (copied,
+    its layout and values read) up to CHECK_AHEAD turns early, beside the fold of the one before: at a round's end,
+    when the last two partitions finish together and the workers wait for the aggregate, the second is checked
+    while the first is folded.
     """
+
+    # Whole updates checked ahead of their turn at most (each a private copy on disk until it is folded).
+    CHECK_AHEAD = 2
 
     def __init__(
         self,
@@ -100,6 +106,8 @@ class _Fold:
         self._waiting: dict[int, TaskResult | None] = {}
         self._next = 0
         self._lock = asyncio.Lock()
+        # Whole updates being checked (or checked) ahead of their turn, by partition.
+        self._checking: dict[int, asyncio.Task[wio.UpdateFile]] = {}
 
     async def arrive(self, index: int, result: TaskResult | None, problem: str) -> None:
         """Note one partition's outcome, then fold in every result whose turn has come."""
@@ -112,8 +120,10 @@ class _Fold:
             self._reject(index, f"it reported {result.num_examples} training examples")
         else:
             usable = result
+        # Noted before the lock (held while an earlier result is folded), so that this one's check can start now.
+        self._waiting[index] = usable
+        self._check_ahead()
         async with self._lock:
-            self._waiting[index] = usable
             await self._drain()
 
     async def skip(self, indices: Collection[int]) -> None:
@@ -131,10 +141,19 @@ class _Fold:
             if waiting is None:
                 continue
             # Read only now, in turn: a result that arrived early waits as a file, not as a model in memory.
-            if self.mean is not None and self.compression == "none":
+            if self._in_pieces:
                 # A whole update is checked, then folded, a piece at a time: never in memory at once.
+                checking = self._checking.pop(index, None) or self._start_check(waiting)
+                # The next results' checks run while this one is folded.
+                self._check_ahead()
                 try:
-                    await asyncio.to_thread(self._fold_in_pieces, waiting)
+                    try:
+                        checked = await asyncio.shield(checking)
+                    except asyncio.CancelledError:
+                        # The round is given up: discard() still closes (and removes) the copy being made.
+                        self._checking[index] = checking
+                        raise
+                    await asyncio.to_thread(self._fold_checked, checked, waiting)
                     control = await asyncio.to_thread(self._control, waiting)
                 except DemlError as exc:
                     self._reject(index, exc.reason)
@@ -170,9 +189,25 @@ class _Fold:
         validate_update(self.current, update)
         return update
 
-    def _fold_in_pieces(self, result: TaskResult) -> None:
-        """Check a whole update's layout and values, then add it to the running sum, reading it a piece at a time."""
-        assert self.mean is not None
+    @property
+    def _in_pieces(self) -> bool:
+        """Whether whole updates are checked and folded a piece at a time (a running mean of uncompressed ones)."""
+        return self.mean is not None and self.compression == "none"
+
+    def _start_check(self, result: TaskResult) -> asyncio.Task[wio.UpdateFile]:
+        return asyncio.create_task(asyncio.to_thread(self._checked, result))
+
+    def _check_ahead(self) -> None:
+        """Start checking the results that have arrived among the next CHECK_AHEAD turns (each in a thread)."""
+        if not self._in_pieces:
+            return
+        for index in self._order[self._next : self._next + self.CHECK_AHEAD]:
+            waiting = self._waiting.get(index)
+            if waiting is not None and index not in self._checking:
+                self._checking[index] = self._start_check(waiting)
+
+    def _checked(self, result: TaskResult) -> wio.UpdateFile:
+        """A whole update's private copy, its layout and values checked (reading it a piece at a time)."""
         path = result.directory / "weights.safetensors"
         update = wio.UpdateFile(path, result.directory / "weights.checked.safetensors")
         try:
@@ -182,11 +217,27 @@ class _Fold:
             for name, ref in self.current.items():
                 if is_float(ref):
                     check_finite_chunks(name, update.chunks(name))
+        except BaseException:
+            update.close()
+            raise
+        return update
+
+    def _fold_checked(self, update: wio.UpdateFile, result: TaskResult) -> None:
+        """Add a checked whole update to the running sum, a piece at a time; its copy is removed."""
+        assert self.mean is not None
+        try:
             self.files_read += 1
             self.bytes_received += update.size
             self.mean.add_chunks(update.chunks, result.num_examples)
         finally:
             update.close()
+
+    async def discard(self) -> None:
+        """Let go of updates checked ahead but never folded (a round given up): their copies are removed."""
+        checking, self._checking = list(self._checking.values()), {}
+        for done in await asyncio.gather(*checking, return_exceptions=True):
+            if isinstance(done, wio.UpdateFile):
+                done.close()
 
     @staticmethod
     def _control(result: TaskResult) -> Weights:
@@ -579,7 +630,10 @@ class JobRunner:
         }
         fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
         fits = _RoundFits()
-        await self._fit_all(server_round, bundles, fold, fits)
+        try:
+            await self._fit_all(server_round, bundles, fold, fits)
+        finally:
+            await fold.discard()
         if fold.user_errors:
             index, error = min(fold.user_errors)
             raise JobFailed(

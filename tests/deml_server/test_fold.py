@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from deml_server.strategy import FitResult, make_strategy
 from deml_server.strategy.base import Weights
 from provider_runtime.contract import ResultDoc
 
-# Wider than one piece (wio._CHUNK_ELEMENTS, aggregate._ADD_CHUNK: 2**20 values) and not a multiple of it.
+# Wider than one piece (wio._CHUNK_ELEMENTS: 2**20 values, aggregate._ADD_CHUNK: 2**16) and not a multiple of either.
 BIG = (1100, 1001)
 
 
@@ -142,3 +143,22 @@ def test_an_update_read_in_pieces_gives_back_its_tensors(tmp_path: Path) -> None
     finally:
         update.close()
     assert not (tmp_path / "copy.safetensors").exists()
+
+
+async def test_results_checked_ahead_of_their_turn_are_removed_when_the_round_is_given_up(tmp_path: Path) -> None:
+    # Prepare: partition 0 never arrives; 1 and 2 do (1 is within the next CHECK_AHEAD turns, 2 is not)
+    results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
+    fold = _Fold(_weights(0), True, [0, 1, 2, 3])
+    assert _Fold.CHECK_AHEAD == 2
+
+    # Execute
+    await fold.arrive(1, results[1], "")
+    await fold.arrive(2, results[2], "")
+    await asyncio.gather(*fold._checking.values())
+    copies_before = sorted(p.parent.name for p in tmp_path.glob("*/weights.checked.safetensors"))
+    await fold.discard()
+
+    # Assert: only partition 1 was checked ahead (nothing folded yet), and its copy is gone after the discard
+    assert copies_before == ["p1"]
+    assert fold.results == [] and fold.files_read == 0
+    assert not list(tmp_path.glob("*/weights.checked.safetensors"))
