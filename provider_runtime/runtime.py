@@ -244,7 +244,7 @@ def _save_compressed(model: torch.nn.Module, task: Task, bundle: Path, key: tupl
     # the server decodes it against the same values.
     base = compression.widened(load_arrays(_weights_path(bundle)), trained)
     encoded = compression.encode(trained, base, task.compression, _residuals.get(key))
-    save_arrays(encoded.arrays, out / "weights.safetensors", encoded.metadata)
+    save_arrays(encoded.arrays, out / "weights.safetensors", encoded.metadata, packed=True)
     _residuals[key] = encoded.residual
     _residuals.move_to_end(key)
     while len(_residuals) > _RESIDUALS_KEPT:
