@@ -679,7 +679,7 @@ class JobRunner:
 
     def _packs_weights_down(self) -> bool:
         """Whether fp16 global weights go through the lossless stage: only where they cross a link (Golem)."""
-        return self.spec.backend == "golem"
+        return self._backend is not None and self._backend.name == "golem"
 
     async def _evaluated_weights(self, trained: _Trained) -> Path:
         """The file a round's evaluation gets: its aggregate in the job's broadcast dtype, as training gets it.
