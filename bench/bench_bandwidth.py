@@ -1,9 +1,9 @@
 """Compressed updates on 20 MB/s provider links: a DeML job on the golem backend with the Golem stand-in exe-unit.
 
-    sudo python bench/bench_bandwidth.py [--hidden 4096] [--train-rows 64] [--rounds 5] [--schemes none fp16 int8]
+    sudo python bench/bench_bandwidth.py [--hidden 2048] [--train-rows 64] [--rounds 5] [--schemes none fp16 int8]
                                          [--rate 20000000] [--repeats 1] [--out bench/out]
 
-The job: the MLP of bench/bench_scale.py (64 -> h -> h -> 10; h=4096: 17.1 M parameters, 68 MB of fp32) on
+The job: the MLP of bench/bench_scale.py (64 -> h -> h -> 10; h=2048: 4.3 M parameters, 17 MB of fp32) on
 synthetic digits-shaped data of its kind, 4 IID partitions of --train-rows rows each (360 test rows), 1 local epoch,
 batch 32, the same seed for every scheme. The training rows are few on purpose: the 4 stand-in providers share this
 machine's cores, so with bench_scale's 1,437 rows the round measured the CPU, not the link; with a few batches a
@@ -231,7 +231,7 @@ def _stop(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the schemes and write OUT/bandwidth.json and OUT/bandwidth.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--train-rows", type=int, default=64, help="training rows of each provider's partition")
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--rounds", type=int, default=5)
