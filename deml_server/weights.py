@@ -159,10 +159,18 @@ def _read_bytes(path: Path) -> bytes:
 def read_update(path: Path, base: Weights, compression: str) -> Weights:
     """A worker's trained weights: whole, or a compressed delta from `base` decoded (provider_runtime.compression).
 
-    An update is accepted whole or in the job's own encoding; anything else is refused by name. The result still
-    has to pass validate_update, as uncompressed weights do.
+    A packed file (compression.pack, how workers send compressed updates) is unpacked first, bounded by
+    `update_limit(base)`: a file that would unpack to more is refused unread. An update is accepted whole or in the
+    job's own encoding; anything else is refused by name. The result still has to pass validate_update, as
+    uncompressed weights do.
     """
-    weights, metadata = parse(_read_bytes(path), what=path.name)
+    data = _read_bytes(path)
+    if codec.is_packed(data):
+        try:
+            data = codec.unpack(data, update_limit(base))
+        except codec.CompressionError as exc:
+            raise InvalidArgument(f"{path.name}: {exc}") from None
+    weights, metadata = parse(data, what=path.name)
     sent = metadata.get(codec.SCHEME_KEY, "none")
     if sent == "none":
         return weights
@@ -172,6 +180,20 @@ def read_update(path: Path, base: Weights, compression: str) -> Weights:
         return codec.decode(weights, metadata, base)
     except codec.CompressionError as exc:
         raise InvalidArgument(f"{path.name}: {exc}") from None
+
+
+def update_limit(base: Weights) -> int:
+    """The most bytes an update of `base`'s model may unpack to.
+
+    The whole weights in their own dtypes (more than any compressed encoding of them needs), plus room for the
+    header: 1 KiB a tensor and 64 KiB of metadata.
+    """
+    return sum(value.nbytes for value in base.values()) + 1024 * len(base) + (64 << 10)
+
+
+def write_packed(weights: Weights, path: Path) -> None:
+    """write(), packed losslessly (compression.pack): for weights that cross a link (fp16 global weights on Golem)."""
+    path.write_bytes(codec.pack(to_bytes(weights)))
 
 
 # safetensors lays tensors out by dtype, in the reverse of its Dtype enum's order, then by name: the order here
@@ -237,6 +259,8 @@ class UpdateFile:
         self._copy = copy
         self.size = os.fstat(self._file.fileno()).st_size
         try:
+            if codec.is_packed(self._read_at(0, len(codec.PACKED_MAGIC))):
+                raise InvalidArgument(f"{self.what} is packed (a compressed update); the job asks for whole weights")
             entries, self.metadata, start = _header(self._read_at, self.size, self.what)
         except BaseException:
             self.close()

@@ -14,14 +14,23 @@ delta is added to that partition's next delta, so quantisation errors do not acc
 lives where the partition's data cache lives (the warm worker; a Golem provider's VM). Integer tensors (BatchNorm's
 ``num_batches_tracked``) and tensors of fewer than ``EXACT_BELOW`` elements travel exactly, as full values.
 
-On the wire it is one safetensors file: each compressed tensor under its own name (F16, U16 for bf16, or I8),
-int8 scales under ``NAME::scale``, and the metadata entries ``deml.compression`` (the scheme) and
-``deml.delta`` (a JSON list of the names sent as deltas).
+The update is one safetensors file: each compressed tensor under its own name (F16, U16 for bf16, or I8), int8
+scales under ``NAME::scale``, and the metadata entries ``deml.compression`` (the scheme) and ``deml.delta`` (a JSON
+list of the names sent as deltas). On the wire that file is packed (`pack`, a lossless stage): its header deflated,
+and its data with each tensor's bytes regrouped by significance (byte shuffle: all first bytes, then all second
+bytes...) and Huffman-coded (zlib, ``Z_HUFFMAN_ONLY``: the quantised values' bytes repeat in few patterns, not in
+runs, so LZ77 matching would cost CPU for next to nothing). Layout, little-endian: the 8 bytes ``DEMLpk1`` and a
+newline, u64 size of the safetensors file, u32 length of the deflated header, the deflated header, the coded data.
+
+`unpack` restores the file exactly (bit for bit) and refuses, by name, a stream that is cut short, that would
+unpack to more than it declares or than the caller allows (a decompression bomb), or that carries trailing bytes.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +42,7 @@ from provider_runtime.contract import COMPRESSIONS as SCHEMES
 __all__ = [
     "DELTA_KEY",
     "EXACT_BELOW",
+    "PACKED_MAGIC",
     "SCALE_SUFFIX",
     "SCHEMES",
     "SCHEME_KEY",
@@ -40,6 +50,9 @@ __all__ = [
     "Encoded",
     "decode",
     "encode",
+    "is_packed",
+    "pack",
+    "unpack",
 ]
 
 SCHEME_KEY = "deml.compression"
@@ -234,3 +247,125 @@ def _restored_onto(start: Array, name: str, value: Array, arrays: Mapping[str, A
             delta = sent[part].astype(np.float32) * (per_row[part] if scale.ndim == 1 else per_row)
         rows[part] += delta
     return out.astype(start.dtype, copy=False)
+
+
+PACKED_MAGIC = b"DEMLpk1\n"
+_PACKED_HEAD = struct.Struct("<8sQI")
+# Bytes per element of each safetensors dtype (for the byte shuffle); an unknown dtype is left as it is.
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+             "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}  # fmt: skip
+# A safetensors header is text of ~100 bytes a tensor; a packed one that unpacks to more than this is refused.
+_MAX_PACKED_HEADER = 16 << 20
+# Decompressed a piece at a time, so a bomb is stopped after at most this many bytes past what it declared.
+_UNPACK_STEP = 1 << 24
+
+
+def is_packed(head: bytes) -> bool:
+    """Whether a file that starts with `head` is packed (`pack`) rather than a plain safetensors file."""
+    return head[: len(PACKED_MAGIC)] == PACKED_MAGIC
+
+
+def pack(data: bytes) -> bytes:
+    """A safetensors file, packed losslessly (byte shuffle + Huffman coding; the module's docstring)."""
+    header_end = _header_end(data)
+    body = np.frombuffer(data, dtype=np.uint8, offset=header_end).copy()
+    _shuffle(body, _layout(data, header_end), inverse=False)
+    head = zlib.compress(data[:header_end], 9)
+    coder = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    coded = coder.compress(body.data) + coder.flush()
+    return _PACKED_HEAD.pack(PACKED_MAGIC, len(data), len(head)) + head + coded
+
+
+def unpack(packed: bytes, limit: int) -> bytes:
+    """The safetensors file `pack` made, exactly; refuses, naming why, a file larger than `limit` bytes unpacked."""
+    if len(packed) < _PACKED_HEAD.size or not is_packed(packed):
+        raise CompressionError("not a packed update (no DEMLpk1 header)")
+    _, size, head_length = _PACKED_HEAD.unpack_from(packed)
+    if size > limit:
+        raise CompressionError(f"the packed file declares {size:,} bytes unpacked, more than the {limit:,} allowed")
+    start = _PACKED_HEAD.size
+    if head_length > len(packed) - start:
+        raise CompressionError("the packed file is cut short in its header")
+    header = bytearray(min(size, _MAX_PACKED_HEADER))
+    got = _inflate(packed[start : start + head_length], memoryview(header), "header", exact=False)
+    del header[got:]
+    header_end = _header_end(header) if len(header) >= 8 else len(header) + 1
+    if header_end != len(header):
+        raise CompressionError("the packed header does not unpack to a safetensors header")
+    data = bytearray(size)
+    data[: len(header)] = header
+    _inflate(packed[start + head_length :], memoryview(data)[len(header) :], "data", exact=True)
+    _shuffle(np.frombuffer(data, dtype=np.uint8, offset=len(header)), _layout(data, len(header)), inverse=True)
+    return bytes(data)
+
+
+def _inflate(stream: bytes, into: memoryview, part: str, *, exact: bool) -> int:
+    """Inflate one zlib stream into `into`, a piece at a time; how many bytes it made.
+
+    It must end within `into` (and fill it, when `exact`); nothing past its end may follow.
+    """
+    inflater = zlib.decompressobj()
+    made = 0
+    pending = stream
+    try:
+        while not inflater.eof:
+            piece = inflater.decompress(pending, min(_UNPACK_STEP, len(into) - made + 1))
+            if made + len(piece) > len(into):
+                raise CompressionError(f"the packed {part} unpacks to more than the {len(into):,} bytes it declares")
+            into[made : made + len(piece)] = piece
+            made += len(piece)
+            pending = inflater.unconsumed_tail
+            if not piece and not pending:
+                break
+    except zlib.error as exc:
+        raise CompressionError(f"the packed {part} is not a valid zlib stream ({exc})") from None
+    if not inflater.eof:
+        raise CompressionError(f"the packed {part} is cut short: its zlib stream stops unfinished after {made:,} bytes")
+    if exact and made != len(into):
+        raise CompressionError(f"the packed {part} is cut short: {made:,} of {len(into):,} bytes")
+    if inflater.unused_data:
+        raise CompressionError(f"the packed {part} is followed by {len(inflater.unused_data):,} stray bytes")
+    return made
+
+
+def _header_end(data: bytes | bytearray) -> int:
+    """Where a safetensors file's data starts (8 + its header's length, as the file states it)."""
+    if len(data) < 8:
+        raise CompressionError(f"{len(data)} bytes are not a safetensors file")
+    (length,) = struct.unpack_from("<Q", data)
+    return int(8 + length)
+
+
+def _layout(data: bytes | bytearray, header_end: int) -> list[tuple[int, int, int]]:
+    """Each tensor's (first byte, end, bytes per element) in the data section, where the header states them sanely.
+
+    The shuffle only permutes bytes within a range, so a header it cannot read is simply not shuffled for: the
+    reader of the unpacked file checks the header (names, dtypes, shapes, ranges) as it checks any file.
+    """
+    try:
+        header = json.loads(bytes(data[8:header_end]))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(header, dict):
+        return []
+    body = len(data) - header_end
+    ranges = []
+    for name, info in header.items():
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue
+        size = _ITEMSIZE.get(str(info.get("dtype")), 1)
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            continue
+        begin, end = offsets
+        if size > 1 and 0 <= begin <= end <= body and (end - begin) % size == 0:
+            ranges.append((begin, end, size))
+    return ranges
+
+
+def _shuffle(body: npt.NDArray[np.uint8], ranges: list[tuple[int, int, int]], *, inverse: bool) -> None:
+    """Regroup (or, inverse, restore) each range's bytes by their place in an element, in place."""
+    for begin, end, size in ranges:
+        part = body[begin:end]
+        grouped = part.reshape(size, -1).T if inverse else part.reshape(-1, size).T
+        part[:] = grouped.ravel()

@@ -341,7 +341,7 @@ def _save_compressed(
     # the server decodes it against the same values.
     base = compression.widened(received, trained)
     encoded = compression.encode(trained, base, task.compression, _residuals.get(key))
-    save_arrays(encoded.arrays, path, encoded.metadata)
+    save_arrays(encoded.arrays, path, encoded.metadata, packed=True)
     _residuals[key] = encoded.residual
     _residuals.move_to_end(key)
     while len(_residuals) > _RESIDUALS_KEPT:

@@ -1,7 +1,8 @@
 """A model's state_dict to and from safetensors, through numpy (no pickle anywhere).
 
 Every entry of the state_dict travels, buffers included, with its own dtype: BatchNorm's int64
-`num_batches_tracked` comes back as int64, not as a float.
+`num_batches_tracked` comes back as int64, not as a float. Compressed updates are written packed (lossless; see
+provider_runtime.compression.pack), and packed global weights (fp16 ones sent over a link) are read as well.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save, save_file
+
+from provider_runtime import compression
 
 if TYPE_CHECKING:
     import torch
@@ -20,18 +23,41 @@ if TYPE_CHECKING:
 __all__ = ["load_arrays", "load_into", "save_arrays", "save_state_dict", "state_dict_to_arrays"]
 
 
+# The server sends what it trusts; this only bounds what a corrupt packed file can make a worker allocate.
+_UNPACK_LIMIT = 1 << 40
+
+
 def save_arrays(
-    arrays: Mapping[str, npt.NDArray[np.generic]], path: Path, metadata: Mapping[str, str] | None = None
+    arrays: Mapping[str, npt.NDArray[np.generic]],
+    path: Path,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    packed: bool = False,
 ) -> None:
-    """Write named arrays as one safetensors file (C-contiguous copies, so views and slices are safe)."""
+    """Write named arrays as one safetensors file (C-contiguous copies, so views and slices are safe).
+
+    `packed`: the file goes through compression.pack (a lossless stage, for files that cross a link).
+    """
     # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm's num_batches_tracked) into shape (1,).
     tensors = {name: np.asarray(a, order="C") for name, a in arrays.items()}
+    if packed:
+        path.write_bytes(compression.pack(save(tensors, metadata=dict(metadata) if metadata else None)))
+        return
     save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
 
 
+def _packed_file(path: Path) -> bytes | None:
+    """The safetensors bytes of a packed file, unpacked; None for a plain safetensors file."""
+    with path.open("rb") as f:
+        if not compression.is_packed(f.read(len(compression.PACKED_MAGIC))):
+            return None
+    return compression.unpack(path.read_bytes(), _UNPACK_LIMIT)
+
+
 def load_arrays(path: Path) -> dict[str, npt.NDArray[np.generic]]:
-    """Read every tensor of a safetensors file as a numpy array."""
-    return dict(load_file(str(path)))
+    """Read every tensor of a safetensors file (plain or packed) as a numpy array."""
+    data = _packed_file(path)
+    return dict(load_file(str(path)) if data is None else load(data))
 
 
 def state_dict_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDArray[np.generic]]:
@@ -75,10 +101,12 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
     One widening is accepted: float16 values into a float32 entry (global weights broadcast in fp16), exactly.
     """
     import torch
+    from safetensors.torch import load as load_tensors_from
     from safetensors.torch import load_file as load_tensors
 
     # Straight into tensors (one read), not through numpy arrays and a copy of each.
-    arrays = load_tensors(str(path))
+    data = _packed_file(path)
+    arrays = load_tensors(str(path)) if data is None else load_tensors_from(data)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))

@@ -1,26 +1,30 @@
 """Jobs with compressed updates, on real worker processes: fewer bytes back, and a bad update refused by name.
 
 `RewritingBackend` is a stand-in for a misbehaving provider (nothing real here sends malformed updates): it runs
-every task on the real local backend, then rewrites partition 1's compressed update.
+every task on the real local backend, then rewrites partition 1's compressed update (its arrays, or the packed
+file's bytes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import zipfile
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from deml_server import weights as wio
 from deml_server.backends import LocalBackend, WorkItem
 from deml_server.domain import JobState
 from deml_server.errors import InvalidArgument
 from deml_server.jobs import JobService
+from provider_runtime import compression
+from provider_runtime.weights import load_arrays, save_arrays
 from tests.support import WrappedLocal, job_service
 
 # Big enough that the first layer's weight (8 x 64 = 512 values) and the second's (64 x 64) are compressed.
@@ -41,23 +45,35 @@ def load_data():
 """
 
 Rewrite = Callable[[dict[str, np.ndarray]], None]
+RewriteBytes = Callable[[bytes], bytes]
 
 
 class RewritingBackend(WrappedLocal):
-    """Rewrites partition 1's compressed update with `rewrite` (when set)."""
+    """Rewrites partition 1's compressed update with `rewrite` (its arrays) or `rewrite_bytes` (the packed file).
+
+    Also notes the dtypes of the weights each evaluation task was given (`evaluated`).
+    """
 
     def __init__(self, inner: LocalBackend) -> None:
         super().__init__(inner)
         self.rewrite: Rewrite | None = None
+        self.rewrite_bytes: RewriteBytes | None = None
+        self.evaluated: list[set[str]] = []
 
     async def after(self, item: WorkItem) -> None:
-        if self.rewrite is not None and item.action == "train" and item.partition == 1:
-            path = item.output / "weights.safetensors"
-            with safe_open(str(path), "np") as f:
-                metadata = f.metadata()
-                arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        if item.action == "evaluate":
+            self.evaluated.append({str(a.dtype) for a in load_arrays(item.bundle / "weights.safetensors").values()})
+        if item.action != "train" or item.partition != 1:
+            return
+        path = item.output / "weights.safetensors"
+        if self.rewrite_bytes is not None:
+            path.write_bytes(self.rewrite_bytes(path.read_bytes()))
+        if self.rewrite is not None:
+            packed = path.read_bytes()
+            views, metadata = wio.parse(compression.unpack(packed, 100 * len(packed)))
+            arrays = {name: np.array(view) for name, view in views.items()}
             self.rewrite(arrays)
-            save_file(arrays, str(path), metadata=metadata)
+            save_arrays(arrays, path, metadata, packed=True)
 
 
 @pytest.fixture
@@ -100,19 +116,34 @@ async def test_int8_and_fp16_updates_cost_a_fraction_of_the_bytes_and_train(
     assert received["int8"] / received["none"] < 0.4
 
 
+def _bomb(packed: bytes) -> bytes:
+    """The packed file with its data replaced by 64 MiB of zeros (deflated to ~64 KiB): more than it declares."""
+    (_, _, head) = struct.unpack_from("<8sQI", packed)
+    return packed[: 20 + head] + zlib.compress(bytes(64 << 20), 9)
+
+
+def _declares_a_terabyte(packed: bytes) -> bytes:
+    return packed[:8] + struct.pack("<Q", 1 << 40) + packed[16:]
+
+
 @pytest.mark.parametrize(
-    ("rewrite", "reason"),
+    ("rewrite", "rewrite_bytes", "reason"),
     [
-        (lambda a: a.__setitem__("2.weight::scale", np.array(np.nan, np.float32)), "holds NaN or Inf"),
-        (lambda a: a.__setitem__("2.weight", np.zeros((32, 128), np.int8)), "has shape [32, 128]"),
+        (lambda a: a.__setitem__("2.weight::scale", np.array(np.nan, np.float32)), None, "holds NaN or Inf"),
+        (lambda a: a.__setitem__("2.weight", np.zeros((32, 128), np.int8)), None, "has shape [32, 128]"),
+        (None, lambda b: b[:-40], "weights.safetensors: the packed data is cut short"),
+        (None, _bomb, "the packed data unpacks to more than the"),
+        (None, _declares_a_terabyte, "declares 1,099,511,627,776 bytes unpacked, more than the"),
+        (None, lambda b: b + b"\0\0", "the packed data is followed by 2 stray bytes"),
     ],
 )
 async def test_a_bad_compressed_update_is_rejected_like_a_full_one(
-    made: tuple[JobService, RewritingBackend], rewrite: Rewrite, reason: str
+    made: tuple[JobService, RewritingBackend], rewrite: Rewrite | None, rewrite_bytes: RewriteBytes | None, reason: str
 ) -> None:
     # Prepare
     jobs, backend = made
     backend.rewrite = rewrite
+    backend.rewrite_bytes = rewrite_bytes
 
     # Execute
     job_id = await asyncio.wait_for(_run(jobs, compression="int8", rounds=1, min_fit_workers=1), timeout=120)
@@ -128,7 +159,7 @@ async def test_a_bad_compressed_update_is_rejected_like_a_full_one(
 async def test_fp16_global_weights_halve_the_bytes_sent_and_train(made: tuple[JobService, RewritingBackend]) -> None:
     # Execute: the same job with fp32 and fp16 global weights, and fp16 ones with int8 updates (deltas from the
     # fp16 weights as the workers loaded them, decoded against the same values)
-    jobs, _ = made
+    jobs, backend = made
     runs = {}
     for broadcast, scheme in (("fp32", "none"), ("fp16", "none"), ("fp16", "int8")):
         job_id = await asyncio.wait_for(_run(jobs, broadcast_dtype=broadcast, compression=scheme), timeout=180)
@@ -137,7 +168,9 @@ async def test_fp16_global_weights_halve_the_bytes_sent_and_train(made: tuple[Jo
         assert job.spec.broadcast_dtype == broadcast
         runs[broadcast, scheme] = job.rounds
 
-    # Assert: every tensor of this model is float32, so the file is half the size but for its header
+    # Assert: every tensor of this model is float32, so the file is half the size but for its header; evaluations
+    # get the weights as training does (fp16 when the job asks for it: no task is sent fp32 weights)
+    assert backend.evaluated == [{"float32"}] * 2 + [{"float16"}] * 4
     full = runs["fp32", "none"][-1].bytes_sent_per_worker
     for key in (("fp16", "none"), ("fp16", "int8")):
         assert 0.5 <= runs[key][-1].bytes_sent_per_worker / full < 0.55

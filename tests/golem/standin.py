@@ -348,7 +348,7 @@ class StandInGolem:
         if proc.returncode != 0:
             raise CommandExecutionError(repr(command), f"exit code {proc.returncode}", err.decode(errors="replace"))
         if fault is not None and fault.kind == "nan":
-            _poison_weights(ctx.vm_path("/golem/output/result.tar.gz"))
+            _poison_weights(ctx.vm_path("/golem/output/result.tar"))
         command._result.set_result(
             SimpleNamespace(success=True, message="", stdout=out.decode(errors="replace"), stderr=err.decode())
         )
@@ -363,11 +363,11 @@ def _runs_action(script: Script, action: str) -> bool:
 
 def _poison_weights(archive: Path) -> None:
     """Rewrite a result bundle so that its weights are all NaN (names, shapes and dtypes kept)."""
-    with tarfile.open(archive, "r:gz") as tar:
+    with tarfile.open(archive, "r:") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
     name = next(n for n in members if n.endswith("weights.safetensors"))
     members[name] = save({k: np.full_like(v, np.nan) for k, v in load(members[name]).items()})
-    with tarfile.open(archive, "w:gz") as tar:
+    with tarfile.open(archive, "w") as tar:
         for member, data in members.items():
             info = tarfile.TarInfo(member)
             info.size = len(data)

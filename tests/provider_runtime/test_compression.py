@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -13,8 +15,12 @@ from provider_runtime.compression import (
     SCALE_SUFFIX,
     SCHEME_KEY,
     CompressionError,
+    _shuffle,
     decode,
     encode,
+    is_packed,
+    pack,
+    unpack,
 )
 
 BIG = (4, 64)  # 256 elements: compressed
@@ -160,3 +166,57 @@ def test_encode_refuses_none_and_mismatched_tensors() -> None:
         encode(base, base, "none")
     with pytest.raises(CompressionError, match="do not name the same tensors"):
         encode({"w": base["w"]}, base, "fp16")
+
+
+def _file(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.numpy import save
+
+    return save(arrays, metadata=metadata)
+
+
+def test_pack_shuffles_each_tensors_bytes_by_significance_and_unpacks_bit_for_bit() -> None:
+    # Prepare: every dtype an update carries, a 0-d tensor, an empty one, NaN bit patterns and metadata
+    rng = np.random.default_rng(3)
+    arrays = {
+        "half": rng.normal(size=(33, 7)).astype(np.float16),
+        "q": rng.integers(-127, 128, size=(5, 64), dtype=np.int8),
+        "bf": np.array([0x7FC1, 0x3F80, 0x0001], np.uint16),
+        "count": np.array(123456789, np.int64),
+        "scale": np.array([np.nan, -0.0, 1e-30], np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    data = _file(arrays, {SCHEME_KEY: "int8", DELTA_KEY: '["q"]'})
+    # The shuffle itself, exactly: two float16 values' bytes (lo0 hi0 lo1 hi1) go out as lo0 lo1 hi0 hi1
+    two = _file({"h": np.array([1.0, -2.0], np.float16)})
+    (length,) = struct.unpack_from("<Q", two)
+    body = np.frombuffer(two, np.uint8, offset=8 + length).copy()
+    _shuffle(body, [(0, 4, 2)], inverse=False)
+    assert body.tolist() == [0x00, 0x00, 0x3C, 0xC0]
+
+    # Execute
+    packed = pack(data)
+
+    # Assert: the same bytes back, every one of them; and the file is smaller
+    assert is_packed(packed) and not is_packed(data)
+    assert unpack(packed, len(data)) == data
+    assert len(packed) < len(data)
+    assert unpack(pack(two), len(two)) == two
+
+
+def test_unpack_refuses_bombs_cut_short_and_stray_bytes_by_name() -> None:
+    data = _file({"w": np.zeros((64, 64), np.float16)})
+    packed = pack(data)
+    head = struct.unpack_from("<8sQI", packed)[2]
+    with pytest.raises(CompressionError, match=f"declares {len(data):,} bytes unpacked, more than the 100 allowed"):
+        unpack(packed, 100)
+    bomb = packed[: 20 + head] + zlib.compress(bytes(1 << 24))
+    with pytest.raises(CompressionError, match="the packed data unpacks to more than the"):
+        unpack(bomb, 1 << 40)
+    with pytest.raises(CompressionError, match="the packed data is cut short"):
+        unpack(packed[:-3], len(data))
+    with pytest.raises(CompressionError, match="the packed data is followed by 1 stray bytes"):
+        unpack(packed + b"x", len(data))
+    with pytest.raises(CompressionError, match="the packed data is not a valid zlib stream"):
+        unpack(packed[: 20 + head] + b"garbage!", len(data))
+    with pytest.raises(CompressionError, match="not a packed update"):
+        unpack(data, len(data))

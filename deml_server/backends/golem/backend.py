@@ -654,9 +654,9 @@ class GolemBackend(Backend):
         script.upload_bytes(task_json, f"{VM_INPUT}/task.json")
         tail = CaptureContext.build(mode="tail", limit=4000)
         script.run("/bin/sh", "-c", vm_command(item.action, uploads), stdout=tail, stderr=tail)
-        download = self._work_dir / "downloads" / f"{uuid.uuid4().hex}.tar.gz"
+        download = self._work_dir / "downloads" / f"{uuid.uuid4().hex}.tar"
         download.parent.mkdir(parents=True, exist_ok=True)
-        script.download_file(f"{VM_OUTPUT}/result.tar.gz", str(download))
+        script.download_file(f"{VM_OUTPUT}/result.tar", str(download))
         return script, download
 
     @staticmethod
