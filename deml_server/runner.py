@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -843,50 +843,25 @@ class JobRunner:
         first = bundles[indices[0]]
         batch = dataclasses.replace(first, batch=tuple(BatchPart(i, b.task_seed) for i, b in bundles.items()))
         label = f"round {server_round} batch of {len(indices)} partitions from {indices[0]}"
-        failed_on: list[str] = []
-        errors: list[str] = []
-        for attempt in range(1, self.deps.max_task_attempts + 1):
-            task_dir = self._tasks_dir(server_round) / f"batch-{indices[0]}-a{attempt}"
-            item = WorkItem(
-                label=f"job {self.job.id} {label}",
-                action="train",
-                bundle=batch.write(task_dir / "in", self.dir / "code"),
-                output=task_dir / "out",
-                # The task deadline is per partition: a batch trains them one after another.
-                timeout=self.spec.task_timeout_seconds * len(indices),
-                job_id=self.job.id,
-                server_round=server_round,
-                progress=lambda message: self._progress(f"{label}: {message}"),
-                on_assigned=assigned,
-            )
-            item.output.mkdir(parents=True, exist_ok=True)
-            assert self._backend is not None
-            outcome = await self._backend.run(item, avoid=failed_on)
-            if outcome.ok:
-                try:
-                    results = _split_batch(item.output, indices)
-                except (OSError, ValueError) as exc:
-                    outcome_error = f"worker {outcome.worker} returned no valid result.json ({exc})"
-                else:
-                    for index, result in results.items():
-                        how = TaskOutcome.OK if result.ok else TaskOutcome.CODE_ERROR
-                        own = dataclasses.replace(outcome, seconds=result.doc.seconds)
-                        self._record_attempt(bundles[index], server_round, attempt, own, how, result.error)
-                    return {index: (result, "") for index, result in results.items()}
-            else:
-                outcome_error = outcome.error
-            for bundle in bundles.values():
-                self._record_attempt(bundle, server_round, attempt, outcome, TaskOutcome.FAILED, outcome_error)
-            failed_on.append(outcome.worker)
-            errors.append(outcome_error)
-            self._progress(f"{label}: attempt {attempt} failed: {outcome_error}")
-        return {
-            index: (
-                None,
-                f"round {server_round} worker {index} (in a {label}) failed {len(errors)} times: {errors[-1]}",
-            )
-            for index in indices
-        }
+        done = await self._retrying(
+            batch,
+            label,
+            f"batch-{indices[0]}",
+            lambda out: _split_batch(out, indices),
+            members=list(bundles.values()),
+            server_round=server_round,
+            # The task deadline is per partition: a batch trains them one after another.
+            timeout=self.spec.task_timeout_seconds * len(indices),
+            assigned=assigned,
+        )
+        if isinstance(done, list):
+            failure = f"failed {len(done)} times: {done[-1]}"
+            return {index: (None, f"round {server_round} worker {index} (in a {label}) {failure}") for index in indices}
+        for index, result in done.value.items():
+            how = TaskOutcome.OK if result.ok else TaskOutcome.CODE_ERROR
+            own = dataclasses.replace(done.outcome, seconds=result.doc.seconds)
+            self._record_attempt(bundles[index], server_round, done.attempt, own, how, result.error)
+        return {index: (result, "") for index, result in done.value.items()}
 
     async def _drop_late(self, server_round: int, late: list[int], fold: _Fold, fits: _RoundFits) -> None:
         """Record the partitions still running at the round deadline as late, and fold in what waited on them."""
@@ -1052,7 +1027,43 @@ class JobRunner:
         assigned: Callable[[str], None] | None = None,
     ) -> tuple[TaskResult | None, str]:
         """Run a bundle, retrying infrastructure failures on other workers up to the cap."""
-        slug = label.replace(" ", "-")
+        done = await self._retrying(
+            bundle,
+            label,
+            label.replace(" ", "-"),
+            read_result,
+            members=[bundle],
+            server_round=server_round,
+            timeout=self.spec.task_timeout_seconds,
+            partition=partition,
+            assigned=assigned,
+        )
+        if isinstance(done, list):
+            return None, f"{label} failed {len(done)} times: {done[-1]}"
+        how = TaskOutcome.OK if done.value.ok else TaskOutcome.CODE_ERROR
+        self._record_attempt(bundle, server_round, done.attempt, done.outcome, how, done.value.error)
+        return done.value, ""
+
+    async def _retrying(
+        self,
+        bundle: TaskBundle,
+        label: str,
+        slug: str,
+        read: Callable[[Path], _T],
+        *,
+        members: Sequence[TaskBundle],
+        server_round: int,
+        timeout: float,
+        partition: int | None = None,
+        assigned: Callable[[str], None] | None = None,
+    ) -> _Tried[_T] | list[str]:
+        """Run a bundle until a worker returns a result that `read` accepts, retrying up to the cap.
+
+        `read` raises OSError or ValueError for an output without a valid result. After each infrastructure
+        failure the bundle goes to another worker; each failed attempt is recorded for every bundle in `members`
+        (the partitions the bundle trains). The caller records the attempt that worked. Every attempt's error
+        when all failed.
+        """
         failed_on: list[str] = []
         errors: list[str] = []
         for attempt in range(1, self.deps.max_task_attempts + 1):
@@ -1062,7 +1073,7 @@ class JobRunner:
                 action=bundle.action,
                 bundle=bundle.write(task_dir / "in", self.dir / "code"),
                 output=task_dir / "out",
-                timeout=self.spec.task_timeout_seconds,
+                timeout=timeout,
                 job_id=self.job.id,
                 server_round=server_round,
                 partition=partition,
@@ -1074,20 +1085,17 @@ class JobRunner:
             outcome = await self._backend.run(item, avoid=failed_on)
             if outcome.ok:
                 try:
-                    result = read_result(item.output)
+                    return _Tried(read(item.output), outcome, attempt)
                 except (OSError, ValueError) as exc:
                     outcome_error = f"worker {outcome.worker} returned no valid result.json ({exc})"
-                else:
-                    code_ok = TaskOutcome.OK if result.ok else TaskOutcome.CODE_ERROR
-                    self._record_attempt(bundle, server_round, attempt, outcome, code_ok, result.error)
-                    return result, ""
             else:
                 outcome_error = outcome.error
-            self._record_attempt(bundle, server_round, attempt, outcome, TaskOutcome.FAILED, outcome_error)
+            for member in members:
+                self._record_attempt(member, server_round, attempt, outcome, TaskOutcome.FAILED, outcome_error)
             failed_on.append(outcome.worker)
             errors.append(outcome_error)
             self._progress(f"{label}: attempt {attempt} failed: {outcome_error}")
-        return None, f"{label} failed {len(errors)} times: {errors[-1]}"
+        return errors
 
     def _record_attempt(
         self,
@@ -1133,6 +1141,15 @@ class JobRunner:
         if not result.ok:
             raise JobFailed(f"{label}: the task's code raised an error\n{result.error}", FailureCause.USER_CODE)
         return result
+
+
+@dataclasses.dataclass
+class _Tried(Generic[_T]):
+    """The result _retrying accepted, with the outcome and the attempt number that gave it."""
+
+    value: _T
+    outcome: WorkOutcome
+    attempt: int
 
 
 def _split_batch(out: Path, indices: Sequence[int]) -> dict[int, TaskResult]:
