@@ -91,6 +91,25 @@ class _Outcome:
     device: str = "cpu"
     curve: tuple[CurvePoint, ...] = ()
 
+    def doc(
+        self, action: str | None, error: ErrorInfo | None, started: float, parts: tuple[PartResult, ...] = ()
+    ) -> ResultDoc:
+        """The result document of an action that began at monotonic time `started` and failed with `error`."""
+        return ResultDoc(
+            status="ok" if error is None else "error",
+            action=action,
+            num_examples=self.num_examples,
+            metrics=self.metrics,
+            test_metrics=self.test_metrics,
+            export=self.export,
+            infer=self.infer,
+            device=self.device,
+            seconds=round(time.monotonic() - started, 3),
+            error=error,
+            curve=self.curve,
+            parts=parts,
+        )
+
 
 def configure_threads(default: int | None) -> None:
     """Apply DEML_TORCH_THREADS, else `default` (None keeps torch's own choice)."""
@@ -135,20 +154,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
             (output_dir / "weights.safetensors").unlink(missing_ok=True)
             (output_dir / CONTROL_FILE).unlink(missing_ok=True)
             traceback.print_exception(exc, file=log)
-    doc = ResultDoc(
-        status="ok" if error is None else "error",
-        action=done_action if done_action in ACTIONS else None,
-        num_examples=outcome.num_examples,
-        metrics=outcome.metrics,
-        test_metrics=outcome.test_metrics,
-        export=outcome.export,
-        infer=outcome.infer,
-        device=outcome.device,
-        seconds=round(time.monotonic() - started, 3),
-        error=error,
-        curve=outcome.curve,
-        parts=parts,
-    )
+    doc = outcome.doc(done_action if done_action in ACTIONS else None, error, started, parts)
     result = doc.to_dict()
     _write_json(output_dir / "result.json", result)
     if bundle_error is not None:
@@ -239,18 +245,7 @@ def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[PartResult, ...]:
                 error = _describe(exc)
                 (out / part_file(index, "weights.safetensors")).unlink(missing_ok=True)
                 traceback.print_exception(exc)
-            doc = ResultDoc(
-                status="ok" if error is None else "error",
-                action="train",
-                num_examples=outcome.num_examples,
-                metrics=outcome.metrics,
-                test_metrics=outcome.test_metrics,
-                device=outcome.device,
-                seconds=round(time.monotonic() - started, 3),
-                error=error,
-                curve=outcome.curve,
-            )
-            results.append(PartResult(index=index, result=doc))
+            results.append(PartResult(index=index, result=outcome.doc("train", error, started)))
     return tuple(results)
 
 
