@@ -827,7 +827,8 @@ class JobRunner:
         assert self._backend is not None
         size = self._backend.batch_size(self.job.id, len(bundles))
         shared = [i for i, bundle in bundles.items() if bundle.batchable] if size > 1 else []
-        alone = [(i,) for i in bundles if i not in set(shared)]
+        batched = set(shared)
+        alone = [(i,) for i in bundles if i not in batched]
         return [tuple(shared[k : k + size]) for k in range(0, len(shared), size)] + alone
 
     async def _attempt_batch(
@@ -1168,10 +1169,9 @@ def _split_batch(out: Path, indices: Sequence[int]) -> dict[int, TaskResult]:
     for index in indices:
         own = out / f"p{index}"
         own.mkdir()
-        for name in ("weights.safetensors",):
-            source = out / part_file(index, name)
-            if source.is_file():
-                os.replace(source, own / name)
+        update = out / part_file(index, "weights.safetensors")
+        if update.is_file():
+            os.replace(update, own / "weights.safetensors")
         results[index] = TaskResult(parts[index], own)
     return results
 
