@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from deml_server.errors import InvalidArgument
-from provider_runtime.contract import BatchPart, Hyper, Partition, ResultDoc, TaskDoc
+from deml_server.weights import Span
+from provider_runtime.contract import BATCH_UPDATES, BatchPart, Hyper, Partition, ResultDoc, TaskDoc
 from provider_runtime.partition import dirichlet_partition, iid_partition
 
 _MODULE_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -230,10 +231,23 @@ def _link(source: str | Path, dest: str | Path) -> None:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """A result bundle: its result.json (provider_runtime.contract.ResultDoc) and where its files are."""
+    """A result bundle: its result.json (provider_runtime.contract.ResultDoc) and where its files are.
+
+    A batch's partition (`batched`) has its update at `span` (first byte, length) of the batch's BATCH_UPDATES
+    file in `directory`; None when its result gives it none.
+    """
 
     doc: ResultDoc
     directory: Path
+    batched: bool = False
+    span: tuple[int, int] | None = None
+
+    @property
+    def update(self) -> Span | None:
+        """Where its update lies (a train task's): the whole weights.safetensors, or its span of the batch's file."""
+        if not self.batched:
+            return Span(self.directory / "weights.safetensors")
+        return None if self.span is None else Span(self.directory / BATCH_UPDATES, *self.span)
 
     @property
     def ok(self) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -41,7 +40,7 @@ from deml_server.strategy import make_strategy
 from deml_server.strategy.aggregate import RunningMean, check_finite_chunks, check_layout, validate_update
 from deml_server.strategy.base import FitResult, Strategy, Weights, is_float
 from provider_runtime import compression as codec
-from provider_runtime.contract import BatchPart, part_file
+from provider_runtime.contract import BatchPart
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +117,8 @@ class _Fold:
             self.user_errors.append((index, result.error))
         elif result.num_examples <= 0:
             self._reject(index, f"it reported {result.num_examples} training examples")
+        elif result.update is None:
+            self._reject(index, "its batch's result.json gives it no update")
         else:
             usable = result
         # Noted before the lock (held while an earlier result is folded), so that this one's check can start now.
@@ -135,6 +136,19 @@ class _Fold:
 
     async def _drain(self) -> None:
         while self._next < len(self._order) and self._order[self._next] in self._waiting:
+            small = self._small_run()
+            if small:
+                # Small whole updates in turn (a batch's, say): checked and folded one after another in one thread.
+                for index, result, control, reason in await asyncio.to_thread(self._check_and_fold_all, small):
+                    if reason is not None:
+                        self._reject(index, reason)
+                        continue
+                    self.results.append(
+                        FitResult(f"partition-{index}", {}, result.num_examples, result.metrics, index, control)
+                    )
+                continue
+            if self._next == len(self._order) or self._order[self._next] not in self._waiting:
+                continue  # the run took every result that had arrived
             index = self._order[self._next]
             waiting = self._waiting.pop(index)
             self._next += 1
@@ -154,7 +168,7 @@ class _Fold:
                         self._checking[index] = checking
                         raise
                     await asyncio.to_thread(self._fold_checked, checked, waiting)
-                    control = await asyncio.to_thread(self._control, waiting)
+                    control = await self._control_of(waiting)
                 except DemlError as exc:
                     self._reject(index, exc.reason)
                     continue
@@ -164,7 +178,7 @@ class _Fold:
                 continue
             try:
                 update = await asyncio.to_thread(self._read, waiting)
-                control = await asyncio.to_thread(self._control, waiting)
+                control = await self._control_of(waiting)
             except DemlError as exc:
                 self._reject(index, exc.reason)
                 continue
@@ -177,15 +191,53 @@ class _Fold:
             )
             del update
 
+    def _small(self, result: TaskResult) -> bool:
+        """Whether a whole update is checked and folded from a private copy in memory (wio.IN_MEMORY_BYTES)."""
+        update = result.update
+        try:
+            return self._in_pieces and update is not None and update.length() <= wio.IN_MEMORY_BYTES
+        except DemlError:
+            return False  # unreadable: refused by the one-at-a-time path, by name
+
+    def _small_run(self) -> list[tuple[int, TaskResult]]:
+        """The results in turn from here whose updates are small, taken off the queue (skipped ones too)."""
+        run: list[tuple[int, TaskResult]] = []
+        while self._next < len(self._order):
+            index = self._order[self._next]
+            if index not in self._waiting or index in self._checking:
+                break
+            waiting = self._waiting[index]
+            if waiting is not None and not self._small(waiting):
+                break
+            del self._waiting[index]
+            self._next += 1
+            if waiting is not None:
+                run.append((index, waiting))
+        return run
+
+    def _check_and_fold_all(
+        self, run: list[tuple[int, TaskResult]]
+    ) -> list[tuple[int, TaskResult, Weights, str | None]]:
+        """Check and fold each small update in turn: (index, result, control variates, why it was refused)."""
+        done: list[tuple[int, TaskResult, Weights, str | None]] = []
+        for index, result in run:
+            try:
+                self._fold_checked(self._checked(result), result)
+                done.append((index, result, self._control(result), None))
+            except DemlError as exc:
+                done.append((index, result, {}, exc.reason))
+        return done
+
     def _reject(self, index: int, reason: str) -> None:
         self.rejected.append((index, reason))
         self.problems.append((index, f"worker {index}: weights rejected: {reason}"))
 
     def _read(self, result: TaskResult) -> Weights:
-        path = result.directory / "weights.safetensors"
-        update = wio.read_update(path, self.base, self.compression)
+        source = result.update
+        assert source is not None
+        update = wio.read_update(source, self.base, self.compression)
         self.files_read += 1
-        self.bytes_received += path.stat().st_size
+        self.bytes_received += source.length()
         validate_update(self.current, update)
         return update
 
@@ -203,16 +255,17 @@ class _Fold:
             return
         for index in self._order[self._next : self._next + self.CHECK_AHEAD]:
             waiting = self._waiting.get(index)
-            if waiting is not None and index not in self._checking:
+            if waiting is not None and index not in self._checking and not self._small(waiting):
                 self._checking[index] = self._start_check(waiting)
 
     def _checked(self, result: TaskResult) -> wio.UpdateFile:
         """A whole update's private copy, its layout and values checked (reading it a piece at a time)."""
-        path = result.directory / "weights.safetensors"
-        update = wio.UpdateFile(path, result.directory / "weights.checked.safetensors")
+        source = result.update
+        assert source is not None
+        update = wio.UpdateFile(source, source.path.with_name(f"{source.path.name}.{source.offset}.checked"))
         try:
             if update.metadata.get(codec.SCHEME_KEY, "none") != "none":
-                raise InvalidArgument(f"{path.name} is compressed, but the job asks for whole weights")
+                raise InvalidArgument(f"{update.what} is compressed, but the job asks for whole weights")
             check_layout(self.current, update.shapes())
             for name, ref in self.current.items():
                 if is_float(ref):
@@ -239,11 +292,19 @@ class _Fold:
             if isinstance(done, wio.UpdateFile):
                 done.close()
 
+    @classmethod
+    async def _control_of(cls, result: TaskResult) -> Weights:
+        """_control in a thread, unless the result is a batch's partition (which has none: no thread need look)."""
+        return {} if result.batched else await asyncio.to_thread(cls._control, result)
+
     @staticmethod
     def _control(result: TaskResult) -> Weights:
-        """The control variates a SCAFFOLD worker returned (the strategy checks them); {} when none."""
+        """The control variates a SCAFFOLD worker returned (the strategy checks them); {} when none.
+
+        A batch's partitions have none (a task with control variates goes alone).
+        """
         path = result.directory / "control.safetensors"
-        return wio.read(path) if path.is_file() else {}
+        return wio.read(path) if not result.batched and path.is_file() else {}
 
     def aggregate_into(self, strategy: Strategy, server_round: int, path: Path) -> None:
         """Write the new global weights to `path` (read-only: task bundles link it); the sums are let go."""
@@ -1154,7 +1215,7 @@ class _Tried(Generic[_T]):
 
 
 def _split_batch(out: Path, indices: Sequence[int]) -> dict[int, TaskResult]:
-    """A batch's result bundle as one result per partition, each partition's files moved into its own directory.
+    """A batch's result bundle as one result per partition, each update a span of the batch's one updates file.
 
     A batch that failed as a whole (its module did not import) is every partition's failure. ValueError when the
     result does not cover exactly the batch's partitions.
@@ -1162,18 +1223,10 @@ def _split_batch(out: Path, indices: Sequence[int]) -> dict[int, TaskResult]:
     whole = read_result(out)
     if not whole.ok:
         return {index: whole for index in indices}
-    parts = {part.index: part.result for part in whole.doc.parts}
+    parts = {part.index: part for part in whole.doc.parts}
     if sorted(parts) != sorted(indices) or len(parts) != len(whole.doc.parts):
         raise ValueError(f"it covers partitions {sorted(parts)}, not the batch's {sorted(indices)}")
-    results: dict[int, TaskResult] = {}
-    for index in indices:
-        own = out / f"p{index}"
-        own.mkdir()
-        update = out / part_file(index, "weights.safetensors")
-        if update.is_file():
-            os.replace(update, own / "weights.safetensors")
-        results[index] = TaskResult(parts[index], own)
-    return results
+    return {index: TaskResult(parts[index].result, out, batched=True, span=parts[index].update) for index in indices}
 
 
 def _cause_of(exc: DemlError) -> FailureCause:

@@ -8,6 +8,7 @@ made, and names what is wrong: the files come from untrusted workers.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
@@ -15,6 +16,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,62 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 _MAX_HEADER = 100 << 20
 # Elements per piece when an update is read or the aggregate written a piece at a time (4 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
+# An update up to this size is privately copied into memory (one read), a bigger one into a file of its own.
+IN_MEMORY_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a worker's update lies: a whole file, or `size` bytes from `offset` of one (a batch's partition)."""
+
+    path: Path
+    offset: int = 0
+    size: int | None = None
+
+    @property
+    def what(self) -> str:
+        """How messages name it."""
+        if self.size is None:
+            return self.path.name
+        return f"{self.path.name} (bytes {self.offset} to {self.offset + self.size})"
+
+    def length(self) -> int:
+        """Its size in bytes (a whole file's, as it is now)."""
+        if self.size is not None:
+            return self.size
+        try:
+            return self.path.stat().st_size
+        except OSError as exc:
+            raise InvalidArgument(f"{self.what} cannot be read: {exc.strerror}") from None
+
+    def read(self) -> bytes:
+        """Its bytes, read once."""
+        try:
+            with self.path.open("rb") as f:
+                if self.size is None:
+                    return f.read()
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as exc:
+            raise InvalidArgument(f"{self.what} cannot be read: {exc.strerror}") from None
+        if len(data) != self.size:
+            raise InvalidArgument(f"{self.what} is cut short: the file ends after {len(data)} of its bytes")
+        return data
+
+    def copy_to(self, dest: Path) -> None:
+        """Copy its bytes into a new file `dest`, kernel side (no buffer in this process)."""
+        if self.size is None:
+            shutil.copyfile(self.path, dest)
+            return
+        with self.path.open("rb") as source, dest.open("wb") as out:
+            copied = 0
+            while copied < self.size:
+                n = os.copy_file_range(
+                    source.fileno(), out.fileno(), self.size - copied, offset_src=self.offset + copied
+                )
+                if n == 0:
+                    raise InvalidArgument(f"{self.what} is cut short: the file ends after {copied} of its bytes")
+                copied += n
 
 
 def write(weights: Weights, path: Path) -> None:
@@ -150,13 +208,10 @@ def read_mapped(path: Path) -> Weights:
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidArgument(f"{path.name} cannot be read: {exc.strerror}") from None
+    return Span(path).read()
 
 
-def read_update(path: Path, base: Weights, compression: str) -> Weights:
+def read_update(source: Path | Span, base: Weights, compression: str) -> Weights:
     """A worker's trained weights: whole, or a compressed delta from `base` decoded (provider_runtime.compression).
 
     A packed file (compression.pack, how workers send compressed updates) is unpacked first, bounded by
@@ -164,22 +219,23 @@ def read_update(path: Path, base: Weights, compression: str) -> Weights:
     job's own encoding; anything else is refused by name. The result still has to pass validate_update, as
     uncompressed weights do.
     """
-    data = _read_bytes(path)
+    span = source if isinstance(source, Span) else Span(source)
+    data = span.read()
     if codec.is_packed(data):
         try:
             data = codec.unpack(data, update_limit(base))
         except codec.CompressionError as exc:
-            raise InvalidArgument(f"{path.name}: {exc}") from None
-    weights, metadata = parse(data, what=path.name)
+            raise InvalidArgument(f"{span.what}: {exc}") from None
+    weights, metadata = parse(data, what=span.what)
     sent = metadata.get(codec.SCHEME_KEY, "none")
     if sent == "none":
         return weights
     if sent != compression:
-        raise InvalidArgument(f"{path.name} is compressed as {sent!r}, but the job asks for {compression!r}")
+        raise InvalidArgument(f"{span.what} is compressed as {sent!r}, but the job asks for {compression!r}")
     try:
         return codec.decode(weights, metadata, base)
     except codec.CompressionError as exc:
-        raise InvalidArgument(f"{path.name}: {exc}") from None
+        raise InvalidArgument(f"{span.what}: {exc}") from None
 
 
 def update_limit(base: Weights) -> int:
@@ -244,20 +300,31 @@ class UpdateFile:
     """A worker's whole (uncompressed) update, read a piece at a time rather than into memory at once.
 
     The header goes through `parse`'s own check (_header). The values are read from a private copy of the
-    worker's file (a kernel-side copy, not a buffer in this process): what is checked is then what is folded, even
-    if something still holds the worker's file open. `close` removes the copy.
+    worker's bytes: what is checked is then what is folded, even if something still holds the worker's file open.
+    A small update's copy is in memory (one read); a bigger one's is the file `copy` (a kernel-side copy, not a
+    buffer in this process), which `close` removes.
     """
 
-    def __init__(self, source: Path, copy: Path) -> None:
-        self.what = source.name
-        try:
-            shutil.copyfile(source, copy)
-            self._file = copy.open("rb")
-        except OSError as exc:
-            copy.unlink(missing_ok=True)
-            raise InvalidArgument(f"{source.name} cannot be read: {exc.strerror}") from None
+    def __init__(self, source: Path | Span, copy: Path) -> None:
+        span = source if isinstance(source, Span) else Span(source)
+        self.what = span.what
+        self._data: bytes | None = None
+        self._file: io.BufferedReader | None = None
         self._copy = copy
-        self.size = os.fstat(self._file.fileno()).st_size
+        if span.length() <= IN_MEMORY_BYTES:
+            self._data = span.read()
+            self.size = len(self._data)
+        else:
+            try:
+                span.copy_to(copy)
+                self._file = copy.open("rb")
+            except OSError as exc:
+                copy.unlink(missing_ok=True)
+                raise InvalidArgument(f"{span.what} cannot be read: {exc.strerror}") from None
+            except BaseException:
+                copy.unlink(missing_ok=True)
+                raise
+            self.size = os.fstat(self._file.fileno()).st_size
         try:
             if codec.is_packed(self._read_at(0, len(codec.PACKED_MAGIC))):
                 raise InvalidArgument(f"{self.what} is packed (a compressed update); the job asks for whole weights")
@@ -265,10 +332,13 @@ class UpdateFile:
         except BaseException:
             self.close()
             raise
-        # Each tensor's dtype, shape and first byte in the file.
+        # Each tensor's dtype, shape and first byte in the copy.
         self.entries = {name: (dtype, shape, start + begin) for name, (dtype, shape, begin) in entries.items()}
 
     def _read_at(self, at: int, n: int) -> bytes:
+        if self._data is not None:
+            return self._data[at : at + n]
+        assert self._file is not None
         self._file.seek(at)
         return self._file.read(n)
 
@@ -280,6 +350,13 @@ class UpdateFile:
         """The tensor's values, flat in C order, `elements` at a time (each piece valid until the next is read)."""
         dtype, shape, begin = self.entries[name]
         count = math.prod(shape)
+        if self._data is not None:
+            # The header check put every tensor inside the bytes: views, no copies.
+            for first in range(0, count, elements):
+                n = min(elements, count - first)
+                yield np.frombuffer(self._data, dtype=dtype, count=n, offset=begin + first * dtype.itemsize)
+            return
+        assert self._file is not None
         buffer = bytearray(min(count, elements) * dtype.itemsize)
         for first in range(0, count, elements):
             n = min(elements, count - first)
@@ -290,6 +367,9 @@ class UpdateFile:
             yield np.frombuffer(view, dtype=dtype, count=n)
 
     def close(self) -> None:
-        """Close and remove the private copy."""
-        self._file.close()
-        self._copy.unlink(missing_ok=True)
+        """Let go of the private copy (a file's is removed)."""
+        self._data = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._copy.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from typing import IO, Any, Literal, TypeVar, cast
 __all__ = [
     "ACTIONS",
     "ALIGN",
+    "BATCH_UPDATES",
     "COMPRESSIONS",
     "DEVICES",
     "FAILURE_KINDS",
@@ -57,7 +58,6 @@ __all__ = [
     "aligned",
     "claim_stdout",
     "parse_worker_request",
-    "part_file",
     "remove_orphans",
     "reserve",
 ]
@@ -412,9 +412,9 @@ class BatchPart:
         return cls(index=_need(raw, "index", where, _int), seed=_need(raw, "seed", where, _int))
 
 
-def part_file(index: int, name: str) -> str:
-    """The name a batch's result bundle gives partition `index`'s `name` (e.g. its weights.safetensors)."""
-    return f"p{index}.{name}"
+# A batch's result bundle holds its partitions' updates in this one file, one after another: each the bytes a lone
+# task writes as weights.safetensors, found by its PartResult.update span.
+BATCH_UPDATES = "updates.bin"
 
 
 # --- the result bundle's result.json ---------------------------------------------------------------------
@@ -571,7 +571,7 @@ class ResultDoc:
     # A train task with evaluate_after and hyper.epochs_per_round: the test metrics after every epochs_per_round
     # epochs, oldest first; the last point is test_metrics.
     curve: tuple[CurvePoint, ...] = ()
-    # A batch's result: each partition's own outcome, in the batch's order; its files are named by part_file.
+    # A batch's result: each partition's own outcome, in the batch's order (updates in BATCH_UPDATES).
     parts: tuple[PartResult, ...] = ()
 
     def __post_init__(self) -> None:
@@ -640,24 +640,40 @@ class ResultDoc:
 
 @dataclass(frozen=True)
 class PartResult:
-    """One partition's outcome in a batch's result.json (its update file is part_file(index, ...))."""
+    """One partition's outcome in a batch's result.json.
+
+    `update`: where its update lies in the batch's BATCH_UPDATES file, as (first byte, length); None when it has
+    none (its code raised).
+    """
 
     index: int
     result: ResultDoc
+    update: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.update is not None and (self.update[0] < 0 or self.update[1] < 0):
+            raise ContractError(f"result.parts[].update must be [offset >= 0, length >= 0], got {list(self.update)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object."""
-        return {"index": self.index, "result": self.result.to_dict()}
+        out: dict[str, Any] = {"index": self.index, "result": self.result.to_dict()}
+        if self.update is not None:
+            out["update"] = list(self.update)
+        return out
 
     @classmethod
     def from_dict(cls, value: object, where: str = "result.parts[]") -> PartResult:
         """Parse the JSON object."""
         raw = _object(value, where)
-        _no_extra(raw, ("index", "result"), where)
+        _no_extra(raw, ("index", "result", "update"), where)
         result = ResultDoc.from_dict(_need(raw, "result", where, _object))
         if result.parts:
             raise ContractError(f"{where}.result holds parts of its own")
-        return cls(index=_need(raw, "index", where, _int), result=result)
+        span: list[Any] | None = _get(raw, "update", where, _list, cast(list[Any] | None, None))
+        if span is not None and (len(span) != 2 or not all(type(v) is int for v in span)):
+            raise ContractError(f"{where}.update must be [offset, length] (two integers), got {span!r}")
+        update = (span[0], span[1]) if span is not None else None
+        return cls(index=_need(raw, "index", where, _int), result=result, update=update)
 
 
 # --- the warm training worker's protocol (python -m provider_runtime serve) ------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Sized
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class Splits:
 
 
 _CACHE_SIZE = 4
+# Past _CACHE_SIZE entries, partitions held as in-memory tensors stay cached while all the cached tensors together
+# take at most this many bytes: a worker that trains dozens of small partitions a round cuts each once a job.
+_CACHE_BYTES = 64 << 20
 _cache: OrderedDict[tuple[Any, ...], Splits] = OrderedDict()
 
 
@@ -60,9 +64,26 @@ def cached_splits(bundle: Path, mod: ModuleType, args: PartitionArgs) -> Splits:
         return hit
     splits = load_splits(bundle, mod, args, reuse=True)
     _cache[key] = splits
-    while len(_cache) > _CACHE_SIZE:
+    while len(_cache) > _CACHE_SIZE and _cached_bytes() > _CACHE_BYTES:
         _cache.popitem(last=False)
     return splits
+
+
+def _cached_bytes() -> float:
+    """The bytes the cached splits' tensors hold, each counted once (entries share the whole test split).
+
+    Infinite when a split is not in-memory tensors (its size is unknown).
+    """
+    seen: dict[int, int] = {}
+    for splits in _cache.values():
+        for split in (splits.train, splits.test):
+            if split is None:
+                continue
+            if not isinstance(split, TensorDataset):
+                return math.inf
+            for tensor in split.tensors:
+                seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return float(sum(seen.values()))
 
 
 def partition_key(bundle: Path, mod: ModuleType, args: PartitionArgs) -> tuple[Any, ...]:

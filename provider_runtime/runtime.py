@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
 import json
 import math
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from provider_runtime import compression
 from provider_runtime.contract import (
     ACTIONS,
+    BATCH_UPDATES,
     ContractError,
     CurvePoint,
     ErrorInfo,
@@ -35,12 +35,18 @@ from provider_runtime.contract import (
     PartResult,
     ResultDoc,
     TaskDoc,
-    part_file,
 )
 from provider_runtime.data import Splits, cached_splits, partition_key, rows
 from provider_runtime.onnx_export import export_onnx
 from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, required, user_module
-from provider_runtime.weights import load_arrays, load_into, save_arrays, save_state_dict, state_dict_to_arrays
+from provider_runtime.weights import (
+    arrays_bytes,
+    load_arrays,
+    load_into,
+    save_state_dict,
+    state_dict_bytes,
+    state_dict_to_arrays,
+)
 
 __all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "partition_args", "run_bundle"]
 
@@ -130,7 +136,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
     """
     started = time.monotonic()
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", "weights.safetensors", "model.onnx", "outputs.npz", CONTROL_FILE):
+    for stale in ("result.json", "weights.safetensors", "model.onnx", "outputs.npz", CONTROL_FILE, BATCH_UPDATES):
         (output_dir / stale).unlink(missing_ok=True)
     outcome = _Outcome()
     error: ErrorInfo | None = None
@@ -151,8 +157,8 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
             print(f"bad task bundle: {exc}", file=log)
         except Exception as exc:
             error = _describe(exc)
-            (output_dir / "weights.safetensors").unlink(missing_ok=True)
-            (output_dir / CONTROL_FILE).unlink(missing_ok=True)
+            for partial in ("weights.safetensors", CONTROL_FILE, BATCH_UPDATES):
+                (output_dir / partial).unlink(missing_ok=True)
             traceback.print_exception(exc, file=log)
     doc = outcome.doc(done_action if done_action in ACTIONS else None, error, started, parts)
     result = doc.to_dict()
@@ -216,36 +222,51 @@ def _init(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
 
 def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
-        _train_in(task, mod, bundle, out, result, _Start(bundle), lambda name: name)
+        start = _Start(bundle)
+        model, control = _train_in(task, mod, bundle, result, start)
+        weights = out / "weights.safetensors"
+        if task.compression == "none":
+            save_state_dict(model.state_dict(), weights)
+        else:
+            weights.write_bytes(_encoded_update(model, task, start, partition_key(bundle, mod, partition_args(task))))
+        if control is not None:
+            control.write(out / CONTROL_FILE, model)
 
 
 def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[PartResult, ...]:
     """Train each partition of a batch in turn, as _train would one by one, with one import of the module.
 
     Each partition is seeded and its model built exactly as in its own task (so the updates are the same bits);
-    what the batch shares is the module, the global weights read once and the bundle itself. A partition whose
-    code raises fails alone: its entry says why and the others go on.
+    what the batch shares is the module, the global weights read once, the bundle itself, and one file of updates
+    (BATCH_UPDATES: each partition's update is appended as the bytes its own task would write, and its entry says
+    where). A partition whose code raises fails alone: its entry says why and the others go on.
     """
     if (bundle / CONTROL_FILE).exists():
         raise BundleError(f"a batch carries no {CONTROL_FILE}: each partition has its own control variates")
     results: list[PartResult] = []
     start = _Start(bundle)
-    with user_module(bundle / "code", task.module) as mod:
+    with user_module(bundle / "code", task.module) as mod, (out / BATCH_UPDATES).open("wb") as updates:
         for part in task.parts():
             index = part.partition.index
             print(f"--- partition {index}")
             started = time.monotonic()
             outcome = _Outcome()
             error: ErrorInfo | None = None
+            span: tuple[int, int] | None = None
             try:
-                _train_in(part, mod, bundle, out, outcome, start, functools.partial(part_file, index))
+                model, _ = _train_in(part, mod, bundle, outcome, start)
+                if part.compression == "none":
+                    data = state_dict_bytes(model.state_dict())
+                else:
+                    data = _encoded_update(model, part, start, partition_key(bundle, mod, partition_args(part)))
+                span = (updates.tell(), len(data))
+                updates.write(data)
             except BundleError:
                 raise
             except Exception as exc:
                 error = _describe(exc)
-                (out / part_file(index, "weights.safetensors")).unlink(missing_ok=True)
                 traceback.print_exception(exc)
-            results.append(PartResult(index=index, result=outcome.doc("train", error, started)))
+            results.append(PartResult(index=index, result=outcome.doc("train", error, started), update=span))
     return tuple(results)
 
 
@@ -278,15 +299,9 @@ class _Start:
 
 
 def _train_in(
-    task: Task,
-    mod: ModuleType,
-    bundle: Path,
-    out: Path,
-    result: _Outcome,
-    start: _Start,
-    named: Callable[[str], str],
-) -> None:
-    """One partition's training; its files are written under the names `named` gives them."""
+    task: Task, mod: ModuleType, bundle: Path, result: _Outcome, start: _Start
+) -> tuple[torch.nn.Module, _Control | None]:
+    """One partition's training: the trained model, and its control variates (SCAFFOLD) to write with it."""
     device = _device(task.device)
     result.device = device.type
     # Each partition draws its own shuffles and dropout masks, reproducibly.
@@ -312,13 +327,7 @@ def _train_in(
         result.test_metrics = _evaluate_split(model, splits, loss_fn, mod, device)
         if curve is not None:
             result.curve = curve.finish(result.test_metrics)
-    weights = out / named("weights.safetensors")
-    if task.compression == "none":
-        save_state_dict(model.state_dict(), weights)
-    else:
-        _save_compressed(model, task, start.base(), partition_key(bundle, mod, partition_args(task)), weights)
-    if control is not None:
-        control.write(out / named(CONTROL_FILE), model)
+    return model, control
 
 
 # Error-feedback residuals of the partitions this warm worker trained, as their data cache is kept (data.py).
@@ -326,21 +335,23 @@ _RESIDUALS_KEPT = 4
 _residuals: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
 
 
-def _save_compressed(
-    model: torch.nn.Module, task: Task, received: dict[str, np.ndarray], key: tuple[Any, ...], path: Path
-) -> None:
-    """The update as a delta from the bundle's weights in the task's encoding, carrying the rounding residual."""
+def _encoded_update(model: torch.nn.Module, task: Task, start: _Start, key: tuple[Any, ...]) -> bytes:
+    """The update as a delta from the bundle's weights in the task's encoding, packed.
+
+    The rounding residual is kept for the partition's next round (error feedback).
+    """
     key = (*key, task.compression)
     trained = state_dict_to_arrays(model.state_dict())
     # The delta is from the weights as this worker received them (fp16 ones widened back, as they were loaded):
     # the server decodes it against the same values.
-    base = compression.widened(received, trained)
+    base = compression.widened(start.base(), trained)
     encoded = compression.encode(trained, base, task.compression, _residuals.get(key))
-    save_arrays(encoded.arrays, path, encoded.metadata, packed=True)
+    data = arrays_bytes(encoded.arrays, encoded.metadata, packed=True)
     _residuals[key] = encoded.residual
     _residuals.move_to_end(key)
     while len(_residuals) > _RESIDUALS_KEPT:
         _residuals.popitem(last=False)
+    return data
 
 
 def _evaluate(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:

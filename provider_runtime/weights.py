@@ -20,7 +20,15 @@ from provider_runtime import compression
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load_arrays", "load_into", "save_arrays", "save_state_dict", "state_dict_to_arrays"]
+__all__ = [
+    "arrays_bytes",
+    "load_arrays",
+    "load_into",
+    "save_arrays",
+    "save_state_dict",
+    "state_dict_bytes",
+    "state_dict_to_arrays",
+]
 
 
 # The server sends what it trusts; this only bounds what a corrupt packed file can make a worker allocate.
@@ -38,12 +46,23 @@ def save_arrays(
 
     `packed`: the file goes through compression.pack (a lossless stage, for files that cross a link).
     """
-    # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm's num_batches_tracked) into shape (1,).
-    tensors = {name: np.asarray(a, order="C") for name, a in arrays.items()}
     if packed:
-        path.write_bytes(compression.pack(save(tensors, metadata=dict(metadata) if metadata else None)))
+        path.write_bytes(arrays_bytes(arrays, metadata, packed=True))
         return
-    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
+    save_file(_contiguous(arrays), str(path), metadata=dict(metadata) if metadata else None)
+
+
+def arrays_bytes(
+    arrays: Mapping[str, npt.NDArray[np.generic]], metadata: Mapping[str, str] | None = None, *, packed: bool = False
+) -> bytes:
+    """The bytes save_arrays writes."""
+    data = save(_contiguous(arrays), metadata=dict(metadata) if metadata else None)
+    return compression.pack(data) if packed else data
+
+
+def _contiguous(arrays: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    # Not np.ascontiguousarray: it turns 0-d arrays (BatchNorm's num_batches_tracked) into shape (1,).
+    return {name: np.asarray(a, order="C") for name, a in arrays.items()}
 
 
 def _packed_file(path: Path) -> bytes | None:
@@ -74,12 +93,25 @@ def state_dict_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDA
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a state_dict (parameters and buffers) as safetensors, straight from the tensors.
+    """Write a state_dict (parameters and buffers) as safetensors, straight from the tensors."""
+    from safetensors.torch import save_file
+
+    save_file(_own_tensors(state), str(path))
+
+
+def state_dict_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """The bytes save_state_dict writes (a batch's updates share one file: each is appended as these bytes)."""
+    from safetensors.torch import save
+
+    return save(_own_tensors(state))
+
+
+def _own_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state_dict's tensors as safetensors takes them.
 
     Only tensors that share storage with another (tied weights) are copied: safetensors stores each on its own.
     """
     import torch
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -92,7 +124,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
             value = value.clone()
         seen.add(value.untyped_storage().data_ptr())
         tensors[name] = value
-    save_file(tensors, str(path))
+    return tensors
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from deml_server import weights as wio
 from deml_server.bundle import TaskResult
+from deml_server.errors import InvalidArgument
 from deml_server.runner import _Fold
 from deml_server.strategy import FitResult, make_strategy
 from deml_server.strategy.base import Weights
@@ -50,7 +51,16 @@ async def _fold(tmp_path: Path, order: tuple[int, ...], results: dict[int, TaskR
 EXAMPLES = {0: 30, 1: 17, 2: 1, 3: 250}
 
 
-async def test_the_aggregate_is_the_same_bytes_whatever_order_results_arrive_in(tmp_path: Path) -> None:
+@pytest.fixture(params=["file", "memory"])
+def copy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each update's private copy on disk (these updates are over IN_MEMORY_BYTES), or in memory (bound raised):
+    in memory, the updates in turn are checked and folded together in one thread."""
+    if request.param == "memory":
+        monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 30)
+    return str(request.param)
+
+
+async def test_the_aggregate_is_the_same_bytes_whatever_order_results_arrive_in(tmp_path: Path, copy: str) -> None:
     # Prepare: four partitions' results, kept as files (as workers leave them)
     results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
 
@@ -75,7 +85,7 @@ async def test_strategies_on_the_mean_get_the_whole_mean_from_the_pieces(tmp_pat
     assert got == want.read_bytes()
 
 
-async def test_a_rejected_update_adds_nothing_to_the_sum(tmp_path: Path) -> None:
+async def test_a_rejected_update_adds_nothing_to_the_sum(tmp_path: Path, copy: str) -> None:
     # Prepare: partition 1 sends a NaN at the far end of its big tensor (after whole pieces of good values)
     poisoned = _weights(2)
     poisoned["fc.weight"][-1, -1] = np.nan
@@ -95,7 +105,7 @@ async def test_a_rejected_update_adds_nothing_to_the_sum(tmp_path: Path) -> None
     want = tmp_path / "want.safetensors"
     wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
     assert out.read_bytes() == want.read_bytes()
-    assert not list(tmp_path.glob("*/weights.checked.safetensors"))
+    assert not list(tmp_path.glob("*/*.checked"))
 
 
 async def test_a_wrongly_shaped_update_is_refused_naming_the_tensor(tmp_path: Path) -> None:
@@ -129,10 +139,17 @@ def test_a_file_written_in_pieces_is_the_file_written_whole(tmp_path: Path) -> N
     assert (tmp_path / "pieces.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
 
 
-def test_an_update_read_in_pieces_gives_back_its_tensors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copy", ["file", "memory"])
+def test_an_update_read_in_pieces_gives_back_its_tensors(
+    tmp_path: Path, copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the private copy on disk (the update is over IN_MEMORY_BYTES) or in memory (the bound raised)
+    if copy == "memory":
+        monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 30)
     weights = _weights(5)
     wio.write(weights, tmp_path / "w.safetensors")
     update = wio.UpdateFile(tmp_path / "w.safetensors", tmp_path / "copy.safetensors")
+    assert (tmp_path / "copy.safetensors").exists() == (copy == "file")
     try:
         shapes = update.shapes()
         for name, value in weights.items():
@@ -155,10 +172,78 @@ async def test_results_checked_ahead_of_their_turn_are_removed_when_the_round_is
     await fold.arrive(1, results[1], "")
     await fold.arrive(2, results[2], "")
     await asyncio.gather(*fold._checking.values())
-    copies_before = sorted(p.parent.name for p in tmp_path.glob("*/weights.checked.safetensors"))
+    copies_before = sorted(p.parent.name for p in tmp_path.glob("*/*.checked"))
     await fold.discard()
 
     # Assert: only partition 1 was checked ahead (nothing folded yet), and its copy is gone after the discard
     assert copies_before == ["p1"]
     assert fold.results == [] and fold.files_read == 0
-    assert not list(tmp_path.glob("*/weights.checked.safetensors"))
+    assert not list(tmp_path.glob("*/*.checked"))
+
+
+@pytest.mark.parametrize("copy", ["file", "memory"])
+def test_a_span_of_a_batch_file_is_read_as_its_own_update(
+    tmp_path: Path, copy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: three updates one after another in one file, as a batch's worker writes them
+    if copy == "memory":
+        monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 30)
+    blobs = [wio.to_bytes(_weights(seed)) for seed in (1, 2, 3)]
+    batch = tmp_path / "updates.bin"
+    batch.write_bytes(b"".join(blobs))
+    offset = len(blobs[0])
+
+    # Execute
+    update = wio.UpdateFile(wio.Span(batch, offset, len(blobs[1])), tmp_path / "copy")
+    try:
+        values = {name: np.concatenate([c.copy() for c in update.chunks(name)]) for name in update.entries}
+    finally:
+        update.close()
+
+    # Assert: exactly the middle update's tensors, and nothing left on disk
+    for name, value in _weights(2).items():
+        assert np.array_equal(values[name].reshape(value.shape), value)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_a_span_past_the_end_of_its_file_is_refused_as_cut_short(tmp_path: Path) -> None:
+    batch = tmp_path / "updates.bin"
+    batch.write_bytes(wio.to_bytes(_weights(1)))
+    size = batch.stat().st_size
+    with pytest.raises(InvalidArgument, match=rf"updates.bin \(bytes 8 to {size + 8}\) is cut short"):
+        wio.UpdateFile(wio.Span(batch, 8, size), tmp_path / "copy")
+    with pytest.raises(InvalidArgument, match="is cut short"):
+        wio.Span(batch, 8, size).read()
+    assert not (tmp_path / "copy").exists()
+
+
+async def test_a_batchs_updates_are_folded_from_their_spans_and_one_without_is_refused(
+    tmp_path: Path, copy: str
+) -> None:
+    # Prepare: one batch's file holding partitions 0, 1 and 3 one after another; 2's entry gives no span
+    blobs = {i: wio.to_bytes(_weights(i + 1)) for i in (0, 1, 3)}
+    (tmp_path / "updates.bin").write_bytes(b"".join(blobs.values()))
+    spans, offset = {}, 0
+    for i, blob in blobs.items():
+        spans[i] = (offset, len(blob))
+        offset += len(blob)
+    results = {
+        i: TaskResult(ResultDoc(status="ok", action="train", num_examples=n), tmp_path, batched=True, span=spans.get(i))
+        for i, n in EXAMPLES.items()
+    }
+    fold = _Fold(_weights(0), True, [0, 1, 2, 3])
+
+    # Execute: they arrive together, as a batch's do
+    for index in (0, 1, 2, 3):
+        await fold.arrive(index, results[index], "")
+    out = tmp_path / "aggregate.safetensors"
+    fold.aggregate_into(make_strategy("fedavg", {}), 1, out)
+
+    # Assert: 2 refused by name; the aggregate is exactly the other three's
+    assert fold.rejected == [(2, "its batch's result.json gives it no update")]
+    pairs = [FitResult(f"p{i}", _weights(i + 1), EXAMPLES[i], {}) for i in (0, 1, 3)]
+    want = tmp_path / "want.safetensors"
+    wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
+    assert out.read_bytes() == want.read_bytes()
+    assert fold.files_read == 3 and fold.bytes_received == offset
+    assert not list(tmp_path.glob("*.checked"))

@@ -106,7 +106,9 @@ RESULTS = [
         status="ok",
         action="train",
         parts=(
-            PartResult(0, ResultDoc(status="ok", action="train", num_examples=40, metrics={"train_loss": 0.5})),
+            PartResult(
+                0, ResultDoc(status="ok", action="train", num_examples=40, metrics={"train_loss": 0.5}), (0, 14280)
+            ),
             PartResult(5, ResultDoc(status="error", action="train", error=ErrorInfo("ValueError", "bad"))),
         ),
     ),
@@ -205,6 +207,18 @@ def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -
         ({"status": "ok", "curve": [{"round": 1, "epochs": 5, "at": 3}]}, "result.curve[0] has unknown field(s) 'at'"),
         ({"status": "ok", "parts": [{"index": 0}]}, "result.parts[0] lacks the field 'result'"),
         ({"status": "ok", "parts": [{"result": {"status": "ok"}}]}, "result.parts[0] lacks the field 'index'"),
+        (
+            {"status": "ok", "parts": [{"index": 0, "result": {"status": "ok"}, "update": [0]}]},
+            "result.parts[0].update must be [offset, length] (two integers), got [0]",
+        ),
+        (
+            {"status": "ok", "parts": [{"index": 0, "result": {"status": "ok"}, "update": [0, 1.5]}]},
+            "result.parts[0].update must be [offset, length] (two integers)",
+        ),
+        (
+            {"status": "ok", "parts": [{"index": 0, "result": {"status": "ok"}, "update": [-8, 16]}]},
+            "result.parts[].update must be [offset >= 0, length >= 0], got [-8, 16]",
+        ),
         (
             {
                 "status": "ok",

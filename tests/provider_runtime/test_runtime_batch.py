@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import MakeBundle  # type: ignore[import-not-found]
 
 from provider_runtime.runtime import BundleError, run_bundle
-from provider_runtime.weights import load_arrays, save_state_dict
+from provider_runtime.weights import save_state_dict
 
 # Dropout draws from the global RNG: a partition seeded differently in a batch than alone would differ.
 TASK = """
@@ -59,23 +58,28 @@ def test_a_batch_gives_each_partition_its_own_tasks_result(
     result = run_bundle(batched, tmp_path / "batched-out")
     singles = {i: run_bundle(bundle, tmp_path / f"alone-{i}-out") for i, bundle in alone.items()}
 
-    # Assert: one entry per partition in the batch's order; partition 2 failed alone, without a weights file; the
-    # others' updates and metrics are exactly their own tasks'
+    # Assert: one entry per partition in the batch's order; partition 2 failed alone, without an update; the
+    # others' metrics are exactly their own tasks', and their updates, one after another in the batch's one file,
+    # are byte for byte the weights.safetensors their own tasks wrote
     out = tmp_path / "batched-out"
     assert result["status"] == "ok"
-    parts = {part["index"]: part["result"] for part in result["parts"]}
+    parts = {part["index"]: part for part in result["parts"]}
     assert [part["index"] for part in result["parts"]] == [0, 1, 3, 2]
-    assert parts[2]["status"] == "error" and "partition 2 is unreadable" in parts[2]["error"]["message"]
-    assert not (out / "p2.weights.safetensors").exists()
+    assert parts[2]["result"]["status"] == "error"
+    assert "partition 2 is unreadable" in parts[2]["result"]["error"]["message"]
+    assert "update" not in parts[2]
+    updates = (out / "updates.bin").read_bytes()
+    end = 0
     for i, single in singles.items():
-        assert parts[i]["status"] == "ok"
-        assert parts[i]["num_examples"] == single["num_examples"] == 20 + i
-        assert parts[i]["metrics"] == single["metrics"]
-        mine = load_arrays(out / f"p{i}.weights.safetensors")
-        theirs = load_arrays(tmp_path / f"alone-{i}-out" / "weights.safetensors")
-        assert mine.keys() == theirs.keys()
-        for name in theirs:
-            np.testing.assert_array_equal(mine[name], theirs[name])
+        assert parts[i]["result"]["status"] == "ok"
+        assert parts[i]["result"]["num_examples"] == single["num_examples"] == 20 + i
+        assert parts[i]["result"]["metrics"] == single["metrics"]
+        offset, size = parts[i]["update"]
+        assert offset == end
+        end = offset + size
+        assert updates[offset:end] == (tmp_path / f"alone-{i}-out" / "weights.safetensors").read_bytes()
+    assert end == len(updates)
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "result.json", "updates.bin"]
     assert json.loads((out / "result.json").read_text()) == result
     assert "--- partition 3" in (out / "log.txt").read_text()
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
+import pytest
+
+from provider_runtime import data
 from provider_runtime.data import cached_splits
 from provider_runtime.usercode import PartitionArgs, user_module
 
@@ -82,3 +86,25 @@ def test_a_loader_that_declares_a_setting_loads_again_when_it_changes(tmp_path: 
     assert _calls(bundle, first)[0] == 1
     assert _calls(bundle, same_seed)[0] == 0
     assert _calls(bundle, other_seed)[0] == 1
+
+
+def test_small_partitions_stay_cached_past_the_entry_count_and_big_ones_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: 16 partitions of a small data set (far more than _CACHE_SIZE entries, far under _CACHE_BYTES)
+    monkeypatch.setattr(data, "_cache", OrderedDict())
+    bundle = _bundle(tmp_path / "a", LOADER)
+    parts = [PartitionArgs(partition_id=i, num_partitions=16, partitioning="iid", alpha=0.5, seed=3) for i in range(16)]
+    assert data._CACHE_SIZE < 16
+    first = {i: _calls(bundle, args)[1] for i, args in enumerate(parts)}
+
+    # Execute / Assert: a second round finds every one of them (the very same splits)
+    assert all(_calls(bundle, args)[1] is first[i] for i, args in enumerate(parts))
+    assert len(data._cache) == 16
+
+    # Execute / Assert: with no room in bytes, only the last _CACHE_SIZE cut stay
+    monkeypatch.setattr(data, "_cache", OrderedDict())
+    monkeypatch.setattr(data, "_CACHE_BYTES", 0)
+    for args in parts:
+        _calls(bundle, args)
+    assert [key[2].partition_id for key in data._cache] == [12, 13, 14, 15]
