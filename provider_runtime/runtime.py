@@ -44,8 +44,8 @@ from provider_runtime.weights import (
     load_arrays,
     load_into,
     save_state_dict,
-    state_dict_bytes,
     state_dict_to_arrays,
+    write_state_dict,
 )
 
 __all__ = ["ACTIONS", "BundleError", "Hyper", "Task", "configure_threads", "parse_task", "partition_args", "run_bundle"]
@@ -255,12 +255,14 @@ def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[PartResult, ...]:
             span: tuple[int, int] | None = None
             try:
                 model, _ = _train_in(part, mod, bundle, outcome, start)
+                offset = updates.tell()
                 if part.compression == "none":
-                    data = state_dict_bytes(model.state_dict())
+                    size = write_state_dict(model.state_dict(), updates)
                 else:
-                    data = _encoded_update(model, part, start, partition_key(bundle, mod, partition_args(part)))
-                span = (updates.tell(), len(data))
-                updates.write(data)
+                    size = updates.write(
+                        _encoded_update(model, part, start, partition_key(bundle, mod, partition_args(part)))
+                    )
+                span = (offset, size)
             except BundleError:
                 raise
             except Exception as exc:

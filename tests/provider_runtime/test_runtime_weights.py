@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from provider_runtime.weights import load_arrays, load_into, save_arrays, save_state_dict
+from deml_server import weights as wio
+from provider_runtime.weights import load_arrays, load_into, save_arrays, save_state_dict, write_state_dict
 
 
 def _bn_model() -> torch.nn.Module:
@@ -136,3 +139,50 @@ def test_only_fp16_into_fp32_is_widened(tmp_path: Path) -> None:
     save_arrays({k: np.zeros(t.shape, np.float64) for k, t in model.state_dict().items()}, tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match=r"is torch\.float64"):
         load_into(model, tmp_path / "w.safetensors")
+
+
+def test_a_state_dict_of_every_dtype_is_written_aligned_and_read_back_by_safetensors_and_the_server(
+    tmp_path: Path,
+) -> None:
+    # Prepare: every dtype a state_dict entry may carry, a 0-d buffer, an empty tensor, and two names of one storage
+    shared = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    state = {
+        "flag": torch.tensor([True, False, True]),
+        "half": torch.arange(5, dtype=torch.float16),
+        "bytes": torch.arange(7, dtype=torch.uint8),
+        "count": torch.tensor(3, dtype=torch.int64),
+        "small": torch.arange(-3, 2, dtype=torch.int8),
+        "short": torch.arange(4, dtype=torch.int16),
+        "int": torch.arange(3, dtype=torch.int32),
+        "double": torch.linspace(0, 1, 5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "tied.a": shared,
+        "tied.b": shared,
+    }
+    path = tmp_path / "w.safetensors"
+
+    # Execute
+    size = save_state_dict_size(state, path)
+
+    # Assert: the size returned is the file's; every tensor starts at a multiple of its item size; safetensors and
+    # the server's own parser both read every entry back exactly
+    assert size == path.stat().st_size
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    for name, info in header.items():
+        assert info["data_offsets"][0] % state[name].element_size() == 0, name
+    for loaded in (load_arrays(path), wio.read(path)):
+        assert loaded.keys() == state.keys()
+        for name, tensor in state.items():
+            assert loaded[name].dtype == tensor.numpy().dtype and loaded[name].shape == tuple(tensor.shape), name
+            assert np.array_equal(loaded[name], tensor.numpy()), name
+
+
+def save_state_dict_size(state: dict[str, torch.Tensor], path: Path) -> int:
+    with path.open("wb") as out:
+        return write_state_dict(state, out)
+
+
+def test_a_bfloat16_entry_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"entry 'w' has dtype torch.bfloat16, which numpy cannot carry"):
+        write_state_dict({"w": torch.zeros(2, dtype=torch.bfloat16)}, io.BytesIO())
