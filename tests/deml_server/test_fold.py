@@ -60,6 +60,23 @@ def copy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
+async def _fedavg_folded(tmp_path: Path, fold: _Fold, results: dict[int, TaskResult], order: tuple[int, ...]) -> bytes:
+    """The FedAvg aggregate's bytes once `results` have arrived in `order`."""
+    for index in order:
+        await fold.arrive(index, results[index], "")
+    out = tmp_path / "aggregate.safetensors"
+    fold.aggregate_into(make_strategy("fedavg", {}), 1, out)
+    return out.read_bytes()
+
+
+def _fedavg_of(tmp_path: Path, indices: tuple[int, ...]) -> bytes:
+    """The bytes the whole-array FedAvg of these EXAMPLES partitions' updates writes."""
+    pairs = [FitResult(f"p{i}", _weights(i + 1), EXAMPLES[i], {}) for i in indices]
+    want = tmp_path / "want.safetensors"
+    wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
+    return want.read_bytes()
+
+
 async def test_the_aggregate_is_the_same_bytes_whatever_order_results_arrive_in(tmp_path: Path, copy: str) -> None:
     # Prepare: four partitions' results, kept as files (as workers leave them)
     results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
@@ -94,17 +111,11 @@ async def test_a_rejected_update_adds_nothing_to_the_sum(tmp_path: Path, copy: s
     fold = _Fold(_weights(0), True, [0, 1, 2, 3])
 
     # Execute
-    for index in (3, 1, 0, 2):
-        await fold.arrive(index, results[index], "")
-    out = tmp_path / "aggregate.safetensors"
-    fold.aggregate_into(make_strategy("fedavg", {}), 1, out)
+    got = await _fedavg_folded(tmp_path, fold, results, (3, 1, 0, 2))
 
     # Assert: refused by name, and the aggregate is the other three's
     assert fold.rejected == [(1, "update tensor 'fc.weight' holds NaN or Inf")]
-    pairs = [FitResult(f"p{i}", _weights(i + 1), EXAMPLES[i], {}) for i in (0, 2, 3)]
-    want = tmp_path / "want.safetensors"
-    wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
-    assert out.read_bytes() == want.read_bytes()
+    assert got == _fedavg_of(tmp_path, (0, 2, 3))
     assert not list(tmp_path.glob("*/*.checked"))
 
 
@@ -139,13 +150,7 @@ def test_a_file_written_in_pieces_is_the_file_written_whole(tmp_path: Path) -> N
     assert (tmp_path / "pieces.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("copy", ["file", "memory"])
-def test_an_update_read_in_pieces_gives_back_its_tensors(
-    tmp_path: Path, copy: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Prepare: the private copy on disk (the update is over IN_MEMORY_BYTES) or in memory (the bound raised)
-    if copy == "memory":
-        monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 30)
+def test_an_update_read_in_pieces_gives_back_its_tensors(tmp_path: Path, copy: str) -> None:
     weights = _weights(5)
     wio.write(weights, tmp_path / "w.safetensors")
     update = wio.UpdateFile(tmp_path / "w.safetensors", tmp_path / "copy.safetensors")
@@ -181,13 +186,8 @@ async def test_results_checked_ahead_of_their_turn_are_removed_when_the_round_is
     assert not list(tmp_path.glob("*/*.checked"))
 
 
-@pytest.mark.parametrize("copy", ["file", "memory"])
-def test_a_span_of_a_batch_file_is_read_as_its_own_update(
-    tmp_path: Path, copy: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_span_of_a_batch_file_is_read_as_its_own_update(tmp_path: Path, copy: str) -> None:
     # Prepare: three updates one after another in one file, as a batch's worker writes them
-    if copy == "memory":
-        monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 30)
     blobs = [wio.to_bytes(_weights(seed)) for seed in (1, 2, 3)]
     batch = tmp_path / "updates.bin"
     batch.write_bytes(b"".join(blobs))
@@ -234,16 +234,10 @@ async def test_a_batchs_updates_are_folded_from_their_spans_and_one_without_is_r
     fold = _Fold(_weights(0), True, [0, 1, 2, 3])
 
     # Execute: they arrive together, as a batch's do
-    for index in (0, 1, 2, 3):
-        await fold.arrive(index, results[index], "")
-    out = tmp_path / "aggregate.safetensors"
-    fold.aggregate_into(make_strategy("fedavg", {}), 1, out)
+    got = await _fedavg_folded(tmp_path, fold, results, (0, 1, 2, 3))
 
     # Assert: 2 refused by name; the aggregate is exactly the other three's
     assert fold.rejected == [(2, "its batch's result.json gives it no update")]
-    pairs = [FitResult(f"p{i}", _weights(i + 1), EXAMPLES[i], {}) for i in (0, 1, 3)]
-    want = tmp_path / "want.safetensors"
-    wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
-    assert out.read_bytes() == want.read_bytes()
+    assert got == _fedavg_of(tmp_path, (0, 1, 3))
     assert fold.files_read == 3 and fold.bytes_received == offset
     assert not list(tmp_path.glob("*.checked"))
