@@ -67,7 +67,19 @@ STRATEGIES: tuple[tuple[str, str, dict[str, float], dict[str, Any]], ...] = (
     ("fedavg step", "fedavg", {}, {"lr_schedule": "step", "lr_step_rounds": 4, "lr_gamma": 0.3}),
     ("scaffold cosine", "scaffold", {}, {"lr_schedule": "cosine"}),
     ("fedavg optimizer kept", "fedavg", {}, {"keep_optimizer_state": True}),
+    # One local step per round (local_steps = 1) under a server optimizer, over plain SGD workers (Reber's
+    # task_sgd module; rate 0.1, which FedAdam's normalised step makes nearly irrelevant with one step), for as many
+    # rounds as give the centralized run's epochs (equal_epoch_rounds).
+    (
+        "fedadam k=1 sgd",
+        "fedadam",
+        {"eta": 0.003, "tau": 1e-6},
+        {"local_steps": 1, "module": "task_sgd", "learning_rate": 0.1},
+    ),
+    ("fedavg k=1 sgd", "fedavg", {}, {"local_steps": 1, "module": "task_sgd", "learning_rate": 0.5}),
 )
+# Settings of a label that Flower's side follows too (flower_run.py); a label with others runs in DeML only.
+FLOWER_EXTRA = frozenset({"local_steps", "module", "learning_rate"})
 # The same strategies in Flower (--flower): Flower's Message-API class and the options that make it DeML's default
 # (Flower's own defaults differ: FedAvgM momentum 0, FedProx mu 0). FedAdam: Flower adds Adam's bias correction to
 # the server rate, DeML does not.
@@ -159,15 +171,30 @@ def run_flower(out: Path, task: str, settings: dict[str, Any]) -> dict[str, Any]
         "seed": settings["seed"],
         "rounds": settings["rounds"],
         "local_epochs": settings["local_epochs"],
+        "local_steps": settings.get("local_steps", 0),
         "batch_size": settings["batch_size"],
         "learning_rate": settings["learning_rate"],
         "strategy": settings["strategy"],
-        "options": FLOWER_OPTIONS[settings["strategy"]],
+        # The label's own options (FedAvgM's and FedAdam's have Flower's names) over the DeML defaults.
+        "options": {**FLOWER_OPTIONS[settings["strategy"]], **settings.get("strategy_options", {})},
         # Two clients at a time, as DeML's two worker processes.
         "ray_cpus": 2,
     }
     result, _, _ = launch_flower(work, config, name=task, timeout=1800)
     return result
+
+
+def equal_epoch_rounds(task: str, spec: dict[str, Any], local_steps: int) -> int:
+    """The job's rounds; with local_steps, as many as train the centralized run's rounds x local_epochs epochs.
+
+    A local_steps round trains WORKERS x local_steps batches: rounds = epochs x training rows / (WORKERS x
+    local_steps x batch_size), rounded (Reber: 10 x 4000 / (4 x 1 x 32) = 312).
+    """
+    if local_steps <= 0:
+        return int(spec["rounds"])
+    (x_train, _), _ = load_task(task).load_data()
+    epochs = int(spec["rounds"]) * int(spec["local_epochs"])
+    return max(1, round(epochs * len(x_train) / (WORKERS * local_steps * int(spec["batch_size"]))))
 
 
 def run_job(server: DemlServer, task: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +270,7 @@ def bench_task(
                     if label not in labels:
                         continue
                     scheme, alpha = SCHEMES[partitioning]
+                    rounds = equal_epoch_rounds(task, spec, extra.get("local_steps", 0))
                     settings = {
                         **spec,
                         "name": f"quality-{task}",
@@ -256,6 +284,7 @@ def bench_task(
                         # the baseline follows): train it once per repeat, with the first strategy named.
                         "baseline": baseline and partitioning == partitionings[0] and label == labels[0],
                         **extra,
+                        "rounds": rounds,
                     }
                     result = {"seed": seed, **run_job(server, task, settings)}
                     if result["baseline_accuracy"] is not None:
@@ -268,7 +297,7 @@ def bench_task(
                         f"({result['job_seconds']:.0f} s)"
                         + (f", centralized {result['baseline_accuracy']:.4f}" if result["baseline_accuracy"] else "")
                     )
-                    if flower and label in FLOWER_OPTIONS and not extra:
+                    if flower and strategy in FLOWER_OPTIONS and set(extra) <= FLOWER_EXTRA:
                         result["flower"] = run_flower(out, task, settings)
                         log(
                             f"{task} {partitioning} {label} seed {seed} in Flower: final "
@@ -518,9 +547,10 @@ def plot_task(task: str, task_result: dict[str, Any], path: Path) -> None:
     labels = sorted({label for by_label in runs.values() for label in by_label})
     colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
     for ax, (partitioning, by_label) in zip(axes[0], runs.items(), strict=True):
-        rounds = range(1, spec["rounds"] + 1)
         for label, jobs in sorted(by_label.items()):
             curve = np.median(np.array([j["accuracy"] for j in jobs]), axis=0)
+            # A label of more, shorter rounds (local_steps) is drawn at its epochs-equivalent on the task's rounds.
+            rounds = np.arange(1, len(curve) + 1) * spec["rounds"] / len(curve)
             ax.plot(rounds, 100 * curve, color=colours[label], label=f"{label} ({len(jobs)})")
             flower = [j["flower"]["accuracy"] for j in jobs if "flower" in j]
             if flower:
@@ -530,7 +560,7 @@ def plot_task(task: str, task_result: dict[str, Any], path: Path) -> None:
                 )
         centralized_curve(ax, task_result, central)
         ax.set_title(f"{task}, {partitioning_name(partitioning)}")
-        ax.set_xlabel("round (dashed: the same strategy in Flower)")
+        ax.set_xlabel("round, or its epochs-equivalent (dashed: the same strategy in Flower)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         # Low enough for every final accuracy (a strategy stuck at chance included), not for round 1's.

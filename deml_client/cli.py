@@ -146,6 +146,7 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "workers": args.workers,
         "local_epochs": args.local_epochs,
+        "local_steps": args.local_steps,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "strategy": args.strategy,
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rounds", type=int)
     train.add_argument("--workers", type=int)
     train.add_argument("--local-epochs", type=int)
+    train.add_argument("--local-steps", type=int, help="minibatch steps a partition trains per round instead of epochs")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", "--lr", type=float)
     train.add_argument(
