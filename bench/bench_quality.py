@@ -76,7 +76,6 @@ STRATEGIES: tuple[tuple[str, str, dict[str, float], dict[str, Any]], ...] = (
         {"eta": 0.003, "tau": 1e-6},
         {"local_steps": 1, "module": "task_sgd", "learning_rate": 0.1},
     ),
-    ("fedavg k=1 sgd", "fedavg", {}, {"local_steps": 1, "module": "task_sgd", "learning_rate": 0.5}),
 )
 # Settings of a label that Flower's side follows too (flower_run.py); a label with others runs in DeML only.
 FLOWER_EXTRA = frozenset({"local_steps", "module", "learning_rate"})
@@ -249,12 +248,13 @@ def bench_task(
     baseline: bool = True,
     first_seed: int | None = None,
     overrides: dict[str, Any] | None = None,
-    flower: bool = False,
+    flower: bool | Sequence[str] = False,
 ) -> dict[str, Any]:
     """Every (partitioning, strategy) job of one task on one fresh server; the first job trains the baseline.
 
-    With `flower`, each job of a plain strategy (FLOWER_OPTIONS, no other settings) is followed by the same
-    strategy in Flower on the same partitions, initial weights and optimizer; its curve is kept with the job's.
+    With `flower` (True, or the partitionings to do it on), each job of a strategy Flower has (FLOWER_OPTIONS, no
+    settings but FLOWER_EXTRA) is followed by the same strategy in Flower on the same partitions, initial weights
+    and optimizer; its curve is kept with the job's.
     """
     spec = task_spec(task, overrides)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {p: {} for p in partitionings}
@@ -297,7 +297,8 @@ def bench_task(
                         f"({result['job_seconds']:.0f} s)"
                         + (f", centralized {result['baseline_accuracy']:.4f}" if result["baseline_accuracy"] else "")
                     )
-                    if flower and strategy in FLOWER_OPTIONS and set(extra) <= FLOWER_EXTRA:
+                    in_flower = flower is True or (not isinstance(flower, bool) and partitioning in flower)
+                    if in_flower and strategy in FLOWER_OPTIONS and set(extra) <= FLOWER_EXTRA:
                         result["flower"] = run_flower(out, task, settings)
                         log(
                             f"{task} {partitioning} {label} seed {seed} in Flower: final "
@@ -683,6 +684,13 @@ def main(argv: list[str] | None = None) -> None:
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="job settings over deml.toml (e.g. rounds=20)"
     )
     parser.add_argument("--flower", action="store_true", help="run each plain strategy in Flower too")
+    parser.add_argument(
+        "--flower-partitionings",
+        nargs="+",
+        choices=list(SCHEMES),
+        help="with --flower: only the jobs of these partitionings (a local_steps job's hundreds of rounds are slow "
+        "in Flower's simulation)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--save", metavar="NAME", help=f"add this invocation's runs to {RESULTS.name} as NAME")
     parser.add_argument("--from-json", type=Path, nargs="+", help=f"render saved runs (e.g. {RESULTS.name}), merged")
@@ -709,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.baseline,
                 args.first_seed,
                 overrides,
-                args.flower,
+                (args.flower_partitionings or True) if args.flower else False,
             )
             (args.out / "quality.json").write_text(json.dumps(run, indent=1), encoding="utf-8")
         if args.save:
