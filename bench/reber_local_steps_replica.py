@@ -9,7 +9,8 @@ global weights, makes a fresh optimizer and takes k minibatch steps on its parti
 shuffled passes); the server averages the weights weighted by partition size (as DeML's num_examples) and
 applies its strategy (FedAvg; FedAvgM and FedAdam with DeML's formulas, deml_server/strategy). Rounds are chosen
 for equal epochs with the centralized run: rounds = epochs x training rows / (workers x k x batch). The
-centralized run is DeML's --baseline: the example's Adam at 0.001, batch 32, 10 epochs from the same initial weights.
+centralized run is as DeML's --baseline: the example's Adam at 0.001, batch 32, 10 epochs from the same initial
+weights as the federated runs (torch.manual_seed(seed), then model(): not DeML's initial weights for the seed).
 """
 
 from __future__ import annotations
