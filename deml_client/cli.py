@@ -51,7 +51,8 @@ def job_to_dict(job: training_pb2.Job, comparison: BaselineComparison | None = N
         "final_accuracy": final.get("accuracy"),
         "baseline_accuracy": job.baseline_accuracy if job.HasField("baseline_accuracy") else None,
         "baseline_curve": [
-            {"round": p.round, "epochs": p.epochs, "metrics": dict(p.metrics)} for p in job.baseline_curve
+            {"round": p.round, "epochs": p.epochs, "steps": p.steps, "metrics": dict(p.metrics)}
+            for p in job.baseline_curve
         ],
         "rounds_to_accuracy": job.rounds_to_accuracy if job.HasField("rounds_to_accuracy") else None,
         **({"baseline_comparison": comparison.to_dict()} if comparison is not None else {}),
