@@ -15,7 +15,9 @@ The workload mirrors what DeML runs for the same job:
   SGD with momentum 0.9), the module's `loss()` or cross-entropy, shuffled batches, the same drop-last rule and
   the same shuffle seeds, one torch thread per client; for FedProx the proximal term mu/2 * ||w - w_global||^2
   with the mu the strategy sends (Flower's FedProx puts it in the train config as "proximal-mu"; the client adds
-  the term, as Flower's own FedProx examples do);
+  the term, as Flower's own FedProx examples do); with "local_steps" > 0 in the config a client takes that many
+  minibatch steps a round instead of "local_epochs" epochs, going on through fresh shuffles of its rows (DeML's
+  `local_steps`: the same batches, the loader re-iterated with the same generator);
 - every client sampled each round, no federated evaluation; the global model is evaluated centrally on the test
   split after each round (batches of 256), as DeML does.
 
@@ -134,9 +136,20 @@ def main() -> None:
         loss_fn = make_loss()
         net.train()
         total_loss, seen, correct = 0.0, 0, 0
-        for _ in range(int(cfg["local_epochs"])):
+        steps = int(cfg.get("local_steps", 0))
+
+        def passes() -> Any:
+            # local_steps: fresh shuffles one after the other, cut after `steps` batches; else local_epochs passes.
+            if steps <= 0:
+                for _ in range(int(cfg["local_epochs"])):
+                    yield iter(loader)
+                return
+            batches = itertools.islice(itertools.chain.from_iterable(iter(loader) for _ in itertools.count()), steps)
+            yield batches
+
+        for epoch in passes():
             total_loss, seen, correct = 0.0, 0, 0
-            for xb, yb in loader:
+            for xb, yb in epoch:
                 opt.zero_grad(set_to_none=True)
                 out = net(xb)
                 loss = loss_fn(out, yb)

@@ -24,6 +24,8 @@ class ComparisonRow:
     epochs: int
     federated_accuracy: float | None
     centralized_accuracy: float | None
+    # A local_steps job's baseline counts minibatch steps instead of epochs (epochs 0).
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,12 @@ class BaselineComparison:
 
     def table(self) -> list[str]:
         """The rows as aligned text lines, a header first (accuracies in %)."""
-        lines = [f"{'round':>5}  {'epochs':>6}  {'federated %':>11}  {'centralized %':>13}"]
+        steps = any(row.steps for row in self.rows)
+        lines = [f"{'round':>5}  {'steps' if steps else 'epochs':>6}  {'federated %':>11}  {'centralized %':>13}"]
         for row in self.rows:
             federated, centralized = _pct(row.federated_accuracy), _pct(row.centralized_accuracy)
-            lines.append(f"{row.round:>5}  {row.epochs:>6}  {federated:>11}  {centralized:>13}")
+            done = row.steps if steps else row.epochs
+            lines.append(f"{row.round:>5}  {done:>6}  {federated:>11}  {centralized:>13}")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,6 +59,7 @@ class BaselineComparison:
                 {
                     "round": r.round,
                     "epochs": r.epochs,
+                    "steps": r.steps,
                     "federated_accuracy": r.federated_accuracy,
                     "centralized_accuracy": r.centralized_accuracy,
                 }
@@ -81,6 +86,7 @@ def compare_with_baseline(
             epochs=p.epochs,
             federated_accuracy=federated.get(p.round),
             centralized_accuracy=p.metrics.get("accuracy"),
+            steps=p.steps,
         )
         for p in job.baseline_curve
     )

@@ -51,7 +51,8 @@ def job_to_dict(job: training_pb2.Job, comparison: BaselineComparison | None = N
         "final_accuracy": final.get("accuracy"),
         "baseline_accuracy": job.baseline_accuracy if job.HasField("baseline_accuracy") else None,
         "baseline_curve": [
-            {"round": p.round, "epochs": p.epochs, "metrics": dict(p.metrics)} for p in job.baseline_curve
+            {"round": p.round, "epochs": p.epochs, "steps": p.steps, "metrics": dict(p.metrics)}
+            for p in job.baseline_curve
         ],
         "rounds_to_accuracy": job.rounds_to_accuracy if job.HasField("rounds_to_accuracy") else None,
         **({"baseline_comparison": comparison.to_dict()} if comparison is not None else {}),
@@ -146,6 +147,7 @@ def cmd_train(client: DemlClient, args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "workers": args.workers,
         "local_epochs": args.local_epochs,
+        "local_steps": args.local_steps,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "strategy": args.strategy,
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rounds", type=int)
     train.add_argument("--workers", type=int)
     train.add_argument("--local-epochs", type=int)
+    train.add_argument("--local-steps", type=int, help="minibatch steps a partition trains per round instead of epochs")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", "--lr", type=float)
     train.add_argument(

@@ -53,6 +53,7 @@ _SPEC_KEYS = {
     "lr_gamma",
     "lr_min",
     "keep_optimizer_state",
+    "local_steps",
 }
 
 

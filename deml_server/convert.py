@@ -59,6 +59,7 @@ _OPTIONAL_SPEC_FIELDS = (
     "fraction_fit",
     "min_fit",
     "round_deadline_seconds",
+    "local_steps",
 )
 
 # The learning-rate schedule's optional settings (lr_schedule is a plain string: "" means unset).
@@ -131,6 +132,7 @@ def spec_to_pb(spec: JobSpec) -> training_pb2.JobSpec:
         lr_gamma=spec.lr_gamma,
         lr_min=spec.lr_min,
         keep_optimizer_state=spec.keep_optimizer_state,
+        local_steps=spec.local_steps,
     )
 
 
@@ -188,7 +190,7 @@ def job_to_pb(job: Job) -> training_pb2.Job:
 
 def curve_point_to_pb(point: CurvePoint) -> training_pb2.CurvePoint:
     """One point of the centralized baseline's curve."""
-    return training_pb2.CurvePoint(round=point.round, epochs=point.epochs, metrics=point.metrics)
+    return training_pb2.CurvePoint(round=point.round, epochs=point.epochs, metrics=point.metrics, steps=point.steps)
 
 
 def event_to_pb(event: JobEvent) -> training_pb2.WatchJobResponse:

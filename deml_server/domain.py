@@ -96,6 +96,8 @@ class JobSpec:
     lr_min: float = 0.0
     # Each partition's optimizer state (momentum, Adam moments) carried across rounds by its warm worker.
     keep_optimizer_state: bool = False
+    # > 0: each round every sampled partition trains this many minibatch steps instead of local_epochs epochs.
+    local_steps: int = 0
 
     @property
     def quorum(self) -> int:
@@ -146,11 +148,15 @@ class JobFiles:
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """The centralized baseline's test metrics after `epochs` epochs: as many as federated round `round` trained."""
+    """The centralized baseline's test metrics after `epochs` epochs: as many as federated round `round` trained.
+
+    A local_steps job's baseline counts `steps` instead (as many as round `round`'s workers took in all), epochs 0.
+    """
 
     round: int
     epochs: int
     metrics: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,24 @@ def resolve_spec(given: Mapping[str, Any], config: ServerConfig) -> JobSpec:
     except InvalidArgument as exc:
         raise InvalidArgument(exc.reason, field="strategy_options") from None
     _check_lr_schedule(spec)
+    _check_local_steps(spec)
     return spec
+
+
+def _check_local_steps(spec: JobSpec) -> None:
+    """local_steps: 0 (train local_epochs epochs) or a number of steps that replaces the epochs."""
+    if spec.local_steps < 0:
+        raise InvalidArgument(
+            f"local_steps must be 0 (train local_epochs epochs a round) or a positive number of minibatch steps "
+            f"(got {spec.local_steps})",
+            field="local_steps",
+        )
+    if spec.local_steps > 0 and spec.local_epochs != 1:
+        raise InvalidArgument(
+            f"local_steps={spec.local_steps} replaces local_epochs={spec.local_epochs}: a round trains either "
+            "local_epochs epochs or local_steps steps; leave local_epochs at 1 or local_steps at 0",
+            field="local_steps",
+        )
 
 
 def _check_round_policy(spec: JobSpec) -> None:

@@ -989,6 +989,7 @@ class JobRunner:
             "learning_rate": self.spec.learning_rate,
             **self._lr_schedule(),
             "keep_optimizer_state": self.spec.keep_optimizer_state,
+            "local_steps": float(self.spec.local_steps),
         }
 
     def _lr_schedule(self) -> dict[str, float | str]:
@@ -1004,16 +1005,26 @@ class JobRunner:
 
     # -- after the rounds -----------------------------------------------------------------------------------
 
+    def _baseline_length(self) -> dict[str, float]:
+        """How long the baseline trains, in Hyper's terms: rounds x a round's epochs, or a round's steps."""
+        if self.spec.local_steps > 0:
+            per_round = self.spec.sample_size * self.spec.local_steps
+            return {
+                "local_steps": float(self.spec.rounds * per_round),
+                "steps_per_round": float(per_round),
+            }
+        return {
+            "local_epochs": float(self.spec.rounds * self.spec.local_epochs),
+            "epochs_per_round": float(self.spec.local_epochs),
+        }
+
     async def _baseline(self) -> None:
         self._progress("training the centralized baseline on one worker")
         init = self.deps.store.initial_weights(self.job.id)
         # Epoch e of the baseline trains at round 1 + e // local_epochs's rate: the federated run's, epoch for epoch.
-        hyper = {
-            **self._hyper(),
-            "local_epochs": float(self.spec.rounds * self.spec.local_epochs),
-            "round": 1.0,
-            "epochs_per_round": float(self.spec.local_epochs),
-        }
+        # A local_steps job's round trains sample_size x local_steps minibatch steps: the baseline trains as many
+        # a round's worth, on the whole training split with the same batch size (equal sample-gradients).
+        hyper = {**self._hyper(), "round": 1.0, **self._baseline_length()}
         bundle = self._bundle(
             "train",
             weights=self.deps.artifacts.open_path(init),
@@ -1025,7 +1036,9 @@ class JobRunner:
         )
         result = await self._run_one(bundle, "baseline")
         # The worker evaluated the test split after every local_epochs epochs: one point per round's worth.
-        curve = tuple(CurvePoint(round=p.round, epochs=p.epochs, metrics=p.metrics) for p in result.doc.curve)
+        curve = tuple(
+            CurvePoint(round=p.round, epochs=p.epochs, metrics=p.metrics, steps=p.steps) for p in result.doc.curve
+        )
         self.job = await self._write(self.deps.store.set_baseline, self.job.id, result.test_metrics, curve)
         self._progress(f"baseline: {result.test_metrics}")
 

@@ -765,12 +765,14 @@ def _rounds_to_accuracy(db: sqlite3.Connection, job_id: str, baseline: dict[str,
 
 
 def _curve_json(curve: tuple[CurvePoint, ...]) -> str:
-    return json.dumps([{"round": p.round, "epochs": p.epochs, "metrics": p.metrics} for p in curve])
+    return json.dumps([{"round": p.round, "epochs": p.epochs, "steps": p.steps, "metrics": p.metrics} for p in curve])
 
 
 def _curve(text: str | None) -> tuple[CurvePoint, ...]:
     return tuple(
-        CurvePoint(round=int(p["round"]), epochs=int(p["epochs"]), metrics=dict(p["metrics"]))
+        CurvePoint(
+            round=int(p["round"]), epochs=int(p["epochs"]), metrics=dict(p["metrics"]), steps=int(p.get("steps", 0))
+        )
         for p in json.loads(text or "[]")
     )
 

@@ -214,6 +214,8 @@ _HYPER_FIELDS = (
     "lr_gamma",
     "lr_min",
     "keep_optimizer_state",
+    "local_steps",
+    "steps_per_round",
 )
 
 
@@ -225,6 +227,11 @@ class Hyper:
     federated round this task trains (1-based; 0: no round, the rate stays `learning_rate`) out of
     `total_rounds`. A task that spans several rounds' epochs (the centralized baseline) sets `epochs_per_round`,
     and its epoch e (0-based) trains at round `round + e // epochs_per_round`'s rate.
+
+    `local_steps` > 0 trains that many minibatch steps instead of `local_epochs` epochs, drawing the batches from
+    freshly shuffled passes of the partition one after the other (a pass is cut short where the steps end). A
+    task that spans several rounds' steps (the baseline of a local_steps job) sets `steps_per_round`: its step s
+    (0-based) trains at round `round + s // steps_per_round`'s rate.
     """
 
     local_epochs: int = 1
@@ -241,6 +248,9 @@ class Hyper:
     lr_min: float = 0.0
     # Carry the optimizer's state (momentum buffers, Adam moments) from round to round in the warm worker.
     keep_optimizer_state: bool = False
+    # > 0: train this many minibatch steps instead of local_epochs epochs.
+    local_steps: int = 0
+    steps_per_round: int = 0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:
@@ -249,7 +259,7 @@ class Hyper:
             raise ContractError(f"hyper.batch_size must be >= 1, got {self.batch_size}")
         if self.proximal_mu < 0:
             raise ContractError(f"hyper.proximal_mu must be >= 0, got {self.proximal_mu}")
-        for name in ("round", "total_rounds", "epochs_per_round", "lr_warmup_rounds"):
+        for name in ("round", "total_rounds", "epochs_per_round", "lr_warmup_rounds", "local_steps", "steps_per_round"):
             if getattr(self, name) < 0:
                 raise ContractError(f"hyper.{name} must be >= 0, got {getattr(self, name)}")
         _one_of(self.lr_schedule, LR_SCHEDULES, "hyper.lr_schedule")
@@ -290,6 +300,12 @@ class Hyper:
             return self.lr_at(self.round)
         return self.lr_at(self.round + epoch // self.epochs_per_round)
 
+    def step_lr(self, step: int) -> float:
+        """The learning rate of this task's step `step` (0-based) when it trains `local_steps` steps."""
+        if self.round <= 0 or self.steps_per_round <= 0:
+            return self.lr_at(self.round)
+        return self.lr_at(self.round + step // self.steps_per_round)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object."""
         return {name: getattr(self, name) for name in _HYPER_FIELDS}
@@ -313,6 +329,8 @@ class Hyper:
             lr_gamma=_get(raw, "lr_gamma", where, _float, cls.lr_gamma),
             lr_min=_get(raw, "lr_min", where, _float, cls.lr_min),
             keep_optimizer_state=_get(raw, "keep_optimizer_state", where, _bool, cls.keep_optimizer_state),
+            local_steps=_get(raw, "local_steps", where, _int, cls.local_steps),
+            steps_per_round=_get(raw, "steps_per_round", where, _int, cls.steps_per_round),
         )
 
 
@@ -527,30 +545,36 @@ class InferInfo:
 class CurvePoint:
     """Test metrics after `epochs` epochs of a task that spans rounds (the centralized baseline's curve).
 
-    `round` is the federated round with as many epochs behind it: epochs = round x epochs_per_round.
+    `round` is the federated round with as many epochs behind it: epochs = round x epochs_per_round. A task that
+    trains steps (Hyper.local_steps) counts `steps` instead, steps = round x steps_per_round, and epochs is 0.
     """
 
     round: int
     epochs: int
     metrics: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.round < 1 or self.epochs < 1:
-            raise ContractError(f"a curve point needs round and epochs >= 1, got {self.round} and {self.epochs}")
+        if self.round < 1 or self.epochs < 0 or self.steps < 0 or (self.epochs < 1) == (self.steps < 1):
+            raise ContractError(
+                "a curve point needs round >= 1 and one of epochs and steps >= 1 (the other 0), got round "
+                f"{self.round}, epochs {self.epochs}, steps {self.steps}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object."""
-        return {"round": self.round, "epochs": self.epochs, "metrics": dict(self.metrics)}
+        return {"round": self.round, "epochs": self.epochs, "steps": self.steps, "metrics": dict(self.metrics)}
 
     @classmethod
     def from_dict(cls, value: object, where: str = "result.curve[]") -> CurvePoint:
         """Parse the JSON object."""
         raw = _object(value, where)
-        _no_extra(raw, ("round", "epochs", "metrics"), where)
+        _no_extra(raw, ("round", "epochs", "steps", "metrics"), where)
         return cls(
             round=_need(raw, "round", where, _int),
             epochs=_need(raw, "epochs", where, _int),
             metrics=_get(raw, "metrics", where, _floats, {}),
+            steps=_get(raw, "steps", where, _int, 0),
         )
 
 

@@ -320,7 +320,7 @@ def _train_in(
     kept = partition_key(bundle, mod, partition_args(task)) if task.hyper.keep_optimizer_state else None
     curve = (
         _Curve(task.hyper, model, lambda: _evaluate_split(model, splits, loss_fn, mod, device), device)
-        if task.evaluate_after and task.hyper.epochs_per_round > 0
+        if task.evaluate_after and (task.hyper.epochs_per_round > 0 or task.hyper.steps_per_round > 0)
         else None
     )
     after_epoch = curve.after_epoch if curve is not None else None
@@ -552,7 +552,9 @@ def _fit(
 ) -> dict[str, float]:
     """Local training; metrics are running averages over the last epoch (no extra pass over the data).
 
-    `after_epoch(n)` is called after the n-th epoch (from 1) has trained.
+    `after_epoch(n)` is called after the n-th epoch (from 1) has trained. With `hyper.local_steps` > 0 the task
+    trains that many minibatch steps instead (batches from freshly shuffled passes, one after the other), its
+    metrics are averages over those steps, and `after_epoch(n)` is called after the n-th step.
     """
     hyper = task.hyper
     n = len(train)  # type: ignore[arg-type]
@@ -569,29 +571,49 @@ def _fit(
     if control is not None:
         control.start(model, optimizer, device)
     model.train()
+
+    def train_step(xb: torch.Tensor, yb: torch.Tensor, lr: float, total: _Totals) -> None:
+        xb, yb = xb.to(device), yb.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        out = model(xb)
+        loss = loss_fn(out, yb)
+        objective = loss
+        if anchor:
+            # FedProx: mu/2 * ||w - w_global||^2 keeps the local model near the global one.
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+            objective = loss + hyper.proximal_mu / 2 * prox
+        objective.backward()  # type: ignore[no-untyped-call]
+        if control is not None:
+            control.correct(lr)
+        optimizer.step()
+        total.add(loss.detach(), out.detach(), yb)
+
+    def finish(total: _Totals, what: str) -> dict[str, float]:
+        summary = total.summary("train_")
+        print(f"{what}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+        if not math.isfinite(summary["train_loss"]):
+            raise FloatingPointError(f"training diverged: the loss is {summary['train_loss']} in {what}")
+        return summary
+
     metrics: dict[str, float] = {}
-    for epoch in range(hyper.local_epochs):
-        _set_lr(optimizer, group_lrs, hyper, epoch)
+    if hyper.local_steps > 0:
+        total = _Totals()
+        batches = _cycled_batches(train, hyper.batch_size, drop_last, generator)
+        for step in range(hyper.local_steps):
+            lr = hyper.step_lr(step)
+            _set_lr(optimizer, group_lrs, hyper, lr)
+            xb, yb = next(batches)
+            train_step(xb, yb, lr, total)
+            if after_epoch is not None:
+                after_epoch(step + 1)
+        metrics = finish(total, f"{hyper.local_steps} steps")
+    for epoch in range(hyper.local_epochs if hyper.local_steps <= 0 else 0):
+        lr = hyper.epoch_lr(epoch)
+        _set_lr(optimizer, group_lrs, hyper, lr)
         total = _Totals()
         for xb, yb in _shuffled_batches(train, hyper.batch_size, drop_last, generator):
-            xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            objective = loss
-            if anchor:
-                # FedProx: mu/2 * ||w - w_global||^2 keeps the local model near the global one.
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-                objective = loss + hyper.proximal_mu / 2 * prox
-            objective.backward()  # type: ignore[no-untyped-call]
-            if control is not None:
-                control.correct(hyper.epoch_lr(epoch))
-            optimizer.step()
-            total.add(loss.detach(), out.detach(), yb)
-        metrics = total.summary("train_")
-        print(f"epoch {epoch + 1}/{hyper.local_epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if not math.isfinite(metrics["train_loss"]):
-            raise FloatingPointError(f"training diverged: the loss is {metrics['train_loss']} in epoch {epoch + 1}")
+            train_step(xb, yb, lr, total)
+        metrics = finish(total, f"epoch {epoch + 1}/{hyper.local_epochs}")
         if after_epoch is not None:
             after_epoch(epoch + 1)
     if kept is not None:
@@ -689,8 +711,16 @@ class _Control:
         save_state_dict(out, path)
 
 
+# The most points, about, of the curve of a baseline that trains steps (_Curve).
+CURVE_POINTS = 50
+
+
 class _Curve:
     """The centralized baseline's test curve: the test split evaluated after every `epochs_per_round` epochs.
+
+    A task that trains steps (Hyper.local_steps, with steps_per_round) is evaluated after a round's worth of steps
+    every `spacing` rounds, spacing = ceil(rounds / CURVE_POINTS): at most about CURVE_POINTS points however many
+    rounds the job has (its rounds may be hundreds of one step each).
 
     An evaluation between epochs leaves the training that follows as it would have been without it: the global
     random states (dropout masks; a DataLoader draws its base seed from torch's) are put back, and the model is
@@ -705,8 +735,11 @@ class _Curve:
         device: torch.device,
     ) -> None:
         self.model = model
-        self.every = hyper.epochs_per_round
-        self.epochs = hyper.local_epochs
+        self.steps = hyper.local_steps > 0
+        self.per_round = hyper.steps_per_round if self.steps else hyper.epochs_per_round
+        self.epochs = hyper.local_steps if self.steps else hyper.local_epochs
+        rounds = math.ceil(self.epochs / self.per_round) if self.steps else 1
+        self.every = self.per_round * max(1, math.ceil(rounds / CURVE_POINTS))
         # The round trained before this task's first epoch: point k (epochs k x every) is round offset + k.
         self.offset = max(hyper.round, 1) - 1
         self.evaluate = evaluate
@@ -714,7 +747,7 @@ class _Curve:
         self.points: list[CurvePoint] = []
 
     def after_epoch(self, done: int) -> None:
-        """Evaluate after `done` epochs when that ends a round's worth (the last epoch is left to finish)."""
+        """Evaluate after `done` epochs (steps) when that ends a point's worth (the last is left to finish)."""
         if done % self.every or done >= self.epochs:
             return
         python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -727,7 +760,8 @@ class _Curve:
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, self.device)
         self.points.append(self._point(done, metrics))
-        print(f"curve: after {done} epochs: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        unit = "steps" if self.steps else "epochs"
+        print(f"curve: after {done} {unit}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def finish(self, final: dict[str, float]) -> tuple[CurvePoint, ...]:
         """The points, the final evaluation last."""
@@ -736,14 +770,17 @@ class _Curve:
         return tuple(self.points)
 
     def _point(self, done: int, metrics: dict[str, float]) -> CurvePoint:
-        return CurvePoint(round=self.offset + math.ceil(done / self.every), epochs=done, metrics=dict(metrics))
+        server_round = self.offset + math.ceil(done / self.per_round)
+        if self.steps:
+            return CurvePoint(round=server_round, epochs=0, steps=done, metrics=dict(metrics))
+        return CurvePoint(round=server_round, epochs=done, metrics=dict(metrics))
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, group_lrs: list[float], hyper: Hyper, epoch: int) -> None:
-    """Apply the round's scheduled rate (Hyper.lr_at) as a factor on each group's rate."""
+def _set_lr(optimizer: torch.optim.Optimizer, group_lrs: list[float], hyper: Hyper, lr: float) -> None:
+    """Apply the round's scheduled rate `lr` (Hyper.lr_at) as a factor on each group's rate."""
     if hyper.learning_rate <= 0:
         return
-    factor = hyper.epoch_lr(epoch) / hyper.learning_rate
+    factor = lr / hyper.learning_rate
     for group, lr in zip(optimizer.param_groups, group_lrs, strict=True):
         group["lr"] = lr * factor
 
@@ -773,6 +810,14 @@ def _shuffled_batches(
             yield x[index], y[index]
         return
     yield from DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator)
+
+
+def _cycled_batches(
+    data: Dataset[Any], batch_size: int, drop_last: bool, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Freshly shuffled passes of `data` (_shuffled_batches) one after the other, without end."""
+    while True:
+        yield from _shuffled_batches(data, batch_size, drop_last, generator)
 
 
 def _evaluate_split(

@@ -204,6 +204,7 @@ class JobSpec(_message.Message):
     LR_GAMMA_FIELD_NUMBER: _builtins.int
     LR_MIN_FIELD_NUMBER: _builtins.int
     KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
+    LOCAL_STEPS_FIELD_NUMBER: _builtins.int
     BROADCAST_DTYPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name under which the trained model is registered (default: "model")."""
@@ -259,6 +260,10 @@ class JobSpec(_message.Message):
     """Carry each partition's optimizer state (momentum buffers, Adam moments) across rounds in the warm worker that
     trained it (off by default; a partition whose task lands on another worker starts fresh).
     """
+    local_steps: _builtins.int
+    """Minibatch steps each sampled partition trains per round instead of local_epochs epochs (default 0: epochs).
+    Batches come from freshly shuffled passes of the partition, one after the other.
+    """
     broadcast_dtype: _builtins.str
     """The round's global weights as sent to the workers: "fp32" (default, exact) or "fp16" (floating tensors halved
     in size; workers load them into their fp32 parameters; the evaluation and the checkpoint keep the fp32 ones).
@@ -296,11 +301,12 @@ class JobSpec(_message.Message):
         lr_gamma: _builtins.float | None = ...,
         lr_min: _builtins.float | None = ...,
         keep_optimizer_state: _builtins.bool = ...,
+        local_steps: _builtins.int | None = ...,
         broadcast_dtype: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_local_steps", b"_local_steps", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "batch_size", b"batch_size", "budget_glm", b"budget_glm", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "local_steps", b"local_steps", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "broadcast_dtype", b"broadcast_dtype", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "keep_optimizer_state", b"keep_optimizer_state", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_budget_glm", b"_budget_glm", "_dirichlet_alpha", b"_dirichlet_alpha", "_fraction_fit", b"_fraction_fit", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_local_steps", b"_local_steps", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_step_rounds", b"_lr_step_rounds", "_lr_warmup_rounds", b"_lr_warmup_rounds", "_min_fit", b"_min_fit", "_min_fit_workers", b"_min_fit_workers", "_round_deadline_seconds", b"_round_deadline_seconds", "_rounds", b"_rounds", "_seed", b"_seed", "_task_timeout_seconds", b"_task_timeout_seconds", "_test_fraction", b"_test_fraction", "_workers", b"_workers", "backend", b"backend", "baseline", b"baseline", "batch_size", b"batch_size", "broadcast_dtype", b"broadcast_dtype", "budget_glm", b"budget_glm", "compression", b"compression", "dirichlet_alpha", b"dirichlet_alpha", "fraction_fit", b"fraction_fit", "keep_optimizer_state", b"keep_optimizer_state", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "local_steps", b"local_steps", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "lr_warmup_rounds", b"lr_warmup_rounds", "min_fit", b"min_fit", "min_fit_workers", b"min_fit_workers", "module", b"module", "name", b"name", "partitioning", b"partitioning", "round_deadline_seconds", b"round_deadline_seconds", "rounds", b"rounds", "seed", b"seed", "strategy", b"strategy", "strategy_options", b"strategy_options", "task_timeout_seconds", b"task_timeout_seconds", "test_fraction", b"test_fraction", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -314,6 +320,8 @@ class JobSpec(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
     _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__local_steps: _TypeAlias = _typing.Literal["local_steps"]  # noqa: Y015
+    _WhichOneofArgType__local_steps: _TypeAlias = _typing.Literal["_local_steps", b"_local_steps"]  # noqa: Y015
     _WhichOneofReturnType__lr_gamma: _TypeAlias = _typing.Literal["lr_gamma"]  # noqa: Y015
     _WhichOneofArgType__lr_gamma: _TypeAlias = _typing.Literal["_lr_gamma", b"_lr_gamma"]  # noqa: Y015
     _WhichOneofReturnType__lr_min: _TypeAlias = _typing.Literal["lr_min"]  # noqa: Y015
@@ -350,6 +358,8 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__local_steps) -> _WhichOneofReturnType__local_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_gamma) -> _WhichOneofReturnType__lr_gamma | None: ...
     @_typing.overload
@@ -675,8 +685,11 @@ class CurvePoint(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     epochs: _builtins.int
+    steps: _builtins.int
+    """A local_steps job's baseline counts optimizer steps instead (steps = round x workers x local_steps; epochs 0)."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -685,10 +698,11 @@ class CurvePoint(_message.Message):
         round: _builtins.int = ...,
         epochs: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "metrics", b"metrics", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epochs", b"epochs", "metrics", b"metrics", "round", b"round", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

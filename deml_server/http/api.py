@@ -123,9 +123,15 @@ def job_json(job: Job, stats: RoundStats, *, rounds: bool = True) -> dict[str, A
         "failure_cause": job.failure_cause.value or None,
         "model": {"name": job.model_name, "version": job.model_version} if job.model_version else None,
         "baseline_metrics": job.baseline_metrics,
-        # The baseline's test metrics after every local_epochs epochs (point k: as many epochs as round k).
+        # The baseline's test metrics after every local_epochs epochs (point k: as many epochs as round k); a
+        # local_steps job's counts steps (epochs 0).
         "baseline_curve": [
-            {"round": p.round, "epochs": p.epochs, "metrics": {k: _finite(v) for k, v in p.metrics.items()}}
+            {
+                "round": p.round,
+                "epochs": p.epochs,
+                "steps": p.steps,
+                "metrics": {k: _finite(v) for k, v in p.metrics.items()},
+            }
             for p in job.baseline_curve
         ],
         # The first round within 1 point of the baseline's final accuracy; null: not reached (or no baseline).

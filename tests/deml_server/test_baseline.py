@@ -136,4 +136,6 @@ def test_job_to_pb_and_the_api_carry_the_curve_and_rounds_to_accuracy(tmp_path: 
     assert msg.baseline_accuracy == CENTRAL
     assert not plain.HasField("rounds_to_accuracy") and len(plain.baseline_curve) == 0
     assert body["rounds_to_accuracy"] == 2
-    assert body["baseline_curve"] == [{"round": p.round, "epochs": p.epochs, "metrics": p.metrics} for p in CURVE]
+    assert body["baseline_curve"] == [
+        {"round": p.round, "epochs": p.epochs, "steps": 0, "metrics": p.metrics} for p in CURVE
+    ]

@@ -203,7 +203,10 @@ def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -
         ({"status": "ok", "curve": {"round": 1}}, "result.curve must be a JSON list"),
         ({"status": "ok", "curve": [{"epochs": 5}]}, "result.curve[0] lacks the field 'round'"),
         ({"status": "ok", "curve": [{"round": 1, "epochs": 5, "metrics": {"accuracy": "x"}}]}, "curve[0].metrics"),
-        ({"status": "ok", "curve": [{"round": 0, "epochs": 5}]}, "a curve point needs round and epochs >= 1"),
+        (
+            {"status": "ok", "curve": [{"round": 0, "epochs": 5}]},
+            "a curve point needs round >= 1 and one of epochs and steps >= 1",
+        ),
         ({"status": "ok", "curve": [{"round": 1, "epochs": 5, "at": 3}]}, "result.curve[0] has unknown field(s) 'at'"),
         ({"status": "ok", "parts": [{"index": 0}]}, "result.parts[0] lacks the field 'result'"),
         ({"status": "ok", "parts": [{"result": {"status": "ok"}}]}, "result.parts[0] lacks the field 'index'"),

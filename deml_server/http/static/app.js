@@ -173,6 +173,8 @@ class RoundChart {
     // With the baseline's curve, test metrics are drawn against epochs-equivalent (round x local epochs): the
     // centralized point k has trained as many epochs as federated round k. Without one, a flat baseline line.
     const curve = spec.baseline && job && job.baseline_curve && job.baseline_curve.length ? job.baseline_curve : null;
+    // A local_steps job's baseline points count steps, not epochs: they are drawn against the round instead.
+    if (curve && job.spec.local_steps > 0) return this.draw(curvePlot(spec, rounds, curve, 1, "round"), total, rounds.length);
     if (curve) return this.draw(curvePlot(spec, rounds, curve, job.spec.local_epochs), total * job.spec.local_epochs, rounds.length);
     const xs = rounds.map(r => r.round);
     const columns = spec.series.map(([key]) => rounds.map(r => roundValue(r, key)));
@@ -225,17 +227,17 @@ class RoundChart {
 }
 
 // The federated metric and the centralized baseline's curve on one epochs-equivalent axis, aligned by round.
-function curvePlot(spec, rounds, curve, localEpochs) {
+function curvePlot(spec, rounds, curve, localEpochs, axis = "epochs") {
   const byRound = new Map(rounds.map(r => [r.round, r]));
   const points = new Map(curve.map(p => [p.round, p]));
   const order = [...new Set([...byRound.keys(), ...points.keys()])].sort((a, b) => a - b);
-  const epochs = r => points.has(r) ? points.get(r).epochs : r * localEpochs;
+  const epochs = r => axis === "round" ? r : points.has(r) ? points.get(r).epochs : r * localEpochs;
   const columns = spec.series.map(([key]) => order.map(r => byRound.has(r) ? roundValue(byRound.get(r), key) : null));
   const central = order.map(r => {
     const v = points.has(r) ? points.get(r).metrics[spec.baseline] : undefined;
     return v === undefined || v === null ? null : v;
   });
-  return { axis: "epochs", step: localEpochs, xs: order.map(epochs), columns, extra: [{ label: "centralized baseline", column: central, flat: false }] };
+  return { axis, step: localEpochs, xs: order.map(epochs), columns, extra: [{ label: "centralized baseline", column: central, flat: false }] };
 }
 
 async function jobPage() {
@@ -384,6 +386,7 @@ const SPEC_FIELDS = [
   ["rounds", "int", "Rounds", "federated rounds"],
   ["workers", "int", "Workers", "partitions trained per round"],
   ["local_epochs", "int", "Local epochs", "per worker per round"],
+  ["local_steps", "int", "Local steps", "0 = train local epochs; > 0: minibatch steps per round instead"],
   ["batch_size", "int", "Batch size", ""],
   ["learning_rate", "float", "Learning rate", ""],
   ["strategy", "strategy", "Strategy", ""],
