@@ -252,7 +252,10 @@ async def bench(args: argparse.Namespace, links: Any, work: Path) -> dict[str, l
             spec = settings(args.rounds, scheme, args.seed, args.learning_rate, args.providers)
             run = await run_scheme(work / f"{scheme.replace('/', '+')}-{repeat}", links, task_dir, spec)
             runs[scheme].append(run)
-            shown = {k: v for k, v in run.items() if k not in ("at", "accuracy")}
+            # Kept as it comes, so that a run stopped half-way still leaves what it measured.
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "bandwidth-partial.json").write_text(json.dumps(runs, indent=1, default=str))
+            shown = {k: v for k, v in run.items() if k not in ("at", "accuracy", "from_first_round")}
             print(f"{scheme} #{repeat}: accuracy {run['accuracy'][-1]:.4f} {shown}", file=sys.stderr, flush=True)
     return runs
 
@@ -281,7 +284,7 @@ def cpu_cost(hidden: int, rate: int, work: Path) -> tuple[str, dict[str, Any]]:
     from deml_server.runner import _write_half
     from deml_server.strategy.aggregate import validate_update
     from provider_runtime import compression
-    from provider_runtime.weights import load_into, save_arrays, save_state_dict, state_dict_to_arrays
+    from provider_runtime.weights import load_arrays, load_into, save_arrays, save_state_dict, state_dict_to_arrays
 
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
@@ -308,6 +311,7 @@ def cpu_cost(hidden: int, rate: int, work: Path) -> tuple[str, dict[str, Any]]:
         "server: fp32 -> fp16, safetensors, pack, write (once a round)": lambda: _write_half(current, half, True, True),
         "provider: load fp32 weights into the model": lambda: load_into(loading, full),
         "provider: read, unpack, widen fp16 weights into the model": lambda: load_into(loading, half),
+        "provider: read the fp16 weights again as arrays (the delta's base until 36daf55)": lambda: load_arrays(half),
         "provider: save the fp32 update": lambda: save_state_dict(state, update),
         "server: read and check an fp32 update": lambda: validate_update(
             current, wio.read_update(update, current, "none")
@@ -336,8 +340,8 @@ def cpu_cost(hidden: int, rate: int, work: Path) -> tuple[str, dict[str, Any]]:
         "  decode int8": lambda: compression.decode(encoded.arrays, encoded.metadata, base),
     }
     timed: dict[str, float] = {}
-    order = [*steps][:1] + [*parts][:2] + [*steps][1:3] + [*parts][2:3] + [*steps][3:6] + [*parts][3:7]
-    order += [*steps][6:] + [*parts][7:]
+    order = [*steps][:1] + [*parts][:2] + [*steps][1:3] + [*parts][2:3] + [*steps][3:7] + [*parts][3:7]
+    order += [*steps][7:] + [*parts][7:]
     everything = {**steps, **parts}
     for name in order:
         runs = []
