@@ -1,15 +1,18 @@
 """Compressed updates on 20 MB/s provider links: a DeML job on the golem backend with the Golem stand-in exe-unit.
 
-    sudo python bench/bench_bandwidth.py [--hidden 2048] [--train-rows 64] [--rounds 5] [--schemes none fp16 int8]
-                                         [--rate 20000000] [--repeats 1] [--out bench/out]
+    sudo python bench/bench_bandwidth.py [--hidden 2048] [--train-rows 64] [--providers 4] [--rounds 5]
+                                         [--schemes none fp16 int8] [--rate 20000000] [--repeats 1]
+                                         [--drop 1 | --target ACCURACY] [--out bench/out]
+    python bench/bench_bandwidth.py --cpu-cost [--hidden 4096]     # no links, no job: CPU per step
+    python bench/bench_bandwidth.py --from-json OUT/bandwidth(-partial).json ...   # re-render
 
 The job: the MLP of bench/bench_scale.py (64 -> h -> h -> 10; h=2048: 4.3 M parameters, 17 MB of fp32) on
-synthetic digits-shaped data of its kind, 4 IID partitions of --train-rows rows each (360 test rows), 1 local epoch,
-batch 32, the same seed for every scheme. The training rows are few on purpose: the 4 stand-in providers share this
-machine's cores, so with bench_scale's 1,437 rows the round measured the CPU, not the link; with a few batches a
-round the 20 MB/s links bound it, as they do on real providers that each have their own CPU. It runs
+synthetic digits-shaped data of its kind, one IID partition per provider (--providers, default 4) of --train-rows
+rows each (360 test rows), 1 local epoch, batch 32, the same seed for every scheme. The training rows are few on
+purpose: the stand-in providers share this machine's cores, so with bench_scale's 1,437 rows the round measured
+the CPU, not the link; real providers each have their own CPU. It runs
 through the real golem backend (its yapapi worker, Scripts, content-hash upload cache, result bundles) against
-tests/golem/standin.py with 4 stand-in providers, each behind its own shaped link (tests/golem/shaped_link.py):
+tests/golem/standin.py with the stand-in providers, each behind its own shaped link (tests/golem/shaped_link.py):
 a veth pair into a network namespace made for it, a `tbf` qdisc of --rate bytes per second on both ends, and a
 file server in the namespace. Every byte the stand-in moves to or from a provider (SendFile, SendBytes,
 DownloadFile, DownloadBytes) crosses that link over TCP; nothing is modelled. The training processes still run
@@ -17,9 +20,16 @@ on this machine's cores (2 here, shared), so compute is real too.
 
 Per compression scheme: median round wall time (consecutive commits, rounds 2..N), the bytes DeML counts per
 worker per round (global weights down, the update file up), the bytes that really crossed the links per provider
-per round (all tasks, tar.gz bundles and task files included), the final test accuracy, and time-to-accuracy: wall
-time from the job's creation to the commit of the first round whose test accuracy reaches the target (default:
-`none`'s final accuracy minus 1 point). Ratios are to `none` in the same run; with --repeats > 1, medians.
+per round (all tasks, tar.gz bundles and task files included), the CPU seconds per round of the server and every
+provider task together (this process and its children), the final test accuracy, and time-to-accuracy: wall time
+to the commit of the first round whose test accuracy reaches the target (--target, or `none`'s final accuracy
+minus --drop points), from the job's creation (init task and first uploads included) and from round 1's start.
+Ratios are to `none` in the same run; with --repeats > 1, medians. Each run's figures are also written as they
+come (OUT/bandwidth-partial.json).
+
+--cpu-cost times each step of a round's weights path alone, on the real functions (the runner's fp16 writer, the
+worker's loader, encoder and packer, the server's reader, decoder and check), one thread, CPU seconds of the
+process, medians of 3, for the MLP of --hidden with normally drawn deltas; it writes OUT/cpu_cost.json.
 
 A scheme is the updates' compression, optionally with `/fp16`: the global weights then also go down in fp16
 (`broadcast_dtype`). With fp32 weights down, int8 updates can shrink a round's transfers at most to
@@ -392,7 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop", type=float, default=1.0, help="target = none's final accuracy minus this (points)")
     parser.add_argument("--target", type=float, help="the target accuracy (0..1) instead of none's final - drop")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    parser.add_argument("--from-json", type=Path, help="re-render a bandwidth.json of an earlier run; run nothing")
+    parser.add_argument(
+        "--from-json", type=Path, help="re-render a bandwidth(-partial).json of an earlier run; run nothing"
+    )
     parser.add_argument("--cpu-cost", action="store_true", help="time each step of the weights' path alone; no job")
     args = parser.parse_args(argv)
     if "none" not in args.schemes:
@@ -406,7 +418,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.from_json is not None:
         earlier = json.loads(args.from_json.read_text())
-        runs = {row["scheme"]: row["runs"] for row in earlier["rows"]}
+        # bandwidth.json (rows with their runs) or bandwidth-partial.json (runs by scheme, as far as they went).
+        runs = {row["scheme"]: row["runs"] for row in earlier["rows"]} if "rows" in earlier else earlier
+        runs = {scheme: got for scheme, got in runs.items() if got}
         target, rows = summarise(runs, args.drop, args.target)
         print(render(rows, target, args))
         return
