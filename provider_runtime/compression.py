@@ -405,8 +405,9 @@ def _header_end(data: bytes | bytearray) -> int:
 def _layout(data: bytes | bytearray, header_end: int) -> list[tuple[int, int, int]]:
     """Each tensor's (first byte, end, bytes per element) in the data section, in order and not overlapping.
 
-    Only the ranges the header states sanely are listed: the shuffle only permutes bytes within a range, so a header it cannot read is simply not shuffled for: the
-    reader of the unpacked file checks the header (names, dtypes, shapes, ranges) as it checks any file.
+    Only the ranges the header states sanely are listed: the shuffle only permutes bytes within a range, so a
+    header it cannot read is simply not shuffled for: the reader of the unpacked file checks the header (names,
+    dtypes, shapes, ranges) as it checks any file.
     """
     try:
         header = json.loads(bytes(data[8:header_end]))
