@@ -122,7 +122,8 @@ def _bomb(packed: bytes) -> bytes:
     (magic, size, head, _) = struct.unpack_from("<8sQII", packed)
     stream = zlib.compress(bytes(64 << 20), 9)
     start = struct.pack("<8sQII", magic, size, head, 1) + packed[24 : 24 + head]
-    return start + struct.pack("<BI", 1, len(stream)) + stream
+    body = size - 8 - struct.unpack_from("<Q", compression.unpack(packed, size))[0]
+    return start + struct.pack("<BII", 1, len(stream), body) + stream
 
 
 def _declares_a_terabyte(packed: bytes) -> bytes:

@@ -210,13 +210,13 @@ def test_pack_shuffles_each_tensors_bytes_by_significance_and_unpacks_bit_for_bi
     assert unpack(pack(small), len(small)) == small
 
 
-def _segments(packed: bytes) -> list[tuple[int, int]]:
-    """The packed file's segment table: (method, length) per segment (0 stored, 1 coded)."""
+def _table(packed: bytes) -> list[tuple[int, int, int]]:
+    """The packed file's segment table: (method, length, length unpacked) per segment (method 0 stored, 1 coded)."""
     _, _, head, count = struct.unpack_from("<8sQII", packed)
-    return [struct.unpack_from("<BI", packed, 24 + head + 5 * i) for i in range(count)]
+    return [struct.unpack_from("<BII", packed, 24 + head + 9 * i) for i in range(count)]
 
 
-def test_pack_codes_the_segments_that_save_a_third_and_stores_the_rest() -> None:
+def test_pack_codes_the_segments_that_save_a_quarter_and_stores_the_rest() -> None:
     # Prepare: 3 segments of int8 codes in -3..3 (under 3 bits of entropy: coded) and 2 of random bytes (8 bits:
     # stored); safetensors lays the I8 tensor out before the U8 one, from the data's first byte
     rng = np.random.default_rng(5)
@@ -230,26 +230,44 @@ def test_pack_codes_the_segments_that_save_a_third_and_stores_the_rest() -> None
     packed = pack(data)
 
     # Assert: which segments were coded, the stored ones verbatim, and the file back bit for bit
-    table = _segments(packed)
-    assert [method for method, _ in table] == [1, 1, 1, 0, 0]
-    assert [length for _, length in table][3:] == [SEGMENT, SEGMENT]
-    assert all(length < 0.45 * SEGMENT for _, length in table[:3])
+    table = _table(packed)
+    assert [method for method, _, _ in table] == [1, 1, 1, 0, 0]
+    assert [(length, size) for _, length, size in table][3:] == [(SEGMENT, SEGMENT)] * 2
+    assert all(length < 0.45 * SEGMENT and size == SEGMENT for _, length, size in table[:3])
     assert unpack(packed, len(data)) == data
 
 
-@pytest.mark.parametrize(("values", "coded"), [(32, True), (64, False), (2, True), (256, False)])
-def test_a_segment_is_coded_when_its_byte_entropy_saves_a_third(values: int, coded: bool) -> None:
-    # Uniform over `values` byte values: log2(values) bits a byte; coding pays below 8 * (1 - 1/3) = 5.33 bits
-    assert MIN_SAVING == 1 / 3
+def test_pack_cuts_a_float_tensor_at_its_byte_places_and_codes_only_the_high_ones() -> None:
+    # Prepare: a small float16 tensor (far below SEGMENT) whose low-order bytes are random and high-order bytes
+    # take 4 values: one segment each, the low bytes stored and the high ones coded
+    rng = np.random.default_rng(6)
+    high = rng.choice(np.array([0x3C, 0x3D, 0xBC, 0xBD], np.uint16), size=4096)
+    values = ((high << 8) | rng.integers(0, 256, size=4096, dtype=np.uint16)).view(np.float16)
+    data = _file({"w": values})
+
+    # Execute
+    packed = pack(data)
+
+    # Assert
+    table = _table(packed)
+    assert [(method, size) for method, _, size in table] == [(0, 4096), (1, 4096)]
+    assert table[0][1] == 4096 and table[1][1] < 0.3 * 4096
+    assert unpack(packed, len(data)) == data
+
+
+@pytest.mark.parametrize(("values", "coded"), [(32, True), (128, False), (2, True), (256, False)])
+def test_a_segment_is_coded_when_its_byte_entropy_saves_a_quarter(values: int, coded: bool) -> None:
+    # Uniform over `values` byte values: log2(values) bits a byte; coding pays below 8 * (1 - 1/4) = 6 bits
+    assert MIN_SAVING == 1 / 4
     segment = np.random.default_rng(0).integers(0, values, size=SEGMENT).astype(np.uint8)
     assert _worth_coding(segment) is coded
 
 
-def _repacked(packed: bytes, table: list[tuple[int, int]], streams: list[bytes]) -> bytes:
+def _repacked(packed: bytes, table: list[tuple[int, int, int]], streams: list[bytes]) -> bytes:
     """The packed file with its segment table and segments replaced."""
     magic, size, head, _ = struct.unpack_from("<8sQII", packed)
     start = struct.pack("<8sQII", magic, size, head, len(table)) + packed[24 : 24 + head]
-    return start + b"".join(struct.pack("<BI", *entry) for entry in table) + b"".join(streams)
+    return start + b"".join(struct.pack("<BII", *entry) for entry in table) + b"".join(streams)
 
 
 def test_unpack_refuses_bombs_cut_short_and_stray_bytes_by_name() -> None:
@@ -260,21 +278,21 @@ def test_unpack_refuses_bombs_cut_short_and_stray_bytes_by_name() -> None:
         unpack(packed, 100)
     bomb = zlib.compress(bytes(1 << 24))
     with pytest.raises(CompressionError, match=f"the packed data unpacks to more than the {body:,} bytes it declares"):
-        unpack(_repacked(packed, [(1, len(bomb))], [bomb]), 1 << 40)
-    with pytest.raises(CompressionError, match="the packed data is cut short: segment 0 has"):
+        unpack(_repacked(packed, [(1, len(bomb), body)], [bomb]), 1 << 40)
+    with pytest.raises(CompressionError, match="the packed data is cut short: segment 1 has"):
         unpack(packed[:-3], len(data))
     with pytest.raises(CompressionError, match="the packed data is followed by 1 stray bytes"):
         unpack(packed + b"x", len(data))
     with pytest.raises(CompressionError, match="the packed data is not a valid zlib stream"):
-        unpack(_repacked(packed, [(1, 8)], [b"garbage!"]), len(data))
+        unpack(_repacked(packed, [(1, 8, body)], [b"garbage!"]), len(data))
     short = zlib.compress(bytes(body - 1))
     with pytest.raises(CompressionError, match=f"the packed data is cut short: {body - 1:,} of {body:,} bytes"):
-        unpack(_repacked(packed, [(1, len(short))], [short]), len(data))
+        unpack(_repacked(packed, [(1, len(short), body)], [short]), len(data))
     with pytest.raises(CompressionError, match=f"stored segment 0 has {body - 1:,} bytes, not {body:,}"):
-        unpack(_repacked(packed, [(0, body - 1)], [bytes(body - 1)]), len(data))
+        unpack(_repacked(packed, [(0, body - 1, body)], [bytes(body - 1)]), len(data))
     with pytest.raises(CompressionError, match="segment 0 has an unknown method 7"):
-        unpack(_repacked(packed, [(7, body)], [bytes(body)]), len(data))
-    with pytest.raises(CompressionError, match="the packed data has 2 segments; 8,192 bytes make 1"):
-        unpack(_repacked(packed, [(0, body), (0, 0)], [bytes(body)]), len(data))
+        unpack(_repacked(packed, [(7, body, body)], [bytes(body)]), len(data))
+    with pytest.raises(CompressionError, match="the packed data's segments unpack to 8,193 bytes, not 8,192"):
+        unpack(_repacked(packed, [(0, body, body), (0, 1, 1)], [bytes(body + 1)]), len(data))
     with pytest.raises(CompressionError, match="not a packed update"):
         unpack(data, len(data))
