@@ -18,9 +18,13 @@ The update is one safetensors file: each compressed tensor under its own name (F
 scales under ``NAME::scale``, and the metadata entries ``deml.compression`` (the scheme) and ``deml.delta`` (a JSON
 list of the names sent as deltas). On the wire that file is packed (`pack`, a lossless stage): its header deflated,
 and its data with each tensor's bytes regrouped by significance (byte shuffle: all first bytes, then all second
-bytes...) and Huffman-coded (zlib, ``Z_HUFFMAN_ONLY``: the quantised values' bytes repeat in few patterns, not in
-runs, so LZ77 matching would cost CPU for next to nothing). Layout, little-endian: the 8 bytes ``DEMLpk1`` and a
-newline, u64 size of the safetensors file, u32 length of the deflated header, the deflated header, the coded data.
+bytes...), cut into segments (one byte place of a tensor, at most ``SEGMENT`` bytes), each Huffman-coded (zlib,
+``Z_HUFFMAN_ONLY``: the quantised values' bytes repeat in few patterns, not in runs, so LZ77 matching would cost
+CPU for next to nothing) where that is estimated to save ``MIN_SAVING`` of its bytes, and stored as it is otherwise
+(a float tensor's low-order bytes are near random: coding them cost CPU for nothing). Layout, little-endian: the
+8 bytes ``DEMLpk2`` and a newline, u64 size of the safetensors file, u32 length of the deflated header, u32 number
+of segments, the deflated header, for each segment a u8 (0 stored, 1 a zlib stream), its u32 length and its u32
+length unpacked, then the segments.
 
 `unpack` restores the file exactly (bit for bit) and refuses, by name, a stream that is cut short, that would
 unpack to more than it declares or than the caller allows (a decompression bomb), or that carries trailing bytes.
@@ -28,6 +32,7 @@ unpack to more than it declares or than the caller allows (a decompression bomb)
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import zlib
@@ -117,30 +122,41 @@ def encode(
         if not _compressible(start) or value.shape != start.shape:
             arrays[name] = np.asarray(value, order="C")
             continue
-        delta = value.astype(np.float32) - start.astype(np.float32)
+        # One new array, the delta, is all a tensor costs: quantised from, then turned into its residual in place.
+        delta = np.subtract(value, start, dtype=np.float32)
         previous = (residual or {}).get(name)
         if previous is not None and previous.shape == delta.shape:
             delta += previous
-        sent, restored = _quantise(delta, scheme)
+        sent = _quantise(delta, scheme)
         arrays.update({name if key == "" else name + key: a for key, a in sent.items()})
-        carried[name] = delta - restored
+        carried[name] = delta
         deltas.append(name)
     metadata = {SCHEME_KEY: scheme, DELTA_KEY: json.dumps(deltas)}
     return Encoded(arrays, metadata, carried)
 
 
-def _quantise(delta: npt.NDArray[np.float32], scheme: str) -> tuple[dict[str, Array], npt.NDArray[np.float32]]:
-    """The arrays to send (key "" for the tensor, SCALE_SUFFIX for int8 scales) and what the server will restore."""
+def _quantise(delta: npt.NDArray[np.float32], scheme: str) -> dict[str, Array]:
+    """The arrays to send (key "" for the tensor, SCALE_SUFFIX for int8 scales); `delta` becomes the residual.
+
+    The residual is the delta less what the server will restore from what is sent, exactly as the server restores
+    it (decode: the same float32 products).
+    """
     if scheme == "fp16":
         half = delta.astype(np.float16)
-        return {"": half}, half.astype(np.float32)
+        np.subtract(delta, half, out=delta, dtype=np.float32)
+        return {"": half}
     if scheme == "bf16":
         bits = _to_bf16_bits(delta)
-        return {"": bits}, _from_bf16_bits(bits)
+        delta -= _from_bf16_bits(bits)
+        return {"": bits}
     scale = _int8_scale(delta)
-    quantised = np.clip(np.rint(delta / scale), -_INT8_MAX, _INT8_MAX).astype(np.int8)
-    restored = (quantised.astype(np.float32) * scale).astype(np.float32)
-    return {"": quantised, SCALE_SUFFIX: scale.reshape(_scale_shape(delta.shape))}, restored
+    work = np.divide(delta, scale, dtype=np.float32)
+    np.rint(work, out=work)
+    np.clip(work, -_INT8_MAX, _INT8_MAX, out=work)
+    quantised = work.astype(np.int8)
+    np.multiply(quantised, scale, out=work, dtype=np.float32)
+    delta -= work
+    return {"": quantised, SCALE_SUFFIX: scale.reshape(_scale_shape(delta.shape))}
 
 
 def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -149,11 +165,13 @@ def _scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _int8_scale(delta: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Per output channel (axis 0) for convolution kernels, per tensor otherwise; shaped to broadcast."""
+    # The largest magnitude as the larger of max and -min: two reductions, no |delta| array (NaN propagates).
     if delta.ndim >= _PER_CHANNEL_NDIM:
-        peak = np.abs(delta.reshape(delta.shape[0], -1)).max(axis=1)
+        rows = delta.reshape(delta.shape[0], -1)
+        peak = np.maximum(rows.max(axis=1), -rows.min(axis=1))
         peak = peak.reshape((delta.shape[0],) + (1,) * (delta.ndim - 1))
     else:
-        peak = np.asarray(np.abs(delta).max() if delta.size else 0.0, dtype=np.float32)
+        peak = np.asarray(max(delta.max(), -delta.min()) if delta.size else 0.0, dtype=np.float32)
     scale = (peak / _INT8_MAX).astype(np.float32)
     # An all-zero channel sends zeros with scale 1 (any scale restores 0); non-finite deltas keep their NaN/inf
     # scale, so the server's finite-values check refuses the update as it would the full weights.
@@ -249,15 +267,30 @@ def _restored_onto(start: Array, name: str, value: Array, arrays: Mapping[str, A
     return out.astype(start.dtype, copy=False)
 
 
-PACKED_MAGIC = b"DEMLpk1\n"
-_PACKED_HEAD = struct.Struct("<8sQI")
+PACKED_MAGIC = b"DEMLpk2\n"
+_PACKED_HEAD = struct.Struct("<8sQII")  # magic, unpacked size, deflated header's length, segments
+# How a segment is stored (_STORED or _CODED), its length in the file, and its length unpacked.
+_SEGMENT_ENTRY = struct.Struct("<BII")
+_STORED, _CODED = 0, 1
+# The data (after the byte shuffle) is cut where each tensor's byte place starts and at most this many bytes apart;
+# each segment is coded or stored on its own: a float tensor's low-order bytes (near random in trained weights)
+# cost no coding, its high-order ones are coded.
+SEGMENT = 1 << 20
+# A segment is Huffman-coded only when coding is estimated to save at least this share of its bytes. Coding costs
+# CPU on both ends: zlib's Huffman-only coder ran at ~85-100 MB/s packing and ~150-250 MB/s unpacking on one core
+# here (bench/bench_bandwidth.py --cpu-cost), ~14-19 ms per MB. On a 20 MB/s link (Golem's rate, the issue's
+# premise) a MB costs 50 ms, so coding breaks even on a segment it shrinks by ~1/4 to ~2/5 (by those rates); data
+# that shrinks less (a float tensor's low-order bytes: not at all) crosses the link sooner stored than coded. The
+# low end, 1/4, is taken: coding is kept wherever it may pay, and with it the issue's byte goals (an fp16 update's
+# high-order bytes shrink by about a quarter on the mnist CNN, and fp16 <= 0.5x of none's needs them coded).
+MIN_SAVING = 1 / 4
+# The estimate: the byte histogram's entropy (Huffman's bound) over every 8th byte of a segment.
+_SAMPLE_STEP = 8
 # Bytes per element of each safetensors dtype (for the byte shuffle); an unknown dtype is left as it is.
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
              "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}  # fmt: skip
 # A safetensors header is text of ~100 bytes a tensor; a packed one that unpacks to more than this is refused.
 _MAX_PACKED_HEADER = 16 << 20
-# Decompressed a piece at a time, so a bomb is stopped after at most this many bytes past what it declared.
-_UNPACK_STEP = 1 << 24
 
 
 def is_packed(head: bytes) -> bool:
@@ -266,63 +299,122 @@ def is_packed(head: bytes) -> bool:
 
 
 def pack(data: bytes) -> bytes:
-    """A safetensors file, packed losslessly (byte shuffle + Huffman coding; the module's docstring)."""
+    """A safetensors file, packed losslessly (byte shuffle + Huffman coding where it pays; the module's docstring)."""
     header_end = _header_end(data)
-    body = np.frombuffer(data, dtype=np.uint8, offset=header_end).copy()
-    _shuffle(body, _layout(data, header_end), inverse=False)
-    head = zlib.compress(data[:header_end], 9)
-    coder = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    coded = coder.compress(body.data) + coder.flush()
-    return _PACKED_HEAD.pack(PACKED_MAGIC, len(data), len(head)) + head + coded
+    source = np.frombuffer(data, dtype=np.uint8, offset=header_end)
+    body = np.empty_like(source)
+    _shuffled(source, body, _layout(data, header_end), inverse=False)
+    head = zlib.compress(data[:header_end], 6)
+    table: list[bytes] = []
+    parts: list[bytes | memoryview] = []
+    for first, end in _segments(len(body), _layout(data, header_end)):
+        segment = body[first:end]
+        method, stored = _STORED, segment.data
+        if _worth_coding(segment):
+            coder = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+            coded = coder.compress(segment.data) + coder.flush()
+            if len(coded) < len(segment):
+                method, stored = _CODED, memoryview(coded)
+        table.append(_SEGMENT_ENTRY.pack(method, len(stored), len(segment)))
+        parts.append(stored)
+    head_part = _PACKED_HEAD.pack(PACKED_MAGIC, len(data), len(head), len(table)) + head
+    return b"".join([head_part, *table, *parts])
+
+
+def _segments(body: int, ranges: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """The (first, end) byte of each segment of shuffled data of `body` bytes.
+
+    Cut where each range's byte places start and end (one place's bytes are alike; the next place's may not be),
+    and at most SEGMENT bytes long.
+    """
+    cuts = {0, body}
+    for begin, end, size in ranges:
+        count = (end - begin) // size
+        cuts.update(begin + place * count for place in range(size + 1))
+    points = sorted(cuts)
+    return [
+        (first, min(end, first + SEGMENT))
+        for begin, end in itertools.pairwise(points)
+        for first in range(begin, end, SEGMENT)
+    ]
+
+
+def _worth_coding(segment: npt.NDArray[np.uint8]) -> bool:
+    """Whether Huffman coding is estimated to save MIN_SAVING of `segment` (its sampled byte entropy)."""
+    sample = segment[::_SAMPLE_STEP] if len(segment) >= 256 * _SAMPLE_STEP else segment
+    counts = np.bincount(sample, minlength=256)
+    counts = counts[counts > 0]
+    share = counts / len(sample)
+    bits = float(-(share * np.log2(share)).sum())
+    return bits <= 8 * (1 - MIN_SAVING)
 
 
 def unpack(packed: bytes, limit: int) -> bytes:
     """The safetensors file `pack` made, exactly; refuses, naming why, a file larger than `limit` bytes unpacked."""
     if len(packed) < _PACKED_HEAD.size or not is_packed(packed):
-        raise CompressionError("not a packed update (no DEMLpk1 header)")
-    _, size, head_length = _PACKED_HEAD.unpack_from(packed)
+        raise CompressionError("not a packed update (no DEMLpk2 header)")
+    _, size, head_length, count = _PACKED_HEAD.unpack_from(packed)
     if size > limit:
         raise CompressionError(f"the packed file declares {size:,} bytes unpacked, more than the {limit:,} allowed")
-    start = _PACKED_HEAD.size
-    if head_length > len(packed) - start:
+    at = _PACKED_HEAD.size
+    if head_length > len(packed) - at:
         raise CompressionError("the packed file is cut short in its header")
-    header = bytearray(min(size, _MAX_PACKED_HEADER))
-    got = _inflate(packed[start : start + head_length], memoryview(header), "header", exact=False)
-    del header[got:]
+    header = _inflated(packed[at : at + head_length], min(size, _MAX_PACKED_HEADER), "header")
     header_end = _header_end(header) if len(header) >= 8 else len(header) + 1
     if header_end != len(header):
         raise CompressionError("the packed header does not unpack to a safetensors header")
+    at += head_length
+    body = size - header_end
+    if _SEGMENT_ENTRY.size * count > len(packed) - at:
+        raise CompressionError("the packed data is cut short in its segment table")
+    entries = [_SEGMENT_ENTRY.unpack_from(packed, at + _SEGMENT_ENTRY.size * i) for i in range(count)]
+    at += _SEGMENT_ENTRY.size * count
+    if sum(entry[2] for entry in entries) != body:
+        raise CompressionError(
+            f"the packed data's segments unpack to {sum(entry[2] for entry in entries):,} bytes, not {body:,}"
+        )
+    shuffled = np.empty(body, np.uint8)
+    view = memoryview(packed)
+    first = 0
+    for index, (method, length, want) in enumerate(entries):
+        if length > len(packed) - at:
+            raise CompressionError(f"the packed data is cut short: segment {index} has {len(packed) - at:,} of "
+                                   f"its {length:,} bytes")  # fmt: skip
+        stream = view[at : at + length]
+        if method == _STORED:
+            if length != want:
+                raise CompressionError(f"the packed data's stored segment {index} has {length:,} bytes, not {want:,}")
+            shuffled[first : first + want] = np.frombuffer(stream, np.uint8)
+        elif method == _CODED:
+            got = _inflated(stream, want, "data", exact=True)
+            shuffled[first : first + want] = np.frombuffer(got, np.uint8)
+        else:
+            raise CompressionError(f"the packed data's segment {index} has an unknown method {method}")
+        at += length
+        first += want
+    if at != len(packed):
+        raise CompressionError(f"the packed data is followed by {len(packed) - at:,} stray bytes")
     data = bytearray(size)
-    data[: len(header)] = header
-    _inflate(packed[start + head_length :], memoryview(data)[len(header) :], "data", exact=True)
-    _shuffle(np.frombuffer(data, dtype=np.uint8, offset=len(header)), _layout(data, len(header)), inverse=True)
+    data[:header_end] = header
+    _shuffled(shuffled, np.frombuffer(data, np.uint8, offset=header_end), _layout(data, header_end), inverse=True)
     return bytes(data)
 
 
-def _inflate(stream: bytes, into: memoryview, part: str, *, exact: bool) -> int:
-    """Inflate one zlib stream into `into`, a piece at a time; how many bytes it made.
-
-    It must end within `into` (and fill it, when `exact`); nothing past its end may follow.
-    """
+def _inflated(stream: bytes | memoryview, most: int, part: str, *, exact: bool = False) -> bytes:
+    """One zlib stream inflated: at most `most` bytes (exactly `most` when `exact`), nothing after its end."""
     inflater = zlib.decompressobj()
-    made = 0
-    pending = stream
     try:
-        while not inflater.eof:
-            piece = inflater.decompress(pending, min(_UNPACK_STEP, len(into) - made + 1))
-            if made + len(piece) > len(into):
-                raise CompressionError(f"the packed {part} unpacks to more than the {len(into):,} bytes it declares")
-            into[made : made + len(piece)] = piece
-            made += len(piece)
-            pending = inflater.unconsumed_tail
-            if not piece and not pending:
-                break
+        made = inflater.decompress(stream, most + 1)
     except zlib.error as exc:
         raise CompressionError(f"the packed {part} is not a valid zlib stream ({exc})") from None
+    if len(made) > most:
+        raise CompressionError(f"the packed {part} unpacks to more than the {most:,} bytes it declares")
     if not inflater.eof:
-        raise CompressionError(f"the packed {part} is cut short: its zlib stream stops unfinished after {made:,} bytes")
-    if exact and made != len(into):
-        raise CompressionError(f"the packed {part} is cut short: {made:,} of {len(into):,} bytes")
+        raise CompressionError(
+            f"the packed {part} is cut short: its zlib stream stops unfinished after {len(made):,} bytes"
+        )
+    if exact and len(made) != most:
+        raise CompressionError(f"the packed {part} is cut short: {len(made):,} of {most:,} bytes")
     if inflater.unused_data:
         raise CompressionError(f"the packed {part} is followed by {len(inflater.unused_data):,} stray bytes")
     return made
@@ -337,10 +429,11 @@ def _header_end(data: bytes | bytearray) -> int:
 
 
 def _layout(data: bytes | bytearray, header_end: int) -> list[tuple[int, int, int]]:
-    """Each tensor's (first byte, end, bytes per element) in the data section, where the header states them sanely.
+    """Each tensor's (first byte, end, bytes per element) in the data section, in order and not overlapping.
 
-    The shuffle only permutes bytes within a range, so a header it cannot read is simply not shuffled for: the
-    reader of the unpacked file checks the header (names, dtypes, shapes, ranges) as it checks any file.
+    Only the ranges the header states sanely are listed: the shuffle only permutes bytes within a range, so a
+    header it cannot read is simply not shuffled for: the reader of the unpacked file checks the header (names,
+    dtypes, shapes, ranges) as it checks any file.
     """
     try:
         header = json.loads(bytes(data[8:header_end]))
@@ -360,12 +453,34 @@ def _layout(data: bytes | bytearray, header_end: int) -> list[tuple[int, int, in
         begin, end = offsets
         if size > 1 and 0 <= begin <= end <= body and (end - begin) % size == 0:
             ranges.append((begin, end, size))
-    return ranges
+    # In order, and none overlapping another (safetensors never writes such a file; one that does is not shuffled
+    # for where it overlaps): the shuffle is then a permutation, exactly undone by its inverse.
+    kept: list[tuple[int, int, int]] = []
+    for begin, end, size in sorted(ranges):
+        if not kept or begin >= kept[-1][1]:
+            kept.append((begin, end, size))
+    return kept
 
 
-def _shuffle(body: npt.NDArray[np.uint8], ranges: list[tuple[int, int, int]], *, inverse: bool) -> None:
-    """Regroup (or, inverse, restore) each range's bytes by their place in an element, in place."""
+def _shuffled(
+    source: npt.NDArray[np.uint8], into: npt.NDArray[np.uint8], ranges: list[tuple[int, int, int]], *, inverse: bool
+) -> None:
+    """`source` copied into `into` (as long), each range's bytes grouped by their place in an element.
+
+    Grouped: all first bytes, then all second bytes...; `inverse` puts them back. Bytes outside the ranges are copied
+    as they are.
+    """
+    done = 0
     for begin, end, size in ranges:
-        part = body[begin:end]
-        grouped = part.reshape(size, -1).T if inverse else part.reshape(-1, size).T
-        part[:] = grouped.ravel()
+        into[done:begin] = source[done:begin]
+        count = (end - begin) // size
+        elements = (into if inverse else source)[begin:end].reshape(count, size)
+        planes = (source if inverse else into)[begin:end].reshape(size, count)
+        # One byte place at a time: numpy copies long strided rows fast, and (count, size) blocks slowly.
+        for place in range(size):
+            if inverse:
+                elements[:, place] = planes[place]
+            else:
+                planes[place] = elements[:, place]
+        done = end
+    into[done:] = source[done:]

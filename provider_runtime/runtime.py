@@ -294,9 +294,13 @@ class _Start:
         return model
 
     def base(self) -> dict[str, np.ndarray]:
-        """The bundle's weights as arrays (the base a compressed update is a delta from)."""
+        """The bundle's weights as model() loaded them: the base a compressed update is a delta from.
+
+        Views of the copy kept at the first load, not a second read (and unpack) of the file.
+        """
         if self._base is None:
-            self._base = load_arrays(_weights_path(self.bundle))
+            assert self._state is not None, "base() is asked for after model()"
+            self._base = {name: tensor.numpy() for name, tensor in self._state.items()}
         return self._base
 
 

@@ -117,9 +117,13 @@ async def test_int8_and_fp16_updates_cost_a_fraction_of_the_bytes_and_train(
 
 
 def _bomb(packed: bytes) -> bytes:
-    """The packed file with its data replaced by 64 MiB of zeros (deflated to ~64 KiB): more than it declares."""
-    (_, _, head) = struct.unpack_from("<8sQI", packed)
-    return packed[: 20 + head] + zlib.compress(bytes(64 << 20), 9)
+    """The packed file with its data replaced by one segment of 64 MiB of zeros (deflated to ~64 KiB): more than
+    it declares."""
+    (magic, size, head, _) = struct.unpack_from("<8sQII", packed)
+    stream = zlib.compress(bytes(64 << 20), 9)
+    start = struct.pack("<8sQII", magic, size, head, 1) + packed[24 : 24 + head]
+    body = size - 8 - struct.unpack_from("<Q", compression.unpack(packed, size))[0]
+    return start + struct.pack("<BII", 1, len(stream), body) + stream
 
 
 def _declares_a_terabyte(packed: bytes) -> bytes:

@@ -12,10 +12,13 @@ import pytest
 from provider_runtime.compression import (
     DELTA_KEY,
     EXACT_BELOW,
+    MIN_SAVING,
     SCALE_SUFFIX,
     SCHEME_KEY,
+    SEGMENT,
     CompressionError,
-    _shuffle,
+    _shuffled,
+    _worth_coding,
     decode,
     encode,
     is_packed,
@@ -186,12 +189,15 @@ def test_pack_shuffles_each_tensors_bytes_by_significance_and_unpacks_bit_for_bi
         "empty": np.zeros((0, 3), np.float32),
     }
     data = _file(arrays, {SCHEME_KEY: "int8", DELTA_KEY: '["q"]'})
-    # The shuffle itself, exactly: two float16 values' bytes (lo0 hi0 lo1 hi1) go out as lo0 lo1 hi0 hi1
-    two = _file({"h": np.array([1.0, -2.0], np.float16)})
-    (length,) = struct.unpack_from("<Q", two)
-    body = np.frombuffer(two, np.uint8, offset=8 + length).copy()
-    _shuffle(body, [(0, 4, 2)], inverse=False)
-    assert body.tolist() == [0x00, 0x00, 0x3C, 0xC0]
+    # The shuffle itself, exactly: two float16 values' bytes (lo0 hi0 lo1 hi1) go out as lo0 lo1 hi0 hi1, and the
+    # bytes outside the ranges are copied as they are
+    two = np.array([7, 0x00, 0x3C, 0x00, 0xC0, 9], np.uint8)
+    out = np.zeros(6, np.uint8)
+    _shuffled(two, out, [(1, 5, 2)], inverse=False)
+    assert out.tolist() == [7, 0x00, 0x00, 0x3C, 0xC0, 9]
+    back = np.zeros(6, np.uint8)
+    _shuffled(out, back, [(1, 5, 2)], inverse=True)
+    assert back.tolist() == two.tolist()
 
     # Execute
     packed = pack(data)
@@ -200,23 +206,93 @@ def test_pack_shuffles_each_tensors_bytes_by_significance_and_unpacks_bit_for_bi
     assert is_packed(packed) and not is_packed(data)
     assert unpack(packed, len(data)) == data
     assert len(packed) < len(data)
-    assert unpack(pack(two), len(two)) == two
+    small = _file({"h": np.array([1.0, -2.0], np.float16)})
+    assert unpack(pack(small), len(small)) == small
+
+
+def _table(packed: bytes) -> list[tuple[int, int, int]]:
+    """The packed file's segment table: (method, length, length unpacked) per segment (method 0 stored, 1 coded)."""
+    _, _, head, count = struct.unpack_from("<8sQII", packed)
+    return [struct.unpack_from("<BII", packed, 24 + head + 9 * i) for i in range(count)]
+
+
+def test_pack_codes_the_segments_that_save_a_quarter_and_stores_the_rest() -> None:
+    # Prepare: 3 segments of int8 codes in -3..3 (under 3 bits of entropy: coded) and 2 of random bytes (8 bits:
+    # stored); safetensors lays the I8 tensor out before the U8 one, from the data's first byte
+    rng = np.random.default_rng(5)
+    arrays = {
+        "q": rng.integers(-3, 4, size=3 * SEGMENT, dtype=np.int8),
+        "r": rng.integers(0, 256, size=2 * SEGMENT, dtype=np.uint8),
+    }
+    data = _file(arrays)
+
+    # Execute
+    packed = pack(data)
+
+    # Assert: which segments were coded, the stored ones verbatim, and the file back bit for bit
+    table = _table(packed)
+    assert [method for method, _, _ in table] == [1, 1, 1, 0, 0]
+    assert [(length, size) for _, length, size in table][3:] == [(SEGMENT, SEGMENT)] * 2
+    assert all(length < 0.45 * SEGMENT and size == SEGMENT for _, length, size in table[:3])
+    assert unpack(packed, len(data)) == data
+
+
+def test_pack_cuts_a_float_tensor_at_its_byte_places_and_codes_only_the_high_ones() -> None:
+    # Prepare: a small float16 tensor (far below SEGMENT) whose low-order bytes are random and high-order bytes
+    # take 4 values: one segment each, the low bytes stored and the high ones coded
+    rng = np.random.default_rng(6)
+    high = rng.choice(np.array([0x3C, 0x3D, 0xBC, 0xBD], np.uint16), size=4096)
+    values = ((high << 8) | rng.integers(0, 256, size=4096, dtype=np.uint16)).view(np.float16)
+    data = _file({"w": values})
+
+    # Execute
+    packed = pack(data)
+
+    # Assert
+    table = _table(packed)
+    assert [(method, size) for method, _, size in table] == [(0, 4096), (1, 4096)]
+    assert table[0][1] == 4096 and table[1][1] < 0.3 * 4096
+    assert unpack(packed, len(data)) == data
+
+
+@pytest.mark.parametrize(("values", "coded"), [(32, True), (128, False), (2, True), (256, False)])
+def test_a_segment_is_coded_when_its_byte_entropy_saves_a_quarter(values: int, coded: bool) -> None:
+    # Uniform over `values` byte values: log2(values) bits a byte; coding pays below 8 * (1 - 1/4) = 6 bits
+    assert MIN_SAVING == 1 / 4
+    segment = np.random.default_rng(0).integers(0, values, size=SEGMENT).astype(np.uint8)
+    assert _worth_coding(segment) is coded
+
+
+def _repacked(packed: bytes, table: list[tuple[int, int, int]], streams: list[bytes]) -> bytes:
+    """The packed file with its segment table and segments replaced."""
+    magic, size, head, _ = struct.unpack_from("<8sQII", packed)
+    start = struct.pack("<8sQII", magic, size, head, len(table)) + packed[24 : 24 + head]
+    return start + b"".join(struct.pack("<BII", *entry) for entry in table) + b"".join(streams)
 
 
 def test_unpack_refuses_bombs_cut_short_and_stray_bytes_by_name() -> None:
     data = _file({"w": np.zeros((64, 64), np.float16)})
     packed = pack(data)
-    head = struct.unpack_from("<8sQI", packed)[2]
+    body = len(data) - (8 + struct.unpack_from("<Q", data)[0])
     with pytest.raises(CompressionError, match=f"declares {len(data):,} bytes unpacked, more than the 100 allowed"):
         unpack(packed, 100)
-    bomb = packed[: 20 + head] + zlib.compress(bytes(1 << 24))
-    with pytest.raises(CompressionError, match="the packed data unpacks to more than the"):
-        unpack(bomb, 1 << 40)
-    with pytest.raises(CompressionError, match="the packed data is cut short"):
+    bomb = zlib.compress(bytes(1 << 24))
+    with pytest.raises(CompressionError, match=f"the packed data unpacks to more than the {body:,} bytes it declares"):
+        unpack(_repacked(packed, [(1, len(bomb), body)], [bomb]), 1 << 40)
+    with pytest.raises(CompressionError, match="the packed data is cut short: segment 1 has"):
         unpack(packed[:-3], len(data))
     with pytest.raises(CompressionError, match="the packed data is followed by 1 stray bytes"):
         unpack(packed + b"x", len(data))
     with pytest.raises(CompressionError, match="the packed data is not a valid zlib stream"):
-        unpack(packed[: 20 + head] + b"garbage!", len(data))
+        unpack(_repacked(packed, [(1, 8, body)], [b"garbage!"]), len(data))
+    short = zlib.compress(bytes(body - 1))
+    with pytest.raises(CompressionError, match=f"the packed data is cut short: {body - 1:,} of {body:,} bytes"):
+        unpack(_repacked(packed, [(1, len(short), body)], [short]), len(data))
+    with pytest.raises(CompressionError, match=f"stored segment 0 has {body - 1:,} bytes, not {body:,}"):
+        unpack(_repacked(packed, [(0, body - 1, body)], [bytes(body - 1)]), len(data))
+    with pytest.raises(CompressionError, match="segment 0 has an unknown method 7"):
+        unpack(_repacked(packed, [(7, body, body)], [bytes(body)]), len(data))
+    with pytest.raises(CompressionError, match="the packed data's segments unpack to 8,193 bytes, not 8,192"):
+        unpack(_repacked(packed, [(0, body, body), (0, 1, 1)], [bytes(body + 1)]), len(data))
     with pytest.raises(CompressionError, match="not a packed update"):
         unpack(data, len(data))
