@@ -25,24 +25,11 @@ from safetensors.numpy import save, save_file
 
 from deml_server.errors import InvalidArgument
 from provider_runtime import compression as codec
+from provider_runtime.weights import SAFETENSORS_DTYPES, SAFETENSORS_NAMES, safetensors_header
 
 Weights = dict[str, np.ndarray]
 
-# safetensors dtype names -> numpy (little-endian, as the format stores them); BF16 and others numpy lacks are refused.
-_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype("<u1"),
-    "I8": np.dtype("<i1"),
-    "U16": np.dtype("<u2"),
-    "I16": np.dtype("<i2"),
-    "U32": np.dtype("<u4"),
-    "I32": np.dtype("<i4"),
-    "U64": np.dtype("<u8"),
-    "I64": np.dtype("<i8"),
-    "F16": np.dtype("<f2"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-}
+_DTYPES = SAFETENSORS_DTYPES
 _MAX_HEADER = 100 << 20
 # Elements per piece when an update is read or the aggregate written a piece at a time (4 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
@@ -258,7 +245,6 @@ _LAYOUT_RANK = {
     name: rank
     for rank, name in enumerate(("BOOL", "U8", "I8", "I16", "U16", "F16", "I32", "U32", "F32", "F64", "I64", "U64"))
 }
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def write_chunked(
@@ -271,19 +257,10 @@ def write_chunked(
     `layout` names each tensor's dtype and shape; `chunks(name)` yields the tensor's values in C order, in pieces
     of any size, each cast to the tensor's dtype here. The file is the one `write` makes of the whole arrays.
     """
-    order = sorted(layout, key=lambda name: (-_LAYOUT_RANK[_NAMES[np.dtype(layout[name][0])]], name))
-    header: dict[str, object] = {}
-    offset = 0
-    for name in order:
-        dtype, shape = layout[name]
-        size = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    order = sorted(layout, key=lambda name: (-_LAYOUT_RANK[SAFETENSORS_NAMES[np.dtype(layout[name][0])]], name))
+    head, _ = safetensors_header((name, np.dtype(layout[name][0]), tuple(layout[name][1])) for name in order)
     with path.open("wb") as out:
-        out.write(struct.pack("<Q", len(text)))
-        out.write(text)
+        out.write(head)
         for name in order:
             dtype, shape = layout[name]
             expected = math.prod(shape) * np.dtype(dtype).itemsize

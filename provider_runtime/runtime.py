@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 import torch
@@ -224,11 +224,8 @@ def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
         start = _Start(bundle)
         model, control = _train_in(task, mod, bundle, result, start)
-        weights = out / "weights.safetensors"
-        if task.compression == "none":
-            save_state_dict(model.state_dict(), weights)
-        else:
-            weights.write_bytes(_encoded_update(model, task, start, partition_key(bundle, mod, partition_args(task))))
+        with (out / "weights.safetensors").open("wb") as weights:
+            _write_update(model, task, start, bundle, mod, weights)
         if control is not None:
             control.write(out / CONTROL_FILE, model)
 
@@ -256,13 +253,7 @@ def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[PartResult, ...]:
             try:
                 model, _ = _train_in(part, mod, bundle, outcome, start)
                 offset = updates.tell()
-                if part.compression == "none":
-                    size = write_state_dict(model.state_dict(), updates)
-                else:
-                    size = updates.write(
-                        _encoded_update(model, part, start, partition_key(bundle, mod, partition_args(part)))
-                    )
-                span = (offset, size)
+                span = (offset, _write_update(model, part, start, bundle, mod, updates))
             except BundleError:
                 raise
             except Exception as exc:
@@ -339,6 +330,15 @@ def _train_in(
 # Error-feedback residuals of the partitions this warm worker trained, as their data cache is kept (data.py).
 _RESIDUALS_KEPT = 4
 _residuals: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
+
+
+def _write_update(
+    model: torch.nn.Module, task: Task, start: _Start, bundle: Path, mod: ModuleType, out: BinaryIO
+) -> int:
+    """Write the trained model's update at `out`'s position, whole or in the task's encoding; its size."""
+    if task.compression == "none":
+        return write_state_dict(model.state_dict(), out)
+    return out.write(_encoded_update(model, task, start, partition_key(bundle, mod, partition_args(task))))
 
 
 def _encoded_update(model: torch.nn.Module, task: Task, start: _Start, key: tuple[Any, ...]) -> bytes:

@@ -8,10 +8,11 @@ provider_runtime.compression.pack), and packed global weights (fp16 ones sent ov
 from __future__ import annotations
 
 import json
+import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -23,9 +24,12 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "SAFETENSORS_DTYPES",
+    "SAFETENSORS_NAMES",
     "arrays_bytes",
     "load_arrays",
     "load_into",
+    "safetensors_header",
     "save_arrays",
     "save_state_dict",
     "state_dict_to_arrays",
@@ -100,21 +104,43 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
         write_state_dict(state, out)
 
 
-# The safetensors names of the dtypes a state_dict entry may have (those numpy carries).
-_SAFETENSORS_DTYPES = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(np.uint8): "U8",
-    np.dtype(np.int8): "I8",
-    np.dtype(np.uint16): "U16",
-    np.dtype(np.int16): "I16",
-    np.dtype(np.float16): "F16",
-    np.dtype(np.uint32): "U32",
-    np.dtype(np.int32): "I32",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.uint64): "U64",
-    np.dtype(np.int64): "I64",
-    np.dtype(np.float64): "F64",
+# safetensors dtype names -> numpy (little-endian, as the format stores them): the dtypes DeML carries (BF16 and
+# others numpy lacks are not among them). The server parses and writes safetensors files with the same table.
+SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
 }
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_header(tensors: Iterable[tuple[str, np.dtype[Any], tuple[int, ...]]]) -> tuple[bytes, int]:
+    """The start of a safetensors file whose tensors (name, dtype, shape) follow it back to back in this order.
+
+    The 8-byte little-endian length and the JSON header (padded to 8 bytes), and the size of the data after it.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offset
 
 
 def write_state_dict(state: Mapping[str, torch.Tensor], out: BinaryIO) -> int:
@@ -132,22 +158,11 @@ def write_state_dict(state: Mapping[str, torch.Tensor], out: BinaryIO) -> int:
             raise ValueError(f"state_dict entry {name!r} has dtype {tensor.dtype}, which numpy cannot carry")
         arrays.append((name, tensor.detach().cpu().contiguous().numpy()))
     arrays.sort(key=lambda entry: -entry[1].itemsize)
-    header: dict[str, object] = {}
-    offset = 0
-    for name, array in arrays:
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    out.write(struct.pack("<Q", len(text)))
-    out.write(text)
+    head, size = safetensors_header((name, array.dtype, array.shape) for name, array in arrays)
+    out.write(head)
     for _, array in arrays:
         out.write(array.reshape(-1).view(np.uint8).data)
-    return 8 + len(text) + offset
+    return len(head) + size
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:
