@@ -303,11 +303,12 @@ def pack(data: bytes) -> bytes:
     header_end = _header_end(data)
     source = np.frombuffer(data, dtype=np.uint8, offset=header_end)
     body = np.empty_like(source)
-    _shuffled(source, body, _layout(data, header_end), inverse=False)
+    layout = _layout(data, header_end)
+    _shuffled(source, body, layout, inverse=False)
     head = zlib.compress(data[:header_end], 6)
     table: list[bytes] = []
     parts: list[bytes | memoryview] = []
-    for first, end in _segments(len(body), _layout(data, header_end)):
+    for first, end in _segments(len(body), layout):
         segment = body[first:end]
         method, stored = _STORED, segment.data
         if _worth_coding(segment):
