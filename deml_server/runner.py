@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,13 +32,13 @@ from deml_server.domain import (
     TaskOutcome,
 )
 from deml_server.errors import DemlError, FailedPrecondition, InvalidArgument, ResourceExhausted, StoreBusy, Unavailable
+from deml_server.fold import Fold
 from deml_server.maintenance import last_intact_checkpoint
 from deml_server.registry import ModelRegistry
 from deml_server.sampling import sample_partitions
 from deml_server.store import JobStore
 from deml_server.strategy import make_strategy
-from deml_server.strategy.aggregate import RunningMean, check_finite_chunks, check_layout, validate_update
-from deml_server.strategy.base import FitResult, Strategy, Weights, is_float
+from deml_server.strategy.base import Strategy, Weights
 from provider_runtime import compression as codec
 from provider_runtime.contract import BatchPart
 
@@ -61,269 +61,6 @@ class JobFailed(Exception):
     def __init__(self, message: str, cause: FailureCause = FailureCause.BACKEND) -> None:
         super().__init__(message)
         self.cause = cause
-
-
-class _Fold:
-    """A round's results, checked and folded in as they arrive.
-
-    They are folded in partition order, so that the sum (and the aggregate) is bit for bit an uninterrupted run's
-    whatever order the tasks finish in.
-    For a strategy that needs only the weighted mean, each update is added to a running float64 sum and dropped:
-    memory O(model) rather than O(partitions x model). Reading and checking run in a thread, when the result's turn
-    comes: results that arrive before their predecessors wait for them as files. A whole update is checked (copied,
-    its layout and values read) up to CHECK_AHEAD turns early, beside the fold of the one before: at a round's end,
-    when the last two partitions finish together and the workers wait for the aggregate, the second is checked
-    while the first is folded.
-    """
-
-    # Whole updates checked ahead of their turn at most (each a private copy on disk until it is folded).
-    CHECK_AHEAD = 2
-
-    def __init__(
-        self,
-        current: Weights,
-        running_mean: bool,
-        order: Sequence[int],
-        compression: str = "none",
-        base: Weights | None = None,
-    ) -> None:
-        self.current = current
-        self.compression = compression
-        # What a compressed update is a delta from: the weights as the workers received them.
-        self.base = current if base is None else base
-        # Weights files the workers sent and their bytes, for the round's bytes_received_per_worker metric.
-        self.files_read = 0
-        self.bytes_received = 0
-        self.mean = RunningMean(current) if running_mean else None
-        self.results: list[FitResult] = []
-        self.problems: list[tuple[int, str]] = []
-        self.user_errors: list[tuple[int, str]] = []
-        # Partitions whose weights were refused, with why (the dashboard's task table marks their attempts).
-        self.rejected: list[tuple[int, str]] = []
-        # The round's sampled partitions, in the order they are folded in.
-        self._order = tuple(order)
-        self._waiting: dict[int, TaskResult | None] = {}
-        self._next = 0
-        self._lock = asyncio.Lock()
-        # Whole updates being checked (or checked) ahead of their turn, by partition.
-        self._checking: dict[int, asyncio.Task[wio.UpdateFile]] = {}
-
-    async def arrive(self, index: int, result: TaskResult | None, problem: str) -> None:
-        """Note one partition's outcome, then fold in every result whose turn has come."""
-        usable: TaskResult | None = None
-        if result is None:
-            self.problems.append((index, problem))
-        elif not result.ok:
-            self.user_errors.append((index, result.error))
-        elif result.num_examples <= 0:
-            self._reject(index, f"it reported {result.num_examples} training examples")
-        elif result.update is None:
-            self._reject(index, "its batch's result.json gives it no update")
-        else:
-            usable = result
-        # Noted before the lock (held while an earlier result is folded), so that this one's check can start now.
-        self._waiting[index] = usable
-        self._check_ahead()
-        async with self._lock:
-            await self._drain()
-
-    async def skip(self, indices: Collection[int]) -> None:
-        """Give up on partitions that will not arrive (dropped at the round deadline): fold in those after them."""
-        async with self._lock:
-            for index in indices:
-                self._waiting.setdefault(index, None)
-            await self._drain()
-
-    async def _drain(self) -> None:
-        while self._next < len(self._order) and self._order[self._next] in self._waiting:
-            small = self._small_run()
-            if small:
-                # Small whole updates in turn (a batch's, say): checked and folded one after another in one thread.
-                for index, result, control, reason in await asyncio.to_thread(self._check_and_fold_all, small):
-                    if reason is not None:
-                        self._reject(index, reason)
-                        continue
-                    self.results.append(
-                        FitResult(f"partition-{index}", {}, result.num_examples, result.metrics, index, control)
-                    )
-                continue
-            if self._next == len(self._order) or self._order[self._next] not in self._waiting:
-                continue  # the run took every result that had arrived
-            index = self._order[self._next]
-            waiting = self._waiting.pop(index)
-            self._next += 1
-            if waiting is None:
-                continue
-            # Read only now, in turn: a result that arrived early waits as a file, not as a model in memory.
-            if self._in_pieces:
-                # A whole update is checked, then folded, a piece at a time: never in memory at once.
-                checking = self._checking.pop(index, None) or self._start_check(waiting)
-                # The next results' checks run while this one is folded.
-                self._check_ahead()
-                try:
-                    try:
-                        checked = await asyncio.shield(checking)
-                    except asyncio.CancelledError:
-                        # The round is given up: discard() still closes (and removes) the copy being made.
-                        self._checking[index] = checking
-                        raise
-                    await asyncio.to_thread(self._fold_checked, checked, waiting)
-                    control = await self._control_of(waiting)
-                except DemlError as exc:
-                    self._reject(index, exc.reason)
-                    continue
-                self.results.append(
-                    FitResult(f"partition-{index}", {}, waiting.num_examples, waiting.metrics, index, control)
-                )
-                continue
-            try:
-                update = await asyncio.to_thread(self._read, waiting)
-                control = await self._control_of(waiting)
-            except DemlError as exc:
-                self._reject(index, exc.reason)
-                continue
-            if self.mean is not None:
-                await asyncio.to_thread(self.mean.add, update, waiting.num_examples)
-                # Only the metrics are kept: the weights are in the sum (and let go before the next read).
-                update = {}
-            self.results.append(
-                FitResult(f"partition-{index}", update, waiting.num_examples, waiting.metrics, index, control)
-            )
-            del update
-
-    def _small(self, result: TaskResult) -> bool:
-        """Whether a whole update is checked and folded from a private copy in memory (wio.IN_MEMORY_BYTES)."""
-        update = result.update
-        try:
-            return self._in_pieces and update is not None and update.length() <= wio.IN_MEMORY_BYTES
-        except DemlError:
-            return False  # unreadable: refused by the one-at-a-time path, by name
-
-    def _small_run(self) -> list[tuple[int, TaskResult]]:
-        """The results in turn from here whose updates are small, taken off the queue (skipped ones too)."""
-        run: list[tuple[int, TaskResult]] = []
-        while self._next < len(self._order):
-            index = self._order[self._next]
-            if index not in self._waiting or index in self._checking:
-                break
-            waiting = self._waiting[index]
-            if waiting is not None and not self._small(waiting):
-                break
-            del self._waiting[index]
-            self._next += 1
-            if waiting is not None:
-                run.append((index, waiting))
-        return run
-
-    def _check_and_fold_all(
-        self, run: list[tuple[int, TaskResult]]
-    ) -> list[tuple[int, TaskResult, Weights, str | None]]:
-        """Check and fold each small update in turn: (index, result, control variates, why it was refused)."""
-        done: list[tuple[int, TaskResult, Weights, str | None]] = []
-        for index, result in run:
-            try:
-                self._fold_checked(self._checked(result), result)
-                done.append((index, result, self._control(result), None))
-            except DemlError as exc:
-                done.append((index, result, {}, exc.reason))
-        return done
-
-    def _reject(self, index: int, reason: str) -> None:
-        self.rejected.append((index, reason))
-        self.problems.append((index, f"worker {index}: weights rejected: {reason}"))
-
-    def _read(self, result: TaskResult) -> Weights:
-        source = result.update
-        assert source is not None
-        update = wio.read_update(source, self.base, self.compression)
-        self.files_read += 1
-        self.bytes_received += source.length()
-        validate_update(self.current, update)
-        return update
-
-    @property
-    def _in_pieces(self) -> bool:
-        """Whether whole updates are checked and folded a piece at a time (a running mean of uncompressed ones)."""
-        return self.mean is not None and self.compression == "none"
-
-    def _start_check(self, result: TaskResult) -> asyncio.Task[wio.UpdateFile]:
-        return asyncio.create_task(asyncio.to_thread(self._checked, result))
-
-    def _check_ahead(self) -> None:
-        """Start checking the results that have arrived among the next CHECK_AHEAD turns (each in a thread)."""
-        if not self._in_pieces:
-            return
-        for index in self._order[self._next : self._next + self.CHECK_AHEAD]:
-            waiting = self._waiting.get(index)
-            if waiting is not None and index not in self._checking and not self._small(waiting):
-                self._checking[index] = self._start_check(waiting)
-
-    def _checked(self, result: TaskResult) -> wio.UpdateFile:
-        """A whole update's private copy, its layout and values checked (reading it a piece at a time)."""
-        source = result.update
-        assert source is not None
-        update = wio.UpdateFile(source, source.path.with_name(f"{source.path.name}.{source.offset}.checked"))
-        try:
-            if update.metadata.get(codec.SCHEME_KEY, "none") != "none":
-                raise InvalidArgument(f"{update.what} is compressed, but the job asks for whole weights")
-            check_layout(self.current, update.shapes())
-            for name, ref in self.current.items():
-                if is_float(ref):
-                    check_finite_chunks(name, update.chunks(name))
-        except BaseException:
-            update.close()
-            raise
-        return update
-
-    def _fold_checked(self, update: wio.UpdateFile, result: TaskResult) -> None:
-        """Add a checked whole update to the running sum, a piece at a time; its copy is removed."""
-        assert self.mean is not None
-        try:
-            self.files_read += 1
-            self.bytes_received += update.size
-            self.mean.add_chunks(update.chunks, result.num_examples)
-        finally:
-            update.close()
-
-    async def discard(self) -> None:
-        """Let go of updates checked ahead but never folded (a round given up): their copies are removed."""
-        checking, self._checking = list(self._checking.values()), {}
-        for done in await asyncio.gather(*checking, return_exceptions=True):
-            if isinstance(done, wio.UpdateFile):
-                done.close()
-
-    @classmethod
-    async def _control_of(cls, result: TaskResult) -> Weights:
-        """_control in a thread, unless the result is a batch's partition (which has none: no thread need look)."""
-        return {} if result.batched else await asyncio.to_thread(cls._control, result)
-
-    @staticmethod
-    def _control(result: TaskResult) -> Weights:
-        """The control variates a SCAFFOLD worker returned (the strategy checks them); {} when none.
-
-        A batch's partitions have none (a task with control variates goes alone).
-        """
-        path = result.directory / "control.safetensors"
-        return wio.read(path) if not result.batched and path.is_file() else {}
-
-    def aggregate_into(self, strategy: Strategy, server_round: int, path: Path) -> None:
-        """Write the new global weights to `path` (read-only: task bundles link it); the sums are let go."""
-        if self.mean is not None and strategy.mean_is_aggregate:
-            # The mean is the aggregate: written from the sums a piece at a time (memory: the sums, no more).
-            mean, self.mean = self.mean, None
-            mean.require_results()
-            layout = {name: (ref.dtype, ref.shape) for name, ref in self.current.items()}
-            _write_read_only(path, lambda out: wio.write_chunked(out, layout, mean.mean_chunks))
-        else:
-            aggregated = self.aggregate(strategy, server_round)
-            _write_read_only(path, lambda out: wio.write(aggregated, out))
-
-    def aggregate(self, strategy: Strategy, server_round: int) -> Weights:
-        """The new global weights (in a thread: seconds of numpy work for a big model); the sums are let go."""
-        if self.mean is not None:
-            mean, self.mean = self.mean, None
-            return strategy.aggregate_mean(server_round, self.current, mean.mean64())
-        return strategy.aggregate_fit(server_round, self.current, self.results)
 
 
 @dataclass
@@ -364,18 +101,6 @@ class _Trained:
     late: tuple[int, ...]
 
 
-def _write_read_only(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a round's global weights file with `write(path)`, replacing any left over, and make it read-only.
-
-    Task bundles hard-link these files, so they are world-readable (sandboxed workers run as other users) and
-    never changed once written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    write(path)
-    path.chmod(0o444)
-
-
 def _write_half(current: Weights, path: Path, widened: bool, packed: bool = False) -> Weights:
     """Write the round's weights with float32 tensors as float16 (what fp16 broadcast sends; read-only).
 
@@ -384,7 +109,7 @@ def _write_half(current: Weights, path: Path, widened: bool, packed: bool = Fals
     file through the lossless stage (wio.write_packed), for weights that cross a link.
     """
     half = {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
-    _write_read_only(path, lambda out: (wio.write_packed if packed else wio.write)(half, out))
+    wio.write_read_only(path, lambda out: (wio.write_packed if packed else wio.write)(half, out))
     return codec.widened(half, current) if widened else current
 
 
@@ -692,7 +417,7 @@ class JobRunner:
             )
             for i in sample
         }
-        fold = _Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
+        fold = Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
         fits = _RoundFits()
         try:
             await self._fit_all(server_round, bundles, fold, fits)
@@ -816,7 +541,7 @@ class JobRunner:
         """Where a round's task and result bundles are laid out (round 0: init, baseline, export)."""
         return self.dir / "tasks" / f"r{server_round}"
 
-    async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: _Fold, fits: _RoundFits) -> None:
+    async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: Fold, fits: _RoundFits) -> None:
         """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest.
 
         Partitions go to workers in batches of the backend's size (one bundle each, _attempt_batch); each
@@ -925,7 +650,7 @@ class JobRunner:
             self._record_attempt(bundles[index], server_round, done.attempt, own, how, result.error)
         return {index: (result, "") for index, result in done.value.items()}
 
-    async def _drop_late(self, server_round: int, late: list[int], fold: _Fold, fits: _RoundFits) -> None:
+    async def _drop_late(self, server_round: int, late: list[int], fold: Fold, fits: _RoundFits) -> None:
         """Record the partitions still running at the round deadline as late, and fold in what waited on them."""
         fits.late.update(late)
         await fold.skip(late)
@@ -950,7 +675,7 @@ class JobRunner:
         for note in fits.late_notes():
             self._progress(f"round {server_round}: {note}")
 
-    def _report_rejected(self, server_round: int, fold: _Fold, fits: _RoundFits) -> None:
+    def _report_rejected(self, server_round: int, fold: Fold, fits: _RoundFits) -> None:
         """Mark rejected weights in the task table and count them against the worker that produced them."""
         assert self._backend is not None
         for index, reason in sorted(fold.rejected):

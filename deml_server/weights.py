@@ -96,6 +96,18 @@ def write(weights: Weights, path: Path) -> None:
     save_file({k: np.asarray(v, order="C") for k, v in weights.items()}, str(path))
 
 
+def write_read_only(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a round's global weights file with `write(path)`, replacing any left over, and make it read-only.
+
+    Task bundles hard-link these files, so they are world-readable (sandboxed workers run as other users) and
+    never changed once written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    write(path)
+    path.chmod(0o444)
+
+
 def to_bytes(weights: Weights) -> bytes:
     """Serialise weights (contiguous copies where needed)."""
     # asarray(order="C"), not ascontiguousarray: the latter turns 0-d buffers (num_batches_tracked) into shape (1,).
@@ -273,6 +285,17 @@ def write_chunked(
                 raise ValueError(f"tensor {name!r}: {written} bytes produced, {expected} expected")
 
 
+def layout_key(data: bytes) -> tuple[int, bytes] | None:
+    """What fixes a safetensors file's checked layout: its size and its header's exact bytes (None: no header).
+
+    Two files with the same key pass or fail _header's checks alike and hold the same tensors at the same places.
+    """
+    if len(data) < 8:
+        return None
+    end = 8 + int.from_bytes(data[:8], "little")
+    return (len(data), data[:end]) if end <= len(data) else None
+
+
 class UpdateFile:
     """A worker's whole (uncompressed) update, read a piece at a time rather than into memory at once.
 
@@ -282,13 +305,17 @@ class UpdateFile:
     buffer in this process), which `close` removes.
     """
 
-    def __init__(self, source: Path | Span, copy: Path) -> None:
+    def __init__(self, source: Path | Span, copy: Path, data: bytes | None = None) -> None:
         span = source if isinstance(source, Span) else Span(source)
         self.what = span.what
         self._data: bytes | None = None
         self._file: io.BufferedReader | None = None
         self._copy = copy
-        if span.length() <= IN_MEMORY_BYTES:
+        if data is not None:
+            # Read by the caller already: the private copy is those bytes.
+            self._data = data
+            self.size = len(data)
+        elif span.length() <= IN_MEMORY_BYTES:
             self._data = span.read()
             self.size = len(self._data)
         else:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -104,6 +105,27 @@ def _add_scaled(acc: F64, value: npt.NDArray[Any], factor: float) -> None:
         flat_acc[start : start + part.size] += product
 
 
+class Run(NamedTuple):
+    """Tensors back to back in a result's bytes and in RunningMean's sums.
+
+    `size` values of `dtype`, from element `first` of the sums and from byte `offset` of the bytes.
+    """
+
+    first: int
+    size: int
+    dtype: np.dtype[Any]
+    offset: int
+
+
+def finite_runs(runs: Iterable[Run], data: bytes) -> bool:
+    """Whether every floating-point value of the runs in `data` is finite (validate_update's value check)."""
+    return all(
+        bool(np.isfinite(np.frombuffer(data, dtype=run.dtype, count=run.size, offset=run.offset)).all())
+        for run in runs
+        if run.dtype.kind in "fc"
+    )
+
+
 class RunningMean:
     """An example-weighted mean folded in one result at a time: memory O(model), not O(results x model).
 
@@ -112,9 +134,25 @@ class RunningMean:
 
     def __init__(self, reference: Weights) -> None:
         self._reference = reference
+        # One float64 buffer for every tensor's sum (each a view into it), laid out on first use.
+        self._flat: F64 | None = None
+        self._first: dict[str, int] = {}
         self._sums: dict[str, F64] = {}
         self.total = 0
         self.count = 0
+
+    def _lay_out(self, order: Iterable[str]) -> F64:
+        """The sums' buffer, in `order` of the tensors the first time (zeros), as it is after that."""
+        if self._flat is None:
+            names = list(order)
+            self._flat = np.zeros(sum(self._reference[name].size for name in names), dtype=np.float64)
+            first = 0
+            for name in names:
+                ref = self._reference[name]
+                self._first[name] = first
+                self._sums[name] = self._flat[first : first + ref.size].reshape(ref.shape)
+                first += ref.size
+        return self._flat
 
     def _counted(self, num_examples: int) -> bool:
         """Count one more result; whether it adds anything (a result of 0 examples counts but adds nothing)."""
@@ -132,10 +170,47 @@ class RunningMean:
 
     def _sum(self, name: str) -> F64:
         """The float64 running sum of tensor `name` (zeros, shaped as the reference's, on first use)."""
-        acc = self._sums.get(name)
-        if acc is None:
-            acc = self._sums[name] = np.zeros(self._reference[name].shape, dtype=np.float64)
-        return acc
+        self._lay_out(self._reference)
+        return self._sums[name]
+
+    def runs(self, entries: Mapping[str, tuple[np.dtype[Any], tuple[int, ...], int]]) -> tuple[Run, ...]:
+        """How a result held as bytes is checked and folded (add_runs): its tensors as runs of equal dtype.
+
+        `entries` gives each tensor's dtype, shape and first byte in the bytes; their layout matches the
+        reference's (the caller checked). Tensors next to each other both in the bytes and in the sums (laid out in
+        the bytes' order when this comes first) make one run: one check and one add for a whole model of one dtype.
+        """
+        in_bytes = sorted(entries, key=lambda name: entries[name][2])
+        self._lay_out(in_bytes)
+        runs: list[Run] = []
+        for name in in_bytes:
+            dtype, shape, offset = entries[name]
+            run = Run(self._first[name], math.prod(shape), dtype, offset)
+            last = runs[-1] if runs else None
+            if (
+                last is not None
+                and last.dtype == dtype
+                and last.first + last.size == run.first
+                and last.offset + last.size * dtype.itemsize == offset
+            ):
+                runs[-1] = last._replace(size=last.size + run.size)
+            else:
+                runs.append(run)
+        return tuple(runs)
+
+    def add_runs(self, runs: Sequence[Run], data: bytes, num_examples: int) -> None:
+        """Fold in a result held as bytes, a run at a time (`runs` from runs(), for bytes of this layout).
+
+        The same elementwise float64 operations as add(), so the same sums bit for bit. The caller has checked the
+        result's values (finite_runs).
+        """
+        if not self._counted(num_examples):
+            return
+        flat = self._lay_out(self._reference)
+        for run in runs:
+            values = np.frombuffer(data, dtype=run.dtype, count=run.size, offset=run.offset)
+            _add_scaled(flat[run.first : run.first + run.size], values, float(num_examples))
+        self.total += num_examples
 
     def add(self, weights: Weights, num_examples: int) -> None:
         """Fold in one result (its layout must match the reference's)."""

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deml_server import weights as wio
 from deml_server.bundle import TaskResult
 from deml_server.errors import InvalidArgument
-from deml_server.runner import _Fold
+from deml_server.fold import Fold
 from deml_server.strategy import FitResult, make_strategy
+from deml_server.strategy.aggregate import RunningMean
 from deml_server.strategy.base import Weights
 from provider_runtime.contract import ResultDoc
+from provider_runtime.weights import write_state_dict
 
 # Wider than one piece (wio._CHUNK_ELEMENTS: 2**20 values, aggregate._ADD_CHUNK: 2**16) and not a multiple of either.
 BIG = (1100, 1001)
@@ -40,7 +44,7 @@ def _result(tmp_path: Path, name: str, weights: Weights, examples: int) -> TaskR
 
 async def _fold(tmp_path: Path, order: tuple[int, ...], results: dict[int, TaskResult], strategy: str) -> bytes:
     current = _weights(0)
-    fold = _Fold(current, make_strategy(strategy, {}).uses_weighted_mean, sorted(results))
+    fold = Fold(current, make_strategy(strategy, {}).uses_weighted_mean, sorted(results))
     for index in order:
         await fold.arrive(index, results[index], "")
     out = tmp_path / f"aggregate-{strategy}-{'-'.join(map(str, order))}.safetensors"
@@ -60,7 +64,7 @@ def copy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-async def _fedavg_folded(tmp_path: Path, fold: _Fold, results: dict[int, TaskResult], order: tuple[int, ...]) -> bytes:
+async def _fedavg_folded(tmp_path: Path, fold: Fold, results: dict[int, TaskResult], order: tuple[int, ...]) -> bytes:
     """The FedAvg aggregate's bytes once `results` have arrived in `order`."""
     for index in order:
         await fold.arrive(index, results[index], "")
@@ -108,7 +112,7 @@ async def test_a_rejected_update_adds_nothing_to_the_sum(tmp_path: Path, copy: s
     poisoned["fc.weight"][-1, -1] = np.nan
     results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
     results[1] = _result(tmp_path, "bad", poisoned, EXAMPLES[1])
-    fold = _Fold(_weights(0), True, [0, 1, 2, 3])
+    fold = Fold(_weights(0), True, [0, 1, 2, 3])
 
     # Execute
     got = await _fedavg_folded(tmp_path, fold, results, (3, 1, 0, 2))
@@ -122,7 +126,7 @@ async def test_a_rejected_update_adds_nothing_to_the_sum(tmp_path: Path, copy: s
 async def test_a_wrongly_shaped_update_is_refused_naming_the_tensor(tmp_path: Path) -> None:
     wrong = _weights(1)
     wrong["fc.bias"] = np.zeros((3, 3, 3), np.float32)
-    fold = _Fold(_weights(0), True, [0])
+    fold = Fold(_weights(0), True, [0])
     await fold.arrive(0, _result(tmp_path, "p0", wrong, 5), "")
     assert fold.rejected == [(0, "update tensor 'fc.bias' has shape (3, 3, 3), expected (13,)")]
 
@@ -170,8 +174,8 @@ def test_an_update_read_in_pieces_gives_back_its_tensors(tmp_path: Path, copy: s
 async def test_results_checked_ahead_of_their_turn_are_removed_when_the_round_is_given_up(tmp_path: Path) -> None:
     # Prepare: partition 0 never arrives; 1 and 2 do (1 is within the next CHECK_AHEAD turns, 2 is not)
     results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
-    fold = _Fold(_weights(0), True, [0, 1, 2, 3])
-    assert _Fold.CHECK_AHEAD == 2
+    fold = Fold(_weights(0), True, [0, 1, 2, 3])
+    assert Fold.CHECK_AHEAD == 2
 
     # Execute
     await fold.arrive(1, results[1], "")
@@ -231,7 +235,7 @@ async def test_a_batchs_updates_are_folded_from_their_spans_and_one_without_is_r
         i: TaskResult(ResultDoc(status="ok", action="train", num_examples=n), tmp_path, batched=True, span=spans.get(i))
         for i, n in EXAMPLES.items()
     }
-    fold = _Fold(_weights(0), True, [0, 1, 2, 3])
+    fold = Fold(_weights(0), True, [0, 1, 2, 3])
 
     # Execute: they arrive together, as a batch's do
     got = await _fedavg_folded(tmp_path, fold, results, (0, 1, 2, 3))
@@ -241,3 +245,73 @@ async def test_a_batchs_updates_are_folded_from_their_spans_and_one_without_is_r
     assert got == _fedavg_of(tmp_path, (0, 1, 3))
     assert fold.files_read == 3 and fold.bytes_received == offset
     assert not list(tmp_path.glob("*.checked"))
+
+
+def _small(seed: int) -> Weights:
+    """A small model's weights (a batch's partitions send these): fp32 matrices and biases, an int64 counter."""
+    rng = np.random.default_rng(seed)
+    return {
+        "0.weight": rng.standard_normal((8, 5)).astype(np.float32),
+        "0.bias": rng.standard_normal(8).astype(np.float32),
+        "2.weight": rng.standard_normal((3, 8)).astype(np.float32),
+        "2.bias": rng.standard_normal(3).astype(np.float32),
+        "bn.num_batches_tracked": np.array(seed, dtype=np.int64),
+    }
+
+
+def _as_worker_writes(weights: Weights) -> bytes:
+    """The bytes a worker's write_state_dict makes: its tensors in the model's order, not the server's sorted one."""
+    out = io.BytesIO()
+    write_state_dict({name: torch.from_numpy(value.copy()) for name, value in weights.items()}, out)
+    return out.getvalue()
+
+
+async def test_a_batchs_small_updates_are_each_checked_and_folded_exactly_from_one_layout(tmp_path: Path) -> None:
+    # Prepare: six partitions' updates in one batch file, written as a worker writes them (one header for all);
+    # partition 3's holds an Inf, after partitions whose layout the fold has already kept
+    weights = {i: _small(i + 1) for i in range(6)}
+    weights[3]["2.weight"][2, 7] = np.inf
+    blobs = {i: _as_worker_writes(w) for i, w in weights.items()}
+    assert len({wio.layout_key(blob) for blob in blobs.values()}) == 1
+    (tmp_path / "updates.bin").write_bytes(b"".join(blobs.values()))
+    spans, offset = {}, 0
+    for i, blob in blobs.items():
+        spans[i] = (offset, len(blob))
+        offset += len(blob)
+    examples = {0: 11, 1: 12, 2: 11, 3: 10, 4: 1, 5: 3}
+    results = {
+        i: TaskResult(ResultDoc(status="ok", action="train", num_examples=n), tmp_path, batched=True, span=spans[i])
+        for i, n in examples.items()
+    }
+    fold = Fold(_small(0), True, list(range(6)))
+
+    # Execute: they arrive together, as a batch's do
+    got = await _fedavg_folded(tmp_path, fold, results, tuple(range(6)))
+
+    # Assert: 3 refused by name, the tensor named; the aggregate is byte for byte the whole-array FedAvg of the others
+    assert fold.rejected == [(3, "update tensor '2.weight' holds NaN or Inf")]
+    pairs = [FitResult(f"p{i}", weights[i], examples[i], {}) for i in (0, 1, 2, 4, 5)]
+    want = tmp_path / "want.safetensors"
+    wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _small(0), pairs), want)
+    assert got == want.read_bytes()
+    assert fold.files_read == 5
+
+
+def test_the_sums_of_runs_are_the_sums_of_whole_tensors() -> None:
+    # Prepare: a result as a worker writes it, and the layout the server reads from its header
+    weights = _small(4)
+    data = _as_worker_writes(weights)
+    entries, _, start = wio._header(lambda at, n: data[at : at + n], len(data), "update")
+    by_runs, whole = RunningMean(_small(0)), RunningMean(_small(0))
+
+    # Execute
+    runs = by_runs.runs({name: (dtype, shape, start + begin) for name, (dtype, shape, begin) in entries.items()})
+    by_runs.add_runs(runs, data, 7)
+    whole.add(weights, 7)
+
+    # Assert: the fp32 tensors, next to each other in the bytes, make one run; the int64 counter another; the
+    # sums are the same bit for bit
+    assert [(run.dtype, run.size) for run in runs] == [(np.dtype("<i8"), 1), (np.dtype("<f4"), 40 + 8 + 24 + 3)]
+    got, want = by_runs.mean64(), whole.mean64()
+    for name in weights:
+        assert np.array_equal(got[name], want[name])
