@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from deml_server import weights as wio
@@ -70,7 +70,22 @@ class Fold:
 
     async def arrive(self, index: int, result: TaskResult | None, problem: str) -> None:
         """Note one partition's outcome, then fold in every result whose turn has come."""
-        usable: TaskResult | None = None
+        await self.arrive_all({index: (result, problem)})
+
+    async def arrive_all(self, outcomes: Mapping[int, tuple[TaskResult | None, str]]) -> None:
+        """Note several partitions' outcomes (a batch's), then fold in every result whose turn has come.
+
+        Noted together, a batch's small updates are checked and folded in one trip to a thread, not one each.
+        """
+        for index, (result, problem) in outcomes.items():
+            self._waiting[index] = self._usable(index, result, problem)
+        # Noted before the lock (held while an earlier result is folded), so that their checks can start now.
+        self._check_ahead()
+        async with self._lock:
+            await self._drain()
+
+    def _usable(self, index: int, result: TaskResult | None, problem: str) -> TaskResult | None:
+        """The result, when it has an update to check; else None, with the problem noted."""
         if result is None:
             self.problems.append((index, problem))
         elif not result.ok:
@@ -80,12 +95,8 @@ class Fold:
         elif result.update is None:
             self._reject(index, "its batch's result.json gives it no update")
         else:
-            usable = result
-        # Noted before the lock (held while an earlier result is folded), so that this one's check can start now.
-        self._waiting[index] = usable
-        self._check_ahead()
-        async with self._lock:
-            await self._drain()
+            return result
+        return None
 
     async def skip(self, indices: Collection[int]) -> None:
         """Give up on partitions that will not arrive (dropped at the round deadline): fold in those after them."""

@@ -554,15 +554,12 @@ class JobRunner:
             nonlocal done, told
             # Past this line the partitions count as arrived: the deadline no longer cancels them.
             fits.arrived.update(results)
-            for index, (result, problem) in results.items():
-                done += 1
-                now = time.monotonic()
-                if done == len(bundles) or now - told >= PROGRESS_INTERVAL:
-                    told = now
-                    self.deps.publish(
-                        JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles)))
-                    )
-                await fold.arrive(index, result, problem)
+            done += len(results)
+            now = time.monotonic()
+            if done == len(bundles) or now - told >= PROGRESS_INTERVAL:
+                told = now
+                self.deps.publish(JobEvent(EventKind.PROGRESS, self.job, progress=(server_round, done, len(bundles))))
+            await fold.arrive_all(results)
 
         async def fit(batch: tuple[int, ...]) -> None:
             def assign(worker: str) -> None:
