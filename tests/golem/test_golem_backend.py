@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import textwrap
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from standin import Fault, StandInGolem
 
 from deml_server.backends.base import FailureKind, WorkItem
 from deml_server.backends.golem import CostLedger, GolemBackend, TaskKey, plan_uploads, vm_command
+from deml_server.backends.golem import script as script_module
 from deml_server.backends.golem_config import GolemConfig
 from deml_server.bundle import TaskBundle, read_result
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -170,6 +173,32 @@ def test_uploads_are_content_addressed_and_the_vm_script_lays_the_bundle_out(tmp
     assert b'"action": "init"' in task_json
     assert "python3 -m provider_runtime train --input /golem/input/task --output /golem/output/result" in script
     assert f"ln -s /golem/input/cache/{uploads[1].digest} /golem/input/task/data/train.npz" in script
+
+
+def test_a_files_digest_is_computed_once_while_the_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a round's weights file, hard-linked into two task bundles (as the runner links it)
+    weights = tmp_path / "round-3.safetensors"
+    weights.write_bytes(b"w" * 4096)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        os.link(weights, tmp_path / name / "weights.safetensors")
+    hashed: list[Path] = []
+    real = script_module.sha256_file
+    monkeypatch.setattr(script_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+
+    # Execute: both bundles' links, then b's replaced by another file of the same size (the next round's)
+    first = script_module.file_digest(tmp_path / "a" / "weights.safetensors")
+    second = script_module.file_digest(tmp_path / "b" / "weights.safetensors")
+    (tmp_path / "next").write_bytes(b"v" * 4096)
+    os.replace(tmp_path / "next", tmp_path / "b" / "weights.safetensors")
+    third = script_module.file_digest(tmp_path / "b" / "weights.safetensors")
+
+    # Assert: one hash for the two links of one file; the other file is hashed and its digest is its own
+    assert first == second == hashlib.sha256(b"w" * 4096).hexdigest()
+    assert third == hashlib.sha256(b"v" * 4096).hexdigest()
+    assert len(hashed) == 2
 
 
 def test_config_fails_fast_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:

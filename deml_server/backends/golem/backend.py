@@ -43,7 +43,7 @@ from deml_server.backends.golem.market import real_golem
 from deml_server.backends.golem.messages import see, short, start_error
 from deml_server.backends.golem.payload import build_payload
 from deml_server.backends.golem.providers import ProviderBook
-from deml_server.backends.golem.script import VM_INPUT, VM_OUTPUT, plan_uploads, unpack_result, vm_command
+from deml_server.backends.golem.script import VM_INPUT, VM_OUTPUT, Upload, plan_uploads, unpack_result, vm_command
 from deml_server.backends.golem_config import GolemConfig
 from deml_server.errors import FailedPrecondition, ResourceExhausted, Unavailable
 
@@ -579,14 +579,17 @@ class GolemBackend(Backend):
                 item.assigned(provider)
                 began = time.monotonic()
                 try:
-                    script, download = self._script(ctx, item, cached)
+                    # Hashing the bundle's files (a model's size each, the first time) is not for the event loop.
+                    planned = await asyncio.to_thread(plan_uploads, item.bundle)
+                    script, download = self._script(ctx, item, cached, planned)
                 except OSError as exc:  # our side: the bundle could not be read; the provider is not to blame
                     pending.fail(provider, FailureKind.REFUSED, f"could not prepare {item.label} for upload: {exc}")
                     task.reject_result(str(exc), retry=False)
                     continue
                 try:
                     yield script
-                    outcome = self._finish(item, download, provider, time.monotonic() - began)
+                    # Unpacking a result (a model's size) off the event loop too.
+                    outcome = await asyncio.to_thread(self._finish, item, download, provider, time.monotonic() - began)
                 except BatchTimeoutError:
                     outcome = self._failed(
                         item,
@@ -640,8 +643,10 @@ class GolemBackend(Backend):
     def _failed(item: WorkItem, provider: str, began: float, kind: FailureKind, what: str) -> WorkOutcome:
         return WorkOutcome(item, provider, False, f"{provider} {what}", time.monotonic() - began, failure=kind)
 
-    def _script(self, ctx: Any, item: WorkItem, cached: set[str]) -> tuple[Any, Path]:
-        task_json, uploads = plan_uploads(item.bundle)
+    def _script(
+        self, ctx: Any, item: WorkItem, cached: set[str], planned: tuple[bytes, list[Upload]]
+    ) -> tuple[Any, Path]:
+        task_json, uploads = planned
         script = ctx.new_script(timeout=timedelta(seconds=item.timeout + TRANSFER_MARGIN_SECONDS))
         for upload in uploads:
             if upload.digest in cached:
