@@ -101,18 +101,16 @@ class _Trained:
     late: tuple[int, ...]
 
 
-def _halved(current: Weights) -> Weights:
-    """The weights with float32 tensors as float16 (what fp16 broadcast sends)."""
-    return {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
+def _write_half(current: Weights, path: Path, widened: bool, packed: bool = False) -> Weights:
+    """Write the round's weights with float32 tensors as float16 (what fp16 broadcast sends; read-only).
 
-
-def _write_half(current: Weights, path: Path, packed: bool = False) -> None:
-    """Write the weights as fp16 broadcast sends them (read-only).
-
-    `packed`: through the lossless stage (wio.write_packed), for weights that cross a link.
+    Returns the weights as the workers load them (the float16 values widened back to float32) when `widened`
+    (compressed updates are deltas from those), else `current` (nothing reads the widened values). `packed`: the
+    file through the lossless stage (wio.write_packed), for weights that cross a link.
     """
-    half = _halved(current)
+    half = {name: value.astype(np.float16) if value.dtype == np.float32 else value for name, value in current.items()}
     wio.write_read_only(path, lambda out: (wio.write_packed if packed else wio.write)(half, out))
+    return codec.widened(half, current) if widened else current
 
 
 def _sample_note(sample: Sequence[int], partitions: int) -> str:
@@ -149,8 +147,6 @@ class JobRunner:
         self._ended = False
         # The round being trained (0: none), so that a shutdown does not stop the job between its rounds' overlap.
         self.training = 0
-        # Set by the next round once its partitions are queued; the round before's evaluation waits for it.
-        self._next_round_queued: asyncio.Event | None = None
         # Finished task attempts not yet in the store, and when they were last written (_record_attempt).
         self._attempts: list[TaskAttempt] = []
         self._attempts_written = 0.0
@@ -362,17 +358,10 @@ class JobRunner:
                 if pending is not None:
                     await pending
                 weights = trained.weights
-                overlap = server_round < self.spec.rounds and self._overlap_allowed()
-                # The round's evaluation is sent after the next round's partitions are queued (_fit_all): the
-                # workers train first and evaluate when one is free, at the next round's tail, instead of one of
-                # them starting the next round late (the evaluation's model is the whole model, not a partition's).
-                self._next_round_queued = asyncio.Event() if overlap else None
-                pending = asyncio.create_task(
-                    self._commit_round(trained, self._next_round_queued), name=f"job-{self.job.id}-commit"
-                )
+                pending = asyncio.create_task(self._commit_round(trained), name=f"job-{self.job.id}-commit")
                 # Trained: from here a shutdown may stop the job at this round's commit.
                 self.training = 0
-                if not overlap:
+                if not self._overlap_allowed():
                     await pending
             if pending is not None:
                 weights_digest = await pending
@@ -398,18 +387,6 @@ class JobRunner:
 
     async def _train_round(self, server_round: int, weights_path: Path, strategy: Strategy) -> _Trained:
         """Sample, train, fold and aggregate one round; its new global weights are written, not yet committed."""
-        queued, self._next_round_queued = self._next_round_queued, None
-        try:
-            return await self._train_round_queued(server_round, weights_path, strategy, queued)
-        finally:
-            # Set in any case (a round that fails before queuing): the round before's commit waits for it.
-            if queued is not None:
-                queued.set()
-
-    async def _train_round_queued(
-        self, server_round: int, weights_path: Path, strategy: Strategy, queued: asyncio.Event | None
-    ) -> _Trained:
-        """_train_round; `queued` is set once the round's partitions are queued at the backend."""
         started = time.monotonic()
         sample = sample_partitions(
             self.spec.workers, self.spec.sample_size, seed=self.spec.seed, server_round=server_round
@@ -423,7 +400,9 @@ class JobRunner:
         sent, base = weights_path, current
         if self.spec.broadcast_dtype == "fp16":
             sent = self._half_path(server_round - 1)
-            base = await asyncio.to_thread(self._sent_half, current, sent)
+            base = await asyncio.to_thread(
+                _write_half, current, sent, self.spec.compression != "none", self._packs_weights_down()
+            )
         hyper = {**self._hyper(), **strategy.configure_fit(server_round), "round": float(server_round)}
         bundles = {
             i: self._bundle(
@@ -441,7 +420,7 @@ class JobRunner:
         fold = Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
         fits = _RoundFits()
         try:
-            await self._fit_all(server_round, bundles, fold, fits, queued)
+            await self._fit_all(server_round, bundles, fold, fits)
         finally:
             await fold.discard()
         if fold.user_errors:
@@ -463,10 +442,6 @@ class JobRunner:
             )
         new_weights = self._global_path(server_round)
         await asyncio.to_thread(fold.aggregate_into, strategy, server_round, new_weights)
-        if self.spec.broadcast_dtype == "fp16":
-            # Written once, for this round's evaluation and the next round's training.
-            half = self._half_path(server_round)
-            await asyncio.to_thread(lambda: _write_half(wio.read_mapped(new_weights), half, self._packs_weights_down()))
         # The state as this round's aggregate left it (the next round's aggregate changes it).
         # Written now, stored (hashed, synced) with the commit: off the path to the next round's dispatch.
         state = self.dir / "global" / f"state-{server_round}.safetensors"
@@ -485,17 +460,12 @@ class JobRunner:
             late=tuple(sorted(fits.late)),
         )
 
-    async def _commit_round(self, trained: _Trained, behind: asyncio.Event | None = None) -> str:
-        """Evaluate a trained round's aggregate, store it and commit the round; return the weights' digest.
-
-        `behind`: the evaluation is sent once it is set (the next round's partitions are queued).
-        """
+    async def _commit_round(self, trained: _Trained) -> str:
+        """Evaluate a trained round's aggregate, store it and commit the round; return the weights' digest."""
         server_round = trained.round
-        if behind is not None:
-            await behind.wait()
         # The evaluation runs while the aggregate is copied into the artifact store (whose files stay private to
         # the server: the round's file is world-readable so that sandboxed workers' bundles can link it).
-        evaluate = self._bundle("evaluate", weights=self._evaluated_weights(trained))
+        evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
         evaluation_task = asyncio.create_task(
             self._run_one(evaluate, f"round {server_round} eval", server_round=server_round)
         )
@@ -532,6 +502,7 @@ class JobRunner:
         for done in (
             self._global_path(server_round - 1),
             self._half_path(server_round - 1),
+            self._half_path(server_round, "eval"),
             trained.state,
         ):
             await asyncio.to_thread(done.unlink, True)
@@ -541,33 +512,18 @@ class JobRunner:
     def _global_path(self, server_round: int) -> Path:
         return self.dir / "global" / f"round-{server_round}.safetensors"
 
-    def _half_path(self, server_round: int) -> Path:
-        """Round `server_round`'s aggregate in fp16 (JobSpec.broadcast_dtype).
+    def _half_path(self, server_round: int, use: str = "") -> Path:
+        """Round `server_round`'s aggregate as sent in fp16 (JobSpec.broadcast_dtype) to the next round's workers.
 
-        What its evaluation and the next round's workers get: written when the round aggregates (_train_round),
-        removed when the next round is committed.
+        With `use` "eval": the copy its own evaluation gets.
         """
-        return self.dir / "global" / f"round-{server_round}.fp16.safetensors"
-
-    def _sent_half(self, current: Weights, path: Path) -> Weights:
-        """The fp16 file a round's workers get, and the weights they load from it.
-
-        `current` is the round before's aggregate, whose fp16 file was written when it aggregated; it is written
-        here when this process did not (the job's first round, or its first after a resume). The weights loaded
-        are the fp16 values widened back to float32 when updates are compressed (the deltas are from those), else
-        `current` (nothing reads the widened values).
-        """
-        if not path.exists():
-            _write_half(current, path, self._packs_weights_down())
-        if self.spec.compression == "none":
-            return current
-        return codec.widened(_halved(current), current)
+        return self.dir / "global" / f"round-{server_round}.{use + '.' if use else ''}fp16.safetensors"
 
     def _packs_weights_down(self) -> bool:
         """Whether fp16 global weights go through the lossless stage: only where they cross a link (Golem)."""
         return self._backend is not None and self._backend.name == "golem"
 
-    def _evaluated_weights(self, trained: _Trained) -> Path:
+    async def _evaluated_weights(self, trained: _Trained) -> Path:
         """The file a round's evaluation gets: its aggregate in the job's broadcast dtype, as training gets it.
 
         With fp16 broadcast the evaluation measures the aggregate as the workers receive it (rounded to fp16), and
@@ -576,20 +532,16 @@ class JobRunner:
         """
         if self.spec.broadcast_dtype != "fp16":
             return trained.weights
-        return self._half_path(trained.round)
+        path = self._half_path(trained.round, "eval")
+        current = await asyncio.to_thread(wio.read_mapped, trained.weights)
+        await asyncio.to_thread(_write_half, current, path, False, self._packs_weights_down())
+        return path
 
     def _tasks_dir(self, server_round: int) -> Path:
         """Where a round's task and result bundles are laid out (round 0: init, baseline, export)."""
         return self.dir / "tasks" / f"r{server_round}"
 
-    async def _fit_all(
-        self,
-        server_round: int,
-        bundles: dict[int, TaskBundle],
-        fold: Fold,
-        fits: _RoundFits,
-        queued: asyncio.Event | None = None,
-    ) -> None:
+    async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: Fold, fits: _RoundFits) -> None:
         """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest.
 
         Partitions go to workers in batches of the backend's size (one bundle each, _attempt_batch); each
@@ -631,10 +583,6 @@ class JobRunner:
             batch: asyncio.create_task(fit(batch), name=f"job-{self.job.id}-r{server_round}-p{batch[0]}")
             for batch in self._batches(bundles)
         }
-        if queued is not None:
-            # One turn of the event loop takes each task to the backend's line for a worker, in order.
-            await asyncio.sleep(0)
-            queued.set()
         try:
             deadline = self.spec.round_deadline_seconds or None
             _, running = await asyncio.wait(tasks.values(), timeout=deadline)
