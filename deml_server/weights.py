@@ -29,7 +29,6 @@ from provider_runtime.weights import SAFETENSORS_DTYPES, SAFETENSORS_NAMES, safe
 
 Weights = dict[str, np.ndarray]
 
-_DTYPES = SAFETENSORS_DTYPES
 _MAX_HEADER = 100 << 20
 # Elements per piece when an update is read or the aggregate written a piece at a time (4 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
@@ -171,7 +170,7 @@ def _entry(name: str, info: object, body: int, what: str) -> tuple[np.dtype[Any]
     where = f"{what}: tensor {name!r}"
     if not isinstance(info, dict):
         raise InvalidArgument(f"{where} has no description")
-    dtype = _DTYPES.get(str(info.get("dtype")))
+    dtype = SAFETENSORS_DTYPES.get(str(info.get("dtype")))
     if dtype is None:
         raise InvalidArgument(f"{where} has dtype {info.get('dtype')!r}, which DeML does not carry")
     shape, offsets = info.get("shape"), info.get("data_offsets")
