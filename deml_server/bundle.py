@@ -172,6 +172,8 @@ class TaskBundle:
     control: Path | None = None
     # A batch of train tasks in one bundle (TaskDoc.batch): these partitions, each with its seed, instead of one.
     batch: tuple[BatchPart, ...] = ()
+    # A batch's evaluation of its weights before it trains (TaskDoc.evaluate_first; deml_server.riding).
+    evaluate_first: BatchPart | None = None
 
     @property
     def batchable(self) -> bool:
@@ -198,6 +200,7 @@ class TaskBundle:
             evaluate_after=self.evaluate_after,
             compression=self.compression,
             batch=self.batch,
+            evaluate_first=self.evaluate_first,
         )
 
     def write(self, dest: Path, code_dir: Path) -> Path:

@@ -35,6 +35,7 @@ from deml_server.errors import DemlError, FailedPrecondition, InvalidArgument, R
 from deml_server.fold import Fold
 from deml_server.maintenance import last_intact_checkpoint
 from deml_server.registry import ModelRegistry
+from deml_server.riding import RidingEvaluation
 from deml_server.sampling import sample_partitions
 from deml_server.store import JobStore
 from deml_server.strategy import make_strategy
@@ -150,6 +151,8 @@ class JobRunner:
         # Finished task attempts not yet in the store, and when they were last written (_record_attempt).
         self._attempts: list[TaskAttempt] = []
         self._attempts_written = 0.0
+        # The last round's mean seconds per partition task (what a riding evaluation's batch is expected to take).
+        self._task_seconds: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -335,13 +338,15 @@ class JobRunner:
         weights = self.deps.artifacts.open_path(weights_digest)
         pending: asyncio.Task[str] | None = None
         training: asyncio.Task[_Trained] | None = None
+        riding: RidingEvaluation | None = None
         # Global weights of rounds not yet committed live here (one file per round, linked into every task).
         shutil.rmtree(self.dir / "global", ignore_errors=True)
         try:
             for server_round in range(committed + 1, self.spec.rounds + 1):
                 self.training = server_round
                 training = asyncio.create_task(
-                    self._train_round(server_round, weights, strategy), name=f"job-{self.job.id}-r{server_round}"
+                    self._train_round(server_round, weights, strategy, riding),
+                    name=f"job-{self.job.id}-r{server_round}",
                 )
                 if pending is not None:
                     # A commit that fails (its evaluation, the budget) stops the round training beside it at once.
@@ -358,10 +363,13 @@ class JobRunner:
                 if pending is not None:
                     await pending
                 weights = trained.weights
-                pending = asyncio.create_task(self._commit_round(trained), name=f"job-{self.job.id}-commit")
+                overlap = self._overlap_allowed()
+                # Its evaluation may ride in the next round's first batch, if that round starts before this commit.
+                riding = self._riding(trained) if overlap and server_round < self.spec.rounds else None
+                pending = asyncio.create_task(self._commit_round(trained, riding), name=f"job-{self.job.id}-commit")
                 # Trained: from here a shutdown may stop the job at this round's commit.
                 self.training = 0
-                if not self._overlap_allowed():
+                if not overlap:
                     await pending
             if pending is not None:
                 weights_digest = await pending
@@ -385,8 +393,31 @@ class JobRunner:
         spent = self._backend.spent(self.job.id)
         return not (self.spec.budget_glm > 0 and spent is not None and spent >= self.spec.budget_glm)
 
-    async def _train_round(self, server_round: int, weights_path: Path, strategy: Strategy) -> _Trained:
-        """Sample, train, fold and aggregate one round; its new global weights are written, not yet committed."""
+    def _riding(self, trained: _Trained) -> RidingEvaluation | None:
+        """A round's evaluation as the next round's first batch may carry it.
+
+        Not with fp16 broadcast, whose evaluation gets a file of its own.
+        """
+        if self.spec.broadcast_dtype == "fp16":
+            return None
+        return RidingEvaluation(self._bundle("evaluate", weights=trained.weights), trained.round)
+
+    async def _train_round(
+        self, server_round: int, weights_path: Path, strategy: Strategy, riding: RidingEvaluation | None = None
+    ) -> _Trained:
+        """Sample, train, fold and aggregate one round; its new global weights are written, not yet committed.
+
+        `riding`: the round before's evaluation, which its first batch may carry (settled here either way).
+        """
+        try:
+            return await self._trained_round(server_round, weights_path, strategy, riding)
+        finally:
+            if riding is not None:
+                riding.arrived(None)
+
+    async def _trained_round(
+        self, server_round: int, weights_path: Path, strategy: Strategy, riding: RidingEvaluation | None
+    ) -> _Trained:
         started = time.monotonic()
         sample = sample_partitions(
             self.spec.workers, self.spec.sample_size, seed=self.spec.seed, server_round=server_round
@@ -420,7 +451,7 @@ class JobRunner:
         fold = Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
         fits = _RoundFits()
         try:
-            await self._fit_all(server_round, bundles, fold, fits)
+            await self._fit_all(server_round, bundles, fold, fits, riding)
         finally:
             await fold.discard()
         if fold.user_errors:
@@ -460,15 +491,12 @@ class JobRunner:
             late=tuple(sorted(fits.late)),
         )
 
-    async def _commit_round(self, trained: _Trained) -> str:
+    async def _commit_round(self, trained: _Trained, riding: RidingEvaluation | None = None) -> str:
         """Evaluate a trained round's aggregate, store it and commit the round; return the weights' digest."""
         server_round = trained.round
         # The evaluation runs while the aggregate is copied into the artifact store (whose files stay private to
         # the server: the round's file is world-readable so that sandboxed workers' bundles can link it).
-        evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
-        evaluation_task = asyncio.create_task(
-            self._run_one(evaluate, f"round {server_round} eval", server_round=server_round)
-        )
+        evaluation_task = asyncio.create_task(self._evaluation(trained, riding))
         try:
             new_digest = await asyncio.to_thread(self.deps.artifacts.put_file, trained.weights)
             state_digest = await asyncio.to_thread(self.deps.artifacts.put_file, trained.state)
@@ -509,6 +537,17 @@ class JobRunner:
         self._check_job_budget(server_round)
         return new_digest
 
+    async def _evaluation(self, trained: _Trained, riding: RidingEvaluation | None) -> TaskResult:
+        """A trained round's evaluation: the one that rode in the next round's first batch, else its own task."""
+        label = f"round {trained.round} eval"
+        rode = await riding.result() if riding is not None else None
+        if rode is not None:
+            if not rode.ok:
+                raise JobFailed(f"{label}: the task's code raised an error\n{rode.error}", FailureCause.USER_CODE)
+            return rode
+        evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
+        return await self._run_one(evaluate, label, server_round=trained.round)
+
     def _global_path(self, server_round: int) -> Path:
         return self.dir / "global" / f"round-{server_round}.safetensors"
 
@@ -541,19 +580,29 @@ class JobRunner:
         """Where a round's task and result bundles are laid out (round 0: init, baseline, export)."""
         return self.dir / "tasks" / f"r{server_round}"
 
-    async def _fit_all(self, server_round: int, bundles: dict[int, TaskBundle], fold: Fold, fits: _RoundFits) -> None:
+    async def _fit_all(
+        self,
+        server_round: int,
+        bundles: dict[int, TaskBundle],
+        fold: Fold,
+        fits: _RoundFits,
+        riding: RidingEvaluation | None = None,
+    ) -> None:
         """Train the sampled partitions, folding results in as they come; at the round deadline drop the rest.
 
         Partitions go to workers in batches of the backend's size (one bundle each, _attempt_batch); each
-        partition's result is still checked and folded on its own.
+        partition's result is still checked and folded on its own. The first batch, if short enough, carries
+        `riding`.
         """
         done = 0
         told = 0.0
+        seconds: list[float] = []
 
         async def arrived(results: dict[int, tuple[TaskResult | None, str]]) -> None:
             nonlocal done, told
             # Past this line the partitions count as arrived: the deadline no longer cancels them.
             fits.arrived.update(results)
+            seconds.extend(result.doc.seconds for result, _ in results.values() if result is not None and result.ok)
             done += len(results)
             now = time.monotonic()
             if done == len(bundles) or now - told >= PROGRESS_INTERVAL:
@@ -567,7 +616,8 @@ class JobRunner:
                     fits.assign(index, worker)
 
             if len(batch) > 1:
-                await arrived(await self._attempt_batch(server_round, {i: bundles[i] for i in batch}, assign))
+                ride = riding if batch == carrier else None
+                await arrived(await self._attempt_batch(server_round, {i: bundles[i] for i in batch}, assign, ride))
                 return
             index = batch[0]
             result = await self._attempt(
@@ -579,9 +629,13 @@ class JobRunner:
             )
             await arrived({index: result})
 
+        batches = self._batches(bundles)
+        carrier = next((batch for batch in batches if len(batch) > 1), None) if riding is not None else None
+        if carrier is not None and not RidingEvaluation.fits(len(carrier), self._task_seconds):
+            carrier = None
         tasks = {
             batch: asyncio.create_task(fit(batch), name=f"job-{self.job.id}-r{server_round}-p{batch[0]}")
-            for batch in self._batches(bundles)
+            for batch in batches
         }
         try:
             deadline = self.spec.round_deadline_seconds or None
@@ -600,7 +654,11 @@ class JobRunner:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+            if riding is not None:
+                riding.arrived(None)
             self._flush_attempts()
+            if seconds:
+                self._task_seconds = sum(seconds) / len(seconds)
 
     def _batches(self, bundles: dict[int, TaskBundle]) -> list[tuple[int, ...]]:
         """The round's partitions grouped as the backend wants them sent.
@@ -615,17 +673,25 @@ class JobRunner:
         return [tuple(shared[k : k + size]) for k in range(0, len(shared), size)] + alone
 
     async def _attempt_batch(
-        self, server_round: int, bundles: dict[int, TaskBundle], assigned: Callable[[str], None]
+        self,
+        server_round: int,
+        bundles: dict[int, TaskBundle],
+        assigned: Callable[[str], None],
+        riding: RidingEvaluation | None = None,
     ) -> dict[int, tuple[TaskResult | None, str]]:
         """Train several partitions from one bundle on one worker; each partition's result is its own.
 
         A partition whose code raises fails alone (its part of result.json says so). An infrastructure failure
         (the worker died or timed out, no usable result.json) retries the whole batch on another worker, up to the
-        cap; every partition's attempt is recorded as its own.
+        cap; every partition's attempt is recorded as its own. `riding`: the evaluation the batch carries first.
         """
         indices = list(bundles)
         first = bundles[indices[0]]
-        batch = dataclasses.replace(first, batch=tuple(BatchPart(i, b.task_seed) for i, b in bundles.items()))
+        batch = dataclasses.replace(
+            first,
+            batch=tuple(BatchPart(i, b.task_seed) for i, b in bundles.items()),
+            evaluate_first=riding.part if riding is not None else None,
+        )
         label = f"round {server_round} batch of {len(indices)} partitions from {indices[0]}"
         done = await self._retrying(
             batch,
@@ -639,13 +705,22 @@ class JobRunner:
             assigned=assigned,
         )
         if isinstance(done, list):
+            if riding is not None:
+                riding.arrived(None)
             failure = f"failed {len(done)} times: {done[-1]}"
             return {index: (None, f"round {server_round} worker {index} (in a {label}) {failure}") for index in indices}
-        for index, result in done.value.items():
+        parts, evaluation = done.value
+        if riding is not None:
+            if evaluation is not None:
+                how = TaskOutcome.OK if evaluation.ok else TaskOutcome.CODE_ERROR
+                own = dataclasses.replace(done.outcome, seconds=evaluation.doc.seconds)
+                self._record_attempt(riding.bundle, riding.round, done.attempt, own, how, evaluation.error)
+            riding.arrived(evaluation)
+        for index, result in parts.items():
             how = TaskOutcome.OK if result.ok else TaskOutcome.CODE_ERROR
             own = dataclasses.replace(done.outcome, seconds=result.doc.seconds)
             self._record_attempt(bundles[index], server_round, done.attempt, own, how, result.error)
-        return {index: (result, "") for index, result in done.value.items()}
+        return {index: (result, "") for index, result in parts.items()}
 
     async def _drop_late(self, server_round: int, late: list[int], fold: Fold, fits: _RoundFits) -> None:
         """Record the partitions still running at the round deadline as late, and fold in what waited on them."""
@@ -949,19 +1024,24 @@ class _Tried(Generic[_T]):
     attempt: int
 
 
-def _split_batch(out: Path, indices: Sequence[int]) -> dict[int, TaskResult]:
-    """A batch's result bundle as one result per partition, each update a span of the batch's one updates file.
+def _split_batch(out: Path, indices: Sequence[int]) -> tuple[dict[int, TaskResult], TaskResult | None]:
+    """A batch's result bundle: one result per partition, and the evaluation it carried (None: none, or it failed).
 
-    A batch that failed as a whole (its module did not import) is every partition's failure. ValueError when the
-    result does not cover exactly the batch's partitions.
+    Each partition's update is a span of the batch's one updates file. A batch that failed as a whole (its module
+    did not import) is every partition's failure. ValueError when the result does not cover exactly the batch's
+    partitions.
     """
     whole = read_result(out)
     if not whole.ok:
-        return {index: whole for index in indices}
+        return {index: whole for index in indices}, None
     parts = {part.index: part for part in whole.doc.parts}
     if sorted(parts) != sorted(indices) or len(parts) != len(whole.doc.parts):
         raise ValueError(f"it covers partitions {sorted(parts)}, not the batch's {sorted(indices)}")
-    return {index: TaskResult(parts[index].result, out, batched=True, span=parts[index].update) for index in indices}
+    evaluation = whole.doc.evaluation
+    return (
+        {index: TaskResult(parts[index].result, out, batched=True, span=parts[index].update) for index in indices},
+        TaskResult(evaluation, out) if evaluation is not None else None,
+    )
 
 
 def _cause_of(exc: DemlError) -> FailureCause:

@@ -350,6 +350,9 @@ class TaskDoc:
     # A batch: train each of these partitions (of `partition`'s count, scheme and data) from the same weights, each
     # with its own seed, one update file each (part_file). Empty: the one partition `partition` with `seed`.
     batch: tuple[BatchPart, ...] = ()
+    # A batch may carry the evaluation of the weights it trains from (the round before's aggregate): on this
+    # partition's test split, seeded with this seed, before any partition trains. Its outcome: ResultDoc.evaluation.
+    evaluate_first: BatchPart | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.action, ACTIONS, "task.action")
@@ -366,15 +369,28 @@ class TaskDoc:
             for part in self.batch:
                 if not 0 <= part.index < self.partition.count:
                     raise ContractError(f"task.batch partition {part.index} is outside 0..{self.partition.count - 1}")
+        if self.evaluate_first is not None:
+            if not self.batch:
+                raise ContractError("task.evaluate_first is for batches (task.batch), and this task has none")
+            if not 0 <= self.evaluate_first.index < self.partition.count:
+                raise ContractError(
+                    f"task.evaluate_first partition {self.evaluate_first.index} is outside "
+                    f"0..{self.partition.count - 1}"
+                )
 
     def parts(self) -> tuple[TaskDoc, ...]:
         """The single-partition tasks this one stands for: itself, or one per batch entry."""
         if not self.batch:
             return (self,)
-        return tuple(
-            replace(self, partition=replace(self.partition, index=part.index), seed=part.seed, batch=())
-            for part in self.batch
-        )
+        return tuple(self._one(part, "train") for part in self.batch)
+
+    def evaluation(self) -> TaskDoc | None:
+        """The evaluate task a batch's evaluate_first stands for (None: it carries none)."""
+        return None if self.evaluate_first is None else self._one(self.evaluate_first, "evaluate")
+
+    def _one(self, part: BatchPart, action: str) -> TaskDoc:
+        partition = replace(self.partition, index=part.index)
+        return replace(self, action=action, partition=partition, seed=part.seed, batch=(), evaluate_first=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object."""
@@ -388,6 +404,7 @@ class TaskDoc:
             "device": self.device,
             "compression": self.compression,
             **({"batch": [part.to_dict() for part in self.batch]} if self.batch else {}),
+            **({"evaluate_first": self.evaluate_first.to_dict()} if self.evaluate_first is not None else {}),
         }
 
     @classmethod
@@ -395,9 +412,10 @@ class TaskDoc:
         """Parse and check task.json."""
         raw = _object(value, "task")
         known = ("action", "module", "partition", "hyper", "seed", "evaluate_after", "device", "compression")
-        _no_extra(raw, (*known, "batch"), "task")
+        _no_extra(raw, (*known, "batch", "evaluate_first"), "task")
         seed = _get(raw, "seed", "task", _int, 0)
         batch: list[Any] = _get(raw, "batch", "task", _list, [])
+        evaluate_first = raw.get("evaluate_first")
         return cls(
             action=_need(raw, "action", "task", _str),
             module=_get(raw, "module", "task", _str, "task"),
@@ -408,6 +426,9 @@ class TaskDoc:
             device=_get(raw, "device", "task", _str, "auto"),
             compression=_get(raw, "compression", "task", _str, "none"),
             batch=tuple(BatchPart.from_dict(part, f"task.batch[{i}]") for i, part in enumerate(batch)),
+            evaluate_first=(
+                BatchPart.from_dict(evaluate_first, "task.evaluate_first") if evaluate_first is not None else None
+            ),
         )
 
 
@@ -597,6 +618,8 @@ class ResultDoc:
     curve: tuple[CurvePoint, ...] = ()
     # A batch's result: each partition's own outcome, in the batch's order (updates in BATCH_UPDATES).
     parts: tuple[PartResult, ...] = ()
+    # A batch's evaluate_first: the evaluate task's own outcome.
+    evaluation: ResultDoc | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.status, STATUSES, "result.status")
@@ -633,6 +656,8 @@ class ResultDoc:
             out["curve"] = [point.to_dict() for point in self.curve]
         if self.parts:
             out["parts"] = [part.to_dict() for part in self.parts]
+        if self.evaluation is not None:
+            out["evaluation"] = self.evaluation.to_dict()
         return out
 
     @classmethod
@@ -640,12 +665,13 @@ class ResultDoc:
         """Parse and check result.json."""
         raw = _object(value, "result")
         known = ("status", "action", "num_examples", "metrics", "test_metrics", "export", "infer", "device")
-        _no_extra(raw, (*known, "seconds", "error", "curve", "parts"), "result")
+        _no_extra(raw, (*known, "seconds", "error", "curve", "parts", "evaluation"), "result")
         export = raw.get("export")
         curve: list[Any] = _get(raw, "curve", "result", _list, [])
         parts: list[Any] = _get(raw, "parts", "result", _list, [])
         infer = raw.get("infer")
         error = raw.get("error")
+        evaluation = raw.get("evaluation")
         return cls(
             status=_need(raw, "status", "result", _str),
             action=_get(raw, "action", "result", _str, cast(str | None, None)),
@@ -659,6 +685,7 @@ class ResultDoc:
             error=ErrorInfo.from_dict(error) if error is not None else None,
             curve=tuple(CurvePoint.from_dict(p, f"result.curve[{i}]") for i, p in enumerate(curve)),
             parts=tuple(PartResult.from_dict(p, f"result.parts[{i}]") for i, p in enumerate(parts)),
+            evaluation=cls.from_dict(evaluation) if evaluation is not None else None,
         )
 
 

@@ -98,7 +98,12 @@ class _Outcome:
     curve: tuple[CurvePoint, ...] = ()
 
     def doc(
-        self, action: str | None, error: ErrorInfo | None, started: float, parts: tuple[PartResult, ...] = ()
+        self,
+        action: str | None,
+        error: ErrorInfo | None,
+        started: float,
+        parts: tuple[PartResult, ...] = (),
+        evaluation: ResultDoc | None = None,
     ) -> ResultDoc:
         """The result document of an action that began at monotonic time `started` and failed with `error`."""
         return ResultDoc(
@@ -114,6 +119,7 @@ class _Outcome:
             error=error,
             curve=self.curve,
             parts=parts,
+            evaluation=evaluation,
         )
 
 
@@ -143,12 +149,13 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
     done_action = action
     bundle_error: BundleError | None = None
     parts: tuple[PartResult, ...] = ()
+    evaluation: ResultDoc | None = None
     with (output_dir / "log.txt").open("w", encoding="utf-8") as log, _redirected(log):
         try:
             task = _read_task(input_dir, action)
             done_action = task.action
             if task.batch:
-                parts = _train_batch(task, input_dir, output_dir)
+                parts, evaluation = _train_batch(task, input_dir, output_dir)
             else:
                 _ACTIONS[task.action](task, input_dir, output_dir, outcome)
         except BundleError as exc:
@@ -160,7 +167,7 @@ def run_bundle(input_dir: Path, output_dir: Path, action: str | None = None) -> 
             for partial in ("weights.safetensors", CONTROL_FILE, BATCH_UPDATES):
                 (output_dir / partial).unlink(missing_ok=True)
             traceback.print_exception(exc, file=log)
-    doc = outcome.doc(done_action if done_action in ACTIONS else None, error, started, parts)
+    doc = outcome.doc(done_action if done_action in ACTIONS else None, error, started, parts, evaluation)
     result = doc.to_dict()
     _write_json(output_dir / "result.json", result)
     if bundle_error is not None:
@@ -230,19 +237,21 @@ def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
             control.write(out / CONTROL_FILE, model)
 
 
-def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[PartResult, ...]:
+def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[tuple[PartResult, ...], ResultDoc | None]:
     """Train each partition of a batch in turn, as _train would one by one, with one import of the module.
 
     Each partition is seeded and its model built exactly as in its own task (so the updates are the same bits);
     what the batch shares is the module, the global weights read once, the bundle itself, and one file of updates
     (BATCH_UPDATES: each partition's update is appended as the bytes its own task would write, and its entry says
-    where). A partition whose code raises fails alone: its entry says why and the others go on.
+    where). A partition whose code raises fails alone: its entry says why and the others go on. The batch's
+    evaluate_first, if any, is evaluated first, as its own evaluate task would be; its outcome comes second.
     """
     if (bundle / CONTROL_FILE).exists():
         raise BundleError(f"a batch carries no {CONTROL_FILE}: each partition has its own control variates")
     results: list[PartResult] = []
     start = _Start(bundle)
     with user_module(bundle / "code", task.module) as mod, (out / BATCH_UPDATES).open("wb") as updates:
+        evaluation = _evaluate_first(task, mod, bundle, start)
         for part in task.parts():
             index = part.partition.index
             print(f"--- partition {index}")
@@ -260,7 +269,26 @@ def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[PartResult, ...]:
                 error = _describe(exc)
                 traceback.print_exception(exc)
             results.append(PartResult(index=index, result=outcome.doc("train", error, started), update=span))
-    return tuple(results)
+    return tuple(results), evaluation
+
+
+def _evaluate_first(task: Task, mod: ModuleType, bundle: Path, start: _Start) -> ResultDoc | None:
+    """A batch's evaluate_first: the weights it trains from evaluated as their own evaluate task would be."""
+    evaluation = task.evaluation()
+    if evaluation is None:
+        return None
+    print("--- evaluation")
+    started = time.monotonic()
+    outcome = _Outcome()
+    error: ErrorInfo | None = None
+    try:
+        _evaluated(evaluation, mod, bundle, outcome, lambda: start.model(mod))
+    except BundleError:
+        raise
+    except Exception as exc:
+        error = _describe(exc)
+        traceback.print_exception(exc)
+    return outcome.doc("evaluate", error, started)
 
 
 class _Start:
@@ -281,7 +309,8 @@ class _Start:
             self._state = {name: t.detach().clone() for name, t in model.state_dict().items()}
             return model
         model = _built_without_init(mod)
-        model.load_state_dict(self._state, strict=True)
+        if not _copied_in(model, self._state):
+            model.load_state_dict(self._state, strict=True)
         return model
 
     def base(self) -> dict[str, np.ndarray]:
@@ -293,6 +322,53 @@ class _Start:
             assert self._state is not None, "base() is asked for after model()"
             self._base = {name: tensor.numpy() for name, tensor in self._state.items()}
         return self._base
+
+
+# What Module.load_state_dict does for a module that does not customise loading: each parameter and persistent buffer
+# copied in under no_grad. BatchNorm's override only adds a missing num_batches_tracked, which _copied_in requires.
+_PLAIN_LOADS = (torch.nn.Module._load_from_state_dict, torch.nn.modules.batchnorm._NormBase._load_from_state_dict)
+
+
+def _copied_in(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """model.load_state_dict(state, strict=True) for a model that loads the plain way, done directly; whether done.
+
+    load_state_dict's walk (hooks, metadata, key bookkeeping) cost more than a small model's copy itself, once per
+    partition of a batch. A model with a load hook, its own loading or extra state, or whose entries do not match
+    `state` name for name and shape for shape, is not touched (False): load_state_dict loads it, or names what is
+    wrong. The values copied are the same either way (copy_ of each tensor).
+    """
+    if type(model).load_state_dict is not torch.nn.Module.load_state_dict:
+        return False
+    todo: list[tuple[str, torch.nn.Module]] = [("", model)]
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    while todo:
+        prefix, module = todo.pop()
+        kind = type(module)
+        if (
+            kind._load_from_state_dict not in _PLAIN_LOADS
+            or kind.get_extra_state is not torch.nn.Module.get_extra_state
+            or module._load_state_dict_pre_hooks
+            or module._load_state_dict_post_hooks
+        ):
+            return False
+        entries = itertools.chain(
+            module._parameters.items(),
+            ((k, v) for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set),
+        )
+        for name, tensor in entries:
+            if tensor is None:
+                continue
+            source = state.get(prefix + name)
+            if source is None or source.shape != tensor.shape:
+                return False
+            pairs.append((tensor, source))
+        todo.extend((f"{prefix}{name}.", child) for name, child in module._modules.items() if child is not None)
+    if len(pairs) != len(state):
+        return False
+    with torch.no_grad():
+        for tensor, source in pairs:
+            tensor.copy_(source)
+    return True
 
 
 def _train_in(
@@ -361,17 +437,24 @@ def _encoded_update(model: torch.nn.Module, task: Task, start: _Start, key: tupl
 
 
 def _evaluate(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
+    with user_module(bundle / "code", task.module) as mod:
+        _evaluated(task, mod, bundle, result, lambda: _loaded_model(mod, bundle))
+
+
+def _evaluated(
+    task: Task, mod: ModuleType, bundle: Path, result: _Outcome, loaded: Callable[[], torch.nn.Module]
+) -> None:
+    """Evaluate the model `loaded` gives (the bundle's weights) on the task's test split."""
     device = _device(task.device)
     result.device = device.type
-    with user_module(bundle / "code", task.module) as mod:
-        _seed_everything(task.seed)
-        model = _loaded_model(mod, bundle)
-        splits = cached_splits(bundle, mod, partition_args(task))
-        model.to(device)
-        if splits.test is None:
-            raise UserCodeError("load_data() returned no test split to evaluate on")
-        result.num_examples = len(splits.test)  # type: ignore[arg-type]
-        result.metrics = _evaluate_split(model, splits, _loss_fn(mod), mod, device)
+    _seed_everything(task.seed)
+    model = loaded()
+    splits = cached_splits(bundle, mod, partition_args(task))
+    model.to(device)
+    if splits.test is None:
+        raise UserCodeError("load_data() returned no test split to evaluate on")
+    result.num_examples = len(splits.test)  # type: ignore[arg-type]
+    result.metrics = _evaluate_split(model, splits, _loss_fn(mod), mod, device)
 
 
 def _export(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
@@ -816,6 +899,20 @@ def _shuffled_batches(
     yield from DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator)
 
 
+def _ordered_batches(data: Dataset[Any], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (x, y) batches of `data` in order: exactly what DataLoader(data, batch_size) yields.
+
+    In-memory tensors are cut into slices (contiguous, as DataLoader's default collate stacks rows) instead of
+    a Python call per row: that collate was half of evaluating a 360-row test split.
+    """
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+        for start in range(0, len(x), batch_size):
+            yield x[start : start + batch_size].contiguous(), y[start : start + batch_size].contiguous()
+        return
+    yield from DataLoader(data, batch_size=batch_size)
+
+
 def _cycled_batches(
     data: Dataset[Any], batch_size: int, drop_last: bool, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -839,7 +936,7 @@ def _evaluate_split(
     outputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     with torch.no_grad():
-        for xb, yb in DataLoader(splits.test, batch_size=_EVAL_BATCH):
+        for xb, yb in _ordered_batches(splits.test, _EVAL_BATCH):
             xb, yb = xb.to(device), yb.to(device)
             out = model(xb)
             total.add(loss_fn(out, yb), out, yb)

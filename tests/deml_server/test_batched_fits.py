@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from deml_server import riding
 from deml_server.artifacts import ArtifactStore
 from deml_server.backends import LocalBackend, WorkItem
 from deml_server.domain import JobState, TaskOutcome
@@ -32,11 +33,14 @@ FAILING_TASK = (
 
 
 class Recording(WrappedLocal):
-    """The real local backend, batching as it chooses; notes how many partitions each train bundle held."""
+    """The real local backend, batching as it chooses; notes how many partitions each train bundle held, and the
+    rounds of the bundles that evaluated (an evaluate task, or a batch carrying the round before's evaluation)."""
 
     def __init__(self, inner: LocalBackend) -> None:
         super().__init__(inner)
         self.sizes: list[int] = []
+        self.evaluated_alone: list[int] = []
+        self.evaluated_riding: list[int] = []
 
     def batch_size(self, job_id: str, pending: int) -> int:
         return self.inner.batch_size(job_id, pending)
@@ -45,6 +49,10 @@ class Recording(WrappedLocal):
         task = json.loads((item.bundle / "task.json").read_text())
         if item.action == "train":
             self.sizes.append(len(task.get("batch", [])) or 1)
+            if "evaluate_first" in task:
+                self.evaluated_riding.append(item.server_round)
+        if item.action == "evaluate":
+            self.evaluated_alone.append(item.server_round)
 
 
 async def _run(service: JobService, source: str, **spec: object) -> str:
@@ -69,27 +77,43 @@ def _final_weights(data_dir: Path, job_id: str) -> dict[str, np.ndarray]:
     return load_file(str(ArtifactStore(data_dir / "artifacts").path(digest)))
 
 
-async def test_batched_rounds_give_the_same_weights_as_one_partition_per_bundle(tmp_path: Path) -> None:
+async def test_batched_rounds_give_the_same_weights_as_one_partition_per_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a riding evaluation is not turned away for its batch's length on a slow machine
+    monkeypatch.setattr(riding, "RIDE_SECONDS", 3600.0)
     # Execute: the same seeded 8-partition job on 2 workers, batched as the backend chooses and one by one
     weights: dict[int, dict[str, np.ndarray]] = {}
     sizes: dict[int, list[int]] = {}
+    metrics: dict[int, list[dict[str, float]]] = {}
+    evaluated: dict[int, tuple[list[int], list[int]]] = {}
     for max_batch in (32, 1):
         data_dir = tmp_path / f"max-{max_batch}"
         backend = Recording(LocalBackend(workers=2, work_dir=data_dir / "workers", max_batch=max_batch))
         async with job_service(data_dir, backend) as service:
-            job_id = await asyncio.wait_for(_run(service, SMALL_TASK), timeout=240)
+            job_id = await asyncio.wait_for(_run(service, SMALL_TASK, rounds=3), timeout=240)
             job = service.get(job_id, latest_rounds=-1)
             assert job.state is JobState.SUCCEEDED, job.error
-            assert [r.workers_ok for r in job.rounds] == [8, 8]
-            attempts = [a for a in service.task_attempts(job_id) if a.action == "train"]
-        assert sorted((a.round, a.partition) for a in attempts) == [(r, p) for r in (1, 2) for p in range(8)]
-        assert all(a.outcome is TaskOutcome.OK for a in attempts)
+            assert [r.workers_ok for r in job.rounds] == [8, 8, 8]
+            attempts = service.task_attempts(job_id)
+        trains = [a for a in attempts if a.action == "train"]
+        assert sorted((a.round, a.partition) for a in trains) == [(r, p) for r in (1, 2, 3) for p in range(8)]
+        assert all(a.outcome is TaskOutcome.OK for a in trains)
+        evaluations = [a for a in attempts if a.action == "evaluate"]
+        assert sorted(a.round for a in evaluations) == [1, 2, 3]
+        assert all(a.outcome is TaskOutcome.OK and a.worker.startswith("local-") for a in evaluations)
         weights[max_batch] = _final_weights(data_dir, job_id)
         sizes[max_batch] = backend.sizes
+        metrics[max_batch] = [r.metrics for r in job.rounds]
+        evaluated[max_batch] = (backend.evaluated_riding, backend.evaluated_alone)
 
-    # Assert: 8 partitions on 2 workers went as 2 bundles of 4 a round (1 each unbatched); the final weights are
-    # the same bits
-    assert sizes == {32: [4, 4, 4, 4], 1: [1] * 16}
+    # Assert: 8 partitions on 2 workers went as 2 bundles of 4 a round (1 each unbatched); rounds 1 and 2 were
+    # evaluated in a batch of the round after (round 3, the last, on its own); the final weights and every round's
+    # metrics, the evaluations' included, are the same bits
+    assert sizes == {32: [4] * 6, 1: [1] * 24}
+    assert evaluated == {32: ([2, 3], [3]), 1: ([], [1, 2, 3])}
+    assert metrics[32] == metrics[1]
+    assert all("accuracy" in round_metrics for round_metrics in metrics[1])
     assert weights[32].keys() == weights[1].keys()
     for name in weights[1]:
         np.testing.assert_array_equal(weights[32][name], weights[1][name])
@@ -176,3 +200,26 @@ async def test_a_batch_past_the_round_deadline_is_dropped_whole_and_the_quorum_c
     assert [(r.workers_ok, r.late) for r in job.rounds] == [(4, (4, 5, 6, 7)), (8, ())]
     assert [(a.round, a.partition) for a in late] == [(1, 4), (1, 5), (1, 6), (1, 7)]
     assert all(a.worker.startswith("local-") for a in late), late
+
+
+async def test_an_evaluation_that_raises_in_a_batch_fails_the_job_as_its_own_task_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the task's metrics(), called only when evaluating, raises; round 1's evaluation rides in round 2
+    monkeypatch.setattr(riding, "RIDE_SECONDS", 3600.0)
+    broken = SMALL_TASK + "\n\ndef metrics(outputs, targets):\n    raise ValueError('metrics are broken')\n"
+    backend = Recording(LocalBackend(workers=2, work_dir=tmp_path / "workers"))
+
+    # Execute
+    async with job_service(tmp_path, backend) as service:
+        job_id = await asyncio.wait_for(_run(service, broken, rounds=3), timeout=240)
+        job = service.get(job_id, latest_rounds=-1)
+        evaluations = [a for a in service.task_attempts(job_id) if a.action == "evaluate"]
+
+    # Assert: the evaluation rode and failed alone (round 2's partitions trained); the job failed on it, naming
+    # round 1's evaluation and the error, with nothing committed
+    assert backend.evaluated_riding == [2] and backend.evaluated_alone == []
+    assert job.state is JobState.FAILED
+    assert "round 1 eval: the task's code raised an error" in job.error and "metrics are broken" in job.error
+    assert job.rounds == ()
+    assert [(a.round, a.outcome) for a in evaluations] == [(1, TaskOutcome.CODE_ERROR)]

@@ -65,6 +65,14 @@ TASKS = [
         seed=1000,
         batch=(BatchPart(index=0, seed=1000), BatchPart(index=5, seed=1005), BatchPart(index=6, seed=1006)),
     ),
+    # A batch with the evaluation of its weights (the round before's aggregate) riding first.
+    TaskDoc(
+        action="train",
+        partition=Partition(index=1, count=8, seed=7),
+        seed=1001,
+        batch=(BatchPart(index=1, seed=1001), BatchPart(index=2, seed=1002)),
+        evaluate_first=BatchPart(index=0, seed=7),
+    ),
 ]
 
 
@@ -111,6 +119,13 @@ RESULTS = [
             ),
             PartResult(5, ResultDoc(status="error", action="train", error=ErrorInfo("ValueError", "bad"))),
         ),
+    ),
+    # A batch's result with the evaluation that rode in it.
+    ResultDoc(
+        status="ok",
+        action="train",
+        parts=(PartResult(1, ResultDoc(status="ok", action="train", num_examples=40), (0, 14280)),),
+        evaluation=ResultDoc(status="ok", action="evaluate", num_examples=360, metrics={"accuracy": 0.9}),
     ),
 ]
 
@@ -181,6 +196,20 @@ def test_inference_pipe_messages_round_trip() -> None:
             {"action": "train", "partition": {"count": 4}, "batch": [{"index": 1, "seed": 1}, {"index": 1, "seed": 2}]},
             "task.batch names a partition twice",
         ),
+        ({"action": "train", "evaluate_first": {"index": 0, "seed": 1}}, "task.evaluate_first is for batches"),
+        (
+            {"action": "train", "partition": {"count": 4}, "batch": [{"index": 1, "seed": 1}], "evaluate_first": {}},
+            "task.evaluate_first lacks the field 'index'",
+        ),
+        (
+            {
+                "action": "train",
+                "partition": {"count": 4},
+                "batch": [{"index": 1, "seed": 1}],
+                "evaluate_first": {"index": 9, "seed": 1},
+            },
+            "task.evaluate_first partition 9 is outside 0..3",
+        ),
     ],
 )
 def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -> None:
@@ -231,6 +260,8 @@ def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -
             },
             "result.parts[0].result holds parts of its own",
         ),
+        ({"status": "ok", "evaluation": {"status": "ok", "num_examples": -2}}, "result.num_examples must be >= 0"),
+        ({"status": "ok", "evaluation": [1]}, "result must be a JSON object"),
     ],
 )
 def test_malformed_result_documents_are_refused_by_name(raw: object, named: str) -> None:

@@ -234,3 +234,22 @@ def test_fast_batches_are_exactly_the_dataloaders(rows: int, batch: int, drop_la
     assert len(fast) == len(reference)
     for (fx, fy), (rx, ry) in zip(fast, reference, strict=True):
         assert torch.equal(fx, rx) and torch.equal(fy, ry)
+
+
+@pytest.mark.parametrize(("rows", "batch"), [(37, 8), (16, 16), (5, 256)])
+def test_ordered_batches_are_exactly_the_dataloaders(rows: int, batch: int) -> None:
+    # Prepare: x not contiguous (a transposed view), labels as 0-d rows
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from provider_runtime.runtime import _ordered_batches
+
+    x = torch.arange(rows * 3, dtype=torch.float32).reshape(3, rows).t()
+    data = TensorDataset(x, torch.arange(rows))
+    # Execute
+    fast = list(_ordered_batches(data, batch))
+    reference = list(DataLoader(data, batch_size=batch))
+    # Assert: the same values, shapes, dtypes and layout
+    assert len(fast) == len(reference)
+    for (fx, fy), (rx, ry) in zip(fast, reference, strict=True):
+        assert torch.equal(fx, rx) and torch.equal(fy, ry)
+        assert fx.is_contiguous() and fx.stride() == rx.stride() and fy.dtype == ry.dtype

@@ -94,3 +94,102 @@ def test_a_batch_with_control_variates_is_a_malformed_bundle(
     (bundle / "control.safetensors").write_bytes((bundle / "weights.safetensors").read_bytes())
     with pytest.raises(BundleError, match=r"a batch carries no control\.safetensors"):
         run_bundle(bundle, tmp_path / "out")
+
+
+def _bn_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _tied_model() -> torch.nn.Module:
+    shared = torch.nn.Linear(3, 3)
+    return torch.nn.Sequential(shared, torch.nn.Tanh(), shared)
+
+
+@pytest.mark.parametrize("build", [_bn_model, _tied_model])
+def test_a_plain_model_is_copied_in_as_load_state_dict_loads_it(build: object) -> None:
+    # Prepare: a trained-looking state (BatchNorm's running stats and counter moved) and two fresh models
+    from provider_runtime.runtime import _copied_in
+
+    assert callable(build)
+    torch.manual_seed(1)
+    source = build()
+    source.train()
+    source(torch.randn(5, 4 if build is _bn_model else 3))
+    state = {name: tensor.detach().clone() for name, tensor in source.state_dict().items()}
+    direct, loaded = build(), build()
+
+    # Execute
+    done = _copied_in(direct, state)
+    loaded.load_state_dict(state, strict=True)
+
+    # Assert: the same entries, bit for bit, as load_state_dict's
+    assert done
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(direct.state_dict()[name], tensor), name
+
+
+def test_a_model_that_loads_its_own_way_is_left_to_load_state_dict() -> None:
+    # Prepare: a load hook on one layer; a state of the wrong shape; a state with a key missing and one extra
+    from provider_runtime.runtime import _copied_in
+
+    state = {name: tensor.detach().clone() for name, tensor in _bn_model().state_dict().items()}
+    hooked = _bn_model()
+    hooked[3]._register_load_state_dict_pre_hook(lambda *args: None)
+    reshaped = {**state, "3.bias": torch.zeros(3)}
+    missing = {name: tensor for name, tensor in state.items() if name != "0.weight"}
+    renamed = {**missing, "1.extra": torch.zeros(())}
+    # BatchNorm's own loading fills in a missing counter: that state is for load_state_dict too
+    no_counter = {name: tensor for name, tensor in state.items() if name != "1.num_batches_tracked"}
+    before = {name: tensor.clone() for name, tensor in hooked.state_dict().items()}
+
+    # Execute, Assert: nothing is copied in; each is for load_state_dict, which names what is wrong
+    assert not _copied_in(hooked, state)
+    assert all(torch.equal(hooked.state_dict()[name], tensor) for name, tensor in before.items())
+    for wrong in (reshaped, missing, renamed):
+        assert not _copied_in(_bn_model(), wrong)
+        with pytest.raises(RuntimeError):
+            _bn_model().load_state_dict(wrong, strict=True)
+    assert not _copied_in(_bn_model(), no_counter)
+    _bn_model().load_state_dict(no_counter, strict=True)
+
+
+def test_a_batch_evaluates_its_weights_first_as_their_own_evaluate_task_would(
+    make_bundle: MakeBundle, weights: Path, tmp_path: Path
+) -> None:
+    # Prepare: partitions 0, 1, 3 of 4 with the weights' evaluation on partition 0's test split riding first (and
+    # on partition 2's, whose load_data raises, in another batch); the same batch without it; the evaluate task
+    count = {"index": 0, "count": 4, "scheme": "iid", "alpha": 0.5, "seed": 42}
+    batch = [{"index": i, "seed": 100 + i} for i in (0, 1, 3)]
+    code = {"task.py": TASK}
+    riding = make_bundle(
+        "riding", code=code, weights=weights, partition=count, batch=batch, evaluate_first={"index": 0, "seed": 42}
+    )
+    failing = make_bundle(
+        "failing", code=code, weights=weights, partition=count, batch=batch, evaluate_first={"index": 2, "seed": 42}
+    )
+    plain = make_bundle("plain", code=code, weights=weights, partition=count, batch=batch)
+    alone = make_bundle("alone", code=code, action="evaluate", weights=weights, partition=count, seed=42)
+
+    # Execute
+    results = {
+        name: run_bundle(bundle, tmp_path / f"{name}-out")
+        for name, bundle in (("riding", riding), ("failing", failing), ("plain", plain), ("alone", alone))
+    }
+
+    # Assert: the evaluation is the evaluate task's, bit for bit; the partitions' outcomes and updates are those of
+    # the batch without it; an evaluation whose code raises fails alone
+    evaluation = results["riding"]["evaluation"]
+    assert evaluation["status"] == "ok" and evaluation["action"] == "evaluate"
+    assert evaluation["num_examples"] == results["alone"]["num_examples"] == 20
+    assert evaluation["metrics"] == results["alone"]["metrics"]
+    assert "evaluation" not in results["plain"]
+    for name in ("riding", "failing"):
+        assert [part["result"]["metrics"] for part in results[name]["parts"]] == [
+            part["result"]["metrics"] for part in results["plain"]["parts"]
+        ]
+        assert (tmp_path / f"{name}-out" / "updates.bin").read_bytes() == (
+            tmp_path / "plain-out" / "updates.bin"
+        ).read_bytes()
+    failed = results["failing"]["evaluation"]
+    assert failed["status"] == "error" and "partition 2 is unreadable" in failed["error"]["message"]
+    assert results["failing"]["status"] == "ok"
