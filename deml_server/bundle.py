@@ -208,7 +208,8 @@ class TaskBundle:
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        (dest / "task.json").write_text(json.dumps(self.task_doc().to_dict(), indent=1))
+        # A batch's is written compact: json's C encoder does not indent, and a batch lists dozens of partitions.
+        (dest / "task.json").write_text(json.dumps(self.task_doc().to_dict(), indent=None if self.batch else 1))
         # The job's unpacked code, linked file by file rather than copied for every task and attempt; the files are
         # read-only, and the original is the code package in the artifact store, which no task can reach.
         shutil.copytree(code_dir, dest / "code", copy_function=_link)
