@@ -633,6 +633,8 @@ class JobRunner:
         carrier = next((batch for batch in batches if len(batch) > 1), None) if riding is not None else None
         if carrier is not None and not RidingEvaluation.fits(len(carrier), self._task_seconds):
             carrier = None
+        if riding is not None and carrier is None:
+            riding.arrived(None)  # no batch carries it: the commit sends it now, not after this round
         tasks = {
             batch: asyncio.create_task(fit(batch), name=f"job-{self.job.id}-r{server_round}-p{batch[0]}")
             for batch in batches

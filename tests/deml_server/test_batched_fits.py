@@ -223,3 +223,33 @@ async def test_an_evaluation_that_raises_in_a_batch_fails_the_job_as_its_own_tas
     assert "round 1 eval: the task's code raised an error" in job.error and "metrics are broken" in job.error
     assert job.rounds == ()
     assert [(a.round, a.outcome) for a in evaluations] == [(1, TaskOutcome.CODE_ERROR)]
+
+
+class HeldRound(Recording):
+    """Holds every train item of round `held` for `delay` seconds after it ran."""
+
+    def __init__(self, inner: LocalBackend, held: int, delay: float) -> None:
+        super().__init__(inner)
+        self.held = held
+        self.delay = delay
+
+    async def after(self, item: WorkItem) -> None:
+        await super().after(item)
+        if item.action == "train" and item.server_round == self.held:
+            await asyncio.sleep(self.delay)
+
+
+async def test_a_round_with_no_batch_to_ride_in_commits_without_waiting_for_the_next(tmp_path: Path) -> None:
+    # Prepare: 2 partitions on 2 workers (one each: no batches); round 2's tasks come back 3 s late
+    backend = HeldRound(LocalBackend(workers=2, work_dir=tmp_path / "workers"), held=2, delay=3.0)
+
+    # Execute
+    async with job_service(tmp_path, backend) as service:
+        job_id = await asyncio.wait_for(_run(service, SMALL_TASK, workers=2), timeout=240)
+        job = service.get(job_id, latest_rounds=-1)
+        round_two = [a for a in service.task_attempts(job_id) if a.action == "train" and a.round == 2]
+
+    # Assert: round 1 was evaluated on its own and committed while round 2 trained, not after it
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert backend.evaluated_riding == [] and backend.evaluated_alone == [1, 2]
+    assert job.rounds[0].committed_at < min(a.finished_at for a in round_two)
