@@ -279,6 +279,10 @@ class LocalBackend(Backend):
             start_new_session=True,
         )
         worker = _Worker(slot, self._generation, proc, log_file, exchange)
+        if self._closed:
+            # close() ran while this one started (a recycle's replacement, say): it would outlive the backend.
+            await worker.kill()
+            raise Unavailable("the local backend is shut down")
         self._all.add(worker)
         log.debug("started worker %s (pid %d)", worker.name, proc.pid)
         return worker
@@ -383,7 +387,10 @@ class LocalBackend(Backend):
         async with self._available:
             if self._closed:
                 return
-            self._spares.append(await self._spawn(worker.slot))
+            try:
+                self._spares.append(await self._spawn(worker.slot))
+            except Unavailable:
+                return  # closed meanwhile
             self._available.notify_all()
 
     async def _replace(self, worker: _Worker) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from deml_server.backends.base import WorkItem
 from deml_server.backends.local import LocalBackend
 from deml_server.bundle import TaskBundle
+from deml_server.errors import Unavailable
 
 TASK = "import torch\n\n\ndef model():\n    return torch.nn.Linear(2, 2)\n"
 
@@ -43,3 +47,32 @@ async def test_items_of_two_jobs_queued_beyond_the_pool_all_run(tmp_path: Path) 
     assert all((item.output / "weights.safetensors").is_file() for item in items)
     per_job = Counter(item.job_id for item, o in zip(items, outcomes, strict=True) if o.ok)
     assert per_job == {"a": 12, "b": 12}
+
+
+async def test_a_worker_that_starts_as_the_backend_closes_is_ended_not_kept(tmp_path: Path) -> None:
+    # Prepare: a started backend, closed
+    backend = LocalBackend(workers=1, work_dir=tmp_path / "workers", allow_unsandboxed=True)
+    await backend.start()
+    await backend.close()
+
+    # Execute: a worker whose start began before the close (a recycle's replacement) comes up after it
+    with pytest.raises(Unavailable, match="shut down"):
+        await backend._spawn(0)
+
+    # Assert: it is not kept, and no worker process of this test's is left
+    assert backend.worker_pids() == []
+    assert _children() == []
+
+
+def _children() -> list[str]:
+    """The command lines of this process's live children."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(command)
+    return found
