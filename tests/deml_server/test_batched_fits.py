@@ -165,18 +165,22 @@ async def test_a_batch_whose_worker_dies_is_retried_whole_on_other_workers(tmp_p
 
 
 class Straggler(Recording):
-    """Holds back round 1's bundle that holds `partition` for `delay` seconds after it ran."""
+    """Holds back round `held`'s train bundles that hold `partition` (every one when None) for `delay` seconds after
+    they ran."""
 
-    def __init__(self, inner: LocalBackend, partition: int, delay: float) -> None:
+    def __init__(self, inner: LocalBackend, delay: float, partition: int | None = None, held: int = 1) -> None:
         super().__init__(inner)
         self.partition = partition
         self.delay = delay
+        self.held = held
 
     async def after(self, item: WorkItem) -> None:
         await super().after(item)
+        if item.action != "train" or item.server_round != self.held:
+            return
         task = json.loads((item.bundle / "task.json").read_text())
-        held = {part["index"] for part in task.get("batch", [])}
-        if item.action == "train" and item.server_round == 1 and self.partition in held:
+        holds = {part["index"] for part in task.get("batch", [])} or {task["partition"]["index"]}
+        if self.partition is None or self.partition in holds:
             await asyncio.sleep(self.delay)
 
 
@@ -225,23 +229,9 @@ async def test_an_evaluation_that_raises_in_a_batch_fails_the_job_as_its_own_tas
     assert [(a.round, a.outcome) for a in evaluations] == [(1, TaskOutcome.CODE_ERROR)]
 
 
-class HeldRound(Recording):
-    """Holds every train item of round `held` for `delay` seconds after it ran."""
-
-    def __init__(self, inner: LocalBackend, held: int, delay: float) -> None:
-        super().__init__(inner)
-        self.held = held
-        self.delay = delay
-
-    async def after(self, item: WorkItem) -> None:
-        await super().after(item)
-        if item.action == "train" and item.server_round == self.held:
-            await asyncio.sleep(self.delay)
-
-
 async def test_a_round_with_no_batch_to_ride_in_commits_without_waiting_for_the_next(tmp_path: Path) -> None:
     # Prepare: 2 partitions on 2 workers (one each: no batches); round 2's tasks come back 3 s late
-    backend = HeldRound(LocalBackend(workers=2, work_dir=tmp_path / "workers"), held=2, delay=3.0)
+    backend = Straggler(LocalBackend(workers=2, work_dir=tmp_path / "workers"), delay=3.0, held=2)
 
     # Execute
     async with job_service(tmp_path, backend) as service:
