@@ -233,7 +233,7 @@ def compute_floor(task_dir: Path, repeats: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # Each pool process in a session of its own, as each sandboxed DeML worker is (bubblewrap's --new-session):
+        # Each pool process in a session of its own, as each DeML worker is (started with start_new_session):
         # with the kernel's autogroup scheduling (on here) every session is one group sharing the CPU, so on a busy
         # machine two processes in the bench's own session got half the CPU that DeML's two workers got.
         with ProcessPoolExecutor(POOL, initializer=os.setsid) as pool:

@@ -106,7 +106,11 @@ class Sandbox:
     def command(self, slot: int, exchange: Path, argv: Sequence[str], env: dict[str, str]) -> list[str]:
         """The command line running `argv` (a path inside the sandbox, e.g. python) with only `env` set.
 
-        `exchange` holds the worker's in/, out/ and tmp/ directories (see prepare_exchange).
+        `exchange` holds the worker's in/, out/ and tmp/ directories (see prepare_exchange). Start it in a session
+        of its own (start_new_session): the sandbox then has no controlling terminal to push input into (what
+        bwrap's --new-session guards against), and its processes stay in one process group, which is how the
+        backend kills all of them (--new-session would put the namespace's first process in a group of its own,
+        out of reach if bwrap is killed before that process has armed --die-with-parent).
         """
         args = [
             self.bwrap,
@@ -116,7 +120,6 @@ class Sandbox:
             "--unshare-uts",
             "--unshare-cgroup-try",
             "--die-with-parent",
-            "--new-session",
         ]
         if not self.as_root:
             args += ["--unshare-user", "--disable-userns", "--cap-drop", "ALL"]

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 32
 
 
+# How long a killed worker's exit (and its pipes' closing) is waited for before the backend goes on without it.
+_KILL_WAIT_SECONDS = 10.0
+
+
 class _WorkerFailed(Exception):
     pass
 
@@ -91,9 +95,16 @@ class _Worker:
 
     async def kill(self) -> None:
         if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
+            # The worker's whole process group (it leads one: start_new_session). A bwrap killed in its first
+            # milliseconds may not yet have armed --die-with-parent in its namespace's first process, which then
+            # outlived it holding this worker's pipes (and with them wait(), which returns once they close).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout=_KILL_WAIT_SECONDS)
+            except TimeoutError:
+                # Something outside the group (an unsandboxed worker's own setsid child) holds the pipes.
+                log.warning("worker %s (pid %d) was killed but its pipes are still open", self.name, self.proc.pid)
         self.log_file.close()
         if self.exchange is not None:
             await asyncio.to_thread(shutil.rmtree, self.exchange, True)
