@@ -306,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--broadcast-dtype",
-        choices=["fp32", "fp16"],
-        help="what the round's global weights are sent to workers as (default fp32; fp16 halves the bytes)",
+        choices=["fp32", "fp16", "int8"],
+        help="what the round's global weights are sent to workers as (default fp32; fp16 halves the bytes; int8 "
+        "sends each round's change from the weights workers hold)",
     )
     train.add_argument("--fraction-fit", type=float, help="share of the partitions trained each round (Flower's)")
     train.add_argument("--min-fit", type=int, help="fewest partitions trained each round")

@@ -14,6 +14,7 @@ import numpy as np
 
 from deml_server.errors import InvalidArgument
 from deml_server.weights import Span
+from provider_runtime import reference
 from provider_runtime.contract import BATCH_UPDATES, BatchPart, Hyper, Partition, ResultDoc, TaskDoc
 from provider_runtime.partition import dirichlet_partition, iid_partition
 
@@ -174,6 +175,10 @@ class TaskBundle:
     batch: tuple[BatchPart, ...] = ()
     # A batch's evaluation of its weights before it trains (TaskDoc.evaluate_first; deml_server.riding).
     evaluate_first: BatchPart | None = None
+    # Weights as a chain (deml_server.reference): `weights` is its keyframe, these its deltas, `weights_chain` their
+    # names (TaskDoc.weights_chain).
+    weight_deltas: tuple[Path, ...] = ()
+    weights_chain: tuple[str, ...] = ()
 
     @property
     def batchable(self) -> bool:
@@ -201,6 +206,7 @@ class TaskBundle:
             compression=self.compression,
             batch=self.batch,
             evaluate_first=self.evaluate_first,
+            weights_chain=self.weights_chain,
         )
 
     def write(self, dest: Path, code_dir: Path) -> Path:
@@ -215,6 +221,8 @@ class TaskBundle:
         shutil.copytree(code_dir, dest / "code", copy_function=_link)
         if self.weights is not None:
             _link(self.weights, dest / "weights.safetensors")
+        for position, delta in enumerate(self.weight_deltas, start=1):
+            _link(delta, dest / reference.delta_file(position))
         if self.control is not None:
             _link(self.control, dest / "control.safetensors")
         if self.train_data is not None or self.test_data is not None:

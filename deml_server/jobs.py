@@ -43,7 +43,7 @@ from deml_server.strategy import STRATEGIES, make_strategy
 from provider_runtime.contract import COMPRESSIONS, LR_SCHEDULES
 
 # What the round's global weights are sent to training workers as (JobSpec.broadcast_dtype).
-BROADCAST_DTYPES = ("fp32", "fp16")
+BROADCAST_DTYPES = ("fp32", "fp16", "int8")
 
 log = logging.getLogger(__name__)
 

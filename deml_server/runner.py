@@ -34,6 +34,7 @@ from deml_server.domain import (
 from deml_server.errors import DemlError, FailedPrecondition, InvalidArgument, ResourceExhausted, StoreBusy, Unavailable
 from deml_server.fold import Fold
 from deml_server.maintenance import last_intact_checkpoint
+from deml_server.reference import Chain, ReferenceChain
 from deml_server.registry import ModelRegistry
 from deml_server.riding import RidingEvaluation
 from deml_server.sampling import sample_partitions
@@ -153,6 +154,8 @@ class JobRunner:
         self._attempts_written = 0.0
         # The last round's mean seconds per partition task (what a riding evaluation's batch is expected to take).
         self._task_seconds: float | None = None
+        # With int8 broadcast: the reference the workers train from and its chain's files (made by _rounds).
+        self._chain: ReferenceChain | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -341,6 +344,10 @@ class JobRunner:
         riding: RidingEvaluation | None = None
         # Global weights of rounds not yet committed live here (one file per round, linked into every task).
         shutil.rmtree(self.dir / "global", ignore_errors=True)
+        if self.spec.broadcast_dtype == "int8":
+            self._chain = ReferenceChain(
+                self.dir / "global" / "reference", self.job.id, packed=self._packs_weights_down()
+            )
         try:
             for server_round in range(committed + 1, self.spec.rounds + 1):
                 self.training = server_round
@@ -428,8 +435,11 @@ class JobRunner:
         # Mapped, not read: the pages a round never touches (a full update's values are not compared with these)
         # cost no memory. The file is the server's own (an artifact, or a round's aggregate it wrote): immutable.
         current = await asyncio.to_thread(wio.read_mapped, weights_path)
-        sent, base = weights_path, current
-        if self.spec.broadcast_dtype == "fp16":
+        sent, base, chain = weights_path, current, None
+        if self._chain is not None:
+            chain = await asyncio.to_thread(self._chain.toward, weights_path)
+            base = chain.values
+        elif self.spec.broadcast_dtype == "fp16":
             sent = self._half_path(server_round - 1)
             base = await asyncio.to_thread(
                 _write_half, current, sent, self.spec.compression != "none", self._packs_weights_down()
@@ -440,6 +450,7 @@ class JobRunner:
                 "train",
                 index=i,
                 weights=sent,
+                chain=chain,
                 hyper=hyper,
                 train=self._shards.train[i] if self._shards else None,
                 task_seed=self.spec.seed + 1000 * server_round + i,
@@ -486,7 +497,7 @@ class JobRunner:
             bytes_received_per_worker=fold.bytes_received / max(fold.files_read, 1),
             workers_ok=len(results),
             workers_failed=len(problems),
-            bytes_sent_per_worker=sent.stat().st_size,
+            bytes_sent_per_worker=chain.newest_bytes if chain is not None else sent.stat().st_size,
             sampled=tuple(sample),
             late=tuple(sorted(fits.late)),
         )
@@ -545,7 +556,11 @@ class JobRunner:
             if not rode.ok:
                 raise JobFailed(f"{label}: the task's code raised an error\n{rode.error}", FailureCause.USER_CODE)
             return rode
-        evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
+        if self._chain is not None:
+            chain = await asyncio.to_thread(self._chain.toward, trained.weights)
+            evaluate = self._bundle("evaluate", chain=chain)
+        else:
+            evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
         return await self._run_one(evaluate, label, server_round=trained.round)
 
     def _global_path(self, server_round: int) -> Path:
@@ -866,6 +881,7 @@ class JobRunner:
         index: int = 0,
         count: int | None = None,
         weights: Path | None = None,
+        chain: Chain | None = None,
         hyper: dict[str, float | str] | None = None,
         train: Path | None = None,
         evaluate_after: bool = False,
@@ -873,6 +889,7 @@ class JobRunner:
         compression: str = "none",
         control: Path | None = None,
     ) -> TaskBundle:
+        """A task's bundle; with a `chain` (int8 broadcast) its weights are the chain's keyframe and deltas."""
         return TaskBundle(
             action=action,
             module=self.spec.module,
@@ -884,7 +901,9 @@ class JobRunner:
             task_seed=self.spec.seed if task_seed is None else task_seed,
             hyper=hyper if hyper is not None else self._hyper(),
             evaluate_after=evaluate_after,
-            weights=weights,
+            weights=chain.keyframe if chain is not None else weights,
+            weight_deltas=chain.deltas if chain is not None else (),
+            weights_chain=chain.names if chain is not None else (),
             train_data=train,
             test_data=self._shards.test if self._shards else None,
             compression=compression,

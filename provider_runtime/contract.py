@@ -355,9 +355,16 @@ class TaskDoc:
     # A batch may carry the evaluation of the weights it trains from (the round before's aggregate): on this
     # partition's test split, seeded with this seed, before any partition trains. Its outcome: ResultDoc.evaluation.
     evaluate_first: BatchPart | None = None
+    # Global weights as a chain (provider_runtime.reference): the keyframe (the bundle's weights file) and each delta
+    # after it (reference.delta_file), named by the reference each one produces. Empty: the weights file as it is.
+    weights_chain: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _one_of(self.action, ACTIONS, "task.action")
+        if self.weights_chain and self.action not in ("train", "evaluate"):
+            raise ContractError(f"task.weights_chain is for train and evaluate tasks, not {self.action!r}")
+        if len(set(self.weights_chain)) != len(self.weights_chain) or not all(self.weights_chain):
+            raise ContractError(f"task.weights_chain names a reference twice or an empty one: {self.weights_chain}")
         _one_of(self.device, DEVICES, "task.device")
         _one_of(self.compression, COMPRESSIONS, "task.compression")
         if not self.module.isidentifier():
@@ -407,6 +414,7 @@ class TaskDoc:
             "compression": self.compression,
             **({"batch": [part.to_dict() for part in self.batch]} if self.batch else {}),
             **({"evaluate_first": self.evaluate_first.to_dict()} if self.evaluate_first is not None else {}),
+            **({"weights_chain": list(self.weights_chain)} if self.weights_chain else {}),
         }
 
     @classmethod
@@ -414,7 +422,7 @@ class TaskDoc:
         """Parse and check task.json."""
         raw = _object(value, "task")
         known = ("action", "module", "partition", "hyper", "seed", "evaluate_after", "device", "compression")
-        _no_extra(raw, (*known, "batch", "evaluate_first"), "task")
+        _no_extra(raw, (*known, "batch", "evaluate_first", "weights_chain"), "task")
         seed = _get(raw, "seed", "task", _int, 0)
         batch: list[Any] = _get(raw, "batch", "task", _list, [])
         evaluate_first = raw.get("evaluate_first")
@@ -431,6 +439,7 @@ class TaskDoc:
             evaluate_first=(
                 BatchPart.from_dict(evaluate_first, "task.evaluate_first") if evaluate_first is not None else None
             ),
+            weights_chain=_get(raw, "weights_chain", "task", _strs, ()),
         )
 
 

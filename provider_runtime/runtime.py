@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from provider_runtime import compression
+from provider_runtime import compression, reference
 from provider_runtime.contract import (
     ACTIONS,
     BATCH_UPDATES,
@@ -42,6 +42,8 @@ from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, re
 from provider_runtime.weights import (
     arrays_bytes,
     load_arrays,
+    load_arrays_and_metadata,
+    load_arrays_into,
     load_into,
     save_state_dict,
     state_dict_to_arrays,
@@ -229,7 +231,7 @@ def _init(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
 
 def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
-        start = _Start(bundle)
+        start = _Start(bundle, task.weights_chain)
         model, control = _train_in(task, mod, bundle, result, start)
         with (out / "weights.safetensors").open("wb") as weights:
             _write_update(model, task, start, bundle, mod, weights)
@@ -249,7 +251,7 @@ def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[tuple[PartResult,
     if (bundle / CONTROL_FILE).exists():
         raise BundleError(f"a batch carries no {CONTROL_FILE}: each partition has its own control variates")
     results: list[PartResult] = []
-    start = _Start(bundle)
+    start = _Start(bundle, task.weights_chain)
     with user_module(bundle / "code", task.module) as mod, (out / BATCH_UPDATES).open("wb") as updates:
         evaluation = _evaluate_first(task, mod, bundle, start)
         for part in task.parts():
@@ -298,14 +300,15 @@ class _Start:
     model() loaded from that first copy.
     """
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, bundle: Path, chain: tuple[str, ...] = ()) -> None:
         self.bundle = bundle
+        self.chain = chain
         self._state: dict[str, torch.Tensor] | None = None
         self._base: dict[str, np.ndarray] | None = None
 
     def model(self, mod: ModuleType) -> torch.nn.Module:
         if self._state is None:
-            model = _loaded_model(mod, self.bundle)
+            model = _loaded_model(mod, self.bundle, self.chain)
             self._state = {name: t.detach().clone() for name, t in model.state_dict().items()}
             return model
         model = _built_without_init(mod)
@@ -438,7 +441,7 @@ def _encoded_update(model: torch.nn.Module, task: Task, start: _Start, key: tupl
 
 def _evaluate(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
-        _evaluated(task, mod, bundle, result, lambda: _loaded_model(mod, bundle))
+        _evaluated(task, mod, bundle, result, lambda: _loaded_model(mod, bundle, task.weights_chain))
 
 
 def _evaluated(
@@ -566,17 +569,34 @@ _RANDOM_INITS = (
 )
 
 
-def _loaded_model(mod: ModuleType, bundle: Path) -> torch.nn.Module:
+def _loaded_model(mod: ModuleType, bundle: Path, chain: tuple[str, ...] = ()) -> torch.nn.Module:
     """model() with the bundle's weights, without first drawing random ones only to overwrite them.
 
     Drawing a 17 M-parameter model's initial weights was measured as 7 % of a training task. load_into requires
     every state_dict entry, so nothing initialised is left unloaded; the global RNG then starts where the seed put
-    it, so dropout masks stay reproducible.
+    it, so dropout masks stay reproducible. With a `chain` (TaskDoc.weights_chain) the weights are the reference
+    it ends at, built from the one this worker holds or from the keyframe (provider_runtime.reference).
     """
     weights = _weights_path(bundle)
     model = _built_without_init(mod)
-    load_into(model, weights)
+    if chain:
+        deltas = [bundle / reference.delta_file(i) for i in range(1, len(chain))]
+        missing = [path.name for path in deltas if not path.is_file()]
+        if missing:
+            raise BundleError(f"the task bundle lacks the chain's {', '.join(missing)}")
+        try:
+            values = _reference.build(chain, weights, deltas, load_arrays_and_metadata)
+        except reference.ReferenceError as exc:
+            raise BundleError(str(exc)) from None
+        load_arrays_into(model, values)
+    else:
+        load_into(model, weights)
     return model
+
+
+# The global weights reference this warm worker built last (TaskDoc.weights_chain): a round's chain then costs one
+# delta. Its names are the job's own (deml_server.reference), so another job's chain never starts from it.
+_reference = reference.Holder()
 
 
 def _moved(model: torch.nn.Module, device: torch.device) -> None:

@@ -28,8 +28,12 @@ __all__ = [
     "SAFETENSORS_NAMES",
     "arrays_bytes",
     "load_arrays",
+    "load_arrays_and_metadata",
+    "load_arrays_into",
     "load_into",
+    "load_tensors_into",
     "safetensors_header",
+    "safetensors_metadata",
     "save_arrays",
     "save_state_dict",
     "state_dict_to_arrays",
@@ -39,6 +43,7 @@ __all__ = [
 
 # The server sends what it trusts; this only bounds what a corrupt packed file can make a worker allocate.
 _UNPACK_LIMIT = 1 << 40
+_HEADER_LENGTH = struct.Struct("<Q")
 
 
 def save_arrays(
@@ -83,6 +88,29 @@ def load_arrays(path: Path) -> dict[str, npt.NDArray[np.generic]]:
     """Read every tensor of a safetensors file (plain or packed) as a numpy array."""
     data = _packed_file(path)
     return dict(load_file(str(path)) if data is None else load(data))
+
+
+def load_arrays_and_metadata(path: Path) -> tuple[dict[str, npt.NDArray[np.generic]], dict[str, str]]:
+    """load_arrays, and the file's safetensors metadata (empty when it has none)."""
+    data = _packed_file(path)
+    if data is None:
+        data = path.read_bytes()
+    return dict(load(data)), safetensors_metadata(data)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's bytes (ValueError for a header that is not one)."""
+    if len(data) < _HEADER_LENGTH.size:
+        raise ValueError("too short for a safetensors file")
+    (length,) = _HEADER_LENGTH.unpack_from(data)
+    try:
+        header = json.loads(data[_HEADER_LENGTH.size : _HEADER_LENGTH.size + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("the safetensors header is not JSON") from None
+    found = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): str(v) for k, v in found.items()}
 
 
 def state_dict_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDArray[np.generic]]:
@@ -170,13 +198,28 @@ def load_into(model: torch.nn.Module, path: Path) -> None:
 
     One widening is accepted: float16 values into a float32 entry (global weights broadcast in fp16), exactly.
     """
-    import torch
     from safetensors.torch import load as load_tensors_from
     from safetensors.torch import load_file as load_tensors
 
     # Straight into tensors (one read), not through numpy arrays and a copy of each.
     data = _packed_file(path)
-    arrays = load_tensors(str(path)) if data is None else load_tensors_from(data)
+    load_tensors_into(model, load_tensors(str(path)) if data is None else load_tensors_from(data))
+
+
+def load_arrays_into(model: torch.nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    """load_into from arrays in memory (a reference built from a chain: provider_runtime.reference); not changed."""
+    import torch
+
+    # Read-only arrays (a keyframe read from bytes) are copied: torch will not wrap memory it may not write.
+    load_tensors_into(
+        model, {name: torch.from_numpy(a if a.flags.writeable else a.copy()) for name, a in arrays.items()}
+    )
+
+
+def load_tensors_into(model: torch.nn.Module, arrays: Mapping[str, torch.Tensor]) -> None:
+    """What load_into checks and loads, for tensors already read."""
+    import torch
+
     expected = model.state_dict()
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))

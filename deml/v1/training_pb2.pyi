@@ -265,8 +265,10 @@ class JobSpec(_message.Message):
     Batches come from freshly shuffled passes of the partition, one after the other.
     """
     broadcast_dtype: _builtins.str
-    """The round's global weights as sent to the workers: "fp32" (default, exact) or "fp16" (floating tensors halved
-    in size; workers load them into their fp32 parameters; the evaluation and the checkpoint keep the fp32 ones).
+    """The round's global weights as sent to the workers: "fp32" (default, exact), "fp16" (floating tensors halved
+    in size; workers load them into their fp32 parameters; the evaluation and the checkpoint keep the fp32 ones) or
+    "int8" (each round's change from the reference the workers hold, quantised to int8; the evaluation measures the
+    reference, the checkpoint keeps the fp32 aggregate).
     """
     @_builtins.property
     def strategy_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...

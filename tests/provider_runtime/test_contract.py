@@ -73,6 +73,9 @@ TASKS = [
         batch=(BatchPart(index=1, seed=1001), BatchPart(index=2, seed=1002)),
         evaluate_first=BatchPart(index=0, seed=7),
     ),
+    # Global weights as a chain: a keyframe and two deltas (int8 broadcast).
+    TaskDoc(action="train", weights_chain=("job.ab12.1", "job.ab12.2", "job.ab12.3")),
+    TaskDoc(action="evaluate", weights_chain=("job.ab12.4",)),
 ]
 
 
@@ -210,6 +213,10 @@ def test_inference_pipe_messages_round_trip() -> None:
             },
             "task.evaluate_first partition 9 is outside 0..3",
         ),
+        ({"action": "export", "weights_chain": ["a"]}, "task.weights_chain is for train and evaluate tasks"),
+        ({"action": "train", "weights_chain": ["a", "b", "a"]}, "task.weights_chain names a reference twice"),
+        ({"action": "train", "weights_chain": ["a", 2]}, "task.weights_chain[1] must be a string"),
+        ({"action": "train", "weights_chain": "a"}, "task.weights_chain must be a JSON list"),
     ],
 )
 def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -> None:

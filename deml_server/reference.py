@@ -1,0 +1,110 @@
+"""A job's global weights sent as int8 deltas from a reference (JobSpec.broadcast_dtype "int8"): the server's side.
+
+The codec and what a worker does are in provider_runtime.reference. Here: the reference the job's workers train
+from, and the files of its chain that tasks link (a keyframe and the deltas after it). Each round's aggregate moves
+the reference by one delta; once the chain's deltas add up to REKEY_RATIO keyframes, the next reference is written
+as a keyframe of its own and the chain starts again from it, so a worker with no reference (a fresh one, a new
+provider) never reads more than that many keyframes' bytes, and one that holds the round before's reads one delta
+(a content-addressed upload sends a provider only the files it lacks). A server that restarts starts a new chain
+from the job's committed weights: a reference is only ever what some worker was sent.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from deml_server import weights as wio
+from deml_server.weights import Weights
+from provider_runtime import reference
+from provider_runtime.weights import save_arrays
+
+# A new keyframe once the chain's deltas would pass this many keyframes' bytes.
+REKEY_RATIO = 4.0
+
+
+@dataclass(frozen=True)
+class Chain:
+    """What a task gets: the keyframe, the deltas after it and their names (TaskDoc.weights_chain)."""
+
+    names: tuple[str, ...]
+    keyframe: Path
+    deltas: tuple[Path, ...]
+    # The reference the chain ends at (what the workers load: the base their compressed updates are deltas from).
+    values: Weights
+    # The bytes of the chain's newest file: what a worker holding the reference before receives.
+    newest_bytes: int
+
+
+class ReferenceChain:
+    """One job's reference and its chain's files in `directory` (created here, removed by close())."""
+
+    def __init__(self, directory: Path, job_id: str, *, packed: bool, rekey_ratio: float | None = None) -> None:
+        """`packed`: files through the lossless stage (for chains that cross a link); `rekey_ratio`: REKEY_RATIO."""
+        self._dir = directory
+        # Names no other run of the job shares: a worker holding a reference of the run before starts from a keyframe.
+        self._prefix = f"{job_id}.{secrets.token_hex(4)}"
+        self._packed = packed
+        self._rekey_ratio = REKEY_RATIO if rekey_ratio is None else rekey_ratio
+        self._made = 0
+        self._chain: Chain | None = None
+        self._source: Path | None = None
+        self._keyframe_bytes = 0
+        self._delta_bytes = 0
+        # toward() runs in threads: the round's training and the round before's evaluation may ask at once.
+        self._lock = threading.Lock()
+
+    def toward(self, source: Path) -> Chain:
+        """The chain to the reference for the aggregate in `source` (the same chain when asked again for it)."""
+        with self._lock:
+            if self._chain is not None and source == self._source:
+                return self._chain
+            target = wio.read_mapped(source)
+            if self._chain is None:
+                self._chain = self._keyframe(target)
+            else:
+                self._chain = self._advanced(self._chain, target)
+            self._source = source
+            return self._chain
+
+    def close(self) -> None:
+        """Remove the chain's files."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _name(self) -> str:
+        self._made += 1
+        return f"{self._prefix}.{self._made}"
+
+    def _write(self, arrays: Weights, metadata: dict[str, str], name: str) -> tuple[Path, int]:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / f"{name}.safetensors"
+        wio.write_read_only(path, lambda out: save_arrays(arrays, out, metadata, packed=self._packed))
+        return path, path.stat().st_size
+
+    def _keyframe(self, values: Weights) -> Chain:
+        name = self._name()
+        # Its own copy: the values outlive the file they were read from (a round's aggregate, removed at its commit).
+        kept = {key: value.copy() for key, value in values.items()}
+        path, size = self._write(kept, reference.keyframe_metadata(name), name)
+        for old in self._chain_files():
+            old.unlink(missing_ok=True)
+        self._keyframe_bytes, self._delta_bytes = size, 0
+        return Chain((name,), path, (), kept, size)
+
+    def _advanced(self, chain: Chain, target: Weights) -> Chain:
+        name = self._name()
+        arrays, metadata, values = reference.advance(chain.values, target, chain.names[-1], name)
+        # Tensors sent exactly are the target's own arrays: copied, as the keyframe's are.
+        values = {key: value.copy() if value is target.get(key) else value for key, value in values.items()}
+        path, size = self._write(arrays, metadata, name)
+        if self._delta_bytes + size > self._rekey_ratio * self._keyframe_bytes:
+            path.unlink()
+            return self._keyframe(values)
+        self._delta_bytes += size
+        return Chain((*chain.names, name), chain.keyframe, (*chain.deltas, path), values, size)
+
+    def _chain_files(self) -> tuple[Path, ...]:
+        return () if self._chain is None else (self._chain.keyframe, *self._chain.deltas)

@@ -1,0 +1,112 @@
+"""Global weights as int8 deltas from a reference: a worker's chain ends at the server's reference, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from provider_runtime import reference
+from provider_runtime.weights import load_arrays_and_metadata, save_arrays
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+def _rounds(count: int) -> list[Arrays]:
+    """Aggregates of `count` rounds: a conv kernel, a matrix, a small bias and an integer counter moving."""
+    rng = np.random.default_rng(3)
+    state: Arrays = {
+        "conv.weight": rng.normal(size=(8, 4, 3, 3)).astype(np.float32),
+        "fc.weight": rng.normal(size=(32, 40)).astype(np.float32),
+        "fc.bias": rng.normal(size=(32,)).astype(np.float32),
+        "bn.num_batches_tracked": np.array(0, np.int64),
+    }
+    out = [state]
+    for _ in range(1, count):
+        state = {
+            name: value + np.int64(4) if value.dtype == np.int64 else value + 0.05 * rng.normal(size=value.shape)
+            for name, value in state.items()
+        }
+        state = {name: value.astype(out[0][name].dtype) for name, value in state.items()}
+        out.append(state)
+    return out
+
+
+def _server_chain(tmp_path: Path, aggregates: list[Arrays]) -> tuple[list[str], list[Path], list[Arrays]]:
+    """What the server does: a keyframe of the first aggregate, then one delta toward each later one."""
+    names = ["job.1"]
+    save_arrays(aggregates[0], tmp_path / "keyframe.safetensors", reference.keyframe_metadata("job.1"))
+    files = [tmp_path / "keyframe.safetensors"]
+    references = [aggregates[0]]
+    for k, target in enumerate(aggregates[1:], start=2):
+        arrays, metadata, values = reference.advance(references[-1], target, names[-1], f"job.{k}")
+        path = tmp_path / reference.delta_file(k - 1)
+        save_arrays(arrays, path, metadata, packed=True)
+        names.append(f"job.{k}")
+        files.append(path)
+        references.append(values)
+    return names, files, references
+
+
+def test_a_chain_built_from_the_keyframe_or_from_a_held_reference_ends_at_the_servers_bits(tmp_path: Path) -> None:
+    # Prepare: the server's chain over five rounds
+    names, files, references = _server_chain(tmp_path, _rounds(5))
+    loaded: list[str] = []
+
+    def load(path: Path) -> tuple[Arrays, dict[str, str]]:
+        loaded.append(path.name)
+        return load_arrays_and_metadata(path)
+
+    # Execute: a fresh worker builds round 3's reference, then (holding it) round 5's; another builds 5 from scratch
+    warm = reference.Holder()
+    third = warm.build(names[:3], files[0], files[1:3], load)
+    first_loads = list(loaded)
+    fifth = warm.build(names, files[0], files[1:], load)
+    cold = reference.Holder().build(names, files[0], files[1:], load)
+
+    # Assert: the same bits as the server's references; the warm worker read only the two new deltas
+    for name in references[2]:
+        assert np.array_equal(third[name], references[2][name])
+        assert np.array_equal(fifth[name], references[4][name])
+        assert np.array_equal(cold[name], references[4][name])
+        assert fifth[name].dtype == references[4][name].dtype
+    assert first_loads == ["keyframe.safetensors", reference.delta_file(1), reference.delta_file(2)]
+    assert loaded[3:5] == [reference.delta_file(3), reference.delta_file(4)]
+
+
+def test_the_reference_stays_within_one_deltas_rounding_of_the_aggregate(tmp_path: Path) -> None:
+    # Execute: twenty rounds of the chain
+    aggregates = _rounds(20)
+    _, _, references = _server_chain(tmp_path, aggregates)
+
+    # Assert: after each delta the reference is at most half a quantisation step (a 254th of the largest change,
+    # per output channel for the kernel) from the aggregate: the error does not build up over the rounds; small
+    # and integer tensors are exact
+    for before, target, ref in zip(references, aggregates[1:], references[1:], strict=False):
+        change = np.abs(target["fc.weight"] - before["fc.weight"]).max()
+        assert np.abs(ref["fc.weight"] - target["fc.weight"]).max() <= change / 254 * 1.001
+        kernel_change = np.abs(target["conv.weight"] - before["conv.weight"]).reshape(8, -1).max(axis=1)
+        kernel_error = np.abs(ref["conv.weight"] - target["conv.weight"]).reshape(8, -1).max(axis=1)
+        assert (kernel_error <= kernel_change / 254 * 1.001).all()
+        assert np.array_equal(ref["fc.bias"], target["fc.bias"])
+        assert ref["bn.num_batches_tracked"] == target["bn.num_batches_tracked"]
+
+
+def test_a_chain_that_does_not_join_up_is_refused_by_name(tmp_path: Path) -> None:
+    # Prepare
+    names, files, _ = _server_chain(tmp_path, _rounds(3))
+
+    # Assert: a keyframe or delta named otherwise than the chain says, a chain of the wrong length, a delta applied
+    # to another reference
+    with pytest.raises(reference.ReferenceError, match=r"the keyframe is reference 'job.1', not 'other.1'"):
+        reference.Holder().build(["other.1", *names[1:]], files[0], files[1:], load_arrays_and_metadata)
+    with pytest.raises(reference.ReferenceError, match=r"weights.delta-2.safetensors produces reference 'job.3'"):
+        reference.Holder().build([*names[:2], "job.9"], files[0], files[1:], load_arrays_and_metadata)
+    with pytest.raises(reference.ReferenceError, match="names 2 references for a keyframe and 2 deltas"):
+        reference.Holder().build(names[:2], files[0], files[1:], load_arrays_and_metadata)
+    arrays, metadata = load_arrays_and_metadata(files[2])
+    start, _ = load_arrays_and_metadata(files[0])
+    with pytest.raises(reference.ReferenceError, match=r"the delta applies to reference 'job.2', not 'job.1'"):
+        reference.applied(start, arrays, metadata, "job.1")
