@@ -31,9 +31,10 @@ come (OUT/bandwidth-partial.json).
 worker's loader, encoder and packer, the server's reader, decoder and check), one thread, CPU seconds of the
 process, medians of 3, for the MLP of --hidden with normally drawn deltas; it writes OUT/cpu_cost.json.
 
-A scheme is the updates' compression, optionally with `/fp16`: the global weights then also go down in fp16
-(`broadcast_dtype`). With fp32 weights down, int8 updates can shrink a round's transfers at most to
-(down + up/4) / (down + up) = 0.625 of none's; with fp16 weights down to (down/2 + up/4) / (down + up) = 0.375.
+A scheme is the updates' compression, optionally with `/fp16` or `/int8`: the global weights' `broadcast_dtype`
+(int8: each round's change from the reference the provider holds, after a first whole keyframe). With fp32 weights
+down, int8 updates can shrink a round's transfers at most to (down + up/4) / (down + up) = 0.625 of none's; with
+fp16 weights down to (down/2 + up/4) / (down + up) = 0.375; with int8 deltas down to about 1/4.
 
 Needs root (namespaces, veth, tc). Writes OUT/bandwidth.json and OUT/bandwidth.md.
 """
@@ -393,8 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         "--schemes",
         nargs="+",
         default=["none", "fp16", "int8", "int8/fp16"],
-        choices=[*SCHEMES, *(f"{s}/fp16" for s in SCHEMES)],
-        help="compression of the updates, /fp16: the global weights also go down in fp16 (broadcast_dtype)",
+        choices=[*SCHEMES, *(f"{s}/{down}" for s in SCHEMES for down in ("fp16", "int8"))],
+        help="compression of the updates; /fp16 or /int8: the global weights' broadcast_dtype",
     )
     parser.add_argument("--rate", type=int, default=20_000_000, help="bytes per second, each way, per provider link")
     parser.add_argument("--repeats", type=int, default=1)

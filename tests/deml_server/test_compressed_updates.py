@@ -83,7 +83,8 @@ async def made(tmp_path: Path) -> AsyncIterator[tuple[JobService, RewritingBacke
         yield jobs, backend
 
 
-async def _run(jobs: JobService, **spec: object) -> str:
+async def run_job(jobs: JobService, **spec: object) -> str:
+    """Submit a job of TASK (2 rounds, 2 workers unless `spec` says otherwise), wait for its end; its id."""
     upload = jobs.begin_upload()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -102,7 +103,7 @@ async def test_int8_and_fp16_updates_cost_a_fraction_of_the_bytes_and_train(
     jobs, _ = made
     received: dict[str, float] = {}
     for scheme in ("none", "fp16", "int8"):
-        job_id = await asyncio.wait_for(_run(jobs, compression=scheme), timeout=180)
+        job_id = await asyncio.wait_for(run_job(jobs, compression=scheme), timeout=180)
         job = jobs.get(job_id, latest_rounds=-1)
         assert job.state is JobState.SUCCEEDED, job.error
         assert job.spec.compression == scheme
@@ -150,7 +151,7 @@ async def test_a_bad_compressed_update_is_rejected_like_a_full_one(
     backend.rewrite_bytes = rewrite_bytes
 
     # Execute
-    job_id = await asyncio.wait_for(_run(jobs, compression="int8", rounds=1, min_fit_workers=1), timeout=120)
+    job_id = await asyncio.wait_for(run_job(jobs, compression="int8", rounds=1, min_fit_workers=1), timeout=120)
 
     # Assert: the round went on with the quorum, and partition 1's attempt is marked rejected with the reason
     job = jobs.get(job_id, latest_rounds=-1)
@@ -166,7 +167,7 @@ async def test_fp16_global_weights_halve_the_bytes_sent_and_train(made: tuple[Jo
     jobs, backend = made
     runs = {}
     for broadcast, scheme in (("fp32", "none"), ("fp16", "none"), ("fp16", "int8")):
-        job_id = await asyncio.wait_for(_run(jobs, broadcast_dtype=broadcast, compression=scheme), timeout=180)
+        job_id = await asyncio.wait_for(run_job(jobs, broadcast_dtype=broadcast, compression=scheme), timeout=180)
         job = jobs.get(job_id, latest_rounds=-1)
         assert job.state is JobState.SUCCEEDED, job.error
         assert job.spec.broadcast_dtype == broadcast
@@ -184,4 +185,4 @@ async def test_fp16_global_weights_halve_the_bytes_sent_and_train(made: tuple[Jo
 async def test_an_unknown_broadcast_dtype_is_refused_naming_it(made: tuple[JobService, RewritingBackend]) -> None:
     jobs, _ = made
     with pytest.raises(InvalidArgument, match="broadcast_dtype must be one of fp32, fp16"):
-        await _run(jobs, broadcast_dtype="bf16")
+        await run_job(jobs, broadcast_dtype="bf16")

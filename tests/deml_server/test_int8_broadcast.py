@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from deml_server.backends import LocalBackend, WorkItem
 from deml_server.domain import JobState, RoundSummary
 from deml_server.jobs import JobService
 from provider_runtime.contract import TaskDoc
-from tests.deml_server.test_compressed_updates import TASK
+from tests.deml_server.test_compressed_updates import run_job as run_small
 from tests.support import WrappedLocal, job_service
 
 
@@ -42,18 +40,11 @@ async def made(tmp_path: Path) -> AsyncIterator[tuple[JobService, ChainNotingBac
 
 
 async def _run(jobs: JobService, **spec: object) -> tuple[list[RoundSummary], str]:
-    upload = jobs.begin_upload()
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("task.py", TASK)
-    upload.add("code", buffer.getvalue())
-    job = await jobs.submit({"name": "small", "rounds": 4, "workers": 2, **spec}, upload.finish())
-    async for _ in jobs.watch(job.id):
-        pass
-    done = jobs.get(job.id, latest_rounds=-1)
+    """A 4-round job of the compressed-updates task: its rounds, and its last round's weights (their digest)."""
+    job_id = await run_small(jobs, rounds=4, **spec)
+    done = jobs.get(job_id, latest_rounds=-1)
     assert done.state is JobState.SUCCEEDED, done.error
-    # The last committed round's weights, by their digest in the artifact store
-    return list(done.rounds), jobs._store.checkpoints(job.id)[0].weights
+    return list(done.rounds), jobs._store.checkpoints(job_id)[0].weights
 
 
 async def test_int8_global_weights_send_a_fraction_of_the_bytes_and_train(
