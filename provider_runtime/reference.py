@@ -24,8 +24,12 @@ from typing import Any
 import numpy.typing as npt
 
 from provider_runtime import compression
+from provider_runtime.weights import save_arrays
 
 Array = npt.NDArray[Any]
+
+# Where a worker that is a fresh process for each task keeps the reference it built (Holder's store), if set.
+REFERENCE_DIR_ENV = "DEML_REFERENCE_DIR"
 
 # Metadata of a delta file: the reference it applies to and the one it produces.
 BASE_KEY = "deml.reference.base"
@@ -66,11 +70,16 @@ def applied(
 
 
 class Holder:
-    """The reference a warm worker built last (its name and values), and how a task's chain reaches its end."""
+    """The reference a worker built last (its name and values), and how a task's chain reaches its end.
 
-    def __init__(self) -> None:
+    With a `store` directory the reference is also kept there (fp32, plain safetensors), for a worker that is a
+    fresh process for every task (a Golem provider's: REFERENCE_DIR_ENV) to start from instead of the keyframe.
+    """
+
+    def __init__(self, store: Path | None = None) -> None:
         self.name: str | None = None
         self.values: dict[str, Array] = {}
+        self._store = store
 
     def build(
         self,
@@ -86,14 +95,27 @@ class Holder:
         """
         if len(chain) != len(deltas) + 1:
             raise ReferenceError(f"the chain names {len(chain)} references for a keyframe and {len(deltas)} deltas")
+        if self.name is None and self._store is not None:
+            self._recall(self._store / _STORED, load)
         if self.name is not None and self.name in chain:
-            start = chain.index(self.name)
-            values = self.values
-        else:
-            start = 0
-            values, metadata = load(keyframe)
-            if metadata.get(PRODUCES_KEY) != chain[0]:
-                raise ReferenceError(f"the keyframe is reference {metadata.get(PRODUCES_KEY)!r}, not {chain[0]!r}")
+            try:
+                return self._built(chain, deltas, chain.index(self.name), self.values, load)
+            except ReferenceError:
+                pass  # a held reference the deltas do not fit (a damaged store): from the keyframe, as if none
+        values, metadata = load(keyframe)
+        if metadata.get(PRODUCES_KEY) != chain[0]:
+            raise ReferenceError(f"the keyframe is reference {metadata.get(PRODUCES_KEY)!r}, not {chain[0]!r}")
+        return self._built(chain, deltas, 0, values, load)
+
+    def _built(
+        self,
+        chain: Sequence[str],
+        deltas: Sequence[Path],
+        start: int,
+        values: dict[str, Array],
+        load: Callable[[Path], tuple[dict[str, Array], dict[str, str]]],
+    ) -> dict[str, Array]:
+        """`values` (the chain's `start`-th reference) with the deltas after it applied; kept (and stored)."""
         for position in range(start, len(deltas)):
             arrays, metadata = load(deltas[position])
             if metadata.get(PRODUCES_KEY) != chain[position + 1]:
@@ -102,8 +124,32 @@ class Holder:
                     f"not {chain[position + 1]!r}"
                 )
             values = applied(values, arrays, metadata, chain[position])
+        if self._store is not None and chain[-1] != self.name:
+            _keep(self._store, values, chain[-1])
         self.name, self.values = chain[-1], values
         return values
+
+    def _recall(self, path: Path, load: Callable[[Path], tuple[dict[str, Array], dict[str, str]]]) -> None:
+        """The stored reference, if there is one that reads back (anything else: start from the keyframe)."""
+        try:
+            values, metadata = load(path)
+        except Exception:  # missing, cut short, not safetensors (the safetensors package's own error): not used
+            return
+        name = metadata.get(PRODUCES_KEY)
+        if name:
+            self.name, self.values = name, values
+
+
+# The stored reference's file in a Holder's store.
+_STORED = "reference.safetensors"
+
+
+def _keep(store: Path, values: Mapping[str, Array], name: str) -> None:
+    """Store a reference whole (written aside, then renamed over the one before: never half a file)."""
+    store.mkdir(parents=True, exist_ok=True)
+    partial = store / (_STORED + ".partial")
+    save_arrays(values, partial, keyframe_metadata(name))
+    partial.replace(store / _STORED)
 
 
 def keyframe_metadata(name: str) -> dict[str, str]:

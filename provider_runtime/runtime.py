@@ -596,7 +596,10 @@ def _loaded_model(mod: ModuleType, bundle: Path, chain: tuple[str, ...] = ()) ->
 
 # The global weights reference this warm worker built last (TaskDoc.weights_chain): a round's chain then costs one
 # delta. Its names are the job's own (deml_server.reference), so another job's chain never starts from it.
-_reference = reference.Holder()
+# A Golem provider runs a process per task: it keeps the reference on the VM's disk (REFERENCE_DIR_ENV) instead.
+_reference = reference.Holder(
+    Path(os.environ[reference.REFERENCE_DIR_ENV]) if os.environ.get(reference.REFERENCE_DIR_ENV) else None
+)
 
 
 def _moved(model: torch.nn.Module, device: torch.device) -> None:

@@ -109,6 +109,8 @@ class StandInGolem:
     # When set, every upload and download goes through `link` (provider index -> its link) instead of a local copy.
     link: ProviderLink | None = None
     consumers: list[Callable[[Any], None]] = field(default_factory=list)
+    # Keep each VM's files once its activity ends (a test reads what its tasks left there).
+    keep_vms: bool = False
     allowed: Callable[[str], bool] | None = None  # the backend's market filter
     started: bool = False
     expirations: list[timedelta | None] = field(default_factory=list)  # execute_tasks' timeout, per call
@@ -231,7 +233,8 @@ class StandInGolem:
                     self.terminated.append(provider_id)
             invoice = SimpleNamespace(amount=f"{ctx.busy_seconds * self.price_per_second:.9f}")
             self._emit(events.InvoiceReceived(job=job, agreement=agreement, invoice=invoice))
-            shutil.rmtree(ctx.vm_root, ignore_errors=True)
+            if not self.keep_vms:
+                shutil.rmtree(ctx.vm_root, ignore_errors=True)
             await asyncio.sleep(0)
 
     async def _run_batches(self, index: int, ctx: StandInContext, generator: Any) -> None:

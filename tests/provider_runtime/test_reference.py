@@ -110,3 +110,48 @@ def test_a_chain_that_does_not_join_up_is_refused_by_name(tmp_path: Path) -> Non
     start, _ = load_arrays_and_metadata(files[0])
     with pytest.raises(reference.ReferenceError, match=r"the delta applies to reference 'job.2', not 'job.1'"):
         reference.applied(start, arrays, metadata, "job.1")
+
+
+def test_a_worker_process_per_task_starts_from_the_reference_it_stored(tmp_path: Path) -> None:
+    # Prepare: the server's chain over four rounds; a worker's store
+    names, files, references = _server_chain(tmp_path, _rounds(4))
+    store = tmp_path / "store"
+    loaded: list[str] = []
+
+    def load(path: Path) -> tuple[Arrays, dict[str, str]]:
+        loaded.append(path.name)
+        return load_arrays_and_metadata(path)
+
+    # Execute: one process builds round 3's reference; the next (a new Holder on the same store) round 4's; then one
+    # finds the stored file damaged
+    reference.Holder(store).build(names[:3], files[0], files[1:3], load)
+    loaded.clear()
+    fourth = reference.Holder(store).build(names, files[0], files[1:], load)
+    recalled = list(loaded)
+    (store / "reference.safetensors").write_bytes(b"not a safetensors file")
+    loaded.clear()
+    again = reference.Holder(store).build(names, files[0], files[1:], load)
+
+    # Assert: the second read the stored reference and one delta, not the keyframe; the third started from the
+    # keyframe; both end at the server's bits
+    assert recalled == ["reference.safetensors", reference.delta_file(3)]
+    assert loaded == ["reference.safetensors", "keyframe.safetensors", *(reference.delta_file(k) for k in (1, 2, 3))]
+    for name, value in references[3].items():
+        assert np.array_equal(fourth[name], value)
+        assert np.array_equal(again[name], value)
+
+
+def test_a_stored_reference_the_deltas_do_not_fit_is_dropped_for_the_keyframe(tmp_path: Path) -> None:
+    # Prepare: a store holding round 2's name over other values (a tensor of the wrong shape)
+    names, files, references = _server_chain(tmp_path, _rounds(3))
+    store = tmp_path / "store"
+    store.mkdir()
+    wrong = {"fc.weight": np.zeros((2, 2), np.float32)}
+    save_arrays(wrong, store / "reference.safetensors", reference.keyframe_metadata(names[1]))
+
+    # Execute
+    built = reference.Holder(store).build(names, files[0], files[1:], load_arrays_and_metadata)
+
+    # Assert: built from the keyframe: the server's bits
+    for name, value in references[2].items():
+        assert np.array_equal(built[name], value)

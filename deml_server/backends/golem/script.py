@@ -15,6 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from provider_runtime.reference import REFERENCE_DIR_ENV
+
 # Inside the VM (provider_runtime/Dockerfile declares both as volumes).
 VM_INPUT = "/golem/input"
 VM_OUTPUT = "/golem/output"
@@ -114,7 +116,10 @@ def vm_command(action: str, uploads: list[Upload]) -> str:
         target = shlex.quote(f"{task}/{upload.relative}")
         lines.append(f"mkdir -p $(dirname {target}) && ln -s {upload.target} {target}")
     lines += [
-        f"python3 -m provider_runtime {shlex.quote(action)} --input {task} --output {VM_OUTPUT}/result",
+        # The global weights' reference (int8 broadcast) is kept on the VM between tasks: a task then reads it and
+        # one delta, not the chain's keyframe and every delta since.
+        f"{REFERENCE_DIR_ENV}={VM_INPUT}/reference python3 -m provider_runtime {shlex.quote(action)} "
+        f"--input {task} --output {VM_OUTPUT}/result",
         # Not gzipped: the result is weights (fp32 values barely deflate; compressed updates are packed already),
         # and gzip -6 of a 68 MB update costs a provider seconds of CPU to save ~7 % of it.
         f"tar -cf {VM_OUTPUT}/result.tar -C {VM_OUTPUT}/result .",
