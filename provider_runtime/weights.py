@@ -93,9 +93,15 @@ def load_arrays(path: Path) -> dict[str, npt.NDArray[np.generic]]:
 def load_arrays_and_metadata(path: Path) -> tuple[dict[str, npt.NDArray[np.generic]], dict[str, str]]:
     """load_arrays, and the file's safetensors metadata (empty when it has none)."""
     data = _packed_file(path)
-    if data is None:
-        data = path.read_bytes()
-    return dict(load(data)), safetensors_metadata(data)
+    if data is not None:
+        return dict(load(data)), safetensors_metadata(data)
+    # A plain file is read as load_arrays reads it; only its header is read for the metadata (not the whole file
+    # into bytes first: a stored reference is a model's size).
+    with path.open("rb") as f:
+        head = f.read(_HEADER_LENGTH.size)
+        if len(head) == _HEADER_LENGTH.size:
+            head += f.read(_HEADER_LENGTH.unpack_from(head)[0])
+    return dict(load_file(str(path))), safetensors_metadata(head)
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
