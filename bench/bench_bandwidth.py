@@ -16,7 +16,8 @@ tests/golem/standin.py with the stand-in providers, each behind its own shaped l
 a veth pair into a network namespace made for it, a `tbf` qdisc of --rate bytes per second on both ends, and a
 file server in the namespace. Every byte the stand-in moves to or from a provider (SendFile, SendBytes,
 DownloadFile, DownloadBytes) crosses that link over TCP; nothing is modelled. The training processes still run
-on this machine's cores (2 here, shared), so compute is real too.
+on this machine's cores (2 here, shared), so compute is real too; so does the receiving end of every transfer
+(a real provider's is its yagna, on its own machine), at about 4 ms of CPU per MB (shaped_link._receive).
 
 Per compression scheme: median round wall time (consecutive commits, rounds 2..N), the bytes DeML counts per
 worker per round (global weights down, the update file up), the bytes that really crossed the links per provider
@@ -32,9 +33,9 @@ worker's loader, encoder and packer, the server's reader, decoder and check), on
 process, medians of 3, for the MLP of --hidden with normally drawn deltas; it writes OUT/cpu_cost.json.
 
 A scheme is the updates' compression, optionally with `/fp16` or `/int8`: the global weights' `broadcast_dtype`
-(int8: each round's change from the reference the provider holds, after a first whole keyframe). With fp32 weights
-down, int8 updates can shrink a round's transfers at most to (down + up/4) / (down + up) = 0.625 of none's; with
-fp16 weights down to (down/2 + up/4) / (down + up) = 0.375; with int8 deltas down to about 1/4.
+(int8: each round's change from the reference the provider holds, after a first keyframe of the weights in fp16).
+With fp32 weights down, int8 updates can shrink a round's transfers at most to (down + up/4) / (down + up) = 0.625
+of none's; with fp16 weights down to (down/2 + up/4) / (down + up) = 0.375; with int8 deltas down to about 1/4.
 
 Needs root (namespaces, veth, tc). Writes OUT/bandwidth.json and OUT/bandwidth.md.
 """

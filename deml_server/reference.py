@@ -2,11 +2,13 @@
 
 The codec and what a worker does are in provider_runtime.reference. Here: the reference the job's workers train
 from, and the files of its chain that tasks link (a keyframe and the deltas after it). Each round's aggregate moves
-the reference by one delta; once the chain's deltas add up to REKEY_RATIO keyframes, the next reference is written
-as a keyframe of its own and the chain starts again from it, so a worker with no reference (a fresh one, a new
-provider) never reads more than that many keyframes' bytes, and one that holds the round before's reads one delta
+the reference by one delta; once the chain's deltas add up to REKEY_RATIO times the reference's (fp32) bytes, the
+next reference is written as a keyframe of its own and the chain starts again from it, so a worker with no reference
+(a fresh one, a new provider) never reads more than a keyframe and that much, and one that holds the round before's
+reads one delta
 (a content-addressed upload sends a provider only the files it lacks). A server that restarts starts a new chain
-from the job's committed weights: a reference is only ever what some worker was sent.
+from the job's committed weights: a reference is only ever what some worker was sent. A chain's first keyframe
+goes in fp16 (provider_runtime.reference.half_keyframe), later ones exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from deml_server.weights import Weights
 from provider_runtime import reference
 from provider_runtime.weights import save_arrays
 
-# A new keyframe once the chain's deltas would pass this many keyframes' bytes.
+# A new keyframe once the chain's deltas would pass this many times the reference's bytes (a keyframe's in fp32).
 REKEY_RATIO = 4.0
 
 
@@ -64,11 +66,21 @@ class ReferenceChain:
                 return self._chain
             target = wio.read_mapped(source)
             if self._chain is None:
-                self._chain = self._keyframe(target)
+                self._chain = self._keyframe(*reference.half_keyframe(target, self._name()))
             else:
                 self._chain = self._advanced(self._chain, target)
             self._source = source
             return self._chain
+
+    def made(self, source: Path) -> Chain | None:
+        """The chain toward() gave for `source`, if that was the last it was asked for; None otherwise.
+
+        No work and no lock (a toward() in a thread may hold it for seconds; this is for the event loop): toward()
+        sets the chain before its source, so a source read as `source` means the chain read after it is its own.
+        """
+        if self._source != source:
+            return None
+        return self._chain
 
     def close(self) -> None:
         """Remove the chain's files."""
@@ -84,15 +96,18 @@ class ReferenceChain:
         wio.write_read_only(path, lambda out: save_arrays(arrays, out, metadata, packed=self._packed))
         return path, path.stat().st_size
 
-    def _keyframe(self, values: Weights) -> Chain:
-        name = self._name()
-        # Its own copy: the values outlive the file they were read from (a round's aggregate, removed at its commit).
-        kept = {key: value.copy() for key, value in values.items()}
-        path, size = self._write(kept, reference.keyframe_metadata(name), name)
+    def _keyframe(self, arrays: Weights, metadata: dict[str, str], values: Weights) -> Chain:
+        """A chain that starts again from a keyframe.
+
+        `arrays` and `metadata` are the keyframe's file (named by its PRODUCES_KEY), `values` the reference it gives.
+        """
+        name = metadata[reference.PRODUCES_KEY]
+        path, size = self._write(arrays, metadata, name)
         for old in self._chain_files():
             old.unlink(missing_ok=True)
-        self._keyframe_bytes, self._delta_bytes = size, 0
-        return Chain((name,), path, (), kept, size)
+        # The measure of the deltas' bytes: the reference's, what a keyframe of it is in fp32 (the first is smaller).
+        self._keyframe_bytes, self._delta_bytes = sum(value.nbytes for value in values.values()), 0
+        return Chain((name,), path, (), values, size)
 
     def _advanced(self, chain: Chain, target: Weights) -> Chain:
         name = self._name()
@@ -101,8 +116,10 @@ class ReferenceChain:
         values = {key: value.copy() if value is target.get(key) else value for key, value in values.items()}
         path, size = self._write(arrays, metadata, name)
         if self._delta_bytes + size > self._rekey_ratio * self._keyframe_bytes:
+            # Started again from the reference exactly (float32): a worker trains from what it would have.
             path.unlink()
-            return self._keyframe(values)
+            name = self._name()
+            return self._keyframe(values, reference.keyframe_metadata(name), values)
         self._delta_bytes += size
         return Chain((*chain.names, name), chain.keyframe, (*chain.deltas, path), values, size)
 

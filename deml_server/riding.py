@@ -36,8 +36,13 @@ class RidingEvaluation:
 
     @staticmethod
     def fits(partitions: int, seconds_per_partition: float | None) -> bool:
-        """Whether a batch of `partitions` is short enough to carry it, at the round before's pace (None: unknown)."""
-        return seconds_per_partition is not None and partitions * seconds_per_partition <= RIDE_SECONDS
+        """Whether a batch of `partitions` can carry it: more than one, and short enough at the round before's pace.
+
+        A bundle of one partition is no batch; `seconds_per_partition` None: the pace is not known yet.
+        """
+        if partitions < 2 or seconds_per_partition is None:
+            return False
+        return partitions * seconds_per_partition <= RIDE_SECONDS
 
     def arrived(self, result: TaskResult | None) -> None:
         """The carrying batch's evaluation (None: none came back); the first word is the one that counts."""

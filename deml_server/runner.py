@@ -154,6 +154,8 @@ class JobRunner:
         self._attempts_written = 0.0
         # The last round's mean seconds per partition task (what a riding evaluation's batch is expected to take).
         self._task_seconds: float | None = None
+        # How many partitions the last round's first batch of several held (0: it sent one partition per bundle).
+        self._carrier_width = 0
         # With int8 broadcast: the reference the workers train from and its chain's files (made by _rounds).
         self._chain: ReferenceChain | None = None
 
@@ -370,6 +372,11 @@ class JobRunner:
                 if pending is not None:
                     await pending
                 weights = trained.weights
+                if self._chain is not None:
+                    # The chain to this aggregate, made once for both the round's evaluation and the next round (which
+                    # would each wait for it first): the evaluation is then sent at once (_evaluation), ahead of the
+                    # next round's tasks.
+                    await asyncio.to_thread(self._chain.toward, weights)
                 overlap = self._overlap_allowed()
                 # Its evaluation may ride in the next round's first batch, if that round starts before this commit.
                 riding = self._riding(trained) if overlap and server_round < self.spec.rounds else None
@@ -403,9 +410,14 @@ class JobRunner:
     def _riding(self, trained: _Trained) -> RidingEvaluation | None:
         """A round's evaluation as the next round's first batch may carry it.
 
-        Not with fp16 broadcast, whose evaluation gets a file of its own.
+        Not with fp16 broadcast, whose evaluation gets a file of its own; nor when the round just trained had no
+        batch that could have carried it (one partition per bundle, as on Golem, or batches too long): then the
+        commit sends the evaluate task at once, ahead of the next round's tasks rather than behind them, and the
+        round is committed as soon as it is evaluated.
         """
         if self.spec.broadcast_dtype == "fp16":
+            return None
+        if not RidingEvaluation.fits(self._carrier_width, self._task_seconds):
             return None
         return RidingEvaluation(self._bundle("evaluate", weights=trained.weights), trained.round)
 
@@ -557,7 +569,7 @@ class JobRunner:
                 raise JobFailed(f"{label}: the task's code raised an error\n{rode.error}", FailureCause.USER_CODE)
             return rode
         if self._chain is not None:
-            chain = await asyncio.to_thread(self._chain.toward, trained.weights)
+            chain = self._chain.made(trained.weights) or await asyncio.to_thread(self._chain.toward, trained.weights)
             evaluate = self._bundle("evaluate", chain=chain)
         else:
             evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
@@ -645,7 +657,9 @@ class JobRunner:
             await arrived({index: result})
 
         batches = self._batches(bundles)
-        carrier = next((batch for batch in batches if len(batch) > 1), None) if riding is not None else None
+        first = next((batch for batch in batches if len(batch) > 1), None)
+        self._carrier_width = len(first) if first is not None else 0
+        carrier = first if riding is not None else None
         if carrier is not None and not RidingEvaluation.fits(len(carrier), self._task_seconds):
             carrier = None
         if riding is not None and carrier is None:

@@ -9,6 +9,12 @@ operations); a worker that holds none loads the keyframe and applies every delta
 does not build up: each delta is taken from the new aggregate to the reference as it is, so the reference stays
 within one delta's rounding of the aggregate.
 
+A chain's first keyframe (a job's first round, or the first after a server's restart) carries its float32 tensors
+as float16 (half_keyframe; a tensor that float16 cannot hold stays float32), and its reference is those values
+widened back: the first round trains from weights rounded to fp16, as with fp16 broadcast, and the first delta
+takes the aggregate from there. Later keyframes (a chain started again once its deltas add up) are the reference
+exactly, so they change nothing a worker trains from.
+
 A task's chain is its keyframe (the bundle's WEIGHTS_FILE) and its deltas in order (delta_file(1), ...), named in
 TaskDoc.weights_chain by the reference each produces: the keyframe's own name first. A warm worker keeps the last
 reference it built (its name and values), so a round costs it one delta's restore; a content-addressed upload
@@ -17,10 +23,12 @@ reference it built (its name and values), so a round costs it one delta's restor
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from provider_runtime import compression
@@ -34,6 +42,8 @@ REFERENCE_DIR_ENV = "DEML_REFERENCE_DIR"
 # Metadata of a delta file: the reference it applies to and the one it produces.
 BASE_KEY = "deml.reference.base"
 PRODUCES_KEY = "deml.reference"
+# Metadata of a first keyframe: the names of the float32 tensors it carries as float16 (a JSON list).
+HALF_KEY = "deml.reference.half"
 
 
 class ReferenceError(ValueError):
@@ -105,7 +115,7 @@ class Holder:
         values, metadata = load(keyframe)
         if metadata.get(PRODUCES_KEY) != chain[0]:
             raise ReferenceError(f"the keyframe is reference {metadata.get(PRODUCES_KEY)!r}, not {chain[0]!r}")
-        return self._built(chain, deltas, 0, values, load)
+        return self._built(chain, deltas, 0, widened_keyframe(values, metadata), load)
 
     def _built(
         self,
@@ -155,3 +165,41 @@ def _keep(store: Path, values: Mapping[str, Array], name: str) -> None:
 def keyframe_metadata(name: str) -> dict[str, str]:
     """The metadata a keyframe file carries: the reference it is."""
     return {PRODUCES_KEY: name}
+
+
+def half_keyframe(values: Mapping[str, Array], name: str) -> tuple[dict[str, Array], dict[str, str], dict[str, Array]]:
+    """A chain's first keyframe, reference `name`: its arrays, its metadata, and the reference it gives.
+
+    Float32 tensors go as float16 where every value stays finite (else exactly, as float32); the reference is the
+    float16 values widened back (exactly), what widened_keyframe gives a worker. Other tensors go as they are.
+    """
+    arrays: dict[str, Array] = {}
+    restored: dict[str, Array] = {}
+    halved: list[str] = []
+    for key, value in values.items():
+        if value.dtype == np.float32:
+            with np.errstate(over="ignore"):
+                half = value.astype(np.float16)
+            if np.isfinite(half).all():
+                arrays[key], restored[key] = half, half.astype(np.float32)
+                halved.append(key)
+                continue
+        # Its own copy: the values outlive the file they were read from (a round's aggregate, removed at its commit).
+        arrays[key] = restored[key] = value.copy()
+    return arrays, {**keyframe_metadata(name), HALF_KEY: json.dumps(halved)}, restored
+
+
+def widened_keyframe(arrays: dict[str, Array], metadata: Mapping[str, str]) -> dict[str, Array]:
+    """A keyframe's reference: its float16 tensors that stand for float32 ones (HALF_KEY) widened back."""
+    try:
+        halved = json.loads(metadata.get(HALF_KEY, "[]"))
+    except ValueError:
+        raise ReferenceError(f"the keyframe's {HALF_KEY} is not a JSON list of names") from None
+    if not isinstance(halved, list):
+        raise ReferenceError(f"the keyframe's {HALF_KEY} is not a JSON list of names")
+    for key in halved:
+        value = arrays.get(key) if isinstance(key, str) else None
+        if value is None or value.dtype != np.float16:
+            raise ReferenceError(f"the keyframe's {HALF_KEY} names {key!r}, which it has no float16 tensor of")
+        arrays[key] = value.astype(np.float32)
+    return arrays

@@ -243,3 +243,33 @@ async def test_a_round_with_no_batch_to_ride_in_commits_without_waiting_for_the_
     assert job.state is JobState.SUCCEEDED, job.error
     assert backend.evaluated_riding == [] and backend.evaluated_alone == [1, 2]
     assert job.rounds[0].committed_at < min(a.finished_at for a in round_two)
+
+
+@pytest.mark.parametrize("broadcast", ["fp32", "int8"])
+async def test_with_no_batch_to_ride_in_each_evaluation_goes_to_the_workers_before_the_next_round(
+    tmp_path: Path, broadcast: str
+) -> None:
+    # Prepare: one worker, one partition (one per bundle, as on Golem: nothing to ride in); the order the worker
+    # ran the tasks in is the order they were sent
+    backend = Recording(LocalBackend(workers=1, work_dir=tmp_path / "workers"))
+    order: list[str] = []
+    recorded = backend.after
+
+    async def after(item: WorkItem) -> None:
+        if item.action in ("train", "evaluate"):
+            order.append(f"{item.action} {item.server_round}")
+        await recorded(item)
+
+    backend.after = after  # type: ignore[method-assign]
+
+    # Execute
+    async with job_service(tmp_path, backend) as service:
+        job_id = await asyncio.wait_for(
+            _run(service, SMALL_TASK, workers=1, rounds=3, broadcast_dtype=broadcast), timeout=240
+        )
+        job = service.get(job_id, latest_rounds=-1)
+
+    # Assert: each round's evaluation was sent as soon as it was trained, ahead of the next round's training (which
+    # it would otherwise wait behind, and the round's commit with it)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert order == ["train 1", "evaluate 1", "train 2", "evaluate 2", "train 3", "evaluate 3"]

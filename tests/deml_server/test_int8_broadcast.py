@@ -58,9 +58,10 @@ async def test_int8_global_weights_send_a_fraction_of_the_bytes_and_train(
     chains = list(backend.chains)
     both, _ = await asyncio.wait_for(_run(jobs, broadcast_dtype="int8", compression="int8"), timeout=240)
 
-    # Assert: round 1 sends the keyframe (the whole weights); later rounds one delta each, a third of the bytes or
-    # less for this small model (its 4,608 quantised values; the rest, 323 biases and the last layer, travel exact)
-    assert abs(int8[0].bytes_sent_per_worker / full[0].bytes_sent_per_worker - 1) < 0.05
+    # Assert: round 1 sends the keyframe (the whole weights in fp16: about half the bytes); later rounds one delta
+    # each, a third of the bytes or less for this small model (its 4,608 quantised values; the rest, 323 biases and
+    # the last layer, travel exact)
+    assert abs(int8[0].bytes_sent_per_worker / full[0].bytes_sent_per_worker - 0.5) < 0.05
     for rounds in (int8, both):
         for summary, whole in zip(rounds[1:], full[1:], strict=True):
             assert summary.bytes_sent_per_worker / whole.bytes_sent_per_worker < 0.36

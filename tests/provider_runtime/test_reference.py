@@ -35,11 +35,12 @@ def _rounds(count: int) -> list[Arrays]:
 
 
 def _server_chain(tmp_path: Path, aggregates: list[Arrays]) -> tuple[list[str], list[Path], list[Arrays]]:
-    """What the server does: a keyframe of the first aggregate, then one delta toward each later one."""
+    """What the server does: a keyframe of the first aggregate (in fp16), then one delta toward each later one."""
     names = ["job.1"]
-    save_arrays(aggregates[0], tmp_path / "keyframe.safetensors", reference.keyframe_metadata("job.1"))
+    arrays, metadata, values = reference.half_keyframe(aggregates[0], "job.1")
+    save_arrays(arrays, tmp_path / "keyframe.safetensors", metadata, packed=True)
     files = [tmp_path / "keyframe.safetensors"]
-    references = [aggregates[0]]
+    references = [values]
     for k, target in enumerate(aggregates[1:], start=2):
         arrays, metadata, values = reference.advance(references[-1], target, names[-1], f"job.{k}")
         path = tmp_path / reference.delta_file(k - 1)
@@ -92,6 +93,41 @@ def test_the_reference_stays_within_one_deltas_rounding_of_the_aggregate(tmp_pat
         assert (kernel_error <= kernel_change / 254 * 1.001).all()
         assert np.array_equal(ref["fc.bias"], target["fc.bias"])
         assert ref["bn.num_batches_tracked"] == target["bn.num_batches_tracked"]
+
+
+def test_a_first_keyframe_carries_float32_tensors_in_fp16_and_a_worker_widens_them_back(tmp_path: Path) -> None:
+    # Prepare: float32 tensors (one with a value float16 cannot hold), a float16 one and an integer one
+    values: Arrays = {
+        "w": np.array([[0.1, -2.5], [1e-3, 3.0]], np.float32),
+        "big": np.array([1.0, 70000.0], np.float32),
+        "half": np.array([0.5, 0.25], np.float16),
+        "count": np.array(7, np.int64),
+    }
+
+    # Execute: the server's keyframe written and read back as a worker does
+    arrays, metadata, restored = reference.half_keyframe(values, "job.1")
+    save_arrays(arrays, tmp_path / "keyframe.safetensors", metadata, packed=True)
+    built = reference.Holder().build(["job.1"], tmp_path / "keyframe.safetensors", [], load_arrays_and_metadata)
+
+    # Assert: only "w" went as float16; the reference is it widened back, the rest exactly, and the worker's is the
+    # server's bit for bit, in the model's dtypes
+    stored, _ = load_arrays_and_metadata(tmp_path / "keyframe.safetensors")
+    assert {name: str(value.dtype) for name, value in stored.items()} == {
+        "w": "float16", "big": "float32", "half": "float16", "count": "int64"
+    }  # fmt: skip
+    assert np.array_equal(restored["w"], values["w"].astype(np.float16).astype(np.float32))
+    assert not np.array_equal(restored["w"], values["w"])
+    for name in ("big", "half", "count"):
+        assert np.array_equal(restored[name], values[name]) and restored[name].dtype == values[name].dtype
+    for name, value in restored.items():
+        assert built[name].dtype == value.dtype and np.array_equal(built[name], value)
+
+
+def test_a_keyframe_that_names_a_tensor_it_lacks_as_fp16_is_refused_by_name() -> None:
+    arrays: Arrays = {"w": np.zeros(3, np.float32)}
+    for said in ('["w"]', '["v"]', "w", '{"w": 1}'):
+        with pytest.raises(reference.ReferenceError, match=reference.HALF_KEY):
+            reference.widened_keyframe(dict(arrays), {reference.HALF_KEY: said})
 
 
 def test_a_chain_that_does_not_join_up_is_refused_by_name(tmp_path: Path) -> None:
