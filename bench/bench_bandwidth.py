@@ -17,7 +17,7 @@ a veth pair into a network namespace made for it, a `tbf` qdisc of --rate bytes 
 file server in the namespace. Every byte the stand-in moves to or from a provider (SendFile, SendBytes,
 DownloadFile, DownloadBytes) crosses that link over TCP; nothing is modelled. The training processes still run
 on this machine's cores (2 here, shared), so compute is real too; so does the receiving end of every transfer
-(a real provider's is its yagna, on its own machine), at about 4 ms of CPU per MB (shaped_link._receive).
+(a real provider's is its yagna, on its own machine), at 4-8 ms of CPU per MB (shaped_link._receive).
 
 Per compression scheme: median round wall time (consecutive commits, rounds 2..N), the bytes DeML counts per
 worker per round (global weights down, the update file up), the bytes that really crossed the links per provider

@@ -176,7 +176,7 @@ def _receive(sock: socket.socket, size: int) -> bytearray:
     The stand-in's transfers run on this machine's cores, beside the providers' training, where a real provider's
     transfers run in its yagna on a machine of its own. A shaped link hands the receiver a few segments at a time:
     read as they came (a buffered socket file, asyncio's stream reader) they cost 17-24 ms of CPU per MB received
-    here, a third of a core at 20 MB/s; received into place by waiting receives, about 4 ms per MB. (A socket
+    here, a third of a core at 20 MB/s; received into place by waiting receives, 4-8 ms per MB. (A socket
     low-water mark would cut the wake-ups further, but with it the transfers stalled on this kernel.)"""
     out = bytearray(size)
     view = memoryview(out)
