@@ -5,10 +5,9 @@ from, and the files of its chain that tasks link (a keyframe and the deltas afte
 the reference by one delta; once the chain's deltas add up to REKEY_RATIO times the reference's (fp32) bytes, the
 next reference is written as a keyframe of its own and the chain starts again from it, so a worker with no reference
 (a fresh one, a new provider) never reads more than a keyframe and that much, and one that holds the round before's
-reads one delta
-(a content-addressed upload sends a provider only the files it lacks). A server that restarts starts a new chain
-from the job's committed weights: a reference is only ever what some worker was sent. A chain's first keyframe
-goes in fp16 (provider_runtime.reference.half_keyframe), later ones exactly.
+reads one delta (a content-addressed upload sends a provider only the files it lacks). A server that restarts
+starts a new chain from the job's committed weights: a reference is only ever what some worker was sent. A chain's
+first keyframe goes in fp16 (provider_runtime.reference.half_keyframe), later ones exactly.
 """
 
 from __future__ import annotations

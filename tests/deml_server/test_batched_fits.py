@@ -34,19 +34,23 @@ FAILING_TASK = (
 
 class Recording(WrappedLocal):
     """The real local backend, batching as it chooses; notes how many partitions each train bundle held, and the
-    rounds of the bundles that evaluated (an evaluate task, or a batch carrying the round before's evaluation)."""
+    rounds of the bundles that evaluated (an evaluate task, or a batch carrying the round before's evaluation), and
+    the order the train and evaluate bundles came back in."""
 
     def __init__(self, inner: LocalBackend) -> None:
         super().__init__(inner)
         self.sizes: list[int] = []
         self.evaluated_alone: list[int] = []
         self.evaluated_riding: list[int] = []
+        self.order: list[str] = []
 
     def batch_size(self, job_id: str, pending: int) -> int:
         return self.inner.batch_size(job_id, pending)
 
     async def after(self, item: WorkItem) -> None:
         task = json.loads((item.bundle / "task.json").read_text())
+        if item.action in ("train", "evaluate"):
+            self.order.append(f"{item.action} {item.server_round}")
         if item.action == "train":
             self.sizes.append(len(task.get("batch", [])) or 1)
             if "evaluate_first" in task:
@@ -252,15 +256,6 @@ async def test_with_no_batch_to_ride_in_each_evaluation_goes_to_the_workers_befo
     # Prepare: one worker, one partition (one per bundle, as on Golem: nothing to ride in); the order the worker
     # ran the tasks in is the order they were sent
     backend = Recording(LocalBackend(workers=1, work_dir=tmp_path / "workers"))
-    order: list[str] = []
-    recorded = backend.after
-
-    async def after(item: WorkItem) -> None:
-        if item.action in ("train", "evaluate"):
-            order.append(f"{item.action} {item.server_round}")
-        await recorded(item)
-
-    backend.after = after  # type: ignore[method-assign]
 
     # Execute
     async with job_service(tmp_path, backend) as service:
@@ -272,4 +267,4 @@ async def test_with_no_batch_to_ride_in_each_evaluation_goes_to_the_workers_befo
     # Assert: each round's evaluation was sent as soon as it was trained, ahead of the next round's training (which
     # it would otherwise wait behind, and the round's commit with it)
     assert job.state is JobState.SUCCEEDED, job.error
-    assert order == ["train 1", "evaluate 1", "train 2", "evaluate 2", "train 3", "evaluate 3"]
+    assert backend.order == ["train 1", "evaluate 1", "train 2", "evaluate 2", "train 3", "evaluate 3"]
