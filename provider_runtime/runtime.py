@@ -265,6 +265,7 @@ def _train_batch(task: Task, bundle: Path, out: Path) -> tuple[tuple[PartResult,
                 model, _ = _train_in(part, mod, bundle, outcome, start)
                 offset = updates.tell()
                 span = (offset, _write_update(model, part, start, bundle, mod, updates))
+                start.release(model)
             except BundleError:
                 raise
             except Exception as exc:
@@ -297,7 +298,9 @@ class _Start:
     """The model a train task starts from: built by model() and loaded with the bundle's weights.
 
     A batch loads the file once (checked against the model by load_into) and gives each later partition a fresh
-    model() loaded from that first copy.
+    model() loaded from that first copy; or, where that is the same thing (_rebuilt_by_loading), the model the
+    partition before gave back (release), loaded from that copy again: building a small model cost more than
+    training it one minibatch.
     """
 
     def __init__(self, bundle: Path, chain: tuple[str, ...] = ()) -> None:
@@ -305,15 +308,49 @@ class _Start:
         self.chain = chain
         self._state: dict[str, torch.Tensor] | None = None
         self._base: dict[str, np.ndarray] | None = None
+        # Whether model() draws nothing from the global random streams (measured at the batch's first build).
+        self._draws_nothing: bool | None = None
+        self._spare: torch.nn.Module | None = None
+        # The model last found reusable (_rebuilt_by_loading), with its modules and parameters.
+        self._plain: tuple[torch.nn.Module, tuple[torch.nn.Module, ...], tuple[torch.nn.Parameter, ...]] | None = None
 
     def model(self, mod: ModuleType) -> torch.nn.Module:
         if self._state is None:
             model = _loaded_model(mod, self.bundle, self.chain)
             self._state = {name: t.detach().clone() for name, t in model.state_dict().items()}
             return model
-        model = _built_without_init(mod)
+        spare, self._spare = self._spare, None
+        model = spare if spare is not None else self._built(mod)
         if not _copied_in(model, self._state):
             model.load_state_dict(self._state, strict=True)
+        return model
+
+    def release(self, model: torch.nn.Module) -> None:
+        """A partition is done with `model`: the next one gets it back (reloaded) if that equals building one.
+
+        It does when building draws nothing from the random streams (so the next partition's shuffles and dropout
+        are those after a build) and the model's whole state is its state_dict (_rebuilt_by_loading), which the
+        next model() copies in. What training leaves outside it, the gradients and the mode, is reset here.
+        """
+        if not self._draws_nothing:
+            return
+        if self._plain is None or self._plain[0] is not model:
+            if not _rebuilt_by_loading(model):
+                return
+            self._plain = (model, tuple(model.modules()), tuple(model.parameters()))
+        _, modules, parameters = self._plain
+        for parameter in parameters:
+            parameter.grad = None
+        if not all(module.training for module in modules):
+            model.train()
+        self._spare = model
+
+    def _built(self, mod: ModuleType) -> torch.nn.Module:
+        if self._draws_nothing is not None:
+            return _built_without_init(mod)
+        before = _random_streams()
+        model = _built_without_init(mod)
+        self._draws_nothing = _random_streams() == before
         return model
 
     def base(self) -> dict[str, np.ndarray]:
@@ -325,6 +362,52 @@ class _Start:
             assert self._state is not None, "base() is asked for after model()"
             self._base = {name: tensor.numpy() for name, tensor in self._state.items()}
         return self._base
+
+
+def _random_streams() -> tuple[object, ...]:
+    """The global random streams' states (Python's, numpy's, torch's CPU one; CUDA's once it is in use)."""
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)
+    name, keys, pos, has_gauss, gauss = numpy_state
+    cuda = (
+        tuple(state.numpy().tobytes() for state in torch.cuda.get_rng_state_all())
+        if torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        else ()
+    )
+    return (
+        random.getstate(),
+        (name, keys.tobytes(), pos, has_gauss, gauss),
+        torch.default_generator.get_state().numpy().tobytes(),
+        cuda,
+    )
+
+
+# Hooks a module may hold: a model with any is not reused across partitions (a hook may keep state of its own).
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _rebuilt_by_loading(model: torch.nn.Module) -> bool:
+    """Whether loading a state_dict into `model` makes it what a fresh model() loaded with it would be.
+
+    True for a model made only of torch.nn's own modules, with no hooks and no non-persistent buffers: their whole
+    state is their parameters and persistent buffers (the training flag aside). A module of any other class may
+    keep state in its attributes (a counter its forward updates, say), so such a model is built afresh.
+    """
+    for module in model.modules():
+        if not type(module).__module__.startswith("torch.nn.") or module._non_persistent_buffers_set:
+            return False
+        if any(getattr(module, hooks, None) for hooks in _HOOKS):
+            return False
+    return True
 
 
 # What Module.load_state_dict does for a module that does not customise loading: each parameter and persistent buffer

@@ -96,6 +96,96 @@ def test_a_batch_with_control_variates_is_a_malformed_bundle(
         run_bundle(bundle, tmp_path / "out")
 
 
+# Three ways to build the same network for a batch; each prints a line per build (the worker's log counts them).
+_DATA = """
+
+def load_data(partition_id, num_partitions):
+    rng = np.random.default_rng(partition_id)
+    x = rng.normal(size=(20 + partition_id, 4)).astype(np.float32)
+    return (x, (x[:, 0] > 0).astype(np.int64)), (x, (x[:, 0] > 0).astype(np.int64))
+"""
+_PLAIN = """
+import numpy as np
+import torch
+
+
+def model():
+    print("built")
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+"""
+# A module of the user's own that keeps state outside its state_dict (a fresh model starts it at 0).
+_COUNTING = """
+import numpy as np
+import torch
+
+
+class Counting(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.calls
+
+
+def model():
+    print("built")
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), Counting(), torch.nn.Linear(8, 2))
+"""
+# A build that draws from the global stream the dropout masks come from.
+_DRAWING = _PLAIN.replace('print("built")', 'print("built")\n    torch.rand(3)')
+
+
+@pytest.mark.parametrize(
+    ("code", "builds"), [(_PLAIN, 2), (_COUNTING, 4), (_DRAWING, 4)], ids=["plain", "counting", "drawing"]
+)
+def test_a_batch_reuses_a_model_only_where_that_is_building_one(
+    make_bundle: MakeBundle, weights: Path, tmp_path: Path, code: str, builds: int
+) -> None:
+    # Prepare: partitions 0-3 of 4 in one bundle and one by one, for a model of torch.nn's own modules, one with a
+    # module of the user's that counts its calls, and one whose build draws from the random stream
+    count = {"index": 0, "count": 4, "scheme": "iid", "alpha": 0.5, "seed": 42}
+    task = {"task.py": code + _DATA}
+    batch = [{"index": i, "seed": 100 + i} for i in range(4)]
+    batched = make_bundle("batched", code=task, weights=weights, partition=count, batch=batch)
+    alone = {
+        i: make_bundle(f"alone-{i}", code=task, weights=weights, partition={**count, "index": i}, seed=100 + i)
+        for i in range(4)
+    }
+
+    # Execute
+    result = run_bundle(batched, tmp_path / "batched-out")
+    for i, bundle in alone.items():
+        run_bundle(bundle, tmp_path / f"alone-{i}-out")
+
+    # Assert: every partition's update is its own task's, byte for byte; the plain model was built twice for four
+    # partitions (the loaded one, then one found to draw nothing, given back by each partition to the next), the
+    # others once per partition
+    updates = (tmp_path / "batched-out" / "updates.bin").read_bytes()
+    for part in result["parts"]:
+        offset, size = part["update"]
+        own = (tmp_path / f"alone-{part['index']}-out" / "weights.safetensors").read_bytes()
+        assert updates[offset : offset + size] == own, part["index"]
+    assert (tmp_path / "batched-out" / "log.txt").read_text().count("built") == builds
+
+
+def test_only_a_model_whose_state_is_its_state_dict_counts_as_rebuilt_by_loading() -> None:
+    from provider_runtime.runtime import _rebuilt_by_loading
+
+    class Own(torch.nn.Linear):
+        pass
+
+    hooked = _bn_model()
+    hooked[0].register_forward_hook(lambda *args: None)
+    unsaved = _bn_model()
+    unsaved[1].register_buffer("scratch", torch.zeros(8), persistent=False)
+    assert _rebuilt_by_loading(_bn_model()) and _rebuilt_by_loading(_tied_model())
+    assert not _rebuilt_by_loading(torch.nn.Sequential(Own(4, 2)))
+    assert not _rebuilt_by_loading(hooked)
+    assert not _rebuilt_by_loading(unsaved)
+
+
 def _bn_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 
