@@ -43,8 +43,9 @@ class ServerConfig:
     max_task_attempts: int = field(default_factory=lambda: env_int("DEML_MAX_TASK_ATTEMPTS", 3))
     # torch threads per training worker (many workers share the machine's cores).
     torch_threads: int = field(default_factory=lambda: env_int("DEML_TORCH_THREADS", 1))
-    # The most partitions of a round one local worker trains from one bundle (1: one per bundle; docs/bundle.md).
-    max_batch: int = field(default_factory=lambda: env_int("DEML_MAX_BATCH", 32))
+    # The most partitions of a round one local worker trains from one bundle (1: one per bundle; docs/bundle.md;
+    # backends.local.MAX_BATCH).
+    max_batch: int = field(default_factory=lambda: env_int("DEML_MAX_BATCH", 64))
     # Settings of the golem backend (used only with --backend golem); see docs/golem.md.
     golem: GolemConfig = field(default_factory=GolemConfig)
     # Seconds a SIGTERM/SIGINT gives the rounds and predictions in flight before the server stops anyway.
