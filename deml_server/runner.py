@@ -449,7 +449,10 @@ class JobRunner:
         current = await asyncio.to_thread(wio.read_mapped, weights_path)
         sent, base, chain = weights_path, current, None
         if self._chain is not None:
-            chain = await asyncio.to_thread(self._chain.toward, weights_path)
+            # Made already by _rounds (the round's first, from a resumed job's weights, is made here).
+            chain = self._chain.made(weights_path)
+            if chain is None:
+                chain = await asyncio.to_thread(self._chain.toward, weights_path)
             base = chain.values
         elif self.spec.broadcast_dtype == "fp16":
             sent = self._half_path(server_round - 1)
