@@ -299,8 +299,8 @@ class _Start:
 
     A batch loads the file once (checked against the model by load_into) and gives each later partition a fresh
     model() loaded from that first copy; or, where that is the same thing (_rebuilt_by_loading), the model the
-    partition before gave back (release), loaded from that copy again: building a small model cost more than
-    training it one minibatch.
+    partition before gave back (release), loaded from that copy again: building a small model was a seventh of its
+    partition's time in a batch (185 of ~1,350 us for a 3.5 k-parameter MLP).
     """
 
     def __init__(self, bundle: Path, chain: tuple[str, ...] = ()) -> None:
