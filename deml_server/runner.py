@@ -449,10 +449,7 @@ class JobRunner:
         current = await asyncio.to_thread(wio.read_mapped, weights_path)
         sent, base, chain = weights_path, current, None
         if self._chain is not None:
-            # Made already by _rounds (the round's first, from a resumed job's weights, is made here).
-            chain = self._chain.made(weights_path)
-            if chain is None:
-                chain = await asyncio.to_thread(self._chain.toward, weights_path)
+            chain = await self._chain_toward(weights_path)
             base = chain.values
         elif self.spec.broadcast_dtype == "fp16":
             sent = self._half_path(server_round - 1)
@@ -572,11 +569,19 @@ class JobRunner:
                 raise JobFailed(f"{label}: the task's code raised an error\n{rode.error}", FailureCause.USER_CODE)
             return rode
         if self._chain is not None:
-            chain = self._chain.made(trained.weights) or await asyncio.to_thread(self._chain.toward, trained.weights)
-            evaluate = self._bundle("evaluate", chain=chain)
+            evaluate = self._bundle("evaluate", chain=await self._chain_toward(trained.weights))
         else:
             evaluate = self._bundle("evaluate", weights=await self._evaluated_weights(trained))
         return await self._run_one(evaluate, label, server_round=trained.round)
+
+    async def _chain_toward(self, weights: Path) -> Chain:
+        """The int8 chain to `weights`: the one _rounds made for it (no thread hop), else made now in a thread.
+
+        A round's aggregate has its chain made by _rounds; a resumed job's first round's weights do not.
+        """
+        assert self._chain is not None
+        made = self._chain.made(weights)
+        return made if made is not None else await asyncio.to_thread(self._chain.toward, weights)
 
     def _global_path(self, server_round: int) -> Path:
         return self.dir / "global" / f"round-{server_round}.safetensors"
