@@ -68,7 +68,7 @@ from bench.bench_training import (  # noqa: E402
     launch_flower,
     process_tree,
 )
-from bench.server import DemlServer, _tree_cpu_ticks  # noqa: E402
+from bench.server import DemlServer, TreeCpu  # noqa: E402
 
 TRAIN_ROWS, TEST_ROWS, FEATURES, CLASSES = 1437, 360, 64, 10
 CNN_TRAIN, CNN_TEST = 256, 64
@@ -494,12 +494,14 @@ def bench_partitions(
 def _job_with_cpu(server: DemlServer, task_dir: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """run_job, and the CPU seconds the server and its workers used for the job.
 
-    Workers recycled at the job's end count too. Other load on the machine changes this far less than wall time.
+    The server is let settle first (the previous job's recycled workers' replacements import torch before they are
+    idle); workers recycled at the job's end count up to their last sample, their replacements not at all.
     """
-    tick = os.sysconf("SC_CLK_TCK")
-    before = _tree_cpu_ticks(server.proc.pid, reaped=True)
+    server.wait_idle()
+    cpu = TreeCpu(server.proc.pid)
+    cpu.start()
     run = run_job(server, task_dir, settings)
-    return run, (_tree_cpu_ticks(server.proc.pid, reaped=True) - before) / tick
+    return run, cpu.stop()
 
 
 def bench_length(out: Path, rounds: int) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,12 +73,8 @@ class DemlServer:
         self._log.close()
 
 
-def _tree_cpu_ticks(root: int, reaped: bool = False) -> int:
-    """User + system CPU ticks of a process and all its descendants (from /proc).
-
-    `reaped`: also what its descendants that ended used (each process's children's times, once they are waited
-    for), so that workers recycled at a job's end still count.
-    """
+def _tree_ticks_by_pid(root: int) -> dict[int, int]:
+    """User + system CPU ticks of a process and of each of its descendants, by PID (from /proc)."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
@@ -89,12 +86,59 @@ def _tree_cpu_ticks(root: int, reaped: bool = False) -> int:
             continue
         pid = int(entry.name)
         parents[pid] = int(fields[1])
-        ticks[pid] = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
-    total = 0
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    tree: dict[int, int] = {}
     for pid, tick in ticks.items():
         node = pid
         while node not in (0, 1, root):
             node = parents.get(node, 0)
         if node == root:
-            total += tick
-    return total
+            tree[pid] = tick
+    return tree
+
+
+def _tree_cpu_ticks(root: int) -> int:
+    """User + system CPU ticks of a process and all its live descendants."""
+    return sum(_tree_ticks_by_pid(root).values())
+
+
+class TreeCpu:
+    """The CPU seconds a process tree uses from start() to stop(), each process's own ticks sampled in a thread.
+
+    A process that ends in between counts up to its last sample (at most `period` of its CPU is missed), one that
+    starts in between from zero. The counters of reaped children (cutime) are not used: the local backend kills a
+    recycled worker's whole sandbox at once, its processes are reaped outside the tree, and a before/after
+    difference of the tree's totals then loses the worker's CPU (it came out negative for a job in a sweep).
+    """
+
+    def __init__(self, root: int, period: float = 0.05) -> None:
+        self._root = root
+        self._period = period
+        self._first: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_done, daemon=True)
+
+    def start(self) -> None:
+        self._first = _tree_ticks_by_pid(self._root)
+        self._last = dict(self._first)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for pid, tick in _tree_ticks_by_pid(self._root).items():
+            # A PID reused by a new process shows fewer ticks than the old one's last: count both lives.
+            if tick < self._last.get(pid, 0):
+                self._first[pid] = self._first.get(pid, 0) - self._last[pid]
+            self._first.setdefault(pid, 0)
+            self._last[pid] = tick
+
+    def _sample_until_done(self) -> None:
+        while not self._done.wait(self._period):
+            self._sample()
+
+    def stop(self) -> float:
+        """The CPU seconds used since start()."""
+        self._done.set()
+        self._thread.join()
+        self._sample()
+        return sum(self._last[pid] - self._first[pid] for pid in self._last) / os.sysconf("SC_CLK_TCK")

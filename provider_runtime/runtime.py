@@ -37,7 +37,6 @@ from provider_runtime.contract import (
     TaskDoc,
 )
 from provider_runtime.data import Splits, cached_splits, partition_key, rows
-from provider_runtime.onnx_export import export_onnx
 from provider_runtime.usercode import PartitionArgs, UserCodeError, optional, required, user_module
 from provider_runtime.weights import (
     arrays_bytes,
@@ -231,7 +230,7 @@ def _init(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
 
 def _train(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
-        start = _Start(bundle, task.weights_chain)
+        start = _Start(bundle, task.weights_chain, keep=task.compression != "none")
         model, control = _train_in(task, mod, bundle, result, start)
         with (out / "weights.safetensors").open("wb") as weights:
             _write_update(model, task, start, bundle, mod, weights)
@@ -303,9 +302,17 @@ class _Start:
     partition's time in a batch (185 of ~1,350 us for a 3.5 k-parameter MLP).
     """
 
-    def __init__(self, bundle: Path, chain: tuple[str, ...] = ()) -> None:
+    def __init__(self, bundle: Path, chain: tuple[str, ...] = (), keep: bool = True) -> None:
+        """A start from the bundle's weights (reached through `chain` when it has one).
+
+        `keep`: whether the loaded weights are needed after the first model() (a batch's later partitions, a
+        compressed update's base); a single task with whole updates does without a copy of them.
+        """
         self.bundle = bundle
         self.chain = chain
+        self.keep = keep
+        self._loaded = False
+        # The weights as loaded, for later partitions and base(): a copy, or the chain's reference itself.
         self._state: dict[str, torch.Tensor] | None = None
         self._base: dict[str, np.ndarray] | None = None
         # Whether model() draws nothing from the global random streams (measured at the batch's first build).
@@ -315,10 +322,13 @@ class _Start:
         self._plain: tuple[torch.nn.Module, tuple[torch.nn.Module, ...], tuple[torch.nn.Parameter, ...]] | None = None
 
     def model(self, mod: ModuleType) -> torch.nn.Module:
-        if self._state is None:
-            model = _loaded_model(mod, self.bundle, self.chain)
-            self._state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        if not self._loaded:
+            model, values = _loaded_model(mod, self.bundle, self.chain)
+            self._loaded = True
+            if self.keep:
+                self._state = _kept_state(model, values)
             return model
+        assert self._state is not None, "a _Start that keeps nothing gives one model"
         spare, self._spare = self._spare, None
         model = spare if spare is not None else self._built(mod)
         if not _copied_in(model, self._state):
@@ -359,9 +369,24 @@ class _Start:
         Views of the copy kept at the first load, not a second read (and unpack) of the file.
         """
         if self._base is None:
-            assert self._state is not None, "base() is asked for after model()"
+            assert self._state is not None, "base() is asked for after model(), of a _Start that keeps the weights"
             self._base = {name: tensor.numpy() for name, tensor in self._state.items()}
         return self._base
+
+
+def _kept_state(model: torch.nn.Module, values: dict[str, np.ndarray] | None) -> dict[str, torch.Tensor]:
+    """The weights a model was just loaded with, kept for what comes after it (it trains in place).
+
+    `values`: what it was loaded from when that is the chain's reference (held by provider_runtime.reference, never
+    changed): its arrays serve as they are where each is the model's own dtype and writable (no copy of a model's
+    size: 0.45 s of a 67.7 M-parameter task); otherwise the model's state is copied.
+    """
+    state = model.state_dict()
+    if values is not None and values.keys() == state.keys():
+        views = {name: torch.from_numpy(a) for name, a in values.items() if a.flags.writeable}
+        if views.keys() == state.keys() and all(views[n].dtype == t.dtype for n, t in state.items()):
+            return views
+    return {name: t.detach().clone() for name, t in state.items()}
 
 
 def _random_streams() -> tuple[object, ...]:
@@ -524,7 +549,7 @@ def _encoded_update(model: torch.nn.Module, task: Task, start: _Start, key: tupl
 
 def _evaluate(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
-        _evaluated(task, mod, bundle, result, lambda: _loaded_model(mod, bundle, task.weights_chain))
+        _evaluated(task, mod, bundle, result, lambda: _loaded_model(mod, bundle, task.weights_chain)[0])
 
 
 def _evaluated(
@@ -546,7 +571,7 @@ def _evaluated(
 def _export(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
     with user_module(bundle / "code", task.module) as mod:
         _seed_everything(task.seed)
-        model = _loaded_model(mod, bundle)
+        model, _ = _loaded_model(mod, bundle)
         model.eval()
         example_input = optional(mod, "example_input")
         if example_input is not None:
@@ -558,6 +583,9 @@ def _export(task: Task, bundle: Path, out: Path, result: _Outcome) -> None:
             if splits.test is None:
                 raise UserCodeError("define example_input() or return a test split: export needs sample rows")
             sample = rows(splits.test, _EXPORT_SAMPLE_ROWS)
+        # Imported here: onnx and onnxruntime cost a train or evaluate task, a process of its own on Golem, ~0.7 s.
+        from provider_runtime.onnx_export import export_onnx
+
         result.export = ExportInfo.from_dict(export_onnx(model, sample, out / "model.onnx"))
 
 
@@ -652,13 +680,16 @@ _RANDOM_INITS = (
 )
 
 
-def _loaded_model(mod: ModuleType, bundle: Path, chain: tuple[str, ...] = ()) -> torch.nn.Module:
+def _loaded_model(
+    mod: ModuleType, bundle: Path, chain: tuple[str, ...] = ()
+) -> tuple[torch.nn.Module, dict[str, np.ndarray] | None]:
     """model() with the bundle's weights, without first drawing random ones only to overwrite them.
 
     Drawing a 17 M-parameter model's initial weights was measured as 7 % of a training task. load_into requires
     every state_dict entry, so nothing initialised is left unloaded; the global RNG then starts where the seed put
     it, so dropout masks stay reproducible. With a `chain` (TaskDoc.weights_chain) the weights are the reference
-    it ends at, built from the one this worker holds or from the keyframe (provider_runtime.reference).
+    it ends at, built from the one this worker holds or from the keyframe (provider_runtime.reference); that
+    reference is returned too (None without a chain).
     """
     weights = _weights_path(bundle)
     model = _built_without_init(mod)
@@ -672,9 +703,9 @@ def _loaded_model(mod: ModuleType, bundle: Path, chain: tuple[str, ...] = ()) ->
         except reference.ReferenceError as exc:
             raise BundleError(str(exc)) from None
         load_arrays_into(model, values)
-    else:
-        load_into(model, weights)
-    return model
+        return model, values
+    load_into(model, weights)
+    return model, None
 
 
 # The global weights reference this warm worker built last (TaskDoc.weights_chain): a round's chain then costs one

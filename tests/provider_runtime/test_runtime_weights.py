@@ -109,7 +109,7 @@ def test_a_model_built_for_loading_skips_random_init_and_restores_it(tmp_path: P
     uniform = torch.nn.init.uniform_
 
     # Execute
-    model = _loaded_model(mod, tmp_path)
+    model, _ = _loaded_model(mod, tmp_path)
 
     # Assert: exactly the saved weights, and torch's initialisers are torch's again
     for name, value in source.state_dict().items():
@@ -186,3 +186,32 @@ def save_state_dict_size(state: dict[str, torch.Tensor], path: Path) -> int:
 def test_a_bfloat16_entry_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"entry 'w' has dtype torch.bfloat16, which numpy cannot carry"):
         write_state_dict({"w": torch.zeros(2, dtype=torch.bfloat16)}, io.BytesIO())
+
+
+def test_kept_weights_are_the_chains_reference_itself_only_where_that_is_exact() -> None:
+    from provider_runtime.runtime import _kept_state
+
+    # Prepare: a model loaded from a reference's arrays, as a chain's task loads it
+    model = _bn_model()
+    values = {name: t.detach().numpy().copy() for name, t in model.state_dict().items()}
+    read_only = {name: a.copy() for name, a in values.items()}
+    for array in read_only.values():
+        array.flags.writeable = False
+    wider = {name: a.astype(np.float64) if a.dtype == np.float32 else a for name, a in values.items()}
+
+    # Execute
+    shared = _kept_state(model, values)
+    copied = [_kept_state(model, None), _kept_state(model, read_only), _kept_state(model, wider)]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # training changes the model in place
+
+    # Assert: the reference's arrays serve as they are (no copy); otherwise a copy of what was loaded, which the
+    # training does not reach
+    assert all(np.shares_memory(shared[name].numpy(), values[name]) for name in values)
+    for kept in copied:
+        assert kept.keys() == values.keys()
+        for name, tensor in kept.items():
+            assert not np.shares_memory(tensor.numpy(), values[name])
+            assert tensor.dtype == model.state_dict()[name].dtype
+            assert np.array_equal(tensor.numpy(), values[name])
