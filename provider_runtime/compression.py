@@ -66,6 +66,8 @@ SCALE_SUFFIX = "::scale"
 # Tensors this small (biases, norms' affine parameters) cost next to nothing exactly, and are sensitive to rounding.
 EXACT_BELOW = 256
 _INT8_MAX = 127.0
+# Values the int8 quantiser works on at a time (a work array of 256 KiB).
+_PASS = 1 << 16
 # Convolution kernels (out, in, kh, kw...) get a scale per output channel: their filters' updates differ in size by
 # orders of magnitude. A matrix's rows are short, and a scale per row cost 6 % more bytes on the digits MLP for no
 # accuracy that error feedback did not already recover.
@@ -150,12 +152,28 @@ def _quantise(delta: npt.NDArray[np.float32], scheme: str) -> dict[str, Array]:
         delta -= _from_bf16_bits(bits)
         return {"": bits}
     scale = _int8_scale(delta)
-    work = np.divide(delta, scale, dtype=np.float32)
-    np.rint(work, out=work)
-    np.clip(work, -_INT8_MAX, _INT8_MAX, out=work)
-    quantised = work.astype(np.int8)
-    np.multiply(quantised, scale, out=work, dtype=np.float32)
-    delta -= work
+    quantised = np.empty(delta.shape, dtype=np.int8)
+    # Rows of one scale each (one row for a tensor's scale), quantised _PASS values at a time: every step below
+    # is elementwise, so the codes and residuals are those of whole-tensor passes, while the work array stays in
+    # the cache instead of each step streaming a model-sized array through memory.
+    rows = delta.reshape(scale.size, -1)
+    codes = quantised.reshape(rows.shape)
+    scales = scale.reshape(-1, 1)
+    columns = min(rows.shape[1], _PASS)
+    block = max(1, _PASS // rows.shape[1])
+    work = np.empty((min(block, rows.shape[0]), columns), dtype=np.float32)
+    for row in range(0, rows.shape[0], block):
+        row_scales = scales[row : row + block]
+        for column in range(0, rows.shape[1], columns):
+            part = rows[row : row + block, column : column + columns]
+            done = work[: part.shape[0], : part.shape[1]]
+            np.divide(part, row_scales, out=done, dtype=np.float32)
+            np.rint(done, out=done)
+            np.clip(done, -_INT8_MAX, _INT8_MAX, out=done)
+            sent = codes[row : row + block, column : column + columns]
+            np.copyto(sent, done, casting="unsafe")
+            np.multiply(sent, row_scales, out=done, dtype=np.float32)
+            part -= done
     return {"": quantised, SCALE_SUFFIX: scale.reshape(_scale_shape(delta.shape))}
 
 
