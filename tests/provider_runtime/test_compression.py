@@ -93,6 +93,33 @@ def test_int8_scales_each_output_channel_of_a_kernel_and_restores_exact_multiple
     np.testing.assert_allclose(full[1, 0, 0, :2], [-2.54, 0.5], rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 100_000), (300_000,), (512, 64, 3, 3), (3, 70_000, 2, 1)])
+def test_int8_codes_and_residuals_are_those_of_whole_tensor_arithmetic(shape: tuple[int, ...]) -> None:
+    # Prepare: deltas larger than the quantiser's pass (per tensor, per channel, rows longer and shorter than it),
+    # one channel all zero, and a residual carried in
+    rng = np.random.default_rng(3)
+    trained = (rng.standard_t(3, size=shape) * 0.01).astype(np.float32)
+    trained[1] = 0.0
+    residual = (rng.standard_normal(shape) * 1e-4).astype(np.float32)
+    base = np.zeros(shape, np.float32)
+
+    # Execute
+    encoded = encode({"w": trained}, {"w": base}, "int8", {"w": residual.copy()})
+
+    # Assert: the same bits as the formula applied to the whole tensor at once
+    delta = trained - base + residual
+    per_channel = len(shape) >= 3
+    peak = np.abs(delta.reshape(shape[0], -1)).max(axis=1) if per_channel else np.abs(delta).max()
+    scale = (np.asarray(peak, np.float32) / np.float32(127.0)).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+    wide = scale.reshape((-1,) + (1,) * (len(shape) - 1)) if per_channel else scale
+    codes = np.clip(np.rint(delta / wide), -127, 127).astype(np.int8)
+    assert np.array_equal(encoded.arrays["w" + SCALE_SUFFIX].reshape(-1), scale.reshape(-1))
+    assert np.array_equal(encoded.arrays["w"], codes)
+    left = delta - codes.astype(np.float32) * wide
+    assert np.array_equal(encoded.residual["w"].view(np.uint32), left.astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.parametrize("shape", [(EXACT_BELOW,), (16, EXACT_BELOW // 16)])
 def test_int8_on_a_vector_or_matrix_uses_one_scale_for_the_tensor(shape: tuple[int, ...]) -> None:
     base = {"v": np.zeros(shape, np.float32)}
