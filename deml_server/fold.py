@@ -12,6 +12,7 @@ from deml_server.errors import DemlError, InvalidArgument
 from deml_server.strategy.aggregate import (
     Run,
     RunningMean,
+    SumsMemory,
     check_finite_chunks,
     check_layout,
     finite_runs,
@@ -44,6 +45,7 @@ class Fold:
         order: Sequence[int],
         compression: str = "none",
         base: Weights | None = None,
+        memory: SumsMemory | None = None,
     ) -> None:
         self.current = current
         self.compression = compression
@@ -52,7 +54,8 @@ class Fold:
         # Weights files the workers sent and their bytes, for the round's bytes_received_per_worker metric.
         self.files_read = 0
         self.bytes_received = 0
-        self.mean = RunningMean(current) if running_mean else None
+        # `memory`: the running sum's buffer, reused from the round before when the mean is all it was read for.
+        self.mean = RunningMean(current, memory) if running_mean else None
         self.results: list[FitResult] = []
         self.problems: list[tuple[int, str]] = []
         self.user_errors: list[tuple[int, str]] = []
@@ -310,7 +313,11 @@ class Fold:
             mean, self.mean = self.mean, None
             mean.require_results()
             layout = {name: (ref.dtype, ref.shape) for name, ref in self.current.items()}
-            wio.write_read_only(path, lambda out: wio.write_chunked(out, layout, mean.mean_chunks))
+            try:
+                wio.write_read_only(path, lambda out: wio.write_chunked(out, layout, mean.mean_chunks))
+            finally:
+                # Only new arrays were made from the sums (mean_chunks): their buffer can serve the next round.
+                mean.release()
         else:
             aggregated = self.aggregate(strategy, server_round)
             wio.write_read_only(path, lambda out: wio.write(aggregated, out))

@@ -40,6 +40,7 @@ from deml_server.riding import RidingEvaluation
 from deml_server.sampling import sample_partitions
 from deml_server.store import JobStore
 from deml_server.strategy import make_strategy
+from deml_server.strategy.aggregate import SumsMemory
 from deml_server.strategy.base import Strategy, Weights
 from provider_runtime import compression as codec
 from provider_runtime.contract import BatchPart
@@ -158,6 +159,8 @@ class JobRunner:
         self._carrier_width = 0
         # With int8 broadcast: the reference the workers train from and its chain's files (made by _rounds).
         self._chain: ReferenceChain | None = None
+        # The rounds' running sums, one buffer from round to round (the rounds' folds never overlap).
+        self._sums = SumsMemory()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -392,6 +395,8 @@ class JobRunner:
                 if task is not None and not task.done():
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+            # The sums' memory is not held through the export and the registration (two model sizes).
+            self._sums.clear()
         shutil.rmtree(self.dir / "global", ignore_errors=True)
         return weights_digest
 
@@ -471,7 +476,7 @@ class JobRunner:
             )
             for i in sample
         }
-        fold = Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base)
+        fold = Fold(current, strategy.uses_weighted_mean, sample, self.spec.compression, base, self._sums)
         fits = _RoundFits()
         try:
             await self._fit_all(server_round, bundles, fold, fits, riding)

@@ -12,7 +12,7 @@ import random
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -323,10 +323,13 @@ class _Start:
 
     def model(self, mod: ModuleType) -> torch.nn.Module:
         if not self._loaded:
-            model, values = _loaded_model(mod, self.bundle, self.chain)
+            before = _random_streams()
+            model, loaded = _loaded_model(mod, self.bundle, self.chain)
+            # Loading draws nothing: whether building does, measured here, lets the next partition have this model.
+            self._draws_nothing = _random_streams() == before
             self._loaded = True
             if self.keep:
-                self._state = _kept_state(model, values)
+                self._state = _kept_state(model, loaded)
             return model
         assert self._state is not None, "a _Start that keeps nothing gives one model"
         spare, self._spare = self._spare, None
@@ -374,18 +377,19 @@ class _Start:
         return self._base
 
 
-def _kept_state(model: torch.nn.Module, values: dict[str, np.ndarray] | None) -> dict[str, torch.Tensor]:
+def _kept_state(model: torch.nn.Module, loaded: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights a model was just loaded with, kept for what comes after it (it trains in place).
 
-    `values`: what it was loaded from when that is the chain's reference (held by provider_runtime.reference, never
-    changed): its arrays serve as they are where each is the model's own dtype and writable (no copy of a model's
-    size: 0.45 s of a 67.7 M-parameter task); otherwise the model's state is copied.
+    `loaded`: what it was loaded from (load_tensors_into: memory of their own, which nothing changes; the file's pages
+    mapped copy-on-write, or the chain's reference held by provider_runtime.reference): they serve as they are where
+    each is the model's own dtype and shape (no copy of a model's size: 0.45 s of a 67.7 M-parameter task, and a
+    fresh 68 MB of pages for a 17 M one); otherwise the model's state is copied.
     """
     state = model.state_dict()
-    if values is not None and values.keys() == state.keys():
-        views = {name: torch.from_numpy(a) for name, a in values.items() if a.flags.writeable}
-        if views.keys() == state.keys() and all(views[n].dtype == t.dtype for n, t in state.items()):
-            return views
+    if loaded.keys() == state.keys() and all(
+        loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape for name, tensor in state.items()
+    ):
+        return dict(loaded)
     return {name: t.detach().clone() for name, t in state.items()}
 
 
@@ -682,14 +686,14 @@ _RANDOM_INITS = (
 
 def _loaded_model(
     mod: ModuleType, bundle: Path, chain: tuple[str, ...] = ()
-) -> tuple[torch.nn.Module, dict[str, np.ndarray] | None]:
-    """model() with the bundle's weights, without first drawing random ones only to overwrite them.
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """model() with the bundle's weights (without drawing random ones first), and what they were loaded from.
 
-    Drawing a 17 M-parameter model's initial weights was measured as 7 % of a training task. load_into requires
-    every state_dict entry, so nothing initialised is left unloaded; the global RNG then starts where the seed put
-    it, so dropout masks stay reproducible. With a `chain` (TaskDoc.weights_chain) the weights are the reference
-    it ends at, built from the one this worker holds or from the keyframe (provider_runtime.reference); that
-    reference is returned too (None without a chain).
+    What they were loaded from: load_tensors_into's tensors. Drawing a 17 M-parameter model's initial weights was
+    measured as 7 % of a training task. load_into requires every state_dict entry, so nothing initialised is left
+    unloaded; the global RNG then starts where the seed put it, so dropout masks stay reproducible. With a `chain`
+    (TaskDoc.weights_chain) the weights are the reference it ends at, built from the one this worker holds or from
+    the keyframe (provider_runtime.reference).
     """
     weights = _weights_path(bundle)
     model = _built_without_init(mod)
@@ -702,10 +706,8 @@ def _loaded_model(
             values = _reference.build(chain, weights, deltas, load_arrays_and_metadata)
         except reference.ReferenceError as exc:
             raise BundleError(str(exc)) from None
-        load_arrays_into(model, values)
-        return model, values
-    load_into(model, weights)
-    return model, None
+        return model, load_arrays_into(model, values)
+    return model, load_into(model, weights)
 
 
 # The global weights reference this warm worker built last (TaskDoc.weights_chain): a round's chain then costs one

@@ -199,31 +199,40 @@ def write_state_dict(state: Mapping[str, torch.Tensor], out: BinaryIO) -> int:
     return len(head) + size
 
 
-def load_into(model: torch.nn.Module, path: Path) -> None:
+def load_into(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors state_dict into `model`, requiring the exact same names, shapes and dtypes.
 
     One widening is accepted: float16 values into a float32 entry (global weights broadcast in fp16), exactly.
+    Returns what was loaded (load_tensors_into).
     """
     from safetensors.torch import load as load_tensors_from
     from safetensors.torch import load_file as load_tensors
 
-    # Straight into tensors (one read), not through numpy arrays and a copy of each.
+    # Straight into tensors (one read), not through numpy arrays and a copy of each. A plain file's are mapped
+    # copy-on-write: its pages are read where they lie.
     data = _packed_file(path)
-    load_tensors_into(model, load_tensors(str(path)) if data is None else load_tensors_from(data))
+    return load_tensors_into(model, load_tensors(str(path)) if data is None else load_tensors_from(data))
 
 
-def load_arrays_into(model: torch.nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
-    """load_into from arrays in memory (a reference built from a chain: provider_runtime.reference); not changed."""
+def load_arrays_into(model: torch.nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, torch.Tensor]:
+    """load_into from arrays in memory (a reference built from a chain: provider_runtime.reference); not changed.
+
+    Returns what was loaded (load_tensors_into): views of the arrays, or copies of the read-only ones.
+    """
     import torch
 
     # Read-only arrays (a keyframe read from bytes) are copied: torch will not wrap memory it may not write.
-    load_tensors_into(
+    return load_tensors_into(
         model, {name: torch.from_numpy(a if a.flags.writeable else a.copy()) for name, a in arrays.items()}
     )
 
 
-def load_tensors_into(model: torch.nn.Module, arrays: Mapping[str, torch.Tensor]) -> None:
-    """What load_into checks and loads, for tensors already read."""
+def load_tensors_into(model: torch.nn.Module, arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What load_into checks and loads, for tensors already read.
+
+    Returns the tensors the model's entries were copied from (float16 ones widened): each holds the model's values
+    as loaded, in its dtype and shape, in memory of its own.
+    """
     import torch
 
     expected = model.state_dict()
@@ -243,3 +252,4 @@ def load_tensors_into(model: torch.nn.Module, arrays: Mapping[str, torch.Tensor]
             )
         state[name] = got
     model.load_state_dict(state, strict=True)
+    return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -126,14 +127,48 @@ def finite_runs(runs: Iterable[Run], data: bytes) -> bool:
     )
 
 
+class SumsMemory:
+    """The memory of RunningMean's float64 sums, kept from one round to the next.
+
+    A fresh buffer's pages are faulted in, each zeroed by the kernel, as the round's first result is folded: at 17 M
+    parameters (137 MB of sums) ~0.3 s of CPU a round, on the cores the workers train on. One given back is zeroed
+    in place when it is taken again (a tenth of that).
+    """
+
+    def __init__(self) -> None:
+        self._free: F64 | None = None
+        self._lock = threading.Lock()
+
+    def zeros(self, size: int) -> F64:
+        """`size` float64 zeros: the buffer given back last, if it has that size (it is then no longer free)."""
+        with self._lock:
+            free, self._free = self._free, None
+        if free is None or free.size != size:
+            return np.zeros(size, dtype=np.float64)
+        free.fill(0.0)
+        return free
+
+    def give_back(self, buffer: F64) -> None:
+        """Keep `buffer` for the next zeros(): the caller holds no view of it any more."""
+        with self._lock:
+            self._free = buffer
+
+    def clear(self) -> None:
+        """Let go of the buffer kept (no more rounds to sum)."""
+        with self._lock:
+            self._free = None
+
+
 class RunningMean:
     """An example-weighted mean folded in one result at a time: memory O(model), not O(results x model).
 
     Gives what weighted_average64 gives for the same results (the same float64 sum, in the order added).
+    `memory`: where the sums' buffer comes from, and goes back to once the mean is written (release()).
     """
 
-    def __init__(self, reference: Weights) -> None:
+    def __init__(self, reference: Weights, memory: SumsMemory | None = None) -> None:
         self._reference = reference
+        self._memory = memory
         # One float64 buffer for every tensor's sum (each a view into it), laid out on first use.
         self._flat: F64 | None = None
         self._first: dict[str, int] = {}
@@ -145,7 +180,8 @@ class RunningMean:
         """The sums' buffer, in `order` of the tensors the first time (zeros), as it is after that."""
         if self._flat is None:
             names = list(order)
-            self._flat = np.zeros(sum(self._reference[name].size for name in names), dtype=np.float64)
+            size = sum(self._reference[name].size for name in names)
+            self._flat = np.zeros(size, dtype=np.float64) if self._memory is None else self._memory.zeros(size)
             first = 0
             for name in names:
                 ref = self._reference[name]
@@ -249,6 +285,13 @@ class RunningMean:
         flat = self._sums[name].reshape(-1)
         for start in range(0, flat.size, _ADD_CHUNK):
             yield cast_like(flat[start : start + _ADD_CHUNK] / self.total, ref)
+
+    def release(self) -> None:
+        """Give the sums' buffer back to `memory` (after mean_chunks: no view of it is left); the sums are gone."""
+        flat, self._flat = self._flat, None
+        self._sums, self._first = {}, {}
+        if flat is not None and self._memory is not None:
+            self._memory.give_back(flat)
 
     def mean64(self) -> dict[str, F64]:
         """The mean so far, in float64 (the sums are divided in place: call once, at the end)."""

@@ -16,7 +16,7 @@ from deml_server.bundle import TaskResult
 from deml_server.errors import InvalidArgument
 from deml_server.fold import Fold
 from deml_server.strategy import FitResult, make_strategy
-from deml_server.strategy.aggregate import RunningMean
+from deml_server.strategy.aggregate import RunningMean, SumsMemory
 from deml_server.strategy.base import Weights
 from provider_runtime.contract import ResultDoc
 from provider_runtime.weights import write_state_dict
@@ -94,6 +94,39 @@ async def test_the_aggregate_is_the_same_bytes_whatever_order_results_arrive_in(
     want = tmp_path / "want.safetensors"
     wio.write(make_strategy("fedavg", {}).aggregate_fit(1, _weights(0), pairs), want)
     assert got[0] == got[1] == got[2] == want.read_bytes()
+
+
+class _Handed(SumsMemory):
+    """SumsMemory that keeps what it handed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: list[np.ndarray] = []
+
+    def zeros(self, size: int) -> np.ndarray:
+        self.handed.append(super().zeros(size))
+        return self.handed[-1]
+
+
+async def test_rounds_sharing_the_sums_memory_give_each_round_its_own_mean(tmp_path: Path, copy: str) -> None:
+    # Prepare: one SumsMemory for two rounds (as a job's runner keeps it), each round with other partitions
+    memory = _Handed()
+    results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
+    rounds = [(0, 1, 3), (2, 3)]
+
+    # Execute
+    got = []
+    for number, indices in enumerate(rounds):
+        (tmp_path / f"r{number}").mkdir()
+        got.append(
+            await _fedavg_folded(
+                tmp_path / f"r{number}", Fold(_weights(0), True, indices, memory=memory), results, indices
+            )
+        )
+
+    # Assert: the second round summed into the first round's buffer, from zeros: each aggregate is its own updates'
+    assert len(memory.handed) == 2 and memory.handed[0] is memory.handed[1]
+    assert got == [_fedavg_of(tmp_path, indices) for indices in rounds]
 
 
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])

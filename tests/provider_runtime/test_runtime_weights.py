@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from deml_server import weights as wio
-from provider_runtime.weights import load_arrays, load_into, save_arrays, save_state_dict, write_state_dict
+from provider_runtime.weights import (
+    load_arrays,
+    load_arrays_into,
+    load_into,
+    save_arrays,
+    save_state_dict,
+    write_state_dict,
+)
 
 
 def _bn_model() -> torch.nn.Module:
@@ -188,30 +195,47 @@ def test_a_bfloat16_entry_is_refused_by_name() -> None:
         write_state_dict({"w": torch.zeros(2, dtype=torch.bfloat16)}, io.BytesIO())
 
 
-def test_kept_weights_are_the_chains_reference_itself_only_where_that_is_exact() -> None:
+def test_kept_weights_are_what_the_model_was_loaded_from_only_where_that_is_exact(tmp_path: Path) -> None:
     from provider_runtime.runtime import _kept_state
 
-    # Prepare: a model loaded from a reference's arrays, as a chain's task loads it
-    model = _bn_model()
-    values = {name: t.detach().numpy().copy() for name, t in model.state_dict().items()}
+    # Prepare: a model's weights as a plain file, as an fp16 file (widened as it is loaded), and as a chain's
+    # reference arrays, writable or read-only (copied as they are loaded)
+    source = _bn_model()
+    values = {name: t.detach().numpy().copy() for name, t in source.state_dict().items()}
+    save_state_dict(source.state_dict(), tmp_path / "w.safetensors")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    save_state_dict(half, tmp_path / "half.safetensors")
     read_only = {name: a.copy() for name, a in values.items()}
     for array in read_only.values():
         array.flags.writeable = False
-    wider = {name: a.astype(np.float64) if a.dtype == np.float32 else a for name, a in values.items()}
+    models = [_bn_model() for _ in range(4)]
+    loaded = [
+        load_into(models[0], tmp_path / "w.safetensors"),
+        load_into(models[1], tmp_path / "half.safetensors"),
+        load_arrays_into(models[2], values),
+        load_arrays_into(models[3], read_only),
+    ]
+    as_loaded = [{name: t.clone() for name, t in model.state_dict().items()} for model in models]
+    wider = {name: torch.from_numpy(a.astype(np.float64) if a.dtype == np.float32 else a) for name, a in values.items()}
 
     # Execute
-    shared = _kept_state(model, values)
-    copied = [_kept_state(model, None), _kept_state(model, read_only), _kept_state(model, wider)]
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(1.0)  # training changes the model in place
+    kept = [_kept_state(model, got) for model, got in zip(models, loaded, strict=True)]
+    copied = _kept_state(models[0], wider)
+    for model in models:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)  # training changes the model in place
 
-    # Assert: the reference's arrays serve as they are (no copy); otherwise a copy of what was loaded, which the
-    # training does not reach
-    assert all(np.shares_memory(shared[name].numpy(), values[name]) for name in values)
-    for kept in copied:
-        assert kept.keys() == values.keys()
-        for name, tensor in kept.items():
-            assert not np.shares_memory(tensor.numpy(), values[name])
-            assert tensor.dtype == model.state_dict()[name].dtype
-            assert np.array_equal(tensor.numpy(), values[name])
+    # Assert: what was loaded serves as it is (no copy: a writable reference array is itself kept), holding the
+    # model's values as loaded, which training does not reach; tensors of another dtype are not kept but copied
+    for state, got, want in zip(kept, loaded, as_loaded, strict=True):
+        assert state.keys() == want.keys()
+        assert all(state[name] is got[name] for name in want)
+        for name, tensor in want.items():
+            assert state[name].dtype == tensor.dtype
+            assert torch.equal(state[name], tensor)
+    assert all(np.shares_memory(kept[2][name].numpy(), values[name]) for name in values)
+    assert not any(np.shares_memory(kept[3][name].numpy(), read_only[name]) for name in values)
+    for name, tensor in copied.items():
+        assert tensor.dtype == as_loaded[0][name].dtype
+        assert torch.equal(tensor, as_loaded[0][name])
