@@ -32,8 +32,11 @@ Weights = dict[str, np.ndarray]
 _MAX_HEADER = 100 << 20
 # Elements per piece when an update is read or the aggregate written a piece at a time (4 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
-# An update up to this size is privately copied into memory (one read), a bigger one into a file of its own.
-IN_MEMORY_BYTES = 4 << 20
+# An update up to this size is privately copied into memory (one read), a bigger one into a file of its own. A 1.1 M
+# parameter model's 4.3 MB update took 4.6 ms through a file (copy, two reads, removal) and 2.2 ms in memory; but
+# bytes of tens of MB, once freed, stay in the thread pool's malloc arenas (17 MB updates read in memory held 53 MiB
+# more at the server's peak, three of them).
+IN_MEMORY_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)

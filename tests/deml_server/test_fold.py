@@ -57,10 +57,9 @@ EXAMPLES = {0: 30, 1: 17, 2: 1, 3: 250}
 
 @pytest.fixture(params=["file", "memory"])
 def copy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each update's private copy on disk (these updates are over IN_MEMORY_BYTES), or in memory (bound raised):
+    """Each update's private copy on disk (bound lowered under these updates' 4.4 MB), or in memory (bound raised):
     in memory, the updates in turn are checked and folded together in one thread."""
-    if request.param == "memory":
-        monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 30)
+    monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 20 if request.param == "file" else 1 << 30)
     return str(request.param)
 
 
@@ -204,8 +203,12 @@ def test_an_update_read_in_pieces_gives_back_its_tensors(tmp_path: Path, copy: s
     assert not (tmp_path / "copy.safetensors").exists()
 
 
-async def test_results_checked_ahead_of_their_turn_are_removed_when_the_round_is_given_up(tmp_path: Path) -> None:
-    # Prepare: partition 0 never arrives; 1 and 2 do (1 is within the next CHECK_AHEAD turns, 2 is not)
+async def test_results_checked_ahead_of_their_turn_are_removed_when_the_round_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: partition 0 never arrives; 1 and 2 do (1 is within the next CHECK_AHEAD turns, 2 is not), their
+    # private copies files (the bound lowered under their 4.4 MB)
+    monkeypatch.setattr(wio, "IN_MEMORY_BYTES", 1 << 20)
     results = {i: _result(tmp_path, f"p{i}", _weights(i + 1), n) for i, n in EXAMPLES.items()}
     fold = Fold(_weights(0), True, [0, 1, 2, 3])
     assert Fold.CHECK_AHEAD == 2
