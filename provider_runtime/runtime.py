@@ -323,13 +323,17 @@ class _Start:
 
     def model(self, mod: ModuleType) -> torch.nn.Module:
         if not self._loaded:
-            before = _random_streams()
+            if not self.keep:
+                # No later model() (it needs the kept weights): nothing to hand this one on to.
+                model = _loaded_model(mod, self.bundle, self.chain)[0]
+                self._loaded = True
+                return model
+            before = _random_streams()  # ~50 us, twice: only where a later partition may take this model
             model, loaded = _loaded_model(mod, self.bundle, self.chain)
             # Loading draws nothing: whether building does, measured here, lets the next partition have this model.
             self._draws_nothing = _random_streams() == before
             self._loaded = True
-            if self.keep:
-                self._state = _kept_state(model, loaded)
+            self._state = _kept_state(model, loaded)
             return model
         assert self._state is not None, "a _Start that keeps nothing gives one model"
         spare, self._spare = self._spare, None
