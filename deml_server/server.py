@@ -48,30 +48,56 @@ FACE_CLOSE_GRACE = 1.0
 Closer = Callable[[], Awaitable[None] | None]
 
 
+# Seconds a part may take to close beyond the faces' grace before the parts after it close without it: one that hangs
+# (a runner that will not end, say) must not keep the workers, closed later, running.
+CLOSE_TIMEOUT = 30.0
+
+
 class Lifetimes:
     """What was started so far, closed in reverse: by stop(), or when a later part fails to start."""
 
-    def __init__(self) -> None:
+    def __init__(self, close_timeout: float = CLOSE_TIMEOUT) -> None:
         self._closers: list[tuple[str, Closer]] = []
         # Seconds the faces give calls in flight when they stop.
         self.grace = 2.0
+        self._close_timeout = close_timeout
 
     def started(self, name: str, close: Closer) -> None:
         """Record a part that is now running and how to close it."""
         self._closers.append((name, close))
 
     async def close_all(self) -> None:
-        """Close every part, last started first; one that fails to close does not keep the others open."""
+        """Close every part, last started first; one that fails to close, or hangs, does not keep the others open."""
         while self._closers:
             name, close = self._closers.pop()
             started = time.monotonic()
             try:
                 result = close()
                 if inspect.isawaitable(result):
-                    await result
+                    await self._within_bound(name, result)
             except Exception:
                 log.exception("closing the %s failed", name)
             log.debug("closed the %s in %.2f s", name, time.monotonic() - started)
+
+    async def _within_bound(self, name: str, closing: Awaitable[None]) -> None:
+        """Wait for a part's close up to the grace and the close timeout; past that, go on and leave it cancelled."""
+        task = asyncio.ensure_future(closing)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.grace + self._close_timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task in done:
+            task.result()
+            return
+        task.cancel()
+        # Whatever it raises once cancelled was already reported here as the hang.
+        task.add_done_callback(lambda ended: ended.cancelled() or ended.exception())
+        log.error(
+            "closing the %s did not finish within %.1f s; closing the rest without it",
+            name,
+            self.grace + self._close_timeout,
+        )
 
 
 @dataclass

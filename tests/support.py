@@ -10,6 +10,8 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import AsyncIterator, Collection, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -114,6 +116,10 @@ async def job_service(data_dir: Path, backend: Backend) -> AsyncIterator[JobServ
         store.close()
 
 
+# How long ServerThread.stop waits for the server's parts to close (each is bounded by CLOSE_TIMEOUT).
+STOP_WAIT_SECONDS = 120
+
+
 class ServerThread:
     """Runs start_server in its own event loop so tests can use the synchronous client freely."""
 
@@ -168,7 +174,14 @@ class ServerThread:
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self.server is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=STOP_WAIT_SECONDS)
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        if self._thread.is_alive() and frame is not None:
+            # Its workers may outlive this test; say where the stop hangs (a warning in the run's summary).
+            stack = "".join(traceback.format_stack(frame))
+            warnings.warn(
+                f"the server did not stop within {STOP_WAIT_SECONDS} s; its thread is at:\n{stack}", stacklevel=2
+            )
 
 
 def make_config(data_dir: Path, **overrides: object) -> ServerConfig:

@@ -50,7 +50,9 @@ async def test_items_of_two_jobs_queued_beyond_the_pool_all_run(tmp_path: Path) 
 
 
 async def test_a_worker_that_starts_as_the_backend_closes_is_ended_not_kept(tmp_path: Path) -> None:
-    # Prepare: a started backend, closed
+    # Prepare: a started backend, closed; the children this process had before (another test's server may still be
+    # ending its own)
+    before = _children()
     backend = LocalBackend(workers=1, work_dir=tmp_path / "workers", allow_unsandboxed=True)
     await backend.start()
     await backend.close()
@@ -64,12 +66,12 @@ async def test_a_worker_that_starts_as_the_backend_closes_is_ended_not_kept(tmp_
 
     # Assert: none is kept, and no worker process of this test's is left
     assert backend.worker_pids() == []
-    assert _children() == []
+    assert {pid: command for pid, command in _children().items() if pid not in before} == {}
 
 
-def _children() -> list[str]:
-    """The command lines of this process's live children."""
-    found = []
+def _children() -> dict[int, str]:
+    """The live children of this process: their command lines by PID."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -77,5 +79,5 @@ def _children() -> list[str]:
         except (OSError, IndexError):
             continue
         if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(command)
+            found[int(stat.parent.name)] = command
     return found

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deml_server.errors import InvalidArgument
-from deml_server.server import start_server
+from deml_server.server import Lifetimes, start_server
 from tests.support import ServerProcess, make_config
 
 
@@ -77,6 +77,43 @@ async def test_a_start_that_fails_late_closes_what_it_started(tmp_path: Path) ->
     finally:
         taken.close()
     assert leftover == set()
+
+
+async def test_a_part_that_hangs_or_fails_closing_does_not_keep_the_later_parts_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: the backend (started first, closed last), a part whose close fails, one whose close never ends
+    lifetimes = Lifetimes(close_timeout=0.2)
+    lifetimes.grace = 0.1
+    closed: list[str] = []
+    hang_cancelled = asyncio.Event()
+
+    async def close_backend() -> None:
+        closed.append("backend")
+
+    async def fail() -> None:
+        raise RuntimeError("broken close")
+
+    async def hang() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            hang_cancelled.set()
+            raise
+
+    lifetimes.started("local backend", close_backend)
+    lifetimes.started("inference gateway", fail)
+    lifetimes.started("job service", hang)
+    lifetimes.started("store", lambda: closed.append("store"))
+
+    # Execute
+    await asyncio.wait_for(lifetimes.close_all(), timeout=10)
+
+    # Assert: every part after the hung one closed, in reverse order; the hung one was cancelled and named
+    assert closed == ["store", "backend"]
+    await asyncio.wait_for(hang_cancelled.wait(), timeout=5)
+    assert "closing the job service did not finish within 0.3 s" in caplog.text
+    assert "closing the inference gateway failed" in caplog.text
 
 
 async def test_no_http_serves_grpc_only(tmp_path: Path) -> None:
