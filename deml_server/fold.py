@@ -68,6 +68,8 @@ class Fold:
         self._lock = asyncio.Lock()
         # Whole updates being checked (or checked) ahead of their turn, by partition.
         self._checking: dict[int, asyncio.Task[wio.UpdateFile]] = {}
+        # The base's tensors' largest magnitudes (_base_peak), by name.
+        self._peaks: dict[str, float] = {}
         # Small updates' layouts (RunningMean.runs), by header (wio.layout_key): checked once a round.
         self._runs: dict[tuple[int, bytes], tuple[Run, ...]] = {}
 
@@ -143,6 +145,18 @@ class Fold:
                         raise
                     await asyncio.to_thread(self._fold_checked, checked, waiting)
                     control = await self._control_of(waiting)
+                except DemlError as exc:
+                    self._reject(index, exc.reason)
+                    continue
+                self.results.append(
+                    FitResult(f"partition-{index}", {}, waiting.num_examples, waiting.metrics, index, control)
+                )
+                continue
+            if self.mean is not None and self.compression != "none":
+                # A compressed update is checked, then folded, restored a piece at a time: never whole in memory.
+                try:
+                    control = await self._control_of(waiting)
+                    await asyncio.to_thread(self._fold_restoring, waiting)
                 except DemlError as exc:
                     self._reject(index, exc.reason)
                     continue
@@ -236,6 +250,30 @@ class Fold:
         self.bytes_received += source.length()
         validate_update(self.current, update)
         return update
+
+    def _fold_restoring(self, result: TaskResult) -> None:
+        """Check a compressed update (validate_update's checks, on its values as restored), then add it to the sum.
+
+        Restored a piece at a time, to check (where a bound does not already show its values finite) and to fold:
+        cheaper than one whole copy of the model.
+        """
+        assert self.mean is not None and result.update is not None
+        update = wio.read_restoring(result.update, self.base, self.compression)
+        self.files_read += 1
+        self.bytes_received += result.update.length()
+        check_layout(self.current, update.layout())
+        for name, ref in self.current.items():
+            if is_float(ref) and not update.surely_finite(name, self._base_peak(name)):
+                check_finite_chunks(name, update.pieces(name))
+        self.mean.add_chunks(update.pieces, result.num_examples)
+
+    def _base_peak(self, name: str) -> float:
+        """The largest magnitude in the base's tensor (NaN if it holds one), once a round: two reductions, no copy."""
+        peak = self._peaks.get(name)
+        if peak is None:
+            value = self.base[name]
+            peak = self._peaks[name] = float(max(value.max(), -value.min())) if value.size else 0.0
+        return peak
 
     @property
     def _in_pieces(self) -> bool:

@@ -215,10 +215,18 @@ def _read_bytes(path: Path) -> bytes:
 def read_update(source: Path | Span, base: Weights, compression: str) -> Weights:
     """A worker's trained weights: whole, or a compressed delta from `base` decoded (provider_runtime.compression).
 
+    The result still has to pass validate_update, as uncompressed weights do. See read_restoring.
+    """
+    restoring = read_restoring(source, base, compression)
+    return {name: restoring.whole(name) for name in restoring.layout()}
+
+
+def read_restoring(source: Path | Span, base: Weights, compression: str) -> codec.Restored:
+    """A worker's trained weights, whole or as a compressed delta from `base`, checked and ready to restore.
+
     A packed file (compression.pack, how workers send compressed updates) is unpacked first, bounded by
     `update_limit(base)`: a file that would unpack to more is refused unread. An update is accepted whole or in the
-    job's own encoding; anything else is refused by name. The result still has to pass validate_update, as
-    uncompressed weights do.
+    job's own encoding; anything else is refused by name. Its values are not checked (validate_update's checks).
     """
     span = source if isinstance(source, Span) else Span(source)
     data = span.read()
@@ -230,11 +238,11 @@ def read_update(source: Path | Span, base: Weights, compression: str) -> Weights
     weights, metadata = parse(data, what=span.what)
     sent = metadata.get(codec.SCHEME_KEY, "none")
     if sent == "none":
-        return weights
+        return codec.Restored.exactly(weights)
     if sent != compression:
         raise InvalidArgument(f"{span.what} is compressed as {sent!r}, but the job asks for {compression!r}")
     try:
-        return codec.decode(weights, metadata, base)
+        return codec.Restored(weights, metadata, base)
     except codec.CompressionError as exc:
         raise InvalidArgument(f"{span.what}: {exc}") from None
 

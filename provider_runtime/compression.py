@@ -34,9 +34,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import struct
+import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,7 @@ __all__ = [
     "SCHEME_KEY",
     "CompressionError",
     "Encoded",
+    "Restored",
     "decode",
     "encode",
     "is_packed",
@@ -216,50 +220,72 @@ def decode(arrays: Mapping[str, Array], metadata: Mapping[str, str], base: Mappi
     Everything is checked against `base` (names, dtypes, shapes of tensors and scales) and each problem is named;
     values are not checked here (the caller checks the result for non-finite values as it checks full weights).
     """
-    scheme = metadata.get(SCHEME_KEY, "none")
-    if scheme not in SCHEMES[1:]:
-        raise CompressionError(f"unknown compression {scheme!r}; known: {', '.join(SCHEMES[1:])}")
-    try:
-        names = json.loads(metadata.get(DELTA_KEY, "[]"))
-    except json.JSONDecodeError:
-        raise CompressionError(f"the {DELTA_KEY} metadata is not JSON") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CompressionError(f"the {DELTA_KEY} metadata is not a list of tensor names")
-    deltas = set(names)
-    expected = set(base) | {n + SCALE_SUFFIX for n in deltas if scheme == "int8"}
-    unknown = sorted(set(arrays) - expected)
-    if unknown:
-        raise CompressionError(f"the update has tensors the model does not: {', '.join(unknown[:5])}")
-    missing = sorted(set(base) - set(arrays))
-    if missing:
-        raise CompressionError(f"the update lacks tensors: {', '.join(missing[:5])}")
-    full: dict[str, Array] = {}
-    for name, start in base.items():
-        value = arrays[name]
-        if name not in deltas:
-            full[name] = value
-            continue
-        if not np.issubdtype(start.dtype, np.floating):
-            raise CompressionError(f"tensor {name!r} is {start.dtype}; only floating tensors are sent as deltas")
-        if value.shape != start.shape:
-            raise CompressionError(f"tensor {name!r} has shape {list(value.shape)}, the model {list(start.shape)}")
-        full[name] = _restored_onto(start, name, value, arrays, scheme)
-    return full
+    restored = Restored(arrays, metadata, base)
+    return {name: restored.whole(name) for name in base}
 
 
 # Rows restored per step: the float32 temporaries stay a few MiB whatever the tensor's size (the server decodes
 # an update while it holds the round's running sum).
 _DECODE_CHUNK = 1 << 20
+# Values per piece (Restored.pieces): the piece and its temporaries stay in the cache while they are folded.
+_PIECE = 1 << 16
+# Magnitudes below this are finite in float32 with room to spare (its largest is 3.4e38): Restored.surely_finite.
+_SURELY_FINITE = 1e38
 
 
-def _restored_onto(start: Array, name: str, value: Array, arrays: Mapping[str, Array], scheme: str) -> Array:
-    """The base plus the restored delta, in float32 into one new array, a chunk of rows at a time."""
-    wanted = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}[scheme]
-    if value.dtype != np.dtype(wanted):
-        raise CompressionError(f"tensor {name!r} is {value.dtype}; {scheme} sends {np.dtype(wanted)}")
-    scale = np.ones((), np.float32)
-    if scheme == "int8":
-        found = arrays.get(name + SCALE_SUFFIX)
+class Restored:
+    """A compressed update checked against `base` (as decode checks it), its tensors restored when asked.
+
+    `whole(name)` is decode's tensor; `pieces(name)` gives the same values flat in C order a few MiB at a time (the
+    same float32 operations on each element), for a reader that folds an update without holding it whole.
+    """
+
+    def __init__(self, arrays: Mapping[str, Array], metadata: Mapping[str, str], base: Mapping[str, Array]) -> None:
+        scheme = metadata.get(SCHEME_KEY, "none")
+        if scheme not in SCHEMES[1:]:
+            raise CompressionError(f"unknown compression {scheme!r}; known: {', '.join(SCHEMES[1:])}")
+        try:
+            names = json.loads(metadata.get(DELTA_KEY, "[]"))
+        except json.JSONDecodeError:
+            raise CompressionError(f"the {DELTA_KEY} metadata is not JSON") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CompressionError(f"the {DELTA_KEY} metadata is not a list of tensor names")
+        deltas = set(names)
+        expected = set(base) | {n + SCALE_SUFFIX for n in deltas if scheme == "int8"}
+        unknown = sorted(set(arrays) - expected)
+        if unknown:
+            raise CompressionError(f"the update has tensors the model does not: {', '.join(unknown[:5])}")
+        missing = sorted(set(base) - set(arrays))
+        if missing:
+            raise CompressionError(f"the update lacks tensors: {', '.join(missing[:5])}")
+        self._arrays = arrays
+        self._base = base
+        self._scheme = scheme
+        # The scale of each tensor sent as a delta (1 but for int8); the others are sent as they are.
+        self._scales: dict[str, Array] = {}
+        for name, start in base.items():
+            if name in deltas:
+                self._scales[name] = self._checked_delta(name, start, arrays[name])
+
+    @classmethod
+    def exactly(cls, weights: Mapping[str, Array]) -> Restored:
+        """Whole weights (sent uncompressed) behind the same interface: every tensor as it is."""
+        restored = cls.__new__(cls)
+        restored._arrays, restored._base, restored._scheme, restored._scales = weights, weights, "none", {}
+        return restored
+
+    def _checked_delta(self, name: str, start: Array, value: Array) -> Array:
+        """A delta's scale, once its tensor and scale are checked against the base's tensor."""
+        if not np.issubdtype(start.dtype, np.floating):
+            raise CompressionError(f"tensor {name!r} is {start.dtype}; only floating tensors are sent as deltas")
+        if value.shape != start.shape:
+            raise CompressionError(f"tensor {name!r} has shape {list(value.shape)}, the model {list(start.shape)}")
+        wanted = {"fp16": np.float16, "bf16": np.uint16, "int8": np.int8}[self._scheme]
+        if value.dtype != np.dtype(wanted):
+            raise CompressionError(f"tensor {name!r} is {value.dtype}; {self._scheme} sends {np.dtype(wanted)}")
+        if self._scheme != "int8":
+            return np.ones((), np.float32)
+        found = self._arrays.get(name + SCALE_SUFFIX)
         if found is None:
             raise CompressionError(f"tensor {name!r} has no {SCALE_SUFFIX} entry")
         shape = _scale_shape(value.shape)
@@ -267,22 +293,80 @@ def _restored_onto(start: Array, name: str, value: Array, arrays: Mapping[str, A
             raise CompressionError(
                 f"the scale of {name!r} is {found.dtype}{list(found.shape)}, expected float32{list(shape)}"
             )
-        scale = found
-    out = np.array(start, dtype=np.float32, order="C")
-    rows = out.reshape(out.shape[0], -1) if out.ndim >= 1 else out.reshape(1, 1)
-    sent = value.reshape(rows.shape)
-    per_row = scale.reshape(-1, 1) if scale.ndim == 1 else scale
-    step = max(1, _DECODE_CHUNK // max(rows.shape[1], 1))
-    for first in range(0, rows.shape[0], step):
-        part = slice(first, first + step)
-        if scheme == "fp16":
-            delta = sent[part].astype(np.float32)
-        elif scheme == "bf16":
-            delta = _from_bf16_bits(sent[part])
+        return found
+
+    def layout(self) -> dict[str, Array]:
+        """Each tensor as a zero-cost stand-in of the dtype and shape `whole` gives it (for a layout check)."""
+        return {
+            name: np.broadcast_to(np.zeros((), start.dtype), start.shape)
+            if name in self._scales
+            else self._arrays[name]
+            for name, start in self._base.items()
+        }
+
+    def whole(self, name: str, into: Array | None = None) -> Array:
+        """The tensor restored: the base's plus the delta, in float32 into one new array, then in base's dtype.
+
+        `into`: a float32 array of the tensor's shape, C-ordered, to restore into instead (a float32 tensor's
+        result is then `into`), whose pages are already in memory (a new array's are faulted in as it is filled).
+        """
+        if name not in self._scales:
+            return self._arrays[name]
+        start = self._base[name]
+        if into is not None and into.dtype == np.float32 and into.shape == start.shape and into.flags.c_contiguous:
+            out = into
+            np.copyto(out, start)
         else:
-            delta = sent[part].astype(np.float32) * (per_row[part] if scale.ndim == 1 else per_row)
-        rows[part] += delta
-    return out.astype(start.dtype, copy=False)
+            out = np.array(start, dtype=np.float32, order="C")
+        rows = _as_rows(out)
+        for part, delta in self._deltas(name, rows.shape):
+            rows[part] += delta
+        return out.astype(start.dtype, copy=False)
+
+    def pieces(self, name: str) -> Iterator[Array]:
+        """The tensor `whole` gives, flat in C order, a cache's worth at a time (each piece a new array)."""
+        if name not in self._scales:
+            yield self._arrays[name].reshape(-1)
+            return
+        start = self._base[name]
+        rows = _as_rows(start)
+        for part, delta in self._deltas(name, rows.shape, _PIECE):
+            piece = np.array(rows[part], dtype=np.float32, order="C")
+            piece += delta
+            yield piece.astype(start.dtype, copy=False).reshape(-1)
+
+    def surely_finite(self, name: str, base_peak: float) -> bool:
+        """Whether the tensor's restored values are finite by a bound alone, its base's largest magnitude given.
+
+        Only an int8 delta's are bounded (|base| + 128 |scale|, with finite scales): no value need then be looked at.
+        A NaN peak or scale never passes.
+        """
+        if self._scheme != "int8" or name not in self._scales:
+            return False
+        scale = self._scales[name]
+        peak = float(max(scale.max(), -scale.min())) if scale.size else 0.0
+        return bool(base_peak + 128.0 * peak < _SURELY_FINITE)
+
+    def _deltas(self, name: str, shape: tuple[int, ...], chunk: int = _DECODE_CHUNK) -> Iterator[tuple[slice, Array]]:
+        """The restored delta of a tensor seen as `shape` rows, about `chunk` values at a time (float32)."""
+        sent = self._arrays[name].reshape(shape)
+        scale = self._scales[name]
+        per_row = scale.reshape(-1, 1) if scale.ndim == 1 else scale
+        step = max(1, chunk // max(shape[1], 1))
+        for first in range(0, shape[0], step):
+            part = slice(first, first + step)
+            if self._scheme == "fp16":
+                delta = sent[part].astype(np.float32)
+            elif self._scheme == "bf16":
+                delta = _from_bf16_bits(sent[part])
+            else:
+                delta = sent[part].astype(np.float32) * (per_row[part] if scale.ndim == 1 else per_row)
+            yield part, delta
+
+
+def _as_rows(array: Array) -> Array:
+    """A tensor as rows (its first axis; one row for a scalar): how deltas are restored a chunk of rows at a time."""
+    return array.reshape(array.shape[0], -1) if array.ndim >= 1 else array.reshape(1, 1)
 
 
 PACKED_MAGIC = b"DEMLpk2\n"
@@ -324,20 +408,44 @@ def pack(data: bytes) -> bytes:
     layout = _layout(data, header_end)
     _shuffled(source, body, layout, inverse=False)
     head = zlib.compress(data[:header_end], 6)
-    table: list[bytes] = []
-    parts: list[bytes | memoryview] = []
-    for first, end in _segments(len(body), layout):
-        segment = body[first:end]
-        method, stored = _STORED, segment.data
-        if _worth_coding(segment):
-            coder = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-            coded = coder.compress(segment.data) + coder.flush()
-            if len(coded) < len(segment):
-                method, stored = _CODED, memoryview(coded)
-        table.append(_SEGMENT_ENTRY.pack(method, len(stored), len(segment)))
-        parts.append(stored)
+    segments = [body[first:end] for first, end in _segments(len(body), layout)]
+    # Each segment is coded on its own (zlib lets go of the GIL while it codes): several at once, in their order.
+    if len(segments) > 1 and len(body) >= _PARALLEL_BYTES and _CODING_THREADS > 1:
+        stored = list(_coding_pool().map(_stored, segments))
+    else:
+        stored = [_stored(segment) for segment in segments]
+    table = [
+        _SEGMENT_ENTRY.pack(method, len(part), len(segment))
+        for (method, part), segment in zip(stored, segments, strict=True)
+    ]
     head_part = _PACKED_HEAD.pack(PACKED_MAGIC, len(data), len(head), len(table)) + head
-    return b"".join([head_part, *table, *parts])
+    return b"".join([head_part, *table, *(part for _, part in stored)])
+
+
+# Threads that code a big file's segments at once (pack): a provider's or the server's cores, at most four.
+_CODING_THREADS = min(4, os.cpu_count() or 1)
+# Below this many bytes a file's segments are coded in the calling thread (a pool's hand-offs would cost more).
+_PARALLEL_BYTES = 4 * SEGMENT
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _coding_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_CODING_THREADS, thread_name_prefix="deml-pack")
+        return _pool
+
+
+def _stored(segment: npt.NDArray[np.uint8]) -> tuple[int, bytes | memoryview]:
+    """How one segment is stored: Huffman-coded where that is estimated to pay and does, else as it is."""
+    if _worth_coding(segment):
+        coder = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+        coded = coder.compress(segment.data) + coder.flush()
+        if len(coded) < len(segment):
+            return _CODED, memoryview(coded)
+    return _STORED, segment.data
 
 
 def _segments(body: int, ranges: list[tuple[int, int, int]]) -> list[tuple[int, int]]:

@@ -60,11 +60,14 @@ def advance(
 ) -> tuple[dict[str, Array], dict[str, str], dict[str, Array]]:
     """The delta from `reference` (named `base`) toward `target`: its arrays, its metadata, and the new reference.
 
-    The new reference is what a worker restores from the delta (decode), not `target`.
+    The new reference is what a worker restores from the delta (decode), not `target`. Its float32 tensors are
+    restored into the encoder's residuals (no error feedback here: they are not needed after the delta is taken),
+    arrays of their size already in memory.
     """
     encoded = compression.encode(target, reference, "int8")
     metadata = {**encoded.metadata, BASE_KEY: base, PRODUCES_KEY: produces}
-    return encoded.arrays, metadata, applied(reference, encoded.arrays, metadata, base)
+    restored = compression.Restored(encoded.arrays, metadata, reference)
+    return encoded.arrays, metadata, {name: restored.whole(name, encoded.residual.get(name)) for name in reference}
 
 
 def applied(

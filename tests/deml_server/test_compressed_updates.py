@@ -135,6 +135,8 @@ def _declares_a_terabyte(packed: bytes) -> bytes:
     ("rewrite", "rewrite_bytes", "reason"),
     [
         (lambda a: a.__setitem__("2.weight::scale", np.array(np.nan, np.float32)), None, "holds NaN or Inf"),
+        # A finite scale whose largest code restores past float32's range: infinite values, refused as NaN is.
+        (lambda a: a.__setitem__("2.weight::scale", np.array(3e36, np.float32)), None, "holds NaN or Inf"),
         (lambda a: a.__setitem__("2.weight", np.zeros((32, 128), np.int8)), None, "has shape [32, 128]"),
         (None, lambda b: b[:-40], "weights.safetensors: the packed data is cut short"),
         (None, _bomb, "the packed data unpacks to more than the"),

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
+from provider_runtime import compression
 from provider_runtime.compression import (
     DELTA_KEY,
     EXACT_BELOW,
@@ -17,6 +18,7 @@ from provider_runtime.compression import (
     SCHEME_KEY,
     SEGMENT,
     CompressionError,
+    Restored,
     _shuffled,
     _worth_coding,
     decode,
@@ -190,6 +192,61 @@ def test_decode_names_what_is_wrong() -> None:
             decode(arrays, metadata, base)
 
 
+@pytest.mark.parametrize("scheme", ["fp16", "bf16", "int8"])
+def test_restored_pieces_are_the_decoded_tensors_bit_for_bit(scheme: str) -> None:
+    # Prepare: a kernel (int8: a scale per channel), a matrix wider than a piece, a vector, an fp16 base tensor,
+    # small and integer tensors sent exactly
+    rng = np.random.default_rng(3)
+    base = {
+        "conv": rng.normal(size=(6, 3, 5, 5)).astype(np.float32),
+        "wide": rng.normal(size=(3, 70_000)).astype(np.float32),
+        "vec": rng.normal(size=300).astype(np.float32),
+        "half": rng.normal(size=(20, 20)).astype(np.float16),
+        "b": rng.normal(size=8).astype(np.float32),
+        "count": np.array(3, np.int64),
+    }
+    trained = {n: (v + rng.normal(size=v.shape) * 0.01).astype(v.dtype) for n, v in base.items()}
+    encoded = encode(trained, base, scheme)
+
+    # Execute
+    restored = Restored(encoded.arrays, encoded.metadata, base)
+    pieces = {name: list(restored.pieces(name)) for name in base}
+    decoded = decode(encoded.arrays, encoded.metadata, base)
+
+    # Assert: the pieces, joined, are decode's tensors (dtype and bits), and so is each restored into an array of
+    # its own (NaN-filled: every value overwritten), which is the result for a float32 tensor sent as a delta; the
+    # layout names them as decode gives them
+    for name, whole in decoded.items():
+        joined = np.concatenate(pieces[name])
+        assert joined.dtype == whole.dtype and joined.tobytes() == whole.tobytes(), name
+        into = np.full(base[name].shape, np.nan, np.float32)
+        again = restored.whole(name, into)
+        assert again.dtype == whole.dtype and again.tobytes() == whole.tobytes(), name
+        assert (again is into) == (name in {"conv", "wide", "vec"}), name
+    assert len(pieces["wide"]) > 1
+    assert {n: (a.dtype, a.shape) for n, a in restored.layout().items()} == {
+        n: (a.dtype, a.shape) for n, a in decoded.items()
+    }
+
+
+def test_only_bounded_int8_deltas_are_surely_finite() -> None:
+    base = {"w": np.zeros(BIG, np.float32), "b": np.zeros(16, np.float32), "count": np.array(7, np.int64)}
+    trained = {"w": np.full(BIG, 0.5, np.float32), "b": np.ones(16, np.float32), "count": np.array(8, np.int64)}
+    encoded = encode(trained, base, "int8")
+    restored = Restored(encoded.arrays, encoded.metadata, base)
+    assert restored.surely_finite("w", 1.0)
+    # A base near float32's largest value, a NaN in the base: its values must be looked at
+    assert not restored.surely_finite("w", 3e38)
+    assert not restored.surely_finite("w", float("nan"))
+    # Tensors sent exactly, and 16-bit deltas (which can hold Inf or NaN themselves), are never bounded
+    assert not restored.surely_finite("b", 0.0)
+    halves = encode(trained, base, "fp16")
+    assert not Restored(halves.arrays, halves.metadata, base).surely_finite("w", 0.0)
+    for scale in (np.nan, np.inf, 3e36):
+        arrays = {**encoded.arrays, "w" + SCALE_SUFFIX: np.array(scale, np.float32)}
+        assert not Restored(arrays, encoded.metadata, base).surely_finite("w", 0.0), scale
+
+
 def test_encode_refuses_none_and_mismatched_tensors() -> None:
     base = _base()
     with pytest.raises(CompressionError, match="one of fp16, bf16, int8"):
@@ -202,6 +259,23 @@ def _file(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None)
     from safetensors.numpy import save
 
     return save(arrays, metadata=metadata)
+
+
+def test_pack_codes_a_big_files_segments_in_threads_into_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: 8 MiB of int8 codes of heavy-tailed deltas (coded) and a float tensor (its low bytes stored)
+    rng = np.random.default_rng(5)
+    codes = np.clip(rng.standard_t(2, size=(2048, 2048)) * 8, -127, 127).astype(np.int8)
+    data = _file({"codes": codes, "w": rng.normal(size=(512, 1024)).astype(np.float32)})
+
+    # Execute: in the calling thread, then in two
+    monkeypatch.setattr(compression, "_CODING_THREADS", 1)
+    alone = pack(data)
+    monkeypatch.setattr(compression, "_CODING_THREADS", 2)
+    threaded = pack(data)
+
+    # Assert: the same bytes, which unpack to the file
+    assert threaded == alone and len(alone) < len(data)
+    assert unpack(threaded, len(data)) == data
 
 
 def test_pack_shuffles_each_tensors_bytes_by_significance_and_unpacks_bit_for_bit() -> None:
