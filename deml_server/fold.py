@@ -131,38 +131,8 @@ class Fold:
             if waiting is None:
                 continue
             # Read only now, in turn: a result that arrived early waits as a file, not as a model in memory.
-            if self._in_pieces:
-                # A whole update is checked, then folded, a piece at a time: never in memory at once.
-                checking = self._checking.pop(index, None) or self._start_check(waiting)
-                # The next results' checks run while this one is folded.
-                self._check_ahead()
-                try:
-                    try:
-                        checked = await asyncio.shield(checking)
-                    except asyncio.CancelledError:
-                        # The round is given up: discard() still closes (and removes) the copy being made.
-                        self._checking[index] = checking
-                        raise
-                    await asyncio.to_thread(self._fold_checked, checked, waiting)
-                    control = await self._control_of(waiting)
-                except DemlError as exc:
-                    self._reject(index, exc.reason)
-                    continue
-                self.results.append(
-                    FitResult(f"partition-{index}", {}, waiting.num_examples, waiting.metrics, index, control)
-                )
-                continue
-            if self.mean is not None and self.compression != "none":
-                # A compressed update is checked, then folded, restored a piece at a time: never whole in memory.
-                try:
-                    control = await self._control_of(waiting)
-                    await asyncio.to_thread(self._fold_restoring, waiting)
-                except DemlError as exc:
-                    self._reject(index, exc.reason)
-                    continue
-                self.results.append(
-                    FitResult(f"partition-{index}", {}, waiting.num_examples, waiting.metrics, index, control)
-                )
+            if self.mean is not None:
+                await self._fold_in_pieces(index, waiting)
                 continue
             try:
                 update = await asyncio.to_thread(self._read, waiting)
@@ -170,14 +140,38 @@ class Fold:
             except DemlError as exc:
                 self._reject(index, exc.reason)
                 continue
-            if self.mean is not None:
-                await asyncio.to_thread(self.mean.add, update, waiting.num_examples)
-                # Only the metrics are kept: the weights are in the sum (and let go before the next read).
-                update = {}
             self.results.append(
                 FitResult(f"partition-{index}", update, waiting.num_examples, waiting.metrics, index, control)
             )
             del update
+
+    async def _fold_in_pieces(self, index: int, waiting: TaskResult) -> None:
+        """Fold one update into the running mean, never whole in memory; refused by name if it does not check.
+
+        A whole update is checked, then folded, a piece at a time (from its private copy); a compressed one
+        restored a piece at a time.
+        """
+        try:
+            if self._in_pieces:
+                checking = self._checking.pop(index, None) or self._start_check(waiting)
+                # The next results' checks run while this one is folded.
+                self._check_ahead()
+                try:
+                    checked = await asyncio.shield(checking)
+                except asyncio.CancelledError:
+                    # The round is given up: discard() still closes (and removes) the copy being made.
+                    self._checking[index] = checking
+                    raise
+                await asyncio.to_thread(self._fold_checked, checked, waiting)
+                control = await self._control_of(waiting)
+            else:
+                # Read first: a result whose control variates are refused must not be in the sum.
+                control = await self._control_of(waiting)
+                await asyncio.to_thread(self._fold_restoring, waiting)
+        except DemlError as exc:
+            self._reject(index, exc.reason)
+            return
+        self.results.append(FitResult(f"partition-{index}", {}, waiting.num_examples, waiting.metrics, index, control))
 
     def _small(self, result: TaskResult) -> bool:
         """Whether a whole update is checked and folded from a private copy in memory (wio.IN_MEMORY_BYTES)."""

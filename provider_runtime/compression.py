@@ -320,7 +320,8 @@ class Restored:
             out = np.array(start, dtype=np.float32, order="C")
         rows = _as_rows(out)
         for part, delta in self._deltas(name, rows.shape):
-            rows[part] += delta
+            with _unchecked():
+                rows[part] += delta
         return out.astype(start.dtype, copy=False)
 
     def pieces(self, name: str) -> Iterator[Array]:
@@ -332,7 +333,8 @@ class Restored:
         rows = _as_rows(start)
         for part, delta in self._deltas(name, rows.shape, _PIECE):
             piece = np.array(rows[part], dtype=np.float32, order="C")
-            piece += delta
+            with _unchecked():
+                piece += delta
             yield piece.astype(start.dtype, copy=False).reshape(-1)
 
     def surely_finite(self, name: str, base_peak: float) -> bool:
@@ -360,8 +362,14 @@ class Restored:
             elif self._scheme == "bf16":
                 delta = _from_bf16_bits(sent[part])
             else:
-                delta = sent[part].astype(np.float32) * (per_row[part] if scale.ndim == 1 else per_row)
+                with _unchecked():
+                    delta = sent[part].astype(np.float32) * (per_row[part] if scale.ndim == 1 else per_row)
             yield part, delta
+
+
+def _unchecked() -> np.errstate:
+    """Restoring does not warn of values that overflow to infinity: the caller checks them, and refuses them by name."""
+    return np.errstate(over="ignore", invalid="ignore")
 
 
 def _as_rows(array: Array) -> Array:
