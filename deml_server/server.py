@@ -88,6 +88,10 @@ class Lifetimes:
             task.cancel()
             raise
         if task in done:
+            if task.cancelled():
+                # Cancelled from inside (this wait was not): the other parts still close.
+                log.error("closing the %s was cancelled; closing the rest", name)
+                return
             task.result()
             return
         task.cancel()

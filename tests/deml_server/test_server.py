@@ -82,7 +82,8 @@ async def test_a_start_that_fails_late_closes_what_it_started(tmp_path: Path) ->
 async def test_a_part_that_hangs_or_fails_closing_does_not_keep_the_later_parts_open(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Prepare: the backend (started first, closed last), a part whose close fails, one whose close never ends
+    # Prepare: the backend (started first, closed last), a part whose close fails, one cancelled from inside, one
+    # whose close never ends
     lifetimes = Lifetimes(close_timeout=0.2)
     lifetimes.grace = 0.1
     closed: list[str] = []
@@ -94,6 +95,9 @@ async def test_a_part_that_hangs_or_fails_closing_does_not_keep_the_later_parts_
     async def fail() -> None:
         raise RuntimeError("broken close")
 
+    async def cancelled_inside() -> None:
+        raise asyncio.CancelledError
+
     async def hang() -> None:
         try:
             await asyncio.Event().wait()
@@ -103,6 +107,7 @@ async def test_a_part_that_hangs_or_fails_closing_does_not_keep_the_later_parts_
 
     lifetimes.started("local backend", close_backend)
     lifetimes.started("inference gateway", fail)
+    lifetimes.started("gRPC face", cancelled_inside)
     lifetimes.started("job service", hang)
     lifetimes.started("store", lambda: closed.append("store"))
 
@@ -114,6 +119,7 @@ async def test_a_part_that_hangs_or_fails_closing_does_not_keep_the_later_parts_
     await asyncio.wait_for(hang_cancelled.wait(), timeout=5)
     assert "closing the job service did not finish within 0.3 s" in caplog.text
     assert "closing the inference gateway failed" in caplog.text
+    assert "closing the gRPC face was cancelled" in caplog.text
 
 
 async def test_no_http_serves_grpc_only(tmp_path: Path) -> None:
