@@ -61,6 +61,7 @@ __all__ = [
     "encode",
     "is_packed",
     "pack",
+    "set_coding_threads",
     "unpack",
 ]
 
@@ -430,12 +431,19 @@ def pack(data: bytes) -> bytes:
     return b"".join([head_part, *table, *(part for _, part in stored)])
 
 
-# Threads that code a big file's segments at once (pack): a provider's or the server's cores, at most four.
+# Threads that code a big file's segments at once (pack): the process's cores, at most four; a worker's own budget
+# of threads once it is set (set_coding_threads).
 _CODING_THREADS = min(4, os.cpu_count() or 1)
 # Below this many bytes a file's segments are coded in the calling thread (a pool's hand-offs would cost more).
 _PARALLEL_BYTES = 4 * SEGMENT
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def set_coding_threads(threads: int) -> None:
+    """Code a big file's segments in at most `threads` threads (a worker's budget: DEML_TORCH_THREADS)."""
+    global _CODING_THREADS
+    _CODING_THREADS = max(1, min(_CODING_THREADS, threads))
 
 
 def _coding_pool() -> ThreadPoolExecutor:

@@ -130,6 +130,8 @@ def configure_threads(default: int | None) -> None:
     threads = int(raw) if raw else default
     if threads is not None and threads > 0:
         torch.set_num_threads(threads)
+        # Packing an update is the worker's compute too: within the same budget.
+        compression.set_coding_threads(threads)
         # Only settable before the first parallel op; a second call in the same process is harmless to skip.
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(threads)

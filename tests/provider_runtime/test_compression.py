@@ -278,6 +278,26 @@ def test_pack_codes_a_big_files_segments_in_threads_into_the_same_bytes(monkeypa
     assert unpack(threaded, len(data)) == data
 
 
+def test_a_workers_thread_budget_bounds_its_packing_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from provider_runtime.runtime import configure_threads
+
+    # Prepare: a process that would code in four threads; torch's own settings left as they are
+    monkeypatch.setattr(compression, "_CODING_THREADS", 4)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda n: None)
+    monkeypatch.setenv("DEML_TORCH_THREADS", "1")
+
+    # Execute: a worker applies its budget
+    configure_threads(default=None)
+
+    # Assert: its packing stays in its one thread; a budget is never raised past the process's cores
+    assert compression._CODING_THREADS == 1
+    compression.set_coding_threads(8)
+    assert compression._CODING_THREADS == 1
+
+
 def test_pack_shuffles_each_tensors_bytes_by_significance_and_unpacks_bit_for_bit() -> None:
     # Prepare: every dtype an update carries, a 0-d tensor, an empty one, NaN bit patterns and metadata
     rng = np.random.default_rng(3)
