@@ -262,12 +262,10 @@ class Fold:
         self.mean.add_chunks(update.pieces, result.num_examples)
 
     def _base_peak(self, name: str) -> float:
-        """The largest magnitude in the base's tensor (NaN if it holds one), once a round: two reductions, no copy."""
-        peak = self._peaks.get(name)
-        if peak is None:
-            value = self.base[name]
-            peak = self._peaks[name] = float(max(value.max(), -value.min())) if value.size else 0.0
-        return peak
+        """The largest magnitude in the base's tensor (NaN if it holds one), once a round."""
+        if name not in self._peaks:
+            self._peaks[name] = codec.peak(self.base[name])
+        return self._peaks[name]
 
     @property
     def _in_pieces(self) -> bool:

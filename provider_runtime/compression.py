@@ -61,6 +61,7 @@ __all__ = [
     "encode",
     "is_packed",
     "pack",
+    "peak",
     "set_coding_threads",
     "unpack",
 ]
@@ -346,9 +347,7 @@ class Restored:
         """
         if self._scheme != "int8" or name not in self._scales:
             return False
-        scale = self._scales[name]
-        peak = float(max(scale.max(), -scale.min())) if scale.size else 0.0
-        return bool(base_peak + 128.0 * peak < _SURELY_FINITE)
+        return bool(base_peak + 128.0 * peak(self._scales[name]) < _SURELY_FINITE)
 
     def _deltas(self, name: str, shape: tuple[int, ...], chunk: int = _DECODE_CHUNK) -> Iterator[tuple[slice, Array]]:
         """The restored delta of a tensor seen as `shape` rows, about `chunk` values at a time (float32)."""
@@ -366,6 +365,11 @@ class Restored:
                 with _unchecked():
                     delta = sent[part].astype(np.float32) * (per_row[part] if scale.ndim == 1 else per_row)
             yield part, delta
+
+
+def peak(array: Array) -> float:
+    """An array's largest magnitude (NaN if it holds one; 0 if empty): two reductions, no |array| copy."""
+    return float(max(array.max(), -array.min())) if array.size else 0.0
 
 
 def _unchecked() -> np.errstate:
