@@ -27,9 +27,9 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar, TypeVar
 
 from deml_server.backends.base import Backend, FailureKind, WorkItem, WorkOutcome
 from deml_server.errors import FailedPrecondition, Unavailable
@@ -37,6 +37,8 @@ from deml_server.sandbox import IN_DIR, OUT_DIR, SCRATCH_DIR, Sandbox, SandboxUn
 from provider_runtime.lifeline import PARENT_ENV
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # The most partitions one worker trains from one bundle: beyond this the per-bundle cost is already small, and a
 # failed batch (retried whole) or a round deadline (which drops a batch whole) costs more. 64 rather than 32: at 128
@@ -46,6 +48,8 @@ MAX_BATCH = 64
 
 # How long a killed worker's exit (and its pipes' closing) is waited for before the backend goes on without it.
 _KILL_WAIT_SECONDS = 10.0
+# How long close() lets spawns and recycles under way end (each kills what it started once it sees the close).
+_CLOSE_WAIT_SECONDS = 3 * _KILL_WAIT_SECONDS
 
 
 class _WorkerFailed(Exception):
@@ -174,6 +178,8 @@ class LocalBackend(Backend):
         # One waiter per job at the condition (see _acquire); the job's other tasks queue on its gate.
         self._gates: dict[str, asyncio.Lock] = {}
         self._all: set[_Worker] = set()
+        # Spawns and recycles under way (see _whole): close() lets them end before it stops the workers.
+        self._in_flight: set[asyncio.Future[Any]] = set()
         self._closed = False
 
     @property
@@ -209,8 +215,12 @@ class LocalBackend(Backend):
             self._available.notify_all()
 
     async def close(self) -> None:
-        """Stop every worker."""
+        """Stop every worker: items waiting for one are refused, spawns under way end first (killing their worker)."""
         self._closed = True
+        async with self._available:
+            self._available.notify_all()
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=_CLOSE_WAIT_SECONDS)
         await asyncio.gather(*(w.stop() for w in list(self._all)), return_exceptions=True)
         self._all.clear()
         self._idle.clear()
@@ -248,6 +258,16 @@ class LocalBackend(Backend):
             await self._recycle(worker)
 
     async def _spawn(self, slot: int) -> _Worker:
+        """A new worker in `slot`; a caller cancelled meanwhile leaves it a spare (a spawn is never cut short).
+
+        asyncio's create_subprocess_exec, cancelled while it connects the pipes, kills only the direct child (a
+        sandbox's bwrap) and then waits for the pipes to close with no bound: a bwrap killed in its first
+        milliseconds can leave its namespace's process holding them, and that wait (a job service's close, say)
+        never ends.
+        """
+        return await self._whole(self._start_worker(slot), if_abandoned=self._keep_as_spare)
+
+    async def _start_worker(self, slot: int) -> _Worker:
         self._generation += 1
         name = f"local-{slot}.{self._generation}"
         log_file = (self._work_dir / f"worker-{slot}.log").open("ab")
@@ -373,15 +393,24 @@ class LocalBackend(Backend):
                 await replacing.kill()
             return await self._spawn(slot)
 
-        task = asyncio.ensure_future(respawn())
+        return await self._whole(respawn(), if_abandoned=self._keep_as_spare)
+
+    async def _whole(
+        self, work: Coroutine[object, object, _T], if_abandoned: Callable[[asyncio.Future[_T]], None] | None = None
+    ) -> _T:
+        """Run `work` to its end even if the caller is cancelled (then `if_abandoned` gets it when it ends)."""
+        task = asyncio.ensure_future(work)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(self._keep_as_spare)
+            if if_abandoned is not None:
+                task.add_done_callback(if_abandoned)
             raise
 
     def _keep_as_spare(self, task: asyncio.Future[_Worker]) -> None:
-        if not task.cancelled() and task.exception() is None:
+        if not task.cancelled() and task.exception() is None and not self._closed:
             self._spares.append(task.result())
 
     async def _release(self, worker: _Worker) -> None:
@@ -393,16 +422,24 @@ class LocalBackend(Backend):
             self._available.notify_all()
 
     async def _recycle(self, worker: _Worker) -> None:
-        """Kill a worker and put a fresh spare in its slot."""
+        """Kill a worker and put a fresh spare in its slot.
+
+        Wholly, even if the caller is cancelled (the runner's last job_finished, which the job service's close
+        cancels): a recycle cut short would lose the slot for good.
+        """
+        await self._whole(self._recycle_now(worker))
+
+    async def _recycle_now(self, worker: _Worker) -> None:
         self._all.discard(worker)
         await worker.kill()
+        if self._closed:
+            return
+        try:
+            spare = await self._start_worker(worker.slot)
+        except Unavailable:
+            return  # closed meanwhile
         async with self._available:
-            if self._closed:
-                return
-            try:
-                self._spares.append(await self._spawn(worker.slot))
-            except Unavailable:
-                return  # closed meanwhile
+            self._spares.append(spare)
             self._available.notify_all()
 
     async def _replace(self, worker: _Worker) -> None:

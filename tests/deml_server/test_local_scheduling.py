@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -67,6 +68,89 @@ async def test_a_worker_that_starts_as_the_backend_closes_is_ended_not_kept(tmp_
     # Assert: none is kept, and no worker process of this test's is left
     assert backend.worker_pids() == []
     assert {pid: command for pid, command in _children().items() if pid not in before} == {}
+
+
+async def test_a_recycle_whose_caller_is_cancelled_still_refills_the_slot(tmp_path: Path) -> None:
+    # Prepare: one sandboxed worker; the children this process had before
+    before = _children()
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "task.py").write_text(TASK)
+    backend = LocalBackend(workers=1, work_dir=tmp_path / "workers")
+    await backend.start()
+    refilled: list[bool] = []
+    try:
+        for trial, delay in enumerate((0.0, 0.002, 0.02, 0.1)):
+            job = f"job-{trial}"
+            item = WorkItem(
+                label=f"{job} init",
+                action="init",
+                bundle=TaskBundle("init", "task").write(tmp_path / job / "in", code),
+                output=tmp_path / job / "out",
+                timeout=120,
+                job_id=job,
+            )
+            outcome = await asyncio.wait_for(backend.run(item), timeout=120)
+            assert outcome.ok, outcome.error
+
+            # Execute: the job's end recycles its worker, and whoever awaited that is cancelled partway (a job
+            # service closing right after its job ended cancels the runner in its last job_finished)
+            finishing = asyncio.ensure_future(backend.job_finished(job))
+            await asyncio.sleep(delay)
+            finishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await finishing
+            refilled.append(await _spare_comes_up(backend))
+    finally:
+        await asyncio.wait_for(backend.close(), timeout=120)
+
+    # Assert: each time a fresh spare took the slot (the pool kept its size), and the close left no process behind
+    assert refilled == [True] * 4
+    assert {pid: command for pid, command in _children().items() if pid not in before} == {}
+
+
+async def test_an_item_waiting_for_a_worker_when_the_backend_closes_is_refused(tmp_path: Path) -> None:
+    # Prepare: one worker, busy with job a's slow item; job b's item waits for a worker
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "task.py").write_text(TASK.replace("    return", "    import time\n\n    time.sleep(30)\n    return"))
+    backend = LocalBackend(workers=1, work_dir=tmp_path / "workers")
+    await backend.start()
+    runs = {
+        job: asyncio.ensure_future(
+            backend.run(
+                WorkItem(
+                    label=f"{job} init",
+                    action="init",
+                    bundle=TaskBundle("init", "task").write(tmp_path / job / "in", code),
+                    output=tmp_path / job / "out",
+                    timeout=120,
+                    job_id=job,
+                )
+            )
+        )
+        for job in ("a", "b")
+    }
+    while backend.worker_jobs() != {"local-0.1": "a"}:
+        await asyncio.sleep(0.05)
+
+    # Execute
+    await asyncio.wait_for(backend.close(), timeout=120)
+
+    # Assert: the waiting item is refused at once, naming why (it waited forever before); the busy one failed
+    with pytest.raises(Unavailable, match="shut down"):
+        await asyncio.wait_for(runs["b"], timeout=30)
+    outcome = await asyncio.wait_for(runs["a"], timeout=30)
+    assert not outcome.ok
+
+
+async def _spare_comes_up(backend: LocalBackend) -> bool:
+    """Whether the pool's one slot holds a live spare within a minute."""
+    for _ in range(600):
+        if list(backend.worker_jobs().values()) == [None]:
+            return True
+        await asyncio.sleep(0.1)
+    return False
 
 
 def _children() -> dict[int, str]:
