@@ -1,4 +1,7 @@
-"""`python -m provider_runtime <init|train|evaluate|export|infer> --input DIR --output DIR`, or `serve`."""
+"""`python -m provider_runtime <init|train|evaluate|export|infer> --input DIR --output DIR [--resident DIR --key K]`.
+
+Or `serve` (a warm local worker) or `resident` (the worker `--resident` starts on a provider's VM).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = commands.add_parser(action, help=text)
         sub.add_argument("--input", required=True, type=Path, help="task bundle directory")
         sub.add_argument("--output", required=True, type=Path, help="result bundle directory")
+        sub.add_argument("--resident", type=Path, help="hand the task to the resident worker in this directory")
+        sub.add_argument("--key", default="job", help="the job's key: a resident worker serves one job")
     commands.add_parser("serve", help="warm worker: JSON requests on stdin, replies on stdout")
+    resident = commands.add_parser("resident", help="the worker --resident starts (not run by hand)")
+    resident.add_argument("--home", required=True, type=Path)
+    resident.add_argument("--key", required=True)
+    resident.add_argument("--idle", type=float, default=None, help="seconds idle before it ends")
     args = parser.parse_args(argv)
 
     # Imported after parsing so that --help answers without loading torch.
@@ -30,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from provider_runtime.serve import serve
 
         return serve()
+    if args.command == "resident":
+        from provider_runtime import resident as worker
+
+        return worker.resident(args.home, args.key, worker.IDLE_SECONDS if args.idle is None else args.idle)
+    if args.resident is not None:
+        from provider_runtime.resident import call
+
+        return call(args.command, args.input, args.output, args.resident, args.key)
 
     from provider_runtime.runtime import BundleError, configure_threads, run_bundle
 

@@ -82,15 +82,7 @@ async def test_a_recycle_whose_caller_is_cancelled_still_refills_the_slot(tmp_pa
     try:
         for trial, delay in enumerate((0.0, 0.002, 0.02, 0.1)):
             job = f"job-{trial}"
-            item = WorkItem(
-                label=f"{job} init",
-                action="init",
-                bundle=TaskBundle("init", "task").write(tmp_path / job / "in", code),
-                output=tmp_path / job / "out",
-                timeout=120,
-                job_id=job,
-            )
-            outcome = await asyncio.wait_for(backend.run(item), timeout=120)
+            outcome = await asyncio.wait_for(backend.run(_init_item(tmp_path, job, code)), timeout=120)
             assert outcome.ok, outcome.error
 
             # Execute: the job's end recycles its worker, and whoever awaited that is cancelled partway (a job
@@ -116,21 +108,7 @@ async def test_an_item_waiting_for_a_worker_when_the_backend_closes_is_refused(t
     (code / "task.py").write_text(TASK.replace("    return", "    import time\n\n    time.sleep(30)\n    return"))
     backend = LocalBackend(workers=1, work_dir=tmp_path / "workers")
     await backend.start()
-    runs = {
-        job: asyncio.ensure_future(
-            backend.run(
-                WorkItem(
-                    label=f"{job} init",
-                    action="init",
-                    bundle=TaskBundle("init", "task").write(tmp_path / job / "in", code),
-                    output=tmp_path / job / "out",
-                    timeout=120,
-                    job_id=job,
-                )
-            )
-        )
-        for job in ("a", "b")
-    }
+    runs = {job: asyncio.ensure_future(backend.run(_init_item(tmp_path, job, code))) for job in ("a", "b")}
     while backend.worker_jobs() != {"local-0.1": "a"}:
         await asyncio.sleep(0.05)
 
@@ -142,6 +120,18 @@ async def test_an_item_waiting_for_a_worker_when_the_backend_closes_is_refused(t
         await asyncio.wait_for(runs["b"], timeout=30)
     outcome = await asyncio.wait_for(runs["a"], timeout=30)
     assert not outcome.ok
+
+
+def _init_item(tmp_path: Path, job: str, code: Path) -> WorkItem:
+    """An init item of `job` for the task in `code`."""
+    return WorkItem(
+        label=f"{job} init",
+        action="init",
+        bundle=TaskBundle("init", "task").write(tmp_path / job / "in", code),
+        output=tmp_path / job / "out",
+        timeout=120,
+        job_id=job,
+    )
 
 
 async def _spare_comes_up(backend: LocalBackend) -> bool:

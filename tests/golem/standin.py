@@ -16,8 +16,10 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import sys
 import tarfile
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -121,6 +123,7 @@ class StandInGolem:
     scripts: list[tuple[str, list[str]]] = field(default_factory=list)  # (activity, commands)
     commands_run: int = 0
     runs: list[tuple[str, str, str]] = field(default_factory=list)  # (activity, action, outcome)
+    vm_processes_ended: int = 0  # processes still running in a VM when its activity ended (resident workers)
     _counts: dict[int, int] = field(default_factory=dict)
     _activities: int = 0
 
@@ -216,21 +219,25 @@ class StandInGolem:
             self.activity_provider[activity.id] = provider_id
             self._emit(events.AgreementConfirmed(job=job, agreement=agreement))
             self._emit(events.ActivityCreated(job=job, agreement=agreement, activity=activity))
-            with queue.new_consumer() as consumer:
+            try:
+                with queue.new_consumer() as consumer:
 
-                async def handed_out() -> AsyncIterator[Task[Any, Any]]:
-                    async for handle in consumer:
-                        yield Task.for_handle(handle, queue, lambda *_a, **_k: None)
+                    async def handed_out() -> AsyncIterator[Task[Any, Any]]:
+                        async for handle in consumer:
+                            yield Task.for_handle(handle, queue, lambda *_a, **_k: None)
 
-                generator = worker(ctx, handed_out())
-                try:
-                    await self._run_batches(index, ctx, generator)
-                except StopAsyncIteration:
-                    pass  # the worker returned: yapapi would release the agreement for re-use
-                except Exception:
-                    # A worker that raised: yapapi terminates the agreement and reschedules what it held
-                    # (SmartQueue does it on exit).
-                    self.terminated.append(provider_id)
+                    generator = worker(ctx, handed_out())
+                    try:
+                        await self._run_batches(index, ctx, generator)
+                    except StopAsyncIteration:
+                        pass  # the worker returned: yapapi would release the agreement for re-use
+                    except Exception:
+                        # A worker that raised: yapapi terminates the agreement and reschedules what it held
+                        # (SmartQueue does it on exit).
+                        self.terminated.append(provider_id)
+            finally:
+                # The VM goes with its activity, and whatever still runs in it (a resident worker) with it.
+                self.vm_processes_ended += _end_processes_in(ctx.vm_root)
             invoice = SimpleNamespace(amount=f"{ctx.busy_seconds * self.price_per_second:.9f}")
             self._emit(events.InvoiceReceived(job=job, agreement=agreement, invoice=invoice))
             if not self.keep_vms:
@@ -355,6 +362,37 @@ class StandInGolem:
         command._result.set_result(
             SimpleNamespace(success=True, message="", stdout=out.decode(errors="replace"), stderr=err.decode())
         )
+
+
+def _end_processes_in(vm_root: Path) -> int:
+    """Kill the processes working in a VM's tree (as the VM's end would) and wait for them; how many there were."""
+    root = str(vm_root.resolve())
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            where = os.readlink(cwd)
+        except OSError:
+            continue
+        if where == root or where.startswith(root + "/"):
+            pid = int(cwd.parent.name)
+            if pid != os.getpid():
+                found.append(pid)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in found:
+        for _ in range(200):
+            if not Path(f"/proc/{pid}").exists() or _zombie(pid):
+                break
+            time.sleep(0.05)
+    return len(found)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _runs_action(script: Script, action: str) -> bool:

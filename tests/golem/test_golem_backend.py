@@ -17,6 +17,7 @@ from standin import Fault, StandInGolem
 from deml_server.backends.base import FailureKind, WorkItem
 from deml_server.backends.golem import CostLedger, GolemBackend, TaskKey, plan_uploads, vm_command
 from deml_server.backends.golem import script as script_module
+from deml_server.backends.golem.script import resident_key
 from deml_server.backends.golem_config import GolemConfig
 from deml_server.bundle import TaskBundle, read_result
 from deml_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -166,12 +167,15 @@ def test_uploads_are_content_addressed_and_the_vm_script_lays_the_bundle_out(tmp
     # Execute
     task_json, uploads = plan_uploads(item.bundle)
     again = plan_uploads(item.bundle)[1]
-    script = vm_command("train", uploads)
+    script = vm_command("train", uploads, "job-a")
     # Assert: the same content gives the same digests (so a VM keeps its cache across rounds).
     assert [u.digest for u in uploads] == [u.digest for u in again]
     assert [u.relative for u in uploads] == ["code.tar.gz", "data/train.npz"]
     assert b'"action": "init"' in task_json
     assert "python3 -m provider_runtime train --input /golem/input/task --output /golem/output/result" in script
+    # The job's resident worker on the VM runs it, under a key of the job's own.
+    assert f"--resident /golem/input/resident --key {resident_key('job-a')}" in script
+    assert resident_key("job-a") != resident_key("job-b")
     assert f"ln -s /golem/input/cache/{uploads[1].digest} /golem/input/task/data/train.npz" in script
 
 

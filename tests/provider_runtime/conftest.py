@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,19 @@ def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
     y = digits.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     return (x_train, y_train), (x_test, y_test)
+
+
+def ask(proc: subprocess.Popen[str], request: dict[str, Any]) -> dict[str, Any]:
+    """One request to a warm worker (`serve`) and its reply."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(request) + "\n")
+    proc.stdin.flush()
+    reply: dict[str, Any] = json.loads(proc.stdout.readline())
+    return reply
+
+
+def pid_in_log(out: Path) -> int:
+    """The PID a task's model() printed (`pid=N`) into its result's log."""
+    match = re.search(r"pid=(\d+)", (out / "log.txt").read_text())
+    assert match is not None
+    return int(match.group(1))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from conftest import MakeBundle, runtime_env  # type: ignore[import-not-found]
+from conftest import MakeBundle, ask, pid_in_log, runtime_env  # type: ignore[import-not-found]
 
 TASK = """
 import os
@@ -33,20 +31,6 @@ def load_data():
 BROKEN = "def model():\n    raise RuntimeError('no model today')\n"
 
 
-def _ask(proc: subprocess.Popen[str], request: dict[str, Any]) -> dict[str, Any]:
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps(request) + "\n")
-    proc.stdin.flush()
-    reply: dict[str, Any] = json.loads(proc.stdout.readline())
-    return reply
-
-
-def _pid_in_log(out: Path) -> int:
-    match = re.search(r"pid=(\d+)", (out / "log.txt").read_text())
-    assert match is not None
-    return int(match.group(1))
-
-
 def test_one_process_answers_several_requests(make_bundle: MakeBundle, tmp_path: Path) -> None:
     # Prepare
     proc = subprocess.Popen(
@@ -62,11 +46,11 @@ def test_one_process_answers_several_requests(make_bundle: MakeBundle, tmp_path:
     broken_bundle = make_bundle("broken", code={"task.py": BROKEN}, action="init")
     try:
         # Execute
-        first = _ask(proc, {"id": 1, "action": "init", "input": str(init_bundle), "output": str(tmp_path / "o1")})
+        first = ask(proc, {"id": 1, "action": "init", "input": str(init_bundle), "output": str(tmp_path / "o1")})
         train_bundle = make_bundle("train", code={"task.py": TASK}, weights=tmp_path / "o1" / "weights.safetensors")
-        second = _ask(proc, {"id": 2, "action": "train", "input": str(train_bundle), "output": str(tmp_path / "o2")})
-        third = _ask(proc, {"id": 3, "action": "init", "input": str(broken_bundle), "output": str(tmp_path / "o3")})
-        garbage = _ask(proc, {"id": 4, "action": "dance"})
+        second = ask(proc, {"id": 2, "action": "train", "input": str(train_bundle), "output": str(tmp_path / "o2")})
+        third = ask(proc, {"id": 3, "action": "init", "input": str(broken_bundle), "output": str(tmp_path / "o3")})
+        garbage = ask(proc, {"id": 4, "action": "dance"})
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.close()
         rest = proc.stdout.read()
@@ -84,7 +68,7 @@ def test_one_process_answers_several_requests(make_bundle: MakeBundle, tmp_path:
     assert garbage["ok"] is False
     assert rest == ""  # the user's prints never reached the protocol channel
     assert code == 0
-    assert _pid_in_log(tmp_path / "o1") == _pid_in_log(tmp_path / "o2") == proc.pid
+    assert pid_in_log(tmp_path / "o1") == pid_in_log(tmp_path / "o2") == proc.pid
     trained = json.loads((tmp_path / "o2" / "result.json").read_text())
     assert trained["status"] == "ok"
     assert trained["num_examples"] == 64

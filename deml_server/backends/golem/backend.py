@@ -658,7 +658,7 @@ class GolemBackend(Backend):
             cached.add(upload.digest)
         script.upload_bytes(task_json, f"{VM_INPUT}/task.json")
         tail = CaptureContext.build(mode="tail", limit=4000)
-        script.run("/bin/sh", "-c", vm_command(item.action, uploads), stdout=tail, stderr=tail)
+        script.run("/bin/sh", "-c", vm_command(item.action, uploads, item.job_id), stdout=tail, stderr=tail)
         download = self._work_dir / "downloads" / f"{uuid.uuid4().hex}.tar"
         download.parent.mkdir(parents=True, exist_ok=True)
         script.download_file(f"{VM_OUTPUT}/result.tar", str(download))

@@ -21,6 +21,8 @@ from provider_runtime.reference import REFERENCE_DIR_ENV
 VM_INPUT = "/golem/input"
 VM_OUTPUT = "/golem/output"
 VM_CACHE = f"{VM_INPUT}/cache"
+# Where the job's resident worker keeps its socket, PID file and log.
+VM_RESIDENT = f"{VM_INPUT}/resident"
 _CHUNK = 1 << 20
 
 
@@ -100,8 +102,17 @@ def plan_uploads(bundle: Path) -> tuple[bytes, list[Upload]]:
     return task_json, uploads
 
 
-def vm_command(action: str, uploads: list[Upload]) -> str:
-    """The shell script run in the VM: lay the bundle out from the cache, run provider_runtime, pack the result."""
+def resident_key(job_id: str) -> str:
+    """The name a job's resident worker goes by on a provider's VM (provider_runtime.resident)."""
+    return hashlib.sha256(job_id.encode()).hexdigest()[:16]
+
+
+def vm_command(action: str, uploads: list[Upload], job_id: str) -> str:
+    """The shell script run in the VM: lay the bundle out from the cache, run provider_runtime, pack the result.
+
+    The task runs in the job's resident worker on the VM (provider_runtime.resident: started by the job's first
+    task there, it keeps torch imported, the reference, the data and the update's rounding residuals in memory).
+    """
     task = f"{VM_INPUT}/task"
     lines = [
         "set -e",
@@ -119,7 +130,7 @@ def vm_command(action: str, uploads: list[Upload]) -> str:
         # The global weights' reference (int8 broadcast) is kept on the VM between tasks: a task then reads it and
         # one delta, not the chain's keyframe and every delta since.
         f"{REFERENCE_DIR_ENV}={VM_INPUT}/reference python3 -m provider_runtime {shlex.quote(action)} "
-        f"--input {task} --output {VM_OUTPUT}/result",
+        f"--input {task} --output {VM_OUTPUT}/result --resident {VM_RESIDENT} --key {resident_key(job_id)}",
         # Not gzipped: the result is weights (fp32 values barely deflate; compressed updates are packed already),
         # and gzip -6 of a 68 MB update costs a provider seconds of CPU to save ~7 % of it.
         f"tar -cf {VM_OUTPUT}/result.tar -C {VM_OUTPUT}/result .",
