@@ -13,7 +13,8 @@ for its reply.
   to a unix socket in DIR, named by a path relative to DIR (a socket's path is limited to ~108 bytes).
 - A client that goes away mid-task (the batch's timeout killed it) ends the resident worker: the task it abandoned
   must not run on beside the next one. A worker that dies (out of memory, say) fails the task, naming its log; the
-  next task starts a new one. An idle worker ends itself after `--idle` seconds; the VM's end ends it anyway.
+  next task starts a new one. An idle worker ends itself after `--idle` seconds (a task that came as it ended is
+  still served: clients connect holding a lock the ending worker takes too); the VM's end ends it anyway.
 """
 
 from __future__ import annotations
@@ -75,15 +76,21 @@ def resident(home: Path, key: str, idle_seconds: float = IDLE_SECONDS) -> int:
     from provider_runtime.serve import handle
 
     configure_threads(default=None)
-    listener = _listen(home, key)
+    # Named before it listens: a client that finds it listening can also find it to end it.
     _pid_file(home, key).write_text(str(os.getpid()))
+    listener = _listen(home, key)
     listener.settimeout(idle_seconds)
     try:
         while True:
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
-                return 0
+                # Clients connect holding the lock: once this worker holds it and none waits, none can come.
+                with _locked(home):
+                    if _waiting(listener):
+                        continue
+                    _forget(home, key)
+                    return 0
             with conn:
                 conn.settimeout(None)
                 line = _read_line(conn)
@@ -98,9 +105,19 @@ def resident(home: Path, key: str, idle_seconds: float = IDLE_SECONDS) -> int:
 
 
 def _forget(home: Path, key: str) -> None:
-    """Remove the worker's socket and PID file (it is ending)."""
-    _socket_path(home, key).unlink(missing_ok=True)
-    _pid_file(home, key).unlink(missing_ok=True)
+    """Remove this worker's socket and PID file as it ends (not a newer worker's that replaced them)."""
+    try:
+        owner = int(_pid_file(home, key).read_text())
+    except (OSError, ValueError):
+        return
+    if owner == os.getpid():
+        _socket_path(home, key).unlink(missing_ok=True)
+        _pid_file(home, key).unlink(missing_ok=True)
+
+
+def _waiting(listener: socket.socket) -> bool:
+    """Whether a client's connection waits to be accepted."""
+    return bool(select.select([listener], [], [], 0)[0])
 
 
 def _socket_path(home: Path, key: str) -> Path:
@@ -135,15 +152,17 @@ def _locked(home: Path) -> Iterator[None]:
 
 
 def _connect(home: Path, key: str) -> socket.socket | None:
-    """A connection to the job's resident worker, or None (none listens: a stale socket is removed)."""
+    """A connection to the job's resident worker, or None (none listens yet).
+
+    A socket nothing answers at (a dead worker's) is left in place: a starting worker replaces it, and removing it
+    here could remove the starting worker's own, renamed into place just after this connect failed.
+    """
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with _in(home):
             conn.connect(_socket_path(home, key).name)
     except (FileNotFoundError, ConnectionRefusedError):
         conn.close()
-        # Left by a worker that died: nothing answers at it.
-        _socket_path(home, key).unlink(missing_ok=True)
         return None
     return conn
 

@@ -382,10 +382,18 @@ def _end_processes_in(vm_root: Path) -> int:
             os.kill(pid, signal.SIGKILL)
     for pid in found:
         for _ in range(200):
-            if not Path(f"/proc/{pid}").exists() or _zombie(pid):
+            if _ended(pid):
                 break
             time.sleep(0.05)
     return len(found)
+
+
+def _ended(pid: int) -> bool:
+    """Whether a killed process has ended; reaped here if it is this process's child (a subreaper's orphan)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    return not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:

@@ -66,8 +66,24 @@ async def test_digits_job_through_the_golem_worker_matches_local(tmp_path: Path)
     assert len(activities) <= 3 < len(standin.scripts)
     cache_uploads = [c for _, cmds in standin.scripts for c in cmds if "dst=/golem/input/cache/" in c]
     assert len(cache_uploads) < 3 * len(standin.scripts)  # code, data and weights each time would be 3 per script
+    # Each VM ran its tasks in one resident worker, ended with its activity: none is left running
+    assert 1 <= standin.vm_processes_ended <= len(activities)
+    assert _resident_workers_under(tmp_path / "vms") == []
     # Costs: every task attempt is priced, and invoices replaced usage estimates when they arrived.
     per_round = backend.costs.per_round(golem_job.id)
     assert sorted(per_round) == [1, 2, 3] and all(v > 0 for v in per_round.values())
     assert backend.costs.per_job(golem_job.id) == pytest.approx(backend.costs.total, rel=1e-6)
     assert backend.costs.invoiced, "the stand-in's invoices were not recorded"
+
+
+def _resident_workers_under(root: Path) -> list[int]:
+    """PIDs of live resident workers whose directory is under `root`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "resident" in args and "--home" in args and args[args.index("--home") + 1].startswith(str(root)):
+            found.append(int(cmdline.parent.name))
+    return found

@@ -113,6 +113,19 @@ def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
     return (x_train, y_train), (x_test, y_test)
 
 
+def start_serve(cwd: Path | None = None) -> subprocess.Popen[str]:
+    """A warm worker (`python -m provider_runtime serve`) taking JSON-lines requests on its stdin."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "provider_runtime", "serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=runtime_env(),
+        cwd=cwd,
+    )
+
+
 def ask(proc: subprocess.Popen[str], request: dict[str, Any]) -> dict[str, Any]:
     """One request to a warm worker (`serve`) and its reply."""
     assert proc.stdin is not None and proc.stdout is not None
@@ -127,3 +140,17 @@ def pid_in_log(out: Path) -> int:
     match = re.search(r"pid=(\d+)", (out / "log.txt").read_text())
     assert match is not None
     return int(match.group(1))
+
+
+def three_class_loader(features: int) -> str:
+    """A task file's load_data(): 96 seeded rows of `features` normal features in three classes (64 train, 32 test).
+
+    The file must import numpy as np.
+    """
+    return f"""
+def load_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, {features})).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
+    return (x[:64], y[:64]), (x[64:], y[64:])
+"""

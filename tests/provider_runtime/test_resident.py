@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MakeBundle, ask, pid_in_log, runtime_env  # type: ignore[import-not-found]
+from conftest import MakeBundle, ask, pid_in_log, runtime_env, start_serve, three_class_loader  # type: ignore[import-not-found]
 
+from provider_runtime import resident
 from provider_runtime.weights import load_arrays_and_metadata
 
 TASK = """
@@ -36,13 +38,7 @@ def model():
         time.sleep(0.05)
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
 
-
-def load_data():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 32)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
-    return (x[:64], y[:64]), (x[64:], y[64:])
-"""
+""" + three_class_loader(32)
 
 
 @pytest.fixture
@@ -108,14 +104,7 @@ def test_a_jobs_tasks_run_in_one_resident_worker_that_keeps_its_error_feedback(
     resident = [_cli("train", bundle, tmp_path / f"r{i}", home) for i in (1, 2)]
     fresh = [_cli("train", bundle, tmp_path / f"f{i}") for i in (1, 2)]
     assert [r.returncode for r in fresh] == [0, 0], [r.stderr for r in fresh]
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "provider_runtime", "serve"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=runtime_env(),
-    )
+    serve = start_serve()
     try:
         for i in (1, 2):
             reply = ask(serve, {"id": i, "action": "train", "input": str(bundle), "output": str(tmp_path / f"s{i}")})
@@ -196,4 +185,71 @@ def test_an_idle_resident_worker_ends_itself(tmp_path: Path) -> None:
 
     # Assert: it ended by itself and left no socket or PID file behind
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in home.iterdir()) == []
+    assert sorted(p.name for p in home.iterdir()) == ["start.lock"]
+
+
+def test_a_worker_socket_that_appears_just_after_a_failed_connect_is_left_for_the_next_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a starting worker that renames its listening socket into place just after the client's connect
+    # found nothing there (the race a client polling for the worker it started can lose)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    real_socket = socket.socket
+
+    class JustTooLate(real_socket):
+        def connect(self, address: Any) -> None:
+            try:
+                super().connect(address)
+            except FileNotFoundError:
+                if not (tmp_path / "a.sock").exists():
+                    listener.bind(str(tmp_path / "a.sock.partial"))
+                    listener.listen(1)
+                    os.replace(tmp_path / "a.sock.partial", tmp_path / "a.sock")
+                raise
+
+    monkeypatch.setattr(socket, "socket", JustTooLate)
+
+    # Execute: the client's first try, then its next
+    with listener:
+        first = resident._connect(tmp_path, "a")
+        second = resident._connect(tmp_path, "a")
+
+        # Assert: the first found no worker but left its socket in place; the next try reached it
+        assert first is None
+        assert second is not None
+        second.close()
+
+
+def test_a_task_that_comes_as_an_idle_worker_ends_is_still_served(
+    make_bundle: MakeBundle, tmp_path: Path, home: Path
+) -> None:
+    # Prepare: a worker with one second of patience, listening
+    home.mkdir()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "provider_runtime", "resident", "--home", str(home), "--key", "a", "--idle", "1"],
+        env=runtime_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (home / "a.sock").exists():
+        assert worker.poll() is None and time.monotonic() < deadline, "the worker did not listen"
+        time.sleep(0.05)
+    bundle = make_bundle("init", code={"task.py": TASK}, action="init")
+
+    # Execute: a client connects (holding the clients' lock) just after the worker's patience ran out
+    with resident._locked(home):
+        time.sleep(2)
+        conn = resident._connect(home, "a")
+        assert conn is not None, "the worker went before its time"
+        request = {"id": 1, "action": "init", "input": str(bundle), "output": str(tmp_path / "o1")}
+        conn.sendall(json.dumps(request).encode() + b"\n")
+    with conn:
+        reply = json.loads(resident._read_line(conn))
+    worker.wait(timeout=120)
+
+    # Assert: the task was done; then the worker ended, taking its socket and PID file with it
+    assert reply["ok"], reply
+    assert (tmp_path / "o1" / "weights.safetensors").is_file()
+    assert worker.returncode == 0, worker.stderr.read() if worker.stderr else ""
+    assert sorted(p.name for p in home.iterdir()) == ["start.lock"]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import MakeBundle, ask, pid_in_log, runtime_env  # type: ignore[import-not-found]
+from conftest import MakeBundle, ask, pid_in_log, start_serve, three_class_loader  # type: ignore[import-not-found]
 
 TASK = """
 import os
@@ -20,28 +18,14 @@ def model():
     print(f"pid={os.getpid()}")
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
 
-
-def load_data():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 4)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1).astype(np.int64)
-    return (x[:64], y[:64]), (x[64:], y[64:])
-"""
+""" + three_class_loader(4)
 
 BROKEN = "def model():\n    raise RuntimeError('no model today')\n"
 
 
 def test_one_process_answers_several_requests(make_bundle: MakeBundle, tmp_path: Path) -> None:
     # Prepare
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "provider_runtime", "serve"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=runtime_env(),
-        cwd=tmp_path,
-    )
+    proc = start_serve(cwd=tmp_path)
     init_bundle = make_bundle("init", code={"task.py": TASK}, action="init")
     broken_bundle = make_bundle("broken", code={"task.py": BROKEN}, action="init")
     try:
