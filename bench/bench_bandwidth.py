@@ -21,10 +21,11 @@ on this machine's cores (2 here, shared), so compute is real too; so does the re
 
 Per compression scheme: median round wall time (consecutive commits, rounds 2..N), the bytes DeML counts per
 worker per round (global weights down, the update file up), the bytes that really crossed the links per provider
-per round (all tasks, tar.gz bundles and task files included), the CPU seconds per round of the server and every
-provider task together (this process and its children), the final test accuracy, and time-to-accuracy: wall time
-to the commit of the first round whose test accuracy reaches the target (--target, or `none`'s final accuracy
-minus --drop points), from the job's creation (init task and first uploads included) and from round 1's start.
+per round (all tasks, tar.gz bundles and task files included), the CPU seconds per round of the whole machine (the
+server, every provider task and resident worker, the links' kernel work: run nothing else beside it), the final
+test accuracy, and time-to-accuracy: wall time to the commit of the first round whose test accuracy reaches the
+target (--target, or `none`'s final accuracy minus --drop points), from the job's creation (init task and first
+uploads included) and from round 1's start.
 Ratios are to `none` in the same run; with --repeats > 1, medians. Each run's figures are also written as they
 come (OUT/bandwidth-partial.json).
 
@@ -47,7 +48,7 @@ import asyncio
 import copy
 import itertools
 import json
-import resource
+import os
 import shutil
 import signal
 import statistics
@@ -134,9 +135,9 @@ async def run_scheme(work: Path, links: Any, task_dir: Path, spec: dict[str, Any
         golem_factory=standin.factory,
         payload=object(),
     )
-    cpu = _cpu_seconds()
+    cpu = _machine_cpu_seconds()
     job = await run_job(backend, work / "server", spec, task_dir)
-    cpu = _cpu_seconds() - cpu
+    cpu = _machine_cpu_seconds() - cpu
     if job.state != JobState.SUCCEEDED:
         raise RuntimeError(f"{spec['compression']}: job {job.id} ended {job.state.value}: {job.error}")
     commits = [r.committed_at for r in job.rounds]
@@ -160,10 +161,15 @@ async def run_scheme(work: Path, links: Any, task_dir: Path, spec: dict[str, Any
     }
 
 
-def _cpu_seconds() -> float:
-    """CPU seconds this process and its waited-for children (the stand-in providers' tasks) have used so far."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def _machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy so far (/proc/stat: all but idle and iowait).
+
+    The server, every provider task and resident worker (detached from the task that started it, so a process's
+    own and its children's usage would miss it) and the kernel's work for the links: run nothing else beside it.
+    """
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def time_to(run: dict[str, Any], target: float, key: str = "at") -> float | None:
@@ -233,7 +239,7 @@ def render(rows: list[dict[str, Any]], target: float, args: argparse.Namespace) 
         f" behind a tbf-shaped veth link of {args.rate / mb:g} MB/s each way; {args.rounds} rounds, seed {args.seed},"
         f" {args.repeats} repeat(s) (medians). Target accuracy {100 * target:.2f} %. Bytes in MB per provider per"
         " round: DeML's own counts (weights down / update up) and what crossed the link (all tasks and bundle"
-        " overhead included). CPU: seconds of CPU per round, the server and every provider task together. Time to"
+        " overhead included). CPU: the machine's busy CPU seconds per round (server, providers and links). Time to"
         " target: to the commit of the first round at or above the target, from the job's creation and from round"
         " 1's start. Link time to target: rounds to the target x the link's busy time per round.",
         "",
