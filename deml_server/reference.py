@@ -7,7 +7,8 @@ next reference is written as a keyframe of its own and the chain starts again fr
 (a fresh one, a new provider) never reads more than a keyframe and that much, and one that holds the round before's
 reads one delta (a content-addressed upload sends a provider only the files it lacks). A server that restarts
 starts a new chain from the job's committed weights: a reference is only ever what some worker was sent. A chain's
-first keyframe goes in fp16 (provider_runtime.reference.half_keyframe), later ones exactly.
+first keyframe goes in int8 when it is the job's initial weights (provider_runtime.reference.quantised_keyframe),
+in fp16 when it is a committed round's (half_keyframe: trained weights, after a restart); later ones exactly.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deml_server import weights as wio
+from deml_server.errors import InvalidArgument
 from deml_server.weights import Weights
-from provider_runtime import reference
+from provider_runtime import compression, reference
 from provider_runtime.weights import save_arrays
 
 # A new keyframe once the chain's deltas would pass this many times the reference's bytes (a keyframe's in fp32).
 REKEY_RATIO = 4.0
+# The most a packed file unpacks to, per byte of it: Huffman coding spends at least a bit on a byte (plus a header).
+_UNPACKED_PER_BYTE = 8
+_UNPACKED_HEADER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,20 @@ class Chain:
 class ReferenceChain:
     """One job's reference and its chain's files in `directory` (created here, removed by close())."""
 
-    def __init__(self, directory: Path, job_id: str, *, packed: bool, rekey_ratio: float | None = None) -> None:
-        """`packed`: files through the lossless stage (for chains that cross a link); `rekey_ratio`: REKEY_RATIO."""
+    def __init__(
+        self, directory: Path, job_id: str, *, packed: bool, initial: bool, rekey_ratio: float | None = None
+    ) -> None:
+        """A job's chain.
+
+        `packed`: files through the lossless stage (for chains that cross a link); `initial`: the first chain starts
+        from the job's initial weights (not a committed round's); `rekey_ratio`: REKEY_RATIO.
+        """
         self._dir = directory
         # Names no other run of the job shares: a worker holding a reference of the run before starts from a keyframe.
         self._prefix = f"{job_id}.{secrets.token_hex(4)}"
         self._packed = packed
         self._rekey_ratio = REKEY_RATIO if rekey_ratio is None else rekey_ratio
+        self._initial = initial
         self._made = 0
         self._chain: Chain | None = None
         self._source: Path | None = None
@@ -65,7 +77,8 @@ class ReferenceChain:
                 return self._chain
             target = wio.read_mapped(source)
             if self._chain is None:
-                self._chain = self._keyframe(*reference.half_keyframe(target, self._name()))
+                first = reference.quantised_keyframe if self._initial else reference.half_keyframe
+                self._chain = self._keyframe(*first(target, self._name()))
             else:
                 self._chain = self._advanced(self._chain, target)
             self._source = source
@@ -124,3 +137,24 @@ class ReferenceChain:
 
     def _chain_files(self) -> tuple[Path, ...]:
         return () if self._chain is None else (self._chain.keyframe, *self._chain.deltas)
+
+
+def initial_weights(path: Path) -> Weights:
+    """An init task's weights as the job keeps them: whole (fp32), or the int8 keyframe it was asked for restored.
+
+    A job whose weights go down as int8 asks its init task for the initial weights as its first keyframe would
+    carry them (provider_runtime.reference.quantised_keyframe, packed): a quarter of the bytes to send back, and
+    the weights the job then keeps are what that keyframe restores. A packed file is unpacked bounded (to what its
+    size can honestly hold). InvalidArgument names what is wrong with a file that cannot be read.
+    """
+    data = wio.Span(path).read()
+    if compression.is_packed(data):
+        try:
+            data = compression.unpack(data, _UNPACKED_PER_BYTE * len(data) + _UNPACKED_HEADER)
+        except compression.CompressionError as exc:
+            raise InvalidArgument(f"{path.name}: {exc}") from None
+    arrays, metadata = wio.parse(data, what=path.name)
+    try:
+        return reference.widened_keyframe(dict(arrays), metadata)
+    except reference.ReferenceError as exc:
+        raise InvalidArgument(f"{path.name}: {exc}") from None

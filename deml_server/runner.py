@@ -34,7 +34,7 @@ from deml_server.domain import (
 from deml_server.errors import DemlError, FailedPrecondition, InvalidArgument, ResourceExhausted, StoreBusy, Unavailable
 from deml_server.fold import Fold
 from deml_server.maintenance import last_intact_checkpoint
-from deml_server.reference import Chain, ReferenceChain
+from deml_server.reference import Chain, ReferenceChain, initial_weights
 from deml_server.registry import ModelRegistry
 from deml_server.riding import RidingEvaluation
 from deml_server.sampling import sample_partitions
@@ -280,8 +280,10 @@ class JobRunner:
         for problem in damaged:
             self._progress(problem)
         if checkpoint is None:
-            init = await self._run_one(self._bundle("init"), "init")
-            digest = self.deps.artifacts.put_file(init.directory / "weights.safetensors")
+            # A job whose weights go down as int8 has the initial weights sent back as its first keyframe would be.
+            encoding = "int8" if self.spec.broadcast_dtype == "int8" else "none"
+            init = await self._run_one(self._bundle("init", compression=encoding), "init")
+            digest = await asyncio.to_thread(self._keep_initial, init.directory / "weights.safetensors", encoding)
             await self._write(self.deps.store.set_initial_weights, self.job.id, digest)
             checkpoint = self.deps.store.last_checkpoint(self.job.id)
             assert checkpoint is not None
@@ -296,6 +298,18 @@ class JobRunner:
             await self._baseline()
         await self._export(weights_digest)
         await self._write(self._set_state, JobState.SUCCEEDED)
+
+    def _keep_initial(self, path: Path, encoding: str) -> str:
+        """The init task's weights into the artifact store (fp32; an int8 keyframe restored first); their digest."""
+        if encoding == "none":
+            return self.deps.artifacts.put_file(path)
+        try:
+            values = initial_weights(path)
+        except InvalidArgument as exc:
+            raise JobFailed(f"init: its weights cannot be read: {exc.reason}") from None
+        restored = path.with_name("weights.restored.safetensors")
+        wio.write(values, restored)
+        return self.deps.artifacts.put_file(restored)
 
     def _prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +365,10 @@ class JobRunner:
         shutil.rmtree(self.dir / "global", ignore_errors=True)
         if self.spec.broadcast_dtype == "int8":
             self._chain = ReferenceChain(
-                self.dir / "global" / "reference", self.job.id, packed=self._packs_weights_down()
+                self.dir / "global" / "reference",
+                self.job.id,
+                packed=self._packs_weights_down(),
+                initial=committed == 0,
             )
         try:
             for server_round in range(committed + 1, self.spec.rounds + 1):

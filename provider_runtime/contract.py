@@ -347,7 +347,8 @@ class TaskDoc:
     seed: int = 0
     evaluate_after: bool = False
     device: str = "auto"
-    # How a train task sends its weights back (provider_runtime.compression): "none" sends them whole.
+    # How a train task sends its weights back (provider_runtime.compression): "none" sends them whole. An init task:
+    # "none", or "int8" for the initial weights as a job's first int8 keyframe (reference.quantised_keyframe).
     compression: str = "none"
     # A batch: train each of these partitions (of `partition`'s count, scheme and data) from the same weights, each
     # with its own seed, one update file each (part_file). Empty: the one partition `partition` with `seed`.
@@ -367,6 +368,8 @@ class TaskDoc:
             raise ContractError(f"task.weights_chain names a reference twice or an empty one: {self.weights_chain}")
         _one_of(self.device, DEVICES, "task.device")
         _one_of(self.compression, COMPRESSIONS, "task.compression")
+        if self.action == "init" and self.compression not in ("none", "int8"):
+            raise ContractError(f"task.compression of an init task is none or int8, not {self.compression!r}")
         if not self.module.isidentifier():
             raise ContractError(f"task.module {self.module!r} is not a Python identifier")
         if self.batch:

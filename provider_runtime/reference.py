@@ -9,11 +9,15 @@ operations); a worker that holds none loads the keyframe and applies every delta
 does not build up: each delta is taken from the new aggregate to the reference as it is, so the reference stays
 within one delta's rounding of the aggregate.
 
-A chain's first keyframe (a job's first round, or the first after a server's restart) carries its float32 tensors
-as float16 (half_keyframe; a tensor that float16 cannot hold stays float32), and its reference is those values
-widened back: the first round trains from weights rounded to fp16, as with fp16 broadcast, and the first delta
-takes the aggregate from there. Later keyframes (a chain started again once its deltas add up) are the reference
-exactly, so they change nothing a worker trains from.
+A chain's first keyframe is lossy, and its reference is what a worker restores from it: the first round trains
+from weights rounded, and the first delta takes the aggregate from there. A job's very first keyframe (its initial
+weights: the model's random initialisation, or weights it loaded) carries its float32 tensors quantised to int8
+from zero (quantised_keyframe: compression's int8, a scale per tensor or per output channel; small tensors and any
+with non-finite values exactly), a quarter of their bytes, as a later round's delta is quantised: it is the
+largest file a job sends each provider. A chain started by a server's restart begins from trained weights: its
+keyframe carries them as float16 (half_keyframe; a tensor that float16 cannot hold stays float32). Later keyframes
+(a chain started again once its deltas add up) are the reference exactly, so they change nothing a worker trains
+from.
 
 A task's chain is its keyframe (the bundle's WEIGHTS_FILE) and its deltas in order (delta_file(1), ...), named in
 TaskDoc.weights_chain by the reference each produces: the keyframe's own name first. A warm worker keeps the last
@@ -192,8 +196,43 @@ def half_keyframe(values: Mapping[str, Array], name: str) -> tuple[dict[str, Arr
     return arrays, {**keyframe_metadata(name), HALF_KEY: json.dumps(halved)}, restored
 
 
+def quantised_keyframe(
+    values: Mapping[str, Array], name: str
+) -> tuple[dict[str, Array], dict[str, str], dict[str, Array]]:
+    """A job's first keyframe, reference `name`: its arrays, its metadata, and the reference it gives.
+
+    Float32 tensors of compression.EXACT_BELOW or more elements, all finite, go as int8 deltas from zero (their
+    metadata is an int8 update's); the reference is what compression restores from them, what widened_keyframe
+    gives a worker. Other tensors go as they are.
+    """
+    coded = {
+        key: value
+        for key, value in values.items()
+        if value.dtype == np.float32 and value.size >= compression.EXACT_BELOW and np.isfinite(value).all()
+    }
+    zeros = _zeros_like(coded)
+    encoded = compression.encode(coded, zeros, "int8")
+    restored = compression.Restored(encoded.arrays, encoded.metadata, zeros)
+    arrays = dict(encoded.arrays)
+    reference: dict[str, Array] = {}
+    for key, value in values.items():
+        if key in coded:
+            # Restored into the encoder's residual: an array of the tensor's size, already in memory.
+            reference[key] = restored.whole(key, encoded.residual.get(key))
+        else:
+            arrays[key] = reference[key] = value.copy()
+    return arrays, {**keyframe_metadata(name), **encoded.metadata}, reference
+
+
+def _zeros_like(values: Mapping[str, Array]) -> dict[str, Array]:
+    """Float32 zeros shaped as each of `values` (pages of zeros the kernel maps in only when written)."""
+    return {key: np.zeros(value.shape, dtype=np.float32) for key, value in values.items()}
+
+
 def widened_keyframe(arrays: dict[str, Array], metadata: Mapping[str, str]) -> dict[str, Array]:
-    """A keyframe's reference: its float16 tensors that stand for float32 ones (HALF_KEY) widened back."""
+    """A keyframe's reference: int8 tensors restored (quantised_keyframe), or float16 ones widened (HALF_KEY)."""
+    if compression.SCHEME_KEY in metadata:
+        return _dequantised_keyframe(arrays, metadata)
     try:
         halved = json.loads(metadata.get(HALF_KEY, "[]"))
     except ValueError:
@@ -206,3 +245,24 @@ def widened_keyframe(arrays: dict[str, Array], metadata: Mapping[str, str]) -> d
             raise ReferenceError(f"the keyframe's {HALF_KEY} names {key!r}, which it has no float16 tensor of")
         arrays[key] = value.astype(np.float32)
     return arrays
+
+
+def _dequantised_keyframe(arrays: dict[str, Array], metadata: Mapping[str, str]) -> dict[str, Array]:
+    """The reference a quantised keyframe gives: its int8 tensors restored from zero, the others as they are."""
+    if metadata[compression.SCHEME_KEY] != "int8":
+        raise ReferenceError(f"a keyframe is quantised to int8, not {metadata[compression.SCHEME_KEY]!r}")
+    try:
+        coded = json.loads(metadata.get(compression.DELTA_KEY, "[]"))
+    except ValueError:
+        coded = None
+    if not isinstance(coded, list) or not all(isinstance(key, str) for key in coded):
+        raise ReferenceError(f"the keyframe's {compression.DELTA_KEY} is not a JSON list of names")
+    tensors = {key: value for key, value in arrays.items() if not key.endswith(compression.SCALE_SUFFIX)}
+    missing = sorted(set(coded) - set(tensors))
+    if missing:
+        raise ReferenceError(f"the keyframe's {compression.DELTA_KEY} names {missing[0]!r}, which it has no tensor of")
+    base = {**tensors, **_zeros_like({key: tensors[key] for key in coded})}
+    try:
+        return compression.decode(arrays, metadata, base)
+    except compression.CompressionError as exc:
+        raise ReferenceError(f"the keyframe does not restore: {exc}") from None

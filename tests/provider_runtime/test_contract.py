@@ -48,6 +48,8 @@ def _json(value: dict[str, Any]) -> Any:
 
 TASKS = [
     TaskDoc(action="init"),
+    # The initial weights sent back as a job's first int8 keyframe (int8 broadcast).
+    TaskDoc(action="init", compression="int8"),
     TaskDoc(
         action="train",
         module="my_task",
@@ -217,6 +219,7 @@ def test_inference_pipe_messages_round_trip() -> None:
         ({"action": "train", "weights_chain": ["a", "b", "a"]}, "task.weights_chain names a reference twice"),
         ({"action": "train", "weights_chain": ["a", 2]}, "task.weights_chain[1] must be a string"),
         ({"action": "train", "weights_chain": "a"}, "task.weights_chain must be a JSON list"),
+        ({"action": "init", "compression": "fp16"}, "task.compression of an init task is none or int8, not 'fp16'"),
     ],
 )
 def test_malformed_task_documents_are_refused_by_name(raw: object, named: str) -> None:

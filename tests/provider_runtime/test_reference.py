@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from provider_runtime import reference
+from provider_runtime import compression, reference
 from provider_runtime.weights import load_arrays_and_metadata, save_arrays
 
 Arrays = dict[str, np.ndarray[Any, Any]]
@@ -121,6 +121,50 @@ def test_a_first_keyframe_carries_float32_tensors_in_fp16_and_a_worker_widens_th
         assert np.array_equal(restored[name], values[name]) and restored[name].dtype == values[name].dtype
     for name, value in restored.items():
         assert built[name].dtype == value.dtype and np.array_equal(built[name], value)
+
+
+def test_a_jobs_first_keyframe_carries_float32_tensors_in_int8_and_a_worker_restores_them(tmp_path: Path) -> None:
+    # Prepare: initial weights: a conv kernel, a matrix (one with a NaN), a small bias, a float16 tensor, a counter
+    values = _rounds(1)[0]
+    values["bad.weight"] = np.full((16, 16), np.nan, np.float32)
+    values["half"] = np.linspace(0, 1, 600).astype(np.float16)
+
+    # Execute: the server's keyframe written (packed) and read back as a worker does
+    arrays, metadata, restored = reference.quantised_keyframe(values, "job.1")
+    save_arrays(arrays, tmp_path / "keyframe.safetensors", metadata, packed=True)
+    built = reference.Holder().build(["job.1"], tmp_path / "keyframe.safetensors", [], load_arrays_and_metadata)
+
+    # Assert: the kernel and the matrix went as int8 (a scale per output channel for the kernel), the rest exactly;
+    # each restored value is within half a quantisation step of the initial one, and the worker's reference is the
+    # server's bit for bit, in the model's dtypes
+    stored, _ = load_arrays_and_metadata(tmp_path / "keyframe.safetensors")
+    assert {name: str(value.dtype) for name, value in stored.items()} == {
+        "conv.weight": "int8", "conv.weight::scale": "float32", "fc.weight": "int8", "fc.weight::scale": "float32",
+        "fc.bias": "float32", "bn.num_batches_tracked": "int64", "bad.weight": "float32", "half": "float16",
+    }  # fmt: skip
+    assert stored["conv.weight::scale"].shape == (8,)
+    fc_error = np.abs(restored["fc.weight"] - values["fc.weight"]).max()
+    assert 0 < fc_error <= np.abs(values["fc.weight"]).max() / 254 * 1.001
+    kernel_error = np.abs(restored["conv.weight"] - values["conv.weight"]).reshape(8, -1).max(axis=1)
+    assert (kernel_error <= np.abs(values["conv.weight"]).reshape(8, -1).max(axis=1) / 254 * 1.001).all()
+    for name in ("fc.bias", "bn.num_batches_tracked", "bad.weight", "half"):
+        assert np.array_equal(restored[name], values[name], equal_nan=name == "bad.weight")
+    for name, value in restored.items():
+        assert built[name].dtype == value.dtype == values[name].dtype
+        assert np.array_equal(built[name], value, equal_nan=True)
+
+
+def test_a_quantised_keyframe_that_does_not_restore_is_refused_by_name() -> None:
+    arrays, metadata, _ = reference.quantised_keyframe(_rounds(1)[0], "job.1")
+    cases = [
+        ({**metadata, compression.SCHEME_KEY: "fp16"}, arrays, "quantised to int8, not 'fp16'"),
+        ({**metadata, compression.DELTA_KEY: "fc"}, arrays, "is not a JSON list of names"),
+        ({**metadata, compression.DELTA_KEY: '["lost"]'}, arrays, "names 'lost', which it has no tensor of"),
+        (metadata, {k: v for k, v in arrays.items() if k != "fc.weight::scale"}, "does not restore: .*fc.weight"),
+    ]
+    for said, files, message in cases:
+        with pytest.raises(reference.ReferenceError, match=message):
+            reference.widened_keyframe(dict(files), said)
 
 
 def test_a_keyframe_that_names_a_tensor_it_lacks_as_fp16_is_refused_by_name() -> None:

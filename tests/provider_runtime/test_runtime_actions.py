@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import EXAMPLES, MakeBundle  # type: ignore[import-not-found]
 
+from provider_runtime import compression, reference
 from provider_runtime.runtime import run_bundle
-from provider_runtime.weights import load_arrays, save_state_dict
+from provider_runtime.weights import load_arrays, load_arrays_and_metadata, save_state_dict
 
 MODEL_ONLY = """
 import torch
@@ -77,6 +78,31 @@ def test_missing_model_is_a_user_error(make_bundle: MakeBundle, tmp_path: Path) 
     assert result["error"]["type"] == "UserCodeError"
     assert "defines no model() function" in result["error"]["message"]
     assert not (tmp_path / "out" / "weights.safetensors").exists()
+
+
+def test_an_init_asked_for_int8_sends_the_initial_weights_as_a_first_keyframe(
+    make_bundle: MakeBundle, tmp_path: Path
+) -> None:
+    # Execute: the same init whole and as an int8 keyframe
+    code = {"task.py": MODEL_ONLY.replace("Linear(6, 16)", "Linear(32, 64)").replace("Linear(16, 3)", "Linear(64, 3)")}
+    whole = run_bundle(make_bundle("whole", code=code, action="init"), tmp_path / "whole")
+    keyed = run_bundle(make_bundle("int8", code=code, action="init", compression="int8"), tmp_path / "int8")
+
+    # Assert: packed; the 64 x 32 matrix as int8 with a scale, the rest exactly (under 256 values each), restoring
+    # to the same initial weights within half a quantisation step
+    assert whole["status"] == keyed["status"] == "ok"
+    initial = load_arrays(tmp_path / "whole" / "weights.safetensors")
+    path = tmp_path / "int8" / "weights.safetensors"
+    assert compression.is_packed(path.read_bytes()[:16])
+    arrays, metadata = load_arrays_and_metadata(path)
+    assert [name for name, value in arrays.items() if value.dtype == np.int8] == ["0.weight"]
+    restored = reference.widened_keyframe(arrays, metadata)
+    for name, value in initial.items():
+        assert restored[name].dtype == value.dtype
+        if name == "0.weight":
+            assert 0 < np.abs(restored[name] - value).max() <= np.abs(value).max() / 254 * 1.001
+        else:
+            assert np.array_equal(restored[name], value)
 
 
 def test_uploaded_npz_data_with_a_model_only_module(make_bundle: MakeBundle, tmp_path: Path) -> None:
