@@ -22,7 +22,7 @@ from pathlib import Path
 from deml_server import weights as wio
 from deml_server.errors import InvalidArgument
 from deml_server.weights import Weights
-from provider_runtime import compression, reference
+from provider_runtime import reference
 from provider_runtime.weights import save_arrays
 
 # A new keyframe once the chain's deltas would pass this many times the reference's bytes (a keyframe's in fp32).
@@ -147,13 +147,8 @@ def initial_weights(path: Path) -> Weights:
     the weights the job then keeps are what that keyframe restores. A packed file is unpacked bounded (to what its
     size can honestly hold). InvalidArgument names what is wrong with a file that cannot be read.
     """
-    data = wio.Span(path).read()
-    if compression.is_packed(data):
-        try:
-            data = compression.unpack(data, _UNPACKED_PER_BYTE * len(data) + _UNPACKED_HEADER)
-        except compression.CompressionError as exc:
-            raise InvalidArgument(f"{path.name}: {exc}") from None
-    arrays, metadata = wio.parse(data, what=path.name)
+    span = wio.Span(path)
+    arrays, metadata = wio.read_unpacked(span, _UNPACKED_PER_BYTE * span.length() + _UNPACKED_HEADER)
     try:
         return reference.widened_keyframe(dict(arrays), metadata)
     except reference.ReferenceError as exc:

@@ -229,13 +229,7 @@ def read_restoring(source: Path | Span, base: Weights, compression: str) -> code
     job's own encoding; anything else is refused by name. Its values are not checked (validate_update's checks).
     """
     span = source if isinstance(source, Span) else Span(source)
-    data = span.read()
-    if codec.is_packed(data):
-        try:
-            data = codec.unpack(data, update_limit(base))
-        except codec.CompressionError as exc:
-            raise InvalidArgument(f"{span.what}: {exc}") from None
-    weights, metadata = parse(data, what=span.what)
+    weights, metadata = read_unpacked(span, update_limit(base))
     sent = metadata.get(codec.SCHEME_KEY, "none")
     if sent == "none":
         return codec.Restored.exactly(weights)
@@ -245,6 +239,20 @@ def read_restoring(source: Path | Span, base: Weights, compression: str) -> code
         return codec.Restored(weights, metadata, base)
     except codec.CompressionError as exc:
         raise InvalidArgument(f"{span.what}: {exc}") from None
+
+
+def read_unpacked(span: Span, limit: int) -> tuple[Weights, dict[str, str]]:
+    """A worker's weights file, plain or packed (unpacked to at most `limit` bytes), and its metadata.
+
+    InvalidArgument, naming the file, for a packed stream that would unpack to more, is cut short or is damaged.
+    """
+    data = span.read()
+    if codec.is_packed(data):
+        try:
+            data = codec.unpack(data, limit)
+        except codec.CompressionError as exc:
+            raise InvalidArgument(f"{span.what}: {exc}") from None
+    return parse(data, what=span.what)
 
 
 def update_limit(base: Weights) -> int:
